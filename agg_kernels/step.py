@@ -108,8 +108,10 @@ def ancestral_sigma_down(sigma: float, sigma_next: float, eta: float, family: st
 
 
 # Samplers whose step from a returned denoised is first order, so the compensation is exact.
-EXACT_SAMPLERS = frozenset({"euler", "ddim", "euler_ancestral", "lcm", "euler_cfg_pp"})
-ANCESTRAL_SAMPLERS = frozenset({"euler_ancestral"})
+EXACT_SAMPLERS = frozenset({"euler", "ddim", "euler_ancestral", "lcm", "euler_cfg_pp", "agg"})
+# Samplers that step to sigma_down(eta) and add fresh noise; "agg" is the pack's three-zone DDIM
+# (agg_kernels.sampler), whose per-step eta comes from sampler.sampler_eta_at.
+ANCESTRAL_SAMPLERS = frozenset({"euler_ancestral", "agg"})
 # Samplers whose next state is R + sigma_next * (model's own noise estimate): R = D + delta is exact.
 JUMP_SAMPLERS = frozenset({"lcm", "euler_cfg_pp"})
 
@@ -133,3 +135,12 @@ def compensation_target(
     if sampler in ANCESTRAL_SAMPLERS:
         return ancestral_sigma_down(sigma, sigma_next, eta, family), True
     return sigma_next, sampler in EXACT_SAMPLERS
+
+
+def following_sigma(schedule: torch.Tensor | list[float] | None, sigma: float) -> float | None:
+    """The first schedule entry strictly below `sigma` (where an off-schedule evaluation's step lands)."""
+    if schedule is None:
+        return None
+    values = [float(v) for v in (schedule.flatten().tolist() if torch.is_tensor(schedule) else schedule)]
+    below = [v for v in values if v < sigma * (1 - 1e-6)]
+    return max(below) if below else None

@@ -1,0 +1,122 @@
+"""Apply AGG (a MODEL patch for every sampling node) and AGG Guider (for SamplerCustomAdvanced)."""
+
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..agg_kernels.manifold import MANIFOLD_MODES
+from .runtime import AGGPatch, AGGSettings, require_family
+from .types import AGGLossType
+
+DEFAULTS = AGGSettings()
+
+
+def settings_inputs() -> list:
+    """The guidance settings shared by Apply AGG and AGG Guider (names are a public contract)."""
+    return [
+        io.Float.Input(
+            "start_percent", default=DEFAULTS.start_percent, min=0.0, max=1.0, step=0.001,
+            tooltip="Where guidance starts, as a percent of the model's noise range (0 = pure noise). "
+            "Same convention as ControlNet's start_percent.",
+        ),
+        io.Float.Input(
+            "end_percent", default=DEFAULTS.end_percent, min=0.0, max=1.0, step=0.001,
+            tooltip="Where guidance stops (1 = the clean end). The default guides the first third of an img2img "
+            "run at denoise 0.6, as in the paper; later steps run unguided.",
+        ),
+        io.Combo.Input(
+            "manifold", options=list(MANIFOLD_MODES), default=DEFAULTS.manifold,
+            tooltip="How the loss gradient reaches the sampler state. finite_difference: one extra model pass per "
+            "guided step (ControlNet, LoRA and CFG included), no extra memory. autograd: exact backward pass through "
+            "the model (slowest, needs a copy of the weights during the run). none: skip the model Jacobian (fastest).",
+        ),
+        io.Int.Input(
+            "dds_steps", default=DEFAULTS.dds_steps, min=0, max=50,
+            tooltip="Optimiser steps refining the clean estimate after the gradient step (no model call). 0 disables.",
+        ),
+        io.Float.Input(
+            "dds_lr", default=DEFAULTS.dds_lr, min=0.0, max=10.0, step=0.001,
+            tooltip="Adam learning rate of the refinement steps, in latent units per step.",
+        ),
+        io.Boolean.Input(
+            "asymmetric", default=DEFAULTS.asymmetric,
+            tooltip="On: the guidance edits only the clean estimate and keeps the model's own noise (AGG). "
+            "Off: ordinary clean-estimate guidance (the symmetric ablation), which moves the sample much less.",
+        ),
+    ]
+
+
+def make_patch(model, loss, node_name: str, **settings) -> AGGPatch:
+    patch_settings = AGGSettings(**settings).validate(node_name)
+    require_family(model.get_model_object("model_sampling"), node_name)
+    if loss is None:
+        raise ValueError(f"{node_name}: input 'loss' is required (connect a Structure Loss, CLIP Direction Loss or Image Style Loss).")
+    return AGGPatch(loss, patch_settings, node_name)
+
+
+class AGGApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AGGApply",
+            display_name="Apply AGG",
+            category="AGG",
+            description="Asymmetric Gradient Guidance on a model: every sampler node (KSampler, KSamplerAdvanced, "
+            "SamplerCustom, SamplerCustomAdvanced) and guider using this model is steered by the connected losses.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to guide; it is cloned, never modified."),
+                AGGLossType.Input("loss", tooltip="The guidance objective: one loss node or a chain of them."),
+                *settings_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with AGG guidance attached.")],
+        )
+
+    @classmethod
+    def execute(cls, model, loss, start_percent, end_percent, manifold, dds_steps, dds_lr, asymmetric) -> io.NodeOutput:
+        patch = make_patch(
+            model, loss, "Apply AGG", start_percent=start_percent, end_percent=end_percent, manifold=manifold,
+            dds_steps=dds_steps, dds_lr=dds_lr, asymmetric=asymmetric,
+        )
+        return io.NodeOutput(patch.install(model))
+
+
+class Guider_AGG(comfy.samplers.CFGGuider):
+    """A CFG guider whose model carries an AGG patch."""
+
+    def __init__(self, model_patcher, patch: AGGPatch):
+        super().__init__(patch.install(model_patcher))
+        self.agg_patch = patch
+
+
+class AGGGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AGGGuider",
+            display_name="AGG Guider",
+            category="AGG",
+            description="A CFG guider with Asymmetric Gradient Guidance, for SamplerCustomAdvanced.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model; it is cloned, never modified."),
+                io.Conditioning.Input("positive", tooltip="The target prompt's conditioning."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                AGGLossType.Input("loss", tooltip="The guidance objective: one loss node or a chain of them."),
+                *settings_inputs(),
+            ],
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced's guider input.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, loss, start_percent, end_percent, manifold, dds_steps, dds_lr,
+                asymmetric) -> io.NodeOutput:
+        patch = make_patch(
+            model, loss, "AGG Guider", start_percent=start_percent, end_percent=end_percent, manifold=manifold,
+            dds_steps=dds_steps, dds_lr=dds_lr, asymmetric=asymmetric,
+        )
+        guider = Guider_AGG(model, patch)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)

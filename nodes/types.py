@@ -1,0 +1,7 @@
+"""The pack's custom socket types."""
+
+from comfy_api.latest import io
+
+AGGLossType = io.Custom("AGG_LOSS")
+AGGTrajectoryType = io.Custom("AGG_TRAJECTORY")
+AGGClipType = io.Custom("AGG_CLIP")
