@@ -1,0 +1,29 @@
+"""ComfyUI glue of the AGG pack: V3 nodes calling into agg_kernels."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .apply import AGGApply, AGGGuider
+from .clip_model import AGGCLIPLoader, register_folder
+from .invert import AGGInvert
+from .losses import AGGCLIPDirectionLoss, AGGImageStyleLoss, AGGStructureLoss
+from .sampler import AGGSampler
+
+NODES: list[type[io.ComfyNode]] = [
+    AGGApply,
+    AGGGuider,
+    AGGStructureLoss,
+    AGGCLIPDirectionLoss,
+    AGGImageStyleLoss,
+    AGGInvert,
+    AGGCLIPLoader,
+    AGGSampler,
+]
+
+
+class AGGExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_folder()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_folder()  # not every ComfyUI version calls on_load; registering twice is harmless
+        return NODES

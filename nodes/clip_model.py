@@ -1,0 +1,167 @@
+"""AGG CLIP Loader: open_clip models from local safetensors files, never the network."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+
+import comfy.model_management
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from .runtime import AGGError
+from .types import AGGClipType
+
+FOLDER = "open_clip"
+LISTED_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}  # listed so a wrong format gets a clear error
+CONFIG_METADATA_KEY = "open_clip_config"
+TEXT_CACHE_SIZE = 64
+ARCHITECTURES = ["auto", "ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16", "ViT-L-14", "ViT-L-14-quickgelu", "ViT-H-14"]
+
+
+def register_folder() -> None:
+    """models/open_clip, plus any paths extra_model_paths.yaml gives under `open_clip:`."""
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=False)
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | LISTED_EXTENSIONS)
+
+
+def count_blocks(sd: dict, prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    idx = {int(m.group(1)) for k in sd if (m := pat.match(k))}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_config(sd: dict) -> dict:
+    """An open_clip CLIP config read off a ViT state dict's tensor shapes (64-wide attention heads)."""
+    try:
+        width, _, patch, _ = sd["visual.conv1.weight"].shape
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vocab, text_width = sd["token_embedding.weight"].shape
+        embed_dim = sd["text_projection"].shape[1]
+        mlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width
+    except KeyError as e:
+        raise ValueError(f"not an open_clip ViT state dict (missing {e}); choose the architecture explicitly") from None
+    return {
+        "embed_dim": int(embed_dim),
+        "vision_cfg": {
+            "image_size": int(grid * patch), "patch_size": int(patch), "width": int(width),
+            "layers": count_blocks(sd, "visual.transformer.resblocks."),
+            "head_width": 64 if width % 64 == 0 else int(width), "mlp_ratio": float(mlp),
+        },
+        "text_cfg": {
+            "context_length": int(sd["positional_embedding"].shape[0]), "vocab_size": int(vocab),
+            "width": int(text_width), "heads": max(1, int(text_width) // 64),
+            "layers": count_blocks(sd, "transformer.resblocks."),
+        },
+    }
+
+
+class AGGClip:
+    """An open_clip model with text-embedding cache; the encoders the CLIP losses call."""
+
+    def __init__(self, model: torch.nn.Module, name: str):
+        self.model = model.eval()
+        self.name = name
+        self.image_size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size)
+        self.context_length = int(getattr(model, "context_length", 77))
+        self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+
+    def __deepcopy__(self, memo):
+        return self  # shared, read-only weights
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device) -> AGGClip:
+        with torch.inference_mode(False):
+            self.model.to(device)
+        return self
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """[T, D] text embeddings (cached per prompt list; no gradient)."""
+        import open_clip
+
+        key = tuple(texts)
+        if key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            return self._text_cache[key].to(self.device)
+        with torch.inference_mode(False), torch.no_grad():
+            tokens = open_clip.tokenize(list(texts), context_length=self.context_length).to(self.device)
+            emb = self.model.encode_text(tokens).float()
+        self._text_cache[key] = emb.cpu()
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return emb
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalized [N, 3, s, s] -> [N, D], differentiable w.r.t. the images."""
+        p = next(self.model.parameters())
+        return self.model.encode_image(images.to(device=p.device, dtype=p.dtype)).float()
+
+    def clear_cache(self) -> None:
+        self._text_cache.clear()
+
+
+def load_open_clip(path: str, architecture: str = "auto") -> AGGClip:
+    import open_clip
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    sd = load_file(path)
+    with torch.inference_mode(False):
+        if architecture == "auto":
+            cfg = json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else infer_config(sd)
+            model = open_clip.model.CLIP(**cfg)
+        else:
+            model = open_clip.create_model(architecture, pretrained=None)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.endswith("attn_mask")]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit {architecture}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return AGGClip(model, os.path.basename(path))
+
+
+class AGGCLIPLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AGGCLIPLoader",
+            display_name="AGG CLIP Loader",
+            category="AGG",
+            description="Loads an open_clip model (e.g. ViT-B-32) from models/open_clip for the CLIP losses. "
+            "Reads .safetensors only and never downloads anything.",
+            inputs=[
+                io.Combo.Input("clip_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="An open_clip weights file in models/open_clip (e.g. open_clip_model.safetensors "
+                               "from laion/CLIP-ViT-B-32-laion2B-s34B-b79K)."),
+                io.Combo.Input("architecture", options=ARCHITECTURES, default="auto", optional=True,
+                               tooltip="auto reads the architecture from the tensors (GELU ViTs such as the LAION ones); "
+                               "pick a -quickgelu variant for OpenAI's original weights."),
+            ],
+            outputs=[AGGClipType.Output(tooltip="The CLIP model for CLIP Direction Loss and Image Style Loss.")],
+        )
+
+    @classmethod
+    def execute(cls, clip_name, architecture="auto") -> io.NodeOutput:
+        node = "AGG CLIP Loader"
+        path = folder_paths.get_full_path(FOLDER, clip_name)
+        if path is None or not os.path.isfile(path):
+            raise AGGError(f"{node}: input 'clip_name': {clip_name!r} is not in models/{FOLDER}.")
+        if not clip_name.lower().endswith(".safetensors"):
+            raise AGGError(f"{node}: input 'clip_name': {clip_name!r} is not a .safetensors file. AGG loads open_clip "
+                           "weights from safetensors only (pickled .bin/.pt files can run code when loaded); use the "
+                           "model's open_clip_model.safetensors.")
+        try:
+            clip = load_open_clip(path, architecture)
+        except Exception as e:
+            raise AGGError(f"{node}: input 'clip_name': could not load {clip_name!r} as open_clip {architecture}: {e}") from e
+        return io.NodeOutput(clip.to(comfy.model_management.text_encoder_offload_device()))

@@ -1,0 +1,250 @@
+"""Loss nodes. Each outputs an AGG_LOSS: an immutable list of loss specs that build a fresh loss per
+sampling run (per-run caches, adaptive weights and decoder copies never outlive the run)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+from ..agg_kernels.losses import (
+    Trajectory,
+    check_reference,
+    clip_direction_loss,
+    image_embedding,
+    range_loss,
+    style_loss,
+    target_direction,
+    template_text_embedding,
+)
+from ..agg_kernels.objective import Loss, compose
+from .clip_model import AGGClip
+from .decoders import DECODERS, check_vae, make_decoder
+from .runtime import AGGError, RunInfo
+from .types import AGGClipType, AGGLossType, AGGTrajectoryType
+
+DEFAULT_STRUCTURE_WEIGHT = 0.5
+DEFAULT_CLIP_WEIGHT = 2.0
+DEFAULT_STYLE_WEIGHT = 2.0
+DEFAULT_CUTOUTS = 8
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    node: str
+    build: Callable[[RunInfo], Loss]
+
+
+@dataclass(frozen=True)
+class AGGLoss:
+    """The AGG_LOSS socket value: loss specs chained by the loss nodes."""
+
+    specs: tuple[LossSpec, ...] = ()
+
+    def __deepcopy__(self, memo):
+        return self  # immutable; ModelPatcher.clone() deep-copies model_options
+
+    def plus(self, spec: LossSpec) -> AGGLoss:
+        return AGGLoss((*self.specs, spec))
+
+    def build(self, run: RunInfo) -> Loss:
+        """The composed loss for one run (built outside inference mode so its constants can enter autograd)."""
+        with torch.inference_mode(False):
+            return compose(*(spec.build(run) for spec in self.specs))
+
+
+def chain(upstream: AGGLoss | None, spec: LossSpec) -> AGGLoss:
+    return (upstream or AGGLoss()).plus(spec)
+
+
+def grad_constant(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy usable inside autograd (inference tensors cannot be saved for backward)."""
+    with torch.inference_mode(False):
+        return t.detach().to(device=device, dtype=torch.float32).clone()
+
+
+def user_error(node: str, input_name: str, e: Exception) -> AGGError:
+    return AGGError(f"{node}: input '{input_name}': {e}")
+
+
+def loss_input() -> io.Input:
+    return AGGLossType.Input("loss", optional=True, tooltip="An upstream AGG loss to add this one to (chaining).")
+
+
+def weight_input(default: float, what: str) -> io.Input:
+    return io.Float.Input("weight", default=default, min=0.0, max=1000.0, step=0.01,
+                          tooltip=f"Strength of the {what}; 0 turns it off.")
+
+
+def decoder_input() -> io.Input:
+    return io.Combo.Input("decoder", options=list(DECODERS), default="vae", optional=True,
+                          tooltip="How the loss sees pixels: vae = the checkpoint's VAE (exact), taesd = TAESD from "
+                          "models/vae_approx (fast), linear = the latent format's RGB factors (fastest, rough).")
+
+
+# -- Structure Loss ------------------------------------------------------------------------------
+
+
+class AGGStructureLoss(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AGGStructureLoss",
+            display_name="Structure Loss",
+            category="AGG",
+            description="Keeps the result's layout close to the source: L1 between the clean estimate and the "
+            "source's clean estimate at the same noise level (from AGG Invert's trajectory), or the source latent.",
+            inputs=[
+                weight_input(DEFAULT_STRUCTURE_WEIGHT, "pull toward the source"),
+                io.Latent.Input("source", optional=True, tooltip="The source latent (VAEEncode of the photo). Used "
+                                "when no trajectory is connected."),
+                AGGTrajectoryType.Input("trajectory", optional=True, tooltip="AGG Invert's trajectory: the source's clean "
+                                        "estimates along the inversion (the paper's regulariser)."),
+                loss_input(),
+            ],
+            outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
+        )
+
+    @classmethod
+    def execute(cls, weight, source=None, trajectory=None, loss=None) -> io.NodeOutput:
+        node = "Structure Loss"
+        if source is None and trajectory is None:
+            raise AGGError(f"{node}: connect input 'source' (a LATENT) or input 'trajectory' (from AGG Invert).")
+        input_name = "trajectory" if trajectory is not None else "source"
+        source_samples = None if source is None else source["samples"]
+
+        def build(run: RunInfo) -> Loss:
+            from ..agg_kernels.losses import structure_loss
+
+            probe = torch.empty(run.latent_shape, device="meta")
+            if trajectory is not None:
+                reference = Trajectory(trajectory.sigmas.float().clone(), grad_constant(trajectory.denoised, run.device))
+            else:
+                reference = grad_constant(run.model.process_latent_in(source_samples.to(run.device)), run.device)
+            try:
+                check_reference(reference, probe, f"the {input_name} latent")
+            except ValueError as e:
+                raise user_error(node, input_name, e) from e
+            return structure_loss(weight, reference)
+
+        return io.NodeOutput(chain(loss, LossSpec(node, build)))
+
+
+# -- CLIP losses ---------------------------------------------------------------------------------
+
+
+def pixels_bchw(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] in 0..1 -> [B, 3, H, W]."""
+    return image[..., :3].movedim(-1, 1).float()
+
+
+def clip_on(clip: AGGClip, run: RunInfo) -> AGGClip:
+    clip.to(run.device)
+    run.release.append(lambda: clip.to(torch.device("cpu")) if run.device.type != "cpu" else None)
+    return clip
+
+
+class AGGCLIPDirectionLoss(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AGGCLIPDirectionLoss",
+            display_name="CLIP Direction Loss",
+            category="AGG",
+            description="Text guidance: moves the image along the CLIP direction from the source text to the "
+            "target text (e.g. 'a photo' -> 'a watercolor painting').",
+            inputs=[
+                AGGClipType.Input("clip", tooltip="From AGG CLIP Loader."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE, to see the clean estimate as pixels."),
+                io.String.Input("source_text", default="a photo", multiline=False,
+                                tooltip="What the source image is (e.g. 'a photo of a cat')."),
+                io.String.Input("target_text", default="a watercolor painting", multiline=False,
+                                tooltip="What the result should be (e.g. 'a watercolor painting of a cat')."),
+                weight_input(DEFAULT_CLIP_WEIGHT, "text guidance"),
+                io.Image.Input("source_image", optional=True,
+                               tooltip="The source photo; adds its CLIP embedding to the direction (0.2 weight), as in the paper."),
+                loss_input(),
+                decoder_input(),
+                io.Int.Input("cutouts", default=DEFAULT_CUTOUTS, min=1, max=64, optional=True,
+                             tooltip="Augmented crops CLIP sees per step; more is steadier and slower."),
+                io.Float.Input("range_weight", default=0.0, min=0.0, max=1000.0, step=0.01, optional=True,
+                               tooltip="Penalty on decoded pixels outside the valid range (0 = off)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
+                             tooltip="Seed of the crops' random augmentation."),
+            ],
+            outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, target_text: str | None = None) -> bool | str:
+        if target_text is not None and not str(target_text).strip():
+            return "CLIP Direction Loss: input 'target_text' is empty; describe what the image should become."
+        return True
+
+    @classmethod
+    def execute(cls, clip, vae, source_text, target_text, weight, source_image=None, loss=None, decoder="vae",
+                cutouts=DEFAULT_CUTOUTS, range_weight=0.0, seed=0) -> io.NodeOutput:
+        node = "CLIP Direction Loss"
+        if not str(target_text).strip():
+            raise AGGError(f"{node}: input 'target_text' is empty; describe what the image should become.")
+        e_target = template_text_embedding(clip.encode_text, target_text)
+        e_source = template_text_embedding(clip.encode_text, source_text) if str(source_text).strip() else torch.zeros_like(e_target)
+        e_image = None
+        if source_image is not None:
+            e_image = image_embedding(clip.encode_image, pixels_bchw(source_image).to(clip.device), clip.image_size)
+        direction = target_direction(e_target, e_source, e_image).cpu()
+
+        def build(run: RunInfo) -> Loss:
+            if decoder == "vae":
+                check_vae(vae, run.model, node)
+            decode = make_decoder(decoder, vae, run, node)
+            c = clip_on(clip, run)
+            parts = [clip_direction_loss(weight, decode, c.encode_image, grad_constant(direction, run.device),
+                                         n_cuts=cutouts, cut_size=c.image_size, seed=seed)]
+            if range_weight > 0:
+                parts.append(range_loss(range_weight, decode))
+            return compose(*parts)
+
+        return io.NodeOutput(chain(loss, LossSpec(node, build)))
+
+
+class AGGImageStyleLoss(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AGGImageStyleLoss",
+            display_name="Image Style Loss",
+            category="AGG",
+            description="Image guidance: pulls the result's CLIP image embedding toward a style image's.",
+            inputs=[
+                AGGClipType.Input("clip", tooltip="From AGG CLIP Loader."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE, to see the clean estimate as pixels."),
+                io.Image.Input("style_image", tooltip="The image whose look the result should take."),
+                weight_input(DEFAULT_STYLE_WEIGHT, "style guidance"),
+                loss_input(),
+                decoder_input(),
+                io.Int.Input("cutouts", default=DEFAULT_CUTOUTS, min=1, max=64, optional=True,
+                             tooltip="Augmented crops CLIP sees per step; more is steadier and slower."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
+                             tooltip="Seed of the crops' random augmentation."),
+            ],
+            outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, vae, style_image, weight, loss=None, decoder="vae", cutouts=DEFAULT_CUTOUTS, seed=0) -> io.NodeOutput:
+        node = "Image Style Loss"
+        e_style = image_embedding(clip.encode_image, pixels_bchw(style_image).to(clip.device), clip.image_size,
+                                  n_cuts=cutouts, seed=seed).mean(0, keepdim=True).cpu()
+
+        def build(run: RunInfo) -> Loss:
+            if decoder == "vae":
+                check_vae(vae, run.model, node)
+            decode = make_decoder(decoder, vae, run, node)
+            c = clip_on(clip, run)
+            return style_loss(weight, decode, c.encode_image, grad_constant(e_style, run.device),
+                              n_cuts=cutouts, cut_size=c.image_size, seed=seed)
+
+        return io.NodeOutput(chain(loss, LossSpec(node, build)))
