@@ -5,6 +5,7 @@ DDS refinement, schedules, losses and inversion.
 """
 
 from .coordinates import FAMILIES, alpha, eps_from_denoised, noisy_from_clean
+from .dds import dds_refine
 from .guidance import GuidanceResult, guided_delta
 from .manifold import MANIFOLD_MODES, manifold_corrected, manifold_gradient
 from .objective import LossContext, compose, total
@@ -16,7 +17,6 @@ from .step import (
     symmetric_denoised,
     symmetric_step,
 )
-from .dds import dds_refine
 
 __all__ = [
     "FAMILIES",
