@@ -1,0 +1,325 @@
+"""CLIP losses: text-guided direction loss and image-guided style loss.
+
+Pipeline for one clean estimate (model latent space):
+  noisy mix (latent) -> decode -> pixels [0, 1] -> random cut-outs -> CLIP normalize -> encode_image.
+The encoders are plain callables, so any CLIP (or a toy linear map in tests) can be plugged in:
+  encode_text:  list[str] -> [T, D] text embeddings
+  encode_image: CLIP-normalized images [N, 3, size, size] -> [N, D] image embeddings (differentiable)
+  decode:       model-space latent [B, C, H, W] -> pixels [B, 3, h, w] in [-1, 1] (differentiable)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..augment import clip_normalize, random_cutouts
+from ..coordinates import check_family, expand_sigma, vp_noise_fraction, vp_state
+from ..objective import Loss, LossContext
+
+TextEncoder = Callable[[list[str]], torch.Tensor]
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+# Weights of the source text and the source image in the target direction (reference values).
+SOURCE_TEXT_WEIGHT = 0.4
+SOURCE_IMAGE_WEIGHT = 0.2
+
+
+def prompt_templates() -> list[str]:
+    """Phrasings a prompt is embedded in; averaging over them steadies the text embedding."""
+    return [
+        "{}",
+        "a photo of {}.",
+        "a picture of {}.",
+        "an image showing {}.",
+        "a detailed photo of {}.",
+        "a close-up picture of {}.",
+        "a cropped photo of {}.",
+        "a well-lit photograph of {}.",
+        "a high quality image of {}.",
+        "a snapshot of {}.",
+    ]
+
+
+def template_text_embedding(
+    encode_text: TextEncoder, text: str, templates: Sequence[str] | None = None
+) -> torch.Tensor:
+    """normalize(mean over templates of normalize(E_T(template.format(text)))) -> [D], no gradient."""
+    prompts = [t.format(text) for t in (templates if templates is not None else prompt_templates())]
+    with torch.no_grad():
+        e = F.normalize(encode_text(prompts).float(), dim=-1).mean(0)
+    return F.normalize(e, dim=-1).detach()
+
+
+def center_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre crop to a square and antialiased resize to size x size (CLIP's usual preprocessing)."""
+    h, w = images.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = images[..., top : top + s, left : left + s]
+    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def image_embedding(
+    encode_image: ImageEncoder, images: torch.Tensor, size: int = 224, n_cuts: int = 0, seed: int = 0
+) -> torch.Tensor:
+    """Mean CLIP image embedding per image ([B, 3, H, W] in [0, 1] -> [B, D]), not normalized, no gradient.
+
+    n_cuts = 0: the centre square; n_cuts > 0: the mean over that many seeded random cut-outs
+    (the same augmentation the losses see).
+    """
+    with torch.no_grad():
+        if n_cuts <= 0:
+            return encode_image(clip_normalize(center_square(images, size))).float()
+        gen = torch.Generator().manual_seed(seed)
+        cuts = random_cutouts(images, n_cuts, size, gen)
+        emb = encode_image(clip_normalize(cuts)).float()
+    return emb.reshape(images.shape[0], n_cuts, -1).mean(1)
+
+
+def target_direction(
+    e_target: torch.Tensor, e_source: torch.Tensor, e_source_image: torch.Tensor | None = None
+) -> torch.Tensor:
+    """v = normalize(e_target - 0.4 * e_source + 0.2 * e_source_image) (image term omitted when None).
+
+    Each input is normalized first, so text and image embeddings enter on the same scale
+    (template_text_embedding's outputs already are). Shapes broadcast ([D], [1, D] or [B, D]).
+    """
+    v = F.normalize(e_target.float(), dim=-1) - SOURCE_TEXT_WEIGHT * F.normalize(e_source.float(), dim=-1)
+    if e_source_image is not None:
+        v = v + SOURCE_IMAGE_WEIGHT * F.normalize(e_source_image.float(), dim=-1)
+    return F.normalize(v, dim=-1)
+
+
+def noisy_mix(x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float, family: str) -> torch.Tensor:
+    """The reference `noisy_aug`: w * x0_hat + (1 - w) * x_t, w = sqrt(1 - alpha_bar) = vp_noise_fraction.
+
+    x_t is the variance-preserving form of the sampler state (vp_state). Done in latent space, before
+    decoding: one decode per evaluation instead of two, and x_t is a constant of the step, so the
+    gradient reaching x0_hat is w * (decoder Jacobian)^T, the same scaling as mixing decoded pixels.
+    The cost is that x_t's noise reaches CLIP through the decoder (VAE-shaped noise rather than white
+    pixel noise); its role, a noise-level dependent augmentation that keeps CLIP off adversarial
+    detail, is unchanged.
+    """
+    check_family(family)
+    if x.shape != x0.shape:
+        raise ValueError(
+            f"noisy_mix: sampler state shape {tuple(x.shape)} does not match the clean estimate "
+            f"{tuple(x0.shape)} (expected {tuple(x0.shape)}, got {tuple(x.shape)})"
+        )
+    x = x.detach().to(device=x0.device, dtype=x0.dtype).clone()  # clone: inference tensors stay out of autograd
+    s = expand_sigma(torch.as_tensor(sigma, device=x0.device), x0)
+    w = vp_noise_fraction(s, family)
+    return w * x0 + (1 - w) * vp_state(x, s, family)
+
+
+def cut_embeddings(
+    x0: torch.Tensor,
+    ctx: LossContext,
+    decode: Decoder,
+    encode_image: ImageEncoder,
+    n_cuts: int,
+    cut_size: int,
+    seed: int,
+    noisy_aug: bool,
+) -> torch.Tensor:
+    """CLIP embeddings [B, n_cuts, D] of cut-outs of the decoded clean estimate (noisy-mixed if asked).
+
+    The cut-outs are drawn from a generator seeded with seed + ctx.step: every evaluation within a
+    step (gradient, refinement iterations) sees the same crops, and a rerun reproduces them.
+    """
+    latent = noisy_mix(x0, ctx.x, ctx.sigma, ctx.family) if noisy_aug else x0
+    pixels = decode(latent)
+    if pixels.ndim != 4 or pixels.shape[0] != x0.shape[0]:
+        raise ValueError(
+            f"decode must return [B, 3, H, W] pixels for a batch of {x0.shape[0]}; got shape {tuple(pixels.shape)}"
+        )
+    gen = torch.Generator().manual_seed(int(seed) + int(ctx.step))
+    cuts = random_cutouts((pixels + 1) / 2, n_cuts, cut_size, gen)
+    emb = encode_image(clip_normalize(cuts))
+    return emb.reshape(x0.shape[0], n_cuts, -1)
+
+
+def as_rows(e: torch.Tensor, batch: int, what: str, like: torch.Tensor) -> torch.Tensor:
+    """A constant [D], [1, D] or [B, D] embedding as [1 or B, D] on like's device and dtype.
+
+    Checked against the run's batch; cloned so that a tensor made under inference_mode (every ComfyUI
+    prompt) becomes an ordinary tensor autograd may save.
+    """
+    e = e.reshape(-1, e.shape[-1])
+    if e.shape[0] not in (1, batch):
+        raise ValueError(f"{what} batch {e.shape[0]} does not match the run's batch {batch} (expected {batch} or 1)")
+    return e.detach().to(device=like.device, dtype=like.dtype).clone()
+
+
+@dataclass
+class AdaptiveWeight:
+    """Per-run multiplier on a loss weight, steered by the previous step's unweighted loss.
+
+    The direction loss is -mean cos, in [-1, 1]. A previous loss above `threshold` (-0.5: cosine
+    below 0.5, the image does not follow the direction yet) multiplies the weight by `factor`; below
+    it divides by `factor`. The multiplier compounds from step to step and stays within
+    [1 / max_multiplier, max_multiplier] of the base weight. One instance per loss object: never share.
+    """
+
+    threshold: float = -0.5
+    factor: float = 2.0
+    max_multiplier: float = 8.0
+    multiplier: float = 1.0
+
+    def current(self, weight: float) -> float:
+        return weight * self.multiplier
+
+    def update(self, previous_loss: float) -> None:
+        if not math.isfinite(previous_loss):
+            return
+        if previous_loss > self.threshold:
+            self.multiplier *= self.factor
+        elif previous_loss < self.threshold:
+            self.multiplier /= self.factor
+        self.multiplier = min(max(self.multiplier, 1 / self.max_multiplier), self.max_multiplier)
+
+    def reset(self) -> None:
+        self.multiplier = 1.0
+
+
+class CLIPDirectionLoss:
+    """L = -weight_eff * mean over cut-outs of cos(E_I(cut), v), per sample (term "clip_direction").
+
+    weight_eff = weight, or the AdaptiveWeight's current value. The adaptive state advances when a call
+    carries a larger ctx.step than the last one (with the unweighted loss of the first evaluation of
+    the previous step, i.e. at the model's own clean estimate), and resets when ctx.step goes back
+    (a new run reusing this object). Calls with the same step share one weight.
+    """
+
+    def __init__(
+        self,
+        weight: float,
+        decode: Decoder,
+        encode_image: ImageEncoder,
+        direction: torch.Tensor,
+        n_cuts: int = 16,
+        cut_size: int = 224,
+        seed: int = 0,
+        adaptive: bool = True,
+        noisy_aug: bool = True,
+    ):
+        self.weight = float(weight)
+        self.decode, self.encode_image = decode, encode_image
+        self.direction = F.normalize(direction.detach().float(), dim=-1)
+        self.n_cuts, self.cut_size, self.seed, self.noisy_aug = n_cuts, cut_size, seed, noisy_aug
+        self.adaptive = AdaptiveWeight() if adaptive else None
+        self._step: int | None = None
+        self._step_loss: float | None = None
+
+    def _observe(self, step: int) -> None:
+        if self._step is not None and step < self._step and self.adaptive is not None:
+            self.adaptive.reset()
+        elif self._step is not None and step > self._step and self.adaptive is not None:
+            if self._step_loss is not None:
+                self.adaptive.update(self._step_loss)
+        if step != self._step:
+            self._step, self._step_loss = step, None
+
+    def __deepcopy__(self, memo: dict) -> CLIPDirectionLoss:
+        # ComfyUI deep-copies model_options on every ModelPatcher.clone(): keep one object (and one
+        # copy of the encoders) per loss. Reuse by a later run is handled by the step reset above.
+        return self
+
+    def current_weight(self) -> float:
+        return self.adaptive.current(self.weight) if self.adaptive is not None else self.weight
+
+    def __call__(self, x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
+        self._observe(int(ctx.step))
+        emb = cut_embeddings(
+            x0, ctx, self.decode, self.encode_image, self.n_cuts, self.cut_size, self.seed, self.noisy_aug
+        )
+        v = as_rows(self.direction, x0.shape[0], "direction", emb)
+        cos = (F.normalize(emb, dim=-1) * v[:, None, :]).sum(-1).mean(1)
+        if self._step_loss is None:
+            self._step_loss = float(-cos.detach().mean())
+        return {"clip_direction": -self.current_weight() * cos}
+
+
+def clip_direction_loss(
+    weight: float,
+    decode: Decoder,
+    encode_image: ImageEncoder,
+    direction: torch.Tensor,
+    n_cuts: int = 16,
+    cut_size: int = 224,
+    seed: int = 0,
+    adaptive: bool = True,
+    noisy_aug: bool = True,
+) -> CLIPDirectionLoss:
+    """Text-guided loss toward the CLIP direction v (see target_direction). Make a new one per run."""
+    return CLIPDirectionLoss(weight, decode, encode_image, direction, n_cuts, cut_size, seed, adaptive, noisy_aug)
+
+
+STYLE_METRICS = ("cosine", "mse")
+
+
+def match_latent(reference: torch.Tensor, x0: torch.Tensor, what: str) -> torch.Tensor:
+    """A [B or 1, C, h, w] latent on x0's device and dtype, resized to x0's spatial size."""
+    if reference.ndim != 4 or reference.shape[1] != x0.shape[1]:
+        raise ValueError(
+            f"{what} must be a [B, {x0.shape[1]}, H, W] latent like the run's; got shape {tuple(reference.shape)}"
+        )
+    if reference.shape[0] not in (1, x0.shape[0]):
+        raise ValueError(
+            f"{what} batch {reference.shape[0]} does not match the run's batch {x0.shape[0]} (expected {x0.shape[0]} or 1)"
+        )
+    ref = reference.detach().to(device=x0.device, dtype=x0.dtype).clone()
+    if ref.shape[2:] != x0.shape[2:]:
+        ref = F.interpolate(ref, size=x0.shape[2:], mode="bilinear", align_corners=False, antialias=True)
+    return ref
+
+
+def style_loss(
+    weight: float,
+    decode: Decoder,
+    encode_image: ImageEncoder,
+    style_embedding: torch.Tensor,
+    n_cuts: int = 8,
+    cut_size: int = 224,
+    seed: int = 0,
+    metric: str = "cosine",
+    noisy_aug: bool = False,
+    style_latent: torch.Tensor | None = None,
+    latent_mse_weight: float = 0.0,
+) -> Loss:
+    """Image-guided loss: match the CLIP image embedding of the decoded clean estimate to a style image's.
+
+    Terms per sample (mean over cut-outs):
+      "style":        cosine: weight * (1 - cos(E_I(cut), e_style)) on normalized embeddings (scale-free,
+                      the default: CLIP embeddings carry content and style in their direction);
+                      mse:    weight * mean over dims of (E_I(cut) - e_style)^2 on raw embeddings (the
+                      reference's DINO [CLS] form, sensitive to embedding norm).
+      "style_latent": latent_mse_weight * mean (x0_hat - style_latent)^2, when a style latent (model latent
+                      space; resized to the run's latent size) is given and the weight is non-zero.
+    style_embedding: [D], [1, D] or [B, D], e.g. image_embedding(encode_image, style_image).
+    noisy_aug defaults to off: added noise reads as texture to CLIP and would bias a style match.
+    """
+    if metric not in STYLE_METRICS:
+        raise ValueError(f"unknown style metric {metric!r}; expected one of {', '.join(STYLE_METRICS)}")
+    target = style_embedding.detach().float()
+
+    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
+        emb = cut_embeddings(x0, ctx, decode, encode_image, n_cuts, cut_size, seed, noisy_aug)
+        e = as_rows(target, x0.shape[0], "style embedding", emb)[:, None, :]
+        if metric == "cosine":
+            value = 1 - (F.normalize(emb, dim=-1) * F.normalize(e, dim=-1)).sum(-1).mean(1)
+        else:
+            value = (emb - e).square().mean(-1).mean(1)
+        terms = {"style": weight * value}
+        if style_latent is not None and latent_mse_weight:
+            ref = match_latent(style_latent, x0, "style latent")
+            terms["style_latent"] = latent_mse_weight * (x0 - ref).square().flatten(1).mean(1)
+        return terms
+
+    return loss

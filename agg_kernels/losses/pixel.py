@@ -1,0 +1,28 @@
+"""Range loss: keep the decoded clean estimate inside the valid pixel range."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..objective import Loss, LossContext
+
+
+def range_penalty(pixels: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of relu(|p| - 1)^2: zero inside [-1, 1], quadratic outside ([B])."""
+    return (pixels.abs() - 1).clamp_min(0).square().flatten(1).mean(1)
+
+
+def range_loss(weight: float, decode: Callable[[torch.Tensor], torch.Tensor]) -> Loss:
+    """L = weight * mean(relu(|decode(x0_hat)| - 1)^2) per sample.
+
+    decode: model-space latent [B, C, H, W] -> pixels [B, 3, h, w] in [-1, 1], differentiable.
+    Quadratic so the push grows with the overshoot and is smooth at the boundary (no gradient
+    inside the range); the same penalty as clamping and taking the squared clamp error.
+    """
+
+    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
+        return {"range": weight * range_penalty(decode(x0))}
+
+    return loss

@@ -1,0 +1,153 @@
+"""Structure Loss: keep the clean estimate close to the source's clean estimate at the same sigma.
+
+The reference is the source latent itself (plain img2img) or an inversion trajectory read at the
+step's sigma. Latent-space L1 is the default; pixel-space L1 and a ViT-token self-similarity variant
+(DiffuseIT-style) are optional.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..augment import clip_normalize
+from ..objective import Loss, LossContext
+from .trajectory import Trajectory, trajectory_at
+
+Reference = torch.Tensor | Trajectory
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+TokenFunction = Callable[[torch.Tensor], torch.Tensor]
+
+
+def reference_shape(reference: Reference) -> tuple[int, ...]:
+    """[B, C, H, W] of the reference's clean estimates."""
+    if isinstance(reference, Trajectory):
+        return reference.latent_shape
+    return tuple(reference.shape)
+
+
+def check_reference(reference: Reference, x0: torch.Tensor, what: str = "structure reference") -> None:
+    """Raise a ValueError naming expected vs got when the reference cannot be compared with x0."""
+    shape = reference_shape(reference)
+    if len(shape) != 4:
+        raise ValueError(f"{what} must be a [B, C, H, W] latent; got shape {shape}")
+    if x0.ndim != 4:
+        raise ValueError(f"{what}: the clean estimate must be [B, C, H, W]; got shape {tuple(x0.shape)}")
+    b, c, h, w = shape
+    if c != x0.shape[1]:
+        raise ValueError(
+            f"{what} has {c} latent channels but the run's latent has {x0.shape[1]} "
+            f"(expected {x0.shape[1]}, got {c}): was it encoded by another model family's VAE?"
+        )
+    if (h, w) != tuple(x0.shape[2:]):
+        raise ValueError(
+            f"{what} latent size {h}x{w} does not match the run's latent size "
+            f"{x0.shape[2]}x{x0.shape[3]} (expected {x0.shape[2]}x{x0.shape[3]}, got {h}x{w})"
+        )
+    if b not in (1, x0.shape[0]):
+        raise ValueError(
+            f"{what} batch {b} does not match the run's batch {x0.shape[0]} (expected {x0.shape[0]} or 1, got {b})"
+        )
+
+
+def reference_at(reference: Reference, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The reference clean estimate for this step, on x0's device and dtype, broadcastable to x0."""
+    check_reference(reference, x0)
+    if isinstance(reference, Trajectory):
+        ref = trajectory_at(reference, sigma.reshape(-1).expand(x0.shape[0]))
+    else:
+        ref = reference
+    # clone: a reference made under inference_mode must not enter autograd as an inference tensor
+    return ref.detach().to(device=x0.device, dtype=x0.dtype).clone()
+
+
+def mean_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean |a - b| ([B]), b broadcast over a's batch."""
+    return (a - b).abs().flatten(1).mean(1)
+
+
+def structure_loss(weight: float, reference: Reference) -> Loss:
+    """L = weight * mean|x0_hat - x0_ref(sigma)| per sample, in the model's latent space.
+
+    reference: a source latent [B or 1, C, H, W] (model latent space, i.e. after process_latent_in)
+    or a Trajectory from the inversion; a batch of 1 is shared by every sample of the run.
+    """
+    if not isinstance(reference, Trajectory):
+        reference = reference.detach()
+
+    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
+        return {"structure": weight * mean_abs(x0, reference_at(reference, x0, ctx.sigma))}
+
+    return loss
+
+
+class _ReferenceCache:
+    """Remembers f(reference at sigma) for the last sigmas seen (a step evaluates its loss several times)."""
+
+    def __init__(self, reference: Reference, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.reference, self.fn = reference, fn
+        self.key: tuple | None = None
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        is_traj = isinstance(self.reference, Trajectory)
+        key = (tuple(sigma.reshape(-1).tolist()) if is_traj else None, x0.device, x0.dtype)
+        if self.value is None or key != self.key:
+            with torch.no_grad():
+                self.value = self.fn(reference_at(self.reference, x0, sigma)).detach()
+            self.key = key
+        return self.value
+
+
+def pixel_structure_loss(weight: float, reference: Reference, decode: Decoder) -> Loss:
+    """L = weight * mean|decode(x0_hat) - decode(x0_ref(sigma))| per sample, in pixels [-1, 1].
+
+    decode: model-space latent [B, C, H, W] -> pixels [B, 3, h, w] in [-1, 1], differentiable.
+    The reference is decoded without gradient, once per distinct sigma.
+    """
+    if not isinstance(reference, Trajectory):
+        reference = reference.detach()
+    decoded_ref = _ReferenceCache(reference, decode)
+
+    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
+        ref = decoded_ref(x0, ctx.sigma)
+        return {"structure_pixel": weight * mean_abs(decode(x0), ref)}
+
+    return loss
+
+
+def to_clip_input(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixels in [-1, 1] -> CLIP-normalized [B, 3, size, size] (whole image, no crop)."""
+    img = F.interpolate((pixels + 1) / 2, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return clip_normalize(img)
+
+
+def self_similarity(tokens: torch.Tensor) -> torch.Tensor:
+    """Cosine self-similarity of a token set: [B, T, D] -> [B, T, T]."""
+    t = F.normalize(tokens, dim=-1)
+    return t @ t.transpose(1, 2)
+
+
+def self_similarity_loss(
+    weight: float, reference: Reference, decode: Decoder, tokens: TokenFunction, size: int = 224
+) -> Loss:
+    """DiffuseIT-style structure: L = weight * mean|S(x0_hat) - S(x0_ref(sigma))| per sample.
+
+    S = cosine self-similarity of ViT tokens. tokens: CLIP-normalized images [B, 3, size, size] ->
+    [B, T, D] (e.g. the patch tokens of the CLIP vision tower's last block). The similarity pattern
+    carries layout but not appearance, so it keeps structure while letting colours and texture change.
+    """
+    if not isinstance(reference, Trajectory):
+        reference = reference.detach()
+
+    def sim(latent: torch.Tensor) -> torch.Tensor:
+        return self_similarity(tokens(to_clip_input(decode(latent), size)))
+
+    ref_sim = _ReferenceCache(reference, sim)
+
+    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
+        return {"structure_vit": weight * mean_abs(sim(x0), ref_sim(x0, ctx.sigma))}
+
+    return loss

@@ -1,0 +1,498 @@
+"""Structure, range, CLIP direction and style losses; trajectories."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agg_kernels.losses import (
+    AdaptiveWeight,
+    Trajectory,
+    TrajectoryRecorder,
+    clip_direction_loss,
+    image_embedding,
+    noisy_mix,
+    pixel_structure_loss,
+    prompt_templates,
+    range_loss,
+    self_similarity,
+    self_similarity_loss,
+    structure_loss,
+    style_loss,
+    target_direction,
+    template_text_embedding,
+    trajectory_at,
+)
+from agg_kernels.objective import LossContext, compose, total
+
+
+def ctx_for(x0: torch.Tensor, sigma: float = 1.0, family: str = "eps", step: int = 0, x=None) -> LossContext:
+    s = torch.full((x0.shape[0],), sigma)
+    return LossContext(sigma=s, x=x if x is not None else x0.detach().clone(), family=family, step=step)
+
+
+def toy_decoder(channels: int = 4, seed: int = 0):
+    """Linear latent -> RGB map, upsampled x4: a differentiable stand-in for a VAE decoder."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, channels, generator=g) * 0.5
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        rgb = torch.einsum("oc,bchw->bohw", w.to(z.dtype), z)
+        return F.interpolate(rgb, scale_factor=4, mode="bilinear", align_corners=False)
+
+    return decode
+
+
+def toy_encoder(dim: int = 16, seed: int = 1):
+    """Pooled pixels -> linear embedding: a differentiable stand-in for a CLIP image tower."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, 3 * 4 * 4, generator=g)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(images, 4).flatten(1) @ w.to(images.dtype).T
+
+    return encode
+
+
+# ---------------------------------------------------------------- structure
+
+
+def test_structure_loss_value_and_gradient_by_hand():
+    x0 = torch.tensor([[[[1.0, -2.0], [0.5, 3.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])  # [2, 1, 2, 2]
+    ref = torch.tensor([[[[0.0, 0.0], [1.0, 1.0]]]])  # batch 1: shared
+    loss = structure_loss(2.0, ref)
+    xg = x0.clone().requires_grad_(True)
+    terms = loss(xg, ctx_for(x0))
+    assert set(terms) == {"structure"}
+    # sample 0: |1| + |-2| + |-0.5| + |2| = 5.5, mean 1.375; sample 1: 0 + 0 + 1 + 1 = 2, mean 0.5
+    assert torch.allclose(terms["structure"], torch.tensor([2.0 * 1.375, 2.0 * 0.5]))
+    terms["structure"].sum().backward()
+    expected = 2.0 * torch.sign(x0 - ref) / 4
+    assert torch.allclose(xg.grad, expected)
+
+
+def test_structure_loss_is_zero_at_reference_and_per_sample_reference():
+    ref = torch.randn(3, 4, 5, 6)
+    terms = structure_loss(1.0, ref)(ref.clone(), ctx_for(ref))
+    assert torch.equal(terms["structure"], torch.zeros(3))
+    x0 = ref.clone()
+    x0[1] += 1.0
+    terms = structure_loss(1.0, ref)(x0, ctx_for(x0))
+    assert torch.allclose(terms["structure"], torch.tensor([0.0, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize(
+    "ref_shape, needle",
+    [
+        ((1, 16, 8, 8), "expected 4, got 16"),
+        ((1, 4, 8, 6), "expected 8x8, got 8x6"),
+        ((3, 4, 8, 8), "expected 2 or 1, got 3"),
+        ((4, 8, 8), "[B, C, H, W]"),
+    ],
+)
+def test_structure_reference_mismatch_names_expected_and_got(ref_shape, needle):
+    x0 = torch.zeros(2, 4, 8, 8)
+    loss = structure_loss(1.0, torch.zeros(ref_shape))
+    with pytest.raises(ValueError) as err:
+        loss(x0, ctx_for(x0))
+    assert needle in str(err.value)
+
+
+def test_structure_trajectory_mismatch_is_reported():
+    traj = Trajectory(torch.tensor([0.0, 1.0]), torch.zeros(2, 1, 16, 8, 8))
+    x0 = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="expected 4, got 16"):
+        structure_loss(1.0, traj)(x0, ctx_for(x0))
+
+
+def test_structure_loss_reads_trajectory_at_step_sigma():
+    d = torch.stack([torch.full((1, 2, 3, 3), v) for v in (0.0, 1.0, 3.0)])
+    traj = Trajectory(torch.tensor([0.0, 1.0, 2.0]), d)
+    x0 = torch.zeros(2, 2, 3, 3)
+    ctx = LossContext(sigma=torch.tensor([0.5, 1.5]), x=x0, family="eps")
+    terms = structure_loss(1.0, traj)(x0, ctx)
+    assert torch.allclose(terms["structure"], torch.tensor([0.5, 2.0]))
+
+
+def test_pixel_structure_loss_compares_decoded_images():
+    decode = toy_decoder()
+    ref = torch.randn(1, 4, 4, 4)
+    x0 = torch.randn(2, 4, 4, 4)
+    terms = pixel_structure_loss(0.5, ref, decode)(x0, ctx_for(x0))
+    expected = 0.5 * (decode(x0) - decode(ref)).abs().flatten(1).mean(1)
+    assert torch.allclose(terms["structure_pixel"], expected)
+    assert torch.allclose(pixel_structure_loss(1.0, ref, decode)(ref, ctx_for(ref))["structure_pixel"], torch.zeros(1))
+
+
+def test_self_similarity_matrix_and_loss():
+    tok = torch.randn(2, 5, 7)
+    s = self_similarity(tok)
+    assert s.shape == (2, 5, 5)
+    assert torch.allclose(torch.diagonal(s, dim1=1, dim2=2), torch.ones(2, 5), atol=1e-6)
+    assert torch.allclose(s, s.transpose(1, 2))
+    # invariant to a per-token rescaling: only directions count
+    assert torch.allclose(self_similarity(tok * (torch.rand(2, 5, 1) * 3 + 0.1)), s, atol=1e-5)
+
+    decode = toy_decoder()
+    proj = torch.randn(3, 8, generator=torch.Generator().manual_seed(3))
+
+    def tokens(images: torch.Tensor) -> torch.Tensor:  # [N, 3, 32, 32] -> [N, 16, 8] patch tokens
+        patches = F.avg_pool2d(images, 8).flatten(2).transpose(1, 2)
+        return patches @ proj
+
+    ref = torch.randn(1, 4, 4, 4)
+    loss = self_similarity_loss(2.0, ref, decode, tokens, size=32)
+    assert torch.allclose(loss(ref.clone(), ctx_for(ref))["structure_vit"], torch.zeros(1), atol=1e-6)
+    x0 = torch.randn(2, 4, 4, 4, requires_grad=True)
+    value = loss(x0, ctx_for(x0.detach()))["structure_vit"]
+    assert value.shape == (2,) and bool((value > 0).all())
+    value.sum().backward()
+    assert x0.grad is not None and bool(torch.isfinite(x0.grad).all()) and float(x0.grad.abs().sum()) > 0
+
+
+# ---------------------------------------------------------------- trajectory
+
+
+def make_traj(batch: int = 1) -> Trajectory:
+    g = torch.Generator().manual_seed(0)
+    return Trajectory(torch.tensor([0.0, 0.5, 2.0, 4.0]), torch.randn(4, batch, 2, 3, 3, generator=g))
+
+
+def test_trajectory_exact_at_recorded_sigmas():
+    traj = make_traj()
+    for i, s in enumerate(traj.sigmas.tolist()):
+        assert torch.equal(trajectory_at(traj, s), traj.denoised[i])
+
+
+def test_trajectory_linear_between_and_clamped_outside():
+    traj = make_traj()
+    d = traj.denoised
+    assert torch.allclose(trajectory_at(traj, 1.25), 0.5 * d[1] + 0.5 * d[2], atol=1e-6)
+    assert torch.allclose(trajectory_at(traj, 0.875), 0.75 * d[1] + 0.25 * d[2], atol=1e-6)
+    assert torch.equal(trajectory_at(traj, 10.0), d[3])
+    assert torch.equal(trajectory_at(traj, -1.0), d[0])
+
+
+def test_trajectory_per_sample_sigma_and_batch_broadcast():
+    traj = make_traj(batch=1)
+    out = trajectory_at(traj, torch.tensor([0.5, 3.0, 9.0]))
+    d = traj.denoised
+    assert out.shape == (3, 2, 3, 3)
+    assert torch.equal(out[0], d[1, 0])
+    assert torch.allclose(out[1], 0.5 * d[2, 0] + 0.5 * d[3, 0], atol=1e-6)
+    assert torch.equal(out[2], d[3, 0])
+
+    traj2 = make_traj(batch=2)
+    out2 = trajectory_at(traj2, torch.tensor([0.5, 4.0]))
+    assert torch.equal(out2[0], traj2.denoised[1, 0]) and torch.equal(out2[1], traj2.denoised[3, 1])
+    with pytest.raises(ValueError, match="expected batch 3 or 1, got 2"):
+        trajectory_at(traj2, torch.tensor([0.5, 1.0, 2.0]))
+
+
+def test_trajectory_validation_and_recorder():
+    with pytest.raises(ValueError, match="strictly ascending"):
+        Trajectory(torch.tensor([1.0, 0.5]), torch.zeros(2, 1, 1, 2, 2))
+    with pytest.raises(ValueError, match="2 sigmas but 3"):
+        Trajectory(torch.tensor([0.0, 1.0]), torch.zeros(3, 1, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"\[N, B, C, H, W\]"):
+        Trajectory(torch.tensor([0.0, 1.0]), torch.zeros(2, 1, 2, 2))
+    rec = TrajectoryRecorder()
+    rec.append(0.0, torch.zeros(1, 1, 2, 2))
+    rec.append(torch.tensor([0.3]), torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="ascend"):
+        rec.append(0.3, torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="expected"):
+        rec.append(0.5, torch.ones(1, 1, 3, 3))
+    traj = rec.build()
+    assert traj.sigmas.tolist() == pytest.approx([0.0, 0.3])
+    assert traj.latent_shape == (1, 1, 2, 2)
+    assert torch.equal(trajectory_at(traj, 0.3), torch.ones(1, 1, 2, 2))
+
+
+# ---------------------------------------------------------------- range
+
+
+def test_range_loss_by_hand():
+    pixels = torch.tensor([[[[0.5, 1.5], [-3.0, -1.0]]]]).expand(1, 3, 2, 2).clone()
+    terms = range_loss(4.0, lambda z: z)(pixels, ctx_for(pixels))
+    # per element: 0, 0.25, 4, 0 -> mean 1.0625
+    assert torch.allclose(terms["range"], torch.tensor([4.0 * 1.0625]))
+    inside = torch.rand(2, 3, 4, 4) * 2 - 1
+    assert torch.equal(range_loss(1.0, lambda z: z)(inside, ctx_for(inside))["range"], torch.zeros(2))
+
+
+def test_range_loss_gradient_pushes_back_into_range():
+    x = torch.tensor([[[[2.0, -2.0, 0.3]]]], requires_grad=True)
+    range_loss(1.0, lambda z: z)(x, ctx_for(x.detach()))["range"].sum().backward()
+    assert x.grad[0, 0, 0, 0] > 0 and x.grad[0, 0, 0, 1] < 0 and x.grad[0, 0, 0, 2] == 0
+
+
+# ---------------------------------------------------------------- CLIP pieces
+
+
+def test_prompt_templates_and_template_embedding():
+    templates = prompt_templates()
+    assert len(templates) >= 5 and all("{}" in t for t in templates)
+    seen: list[str] = []
+
+    def encode_text(prompts: list[str]) -> torch.Tensor:
+        seen.extend(prompts)
+        g = torch.Generator().manual_seed(len(prompts))
+        return torch.randn(len(prompts), 8, generator=g) * torch.arange(1, len(prompts) + 1)[:, None]
+
+    e = template_text_embedding(encode_text, "a cat")
+    assert seen == [t.format("a cat") for t in templates]
+    raw = encode_text(list(seen))
+    expected = F.normalize(F.normalize(raw, dim=-1).mean(0), dim=-1)
+    assert torch.allclose(e, expected, atol=1e-6)
+    assert math.isclose(float(e.norm()), 1.0, rel_tol=1e-6)
+
+
+def test_target_direction_formula():
+    g = torch.Generator().manual_seed(0)
+    t, s, i = (F.normalize(torch.randn(8, generator=g), dim=-1) for _ in range(3))
+    v = target_direction(t, s, i)
+    assert torch.allclose(v, F.normalize(t - 0.4 * s + 0.2 * i, dim=-1), atol=1e-6)
+    v2 = target_direction(t, s)
+    assert torch.allclose(v2, F.normalize(t - 0.4 * s, dim=-1), atol=1e-6)
+    # inputs enter normalized: scaling an embedding changes nothing
+    assert torch.allclose(target_direction(5 * t, 0.1 * s, 3 * i), v, atol=1e-6)
+    assert target_direction(t, s, torch.stack([i, -i])).shape == (2, 8)
+
+
+@pytest.mark.parametrize("family", ["eps", "v_prediction", "const"])
+def test_noisy_mix_matches_reference_weights(family):
+    x0 = torch.randn(2, 4, 3, 3)
+    x = torch.randn(2, 4, 3, 3)
+    sigma = torch.tensor([0.3, 0.8]) if family == "const" else torch.tensor([0.5, 5.0])
+    mix = noisy_mix(x0, x, sigma, family)
+    for b in range(2):
+        s = float(sigma[b])
+        if family == "const":
+            w, xt = s, x[b]
+        else:
+            w, xt = s / math.sqrt(1 + s * s), x[b] / math.sqrt(1 + s * s)
+        assert torch.allclose(mix[b], w * x0[b] + (1 - w) * xt, atol=1e-6)
+    with pytest.raises(ValueError, match="expected"):
+        noisy_mix(x0, x[:1], sigma, family)
+
+
+def direction_setup(batch: int = 2, seed: int = 0):
+    decode, encode = toy_decoder(), toy_encoder()
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, 4, 8, 8, generator=g)
+    direction = F.normalize(torch.randn(16, generator=g), dim=-1)
+    return decode, encode, x0, direction
+
+
+def test_clip_direction_loss_decreases_under_gradient_steps():
+    decode, encode, x0, v = direction_setup()
+    loss = clip_direction_loss(1.0, decode, encode, v, n_cuts=4, cut_size=24, seed=7, adaptive=False)
+    ctx = ctx_for(x0, sigma=0.5)
+    x = x0.clone()
+    values = []
+    for _ in range(15):
+        xg = x.clone().requires_grad_(True)
+        value = loss(xg, ctx)["clip_direction"]
+        values.append(value.detach())
+        (g,) = torch.autograd.grad(value.sum(), xg)
+        x = x - 0.5 * g / g.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+    assert values[0].shape == (2,)
+    assert bool((values[-1] < values[0] - 0.2).all()), (values[0], values[-1])
+    assert bool((values[-1] >= -1.0).all())
+
+
+def test_clip_direction_loss_value_is_minus_mean_cosine():
+    decode, encode, x0, v = direction_setup(batch=1)
+    loss = clip_direction_loss(3.0, decode, encode, v, n_cuts=2, cut_size=16, seed=1, adaptive=False, noisy_aug=False)
+    from agg_kernels.augment import clip_normalize, random_cutouts
+
+    cuts = random_cutouts((decode(x0) + 1) / 2, 2, 16, torch.Generator().manual_seed(1 + 4))
+    emb = F.normalize(encode(clip_normalize(cuts)), dim=-1)
+    expected = -3.0 * (emb @ v).mean()
+    assert torch.allclose(loss(x0, ctx_for(x0, step=4))["clip_direction"], expected.reshape(1), atol=1e-6)
+
+
+def test_clip_direction_loss_seeded_per_step():
+    decode, encode, x0, v = direction_setup()
+    a = clip_direction_loss(1.0, decode, encode, v, n_cuts=2, cut_size=16, seed=3, adaptive=False)
+    b = clip_direction_loss(1.0, decode, encode, v, n_cuts=2, cut_size=16, seed=3, adaptive=False)
+    ctx = ctx_for(x0, sigma=0.7, step=2)
+    assert torch.equal(a(x0, ctx)["clip_direction"], b(x0, ctx)["clip_direction"])
+    assert torch.equal(a(x0, ctx)["clip_direction"], a(x0, ctx)["clip_direction"])  # same step, same crops
+    other = a(x0, ctx_for(x0, sigma=0.7, step=3))["clip_direction"]
+    assert not torch.equal(other, a(x0, ctx)["clip_direction"])
+
+
+def test_adaptive_weight_rules():
+    w = AdaptiveWeight()
+    assert w.current(200.0) == 200.0
+    w.update(-0.2)  # cosine 0.2 < 0.5: not following yet -> stronger
+    assert w.current(200.0) == 400.0
+    w.update(-0.8)  # cosine 0.8: following -> weaker
+    w.update(-0.8)
+    assert w.current(200.0) == 100.0
+    w.update(-0.5)  # exactly at the threshold: unchanged
+    assert w.current(200.0) == 100.0
+    w.update(float("nan"))
+    assert w.current(200.0) == 100.0
+    for _ in range(10):
+        w.update(0.0)
+    assert w.current(200.0) == 200.0 * 8
+    for _ in range(20):
+        w.update(-1.0)
+    assert w.current(200.0) == 200.0 / 8
+    w.reset()
+    assert w.current(1.0) == 1.0
+
+
+def constant_encoder(vec: torch.Tensor):
+    """An 'encoder' whose embedding is fixed (cosine with the direction known), still differentiable."""
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return vec.expand(images.shape[0], -1) + 0 * images.mean()
+
+    return encode
+
+
+def test_clip_direction_adaptive_weight_follows_previous_step():
+    v = F.normalize(torch.tensor([1.0, 0.0, 0.0]), dim=0)
+    x0 = torch.randn(2, 4, 4, 4)
+    aligned = clip_direction_loss(10.0, toy_decoder(), constant_encoder(v), v, n_cuts=1, cut_size=8)
+    # cos = 1 -> loss -1 < -0.5: weight halves on each new step
+    assert torch.allclose(aligned(x0, ctx_for(x0, step=0))["clip_direction"], torch.full((2,), -10.0))
+    assert torch.allclose(aligned(x0, ctx_for(x0, step=0))["clip_direction"], torch.full((2,), -10.0))
+    assert aligned.current_weight() == 10.0
+    aligned(x0, ctx_for(x0, step=1))
+    assert aligned.current_weight() == 5.0
+    aligned(x0, ctx_for(x0, step=2))
+    assert aligned.current_weight() == 2.5
+    aligned(x0, ctx_for(x0, step=0))  # a new run: back to the base weight
+    assert aligned.current_weight() == 10.0
+
+    orthogonal = torch.tensor([0.0, 1.0, 0.0])
+    lagging = clip_direction_loss(10.0, toy_decoder(), constant_encoder(orthogonal), v, n_cuts=1, cut_size=8)
+    for step in range(6):
+        terms = lagging(x0, ctx_for(x0, step=step))
+    assert lagging.current_weight() == 80.0  # doubled, capped at 8x
+    assert torch.allclose(terms["clip_direction"], torch.zeros(2))
+    # state is per instance
+    fresh = clip_direction_loss(10.0, toy_decoder(), constant_encoder(orthogonal), v, n_cuts=1, cut_size=8)
+    assert fresh.current_weight() == 10.0
+    fixed = clip_direction_loss(10.0, toy_decoder(), constant_encoder(v), v, n_cuts=1, cut_size=8, adaptive=False)
+    for step in range(3):
+        fixed(x0, ctx_for(x0, step=step))
+    assert fixed.current_weight() == 10.0
+
+
+def test_clip_direction_loss_survives_deepcopy_as_the_same_object():
+    decode, encode, x0, v = direction_setup()
+    loss = clip_direction_loss(1.0, decode, encode, v)
+    assert copy.deepcopy({"loss": loss})["loss"] is loss
+
+
+def test_clip_direction_loss_rejects_bad_direction_batch():
+    decode, encode, x0, _ = direction_setup(batch=2)
+    loss = clip_direction_loss(1.0, decode, encode, torch.randn(3, 16), n_cuts=1, cut_size=8)
+    with pytest.raises(ValueError, match="expected 2 or 1"):
+        loss(x0, ctx_for(x0))
+
+
+# ---------------------------------------------------------------- style
+
+
+def test_style_loss_cosine_and_mse():
+    v = torch.tensor([3.0, 4.0, 0.0])
+    x0 = torch.randn(2, 4, 4, 4)
+    same = style_loss(2.0, toy_decoder(), constant_encoder(v), v * 10, n_cuts=2, cut_size=8)
+    assert torch.allclose(same(x0, ctx_for(x0))["style"], torch.zeros(2), atol=1e-6)
+    ortho = style_loss(2.0, toy_decoder(), constant_encoder(v), torch.tensor([0.0, 0.0, 1.0]), n_cuts=2, cut_size=8)
+    assert torch.allclose(ortho(x0, ctx_for(x0))["style"], torch.full((2,), 2.0), atol=1e-6)
+    mse = style_loss(1.0, toy_decoder(), constant_encoder(v), torch.tensor([3.0, 4.0, 3.0]), metric="mse", n_cuts=2, cut_size=8)
+    assert torch.allclose(mse(x0, ctx_for(x0))["style"], torch.full((2,), 3.0), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown style metric"):
+        style_loss(1.0, toy_decoder(), constant_encoder(v), v, metric="l3")
+
+
+def test_style_loss_latent_term_resizes_and_checks_channels():
+    v = torch.tensor([1.0, 0.0])
+    x0 = torch.zeros(2, 4, 4, 4)
+    style_latent = torch.ones(1, 4, 8, 8)
+    loss = style_loss(1.0, toy_decoder(), constant_encoder(v), v, n_cuts=1, cut_size=8,
+                      style_latent=style_latent, latent_mse_weight=0.5)
+    terms = loss(x0, ctx_for(x0))
+    assert set(terms) == {"style", "style_latent"}
+    assert torch.allclose(terms["style_latent"], torch.full((2,), 0.5))
+    bad = style_loss(1.0, toy_decoder(), constant_encoder(v), v, style_latent=torch.ones(1, 16, 4, 4), latent_mse_weight=1.0,
+                     n_cuts=1, cut_size=8)
+    with pytest.raises(ValueError, match=r"\[B, 4, H, W\]"):
+        bad(x0, ctx_for(x0))
+
+
+def test_style_loss_decreases_toward_style_embedding():
+    decode, encode = toy_decoder(), toy_encoder()
+    target = encode(torch.rand(1, 3, 16, 16))
+    loss = style_loss(1.0, decode, encode, target, n_cuts=4, cut_size=16, seed=2)
+    x = torch.randn(1, 4, 8, 8)
+    first = None
+    for _ in range(15):
+        xg = x.clone().requires_grad_(True)
+        value = loss(xg, ctx_for(x))["style"]
+        first = value.detach() if first is None else first
+        (g,) = torch.autograd.grad(value.sum(), xg)
+        x = x - 0.5 * g / g.norm().clamp_min(1e-12)
+    assert float(loss(x, ctx_for(x))["style"]) < float(first) * 0.7
+
+
+def test_image_embedding_centre_and_cutouts():
+    encode = toy_encoder()
+    img = torch.rand(2, 3, 20, 30)
+    centre = image_embedding(encode, img, size=16)
+    assert centre.shape == (2, 16)
+    cuts = image_embedding(encode, img, size=16, n_cuts=3, seed=5)
+    assert cuts.shape == (2, 16) and torch.equal(cuts, image_embedding(encode, img, size=16, n_cuts=3, seed=5))
+
+
+def test_losses_compose_into_named_terms():
+    decode = toy_decoder()
+    ref = torch.randn(1, 4, 4, 4)
+    loss = compose(structure_loss(1.0, ref), range_loss(1.0, decode), structure_loss(2.0, ref))
+    x0 = torch.randn(2, 4, 4, 4)
+    terms = loss(x0, ctx_for(x0))
+    assert set(terms) == {"structure", "range", "structure_2"}
+    assert torch.allclose(total(terms), terms["structure"] * 3 + terms["range"])
+
+
+def test_losses_work_inside_guided_delta_when_built_under_inference_mode():
+    # ComfyUI runs every prompt under inference_mode: references, directions and trajectories arrive as
+    # inference tensors, and the gradient is taken under inference_mode(False) by guided_delta.
+    from agg_kernels.guidance import guided_delta
+
+    decode, encode = toy_decoder(), toy_encoder()
+    with torch.inference_mode():
+        x0 = torch.randn(2, 4, 8, 8)
+        ref = torch.randn(1, 4, 8, 8)
+        traj = Trajectory(torch.tensor([0.0, 2.0]), torch.stack([ref, ref + 1]))
+        v = F.normalize(torch.randn(16), dim=-1)
+        style = torch.randn(16)
+        loss = compose(
+            structure_loss(1.0, ref),
+            structure_loss(1.0, traj),
+            pixel_structure_loss(1.0, traj, decode),
+            range_loss(1.0, decode),
+            clip_direction_loss(1.0, decode, encode, v, n_cuts=2, cut_size=16),
+            style_loss(1.0, decode, encode, style, n_cuts=2, cut_size=16, style_latent=ref, latent_mse_weight=1.0),
+            self_similarity_loss(1.0, traj, decode, lambda im: F.avg_pool2d(im, 4).flatten(2).transpose(1, 2), size=16),
+        )
+        x = x0 + torch.randn_like(x0)
+        ctx = LossContext(sigma=torch.full((2,), 1.0), x=x, family="eps", step=0)
+        result = guided_delta(loss, x, x0, ctx, manifold="none", dds_steps=2)
+    assert result.skipped is None, result.skipped
+    assert result.delta is not None and bool(torch.isfinite(result.delta).all())
+    assert float(result.delta.abs().sum()) > 0
+    expected = {"structure", "structure_2", "structure_pixel", "structure_vit", "range", "clip_direction", "style"}
+    assert expected | {"style_latent"} <= set(result.terms)
