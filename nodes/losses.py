@@ -25,7 +25,7 @@ from .decoders import DECODERS, check_vae, make_decoder
 from .runtime import AGGError, RunInfo
 from .types import AGGClipType, AGGLossType, AGGTrajectoryType
 
-DEFAULT_STRUCTURE_WEIGHT = 0.5
+DEFAULT_STRUCTURE_WEIGHT = 0.3
 DEFAULT_CLIP_WEIGHT = 2.0
 DEFAULT_STYLE_WEIGHT = 2.0
 DEFAULT_CUTOUTS = 8
