@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Generate the random-weight test models and lay them out as a ComfyUI models tree.
+
+    python scripts/make_fixtures.py DEST [--full] [--no-kl] [--yaml PATH]
+
+DEST gets checkpoints/, controlnet/, vae_approx/ and open_clip/ with links to the cached files
+($AGG_HOME/fixtures, generated on first use); one line per file is printed: folder, name, size,
+target. --full adds the ~2 GiB full-size SD1.5 checkpoint (benchmarks). --yaml writes an
+extra_model_paths.yaml for `main.py --extra-model-paths-config` naming those folders and ComfyUI's
+custom_nodes folder. Run it with the environment's Python (scripts/setup.sh builds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+AGG_HOME = Path(os.environ.get("AGG_HOME", Path.home() / ".cache" / "agg-comfyui"))
+COMFYUI_DIR = Path(os.environ.get("AGG_COMFYUI", AGG_HOME / "ComfyUI"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dest", type=Path, help="folder to lay out as a ComfyUI models tree")
+    parser.add_argument("--full", action="store_true", help="also the full-size SD1.5 checkpoint (~2 GiB)")
+    parser.add_argument("--no-kl", action="store_true", help="skip the tiny checkpoint with the full KL VAE")
+    parser.add_argument("--yaml", type=Path, help="write an extra_model_paths.yaml here")
+    args = parser.parse_args(argv)
+
+    if not (COMFYUI_DIR / "main.py").exists():
+        print(f"no ComfyUI at {COMFYUI_DIR}: run scripts/setup.sh first", file=sys.stderr)
+        return 1
+    sys.path.insert(0, str(COMFYUI_DIR))
+    sys.path.append(str(PACK_ROOT / "tests"))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    from agg_testing import fixtures
+
+    t0 = time.perf_counter()
+    tree = fixtures.models_dir(args.dest, kl=not args.no_kl, full=args.full)
+    for kind in fixtures.ModelsTree.FOLDERS:
+        for link in sorted(tree.folder(kind).iterdir()):
+            target = link.resolve()
+            print(f"{kind}\t{link.name}\t{target.stat().st_size / 2**20:.1f} MiB\t{target}")
+    for path, seconds, size in fixtures.GENERATED.entries:
+        print(f"generated {Path(path).name}: {size / 2**20:.1f} MiB in {seconds:.1f} s", file=sys.stderr)
+    if args.yaml:
+        fixtures.write_extra_model_paths(args.yaml, tree, custom_nodes=COMFYUI_DIR / "custom_nodes")
+        print(f"yaml\t{args.yaml}")
+    print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

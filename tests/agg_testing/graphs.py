@@ -1,0 +1,219 @@
+"""Small builders of API-format prompts ({id: {"class_type", "inputs"}}) for stock graphs.
+
+Plain data, no ComfyUI import: the same prompt runs in-process (runner.ComfySession.run) and on a
+server (server.ComfyServer.post_prompt).
+
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="agg-tiny-sd15.safetensors")
+    pos = g.node("CLIPTextEncode", clip=ckpt[1], text="a cat")
+    ...
+    prompt = g.prompt
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from agg_testing.fixtures import CHECKPOINT_TINY, CONTROLNET_TINY
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """A node of a Graph; `ref[i]` is a link to its output i."""
+
+    id: str
+    class_type: str
+
+    def __getitem__(self, index: int) -> list:
+        return [self.id, index]
+
+
+@dataclass
+class Graph:
+    prompt: dict[str, dict[str, Any]] = field(default_factory=dict)
+    names: dict[str, NodeRef] = field(default_factory=dict)  # roles of nodes in stock graphs
+
+    def node(self, class_type: str, *, node_id: str | None = None, name: str | None = None, **inputs: Any) -> NodeRef:
+        """Add a node; inputs are literal values or links (`other[0]`)."""
+        if node_id is None:
+            node_id = str(1 + max((int(k) for k in self.prompt if k.isdigit()), default=0))
+        if node_id in self.prompt:
+            raise ValueError(f"node id {node_id} already used")
+        self.prompt[node_id] = {"class_type": class_type, "inputs": dict(inputs)}
+        ref = NodeRef(node_id, class_type)
+        if name is not None:
+            self.names[name] = ref
+        return ref
+
+    def __getitem__(self, name: str) -> NodeRef:
+        return self.names[name]
+
+    def set_input(self, node: NodeRef | str, **inputs: Any) -> None:
+        node_id = node.id if isinstance(node, NodeRef) else node
+        self.prompt[node_id]["inputs"].update(inputs)
+
+    def consumers(self, node: NodeRef, output: int = 0) -> list[tuple[str, str]]:
+        """(node id, input name) of every input linked to `node`'s output."""
+        out = []
+        for nid, n in self.prompt.items():
+            for key, value in n["inputs"].items():
+                if isinstance(value, list) and len(value) == 2 and value[0] == node.id and value[1] == output:
+                    out.append((nid, key))
+        return out
+
+    def rewire(self, old: list, new: list, *, skip: str | None = None) -> None:
+        """Point every input linked to `old` at `new` (except the inputs of node `skip`)."""
+        for nid, n in self.prompt.items():
+            if nid == skip:
+                continue
+            for key, value in n["inputs"].items():
+                if value == old:
+                    n["inputs"][key] = list(new)
+
+    def copy(self) -> Graph:
+        return Graph(copy.deepcopy(self.prompt), dict(self.names))
+
+
+def img2img(
+    *,
+    ckpt_name: str = CHECKPOINT_TINY,
+    positive: str = "a watercolor painting of a landscape",
+    negative: str = "blurry",
+    image: str = "example.png",
+    size: int = 64,
+    seed: int = 0,
+    steps: int = 4,
+    cfg: float = 5.0,
+    sampler_name: str = "euler",
+    scheduler: str = "normal",
+    denoise: float = 0.6,
+    filename_prefix: str = "agg_test",
+) -> Graph:
+    """The stock img2img graph: CheckpointLoaderSimple -> CLIPTextEncode x2, LoadImage -> ImageScale
+    -> VAEEncode -> KSampler -> VAEDecode -> SaveImage. Node roles: ckpt, positive, negative, load,
+    scale, encode, sampler, decode, save."""
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", name="ckpt", ckpt_name=ckpt_name)
+    pos = g.node("CLIPTextEncode", name="positive", clip=ckpt[1], text=positive)
+    neg = g.node("CLIPTextEncode", name="negative", clip=ckpt[1], text=negative)
+    load = g.node("LoadImage", name="load", image=image)
+    scale = g.node(
+        "ImageScale", name="scale", image=load[0], upscale_method="bilinear", width=size, height=size, crop="center"
+    )
+    enc = g.node("VAEEncode", name="encode", pixels=scale[0], vae=ckpt[2])
+    ks = g.node(
+        "KSampler",
+        name="sampler",
+        model=ckpt[0],
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        positive=pos[0],
+        negative=neg[0],
+        latent_image=enc[0],
+        denoise=denoise,
+    )
+    dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])
+    g.node("SaveImage", name="save", images=dec[0], filename_prefix=filename_prefix)
+    return g
+
+
+def txt2img(
+    *,
+    ckpt_name: str = CHECKPOINT_TINY,
+    positive: str = "a watercolor painting of a landscape",
+    negative: str = "blurry",
+    size: int = 64,
+    seed: int = 0,
+    steps: int = 4,
+    cfg: float = 5.0,
+    sampler_name: str = "euler",
+    scheduler: str = "normal",
+    filename_prefix: str = "agg_test",
+) -> Graph:
+    """CheckpointLoaderSimple -> CLIPTextEncode x2, EmptyLatentImage -> KSampler -> VAEDecode ->
+    SaveImage. Node roles: ckpt, positive, negative, latent, sampler, decode, save."""
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", name="ckpt", ckpt_name=ckpt_name)
+    pos = g.node("CLIPTextEncode", name="positive", clip=ckpt[1], text=positive)
+    neg = g.node("CLIPTextEncode", name="negative", clip=ckpt[1], text=negative)
+    lat = g.node("EmptyLatentImage", name="latent", width=size, height=size, batch_size=1)
+    ks = g.node(
+        "KSampler",
+        name="sampler",
+        model=ckpt[0],
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        positive=pos[0],
+        negative=neg[0],
+        latent_image=lat[0],
+        denoise=1.0,
+    )
+    dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])
+    g.node("SaveImage", name="save", images=dec[0], filename_prefix=filename_prefix)
+    return g
+
+
+def insert_model_patch(g: Graph, class_type: str, *, name: str | None = None, **inputs: Any) -> NodeRef:
+    """Insert a MODEL -> MODEL node right after the checkpoint loader: every consumer of the
+    loader's MODEL output now reads the patched model."""
+    ckpt = g["ckpt"]
+    patch = g.node(class_type, name=name, model=ckpt[0], **inputs)
+    g.rewire(ckpt[0], patch[0], skip=patch.id)
+    return patch
+
+
+def with_flow(g: Graph, *, shift: float = 3.0) -> NodeRef:
+    """Make the graph's model a flow (CONST) model: ComfyUI's ModelSamplingSD3 after the loader
+    (x = (1-σ)·x0 + σ·ε, the SD3/Flux parameterisation) on the tiny SD1.5 UNet. Node role: flow."""
+    return insert_model_patch(g, "ModelSamplingSD3", name="flow", shift=shift)
+
+
+def with_controlnet(
+    g: Graph,
+    *,
+    control_net_name: str = CONTROLNET_TINY,
+    strength: float = 1.0,
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    hint: list | None = None,
+) -> NodeRef:
+    """Route the sampler's conditionings through ControlNetLoader + ControlNetApplyAdvanced. The hint
+    image defaults to the graph's scaled source image (img2img) or ComfyUI's example.png. Node roles:
+    controlnet_loader, controlnet."""
+    if hint is None:
+        if "scale" in g.names:
+            hint = g["scale"][0]
+        else:
+            load = g.node("LoadImage", name="hint_load", image="example.png")
+            hint = g.node(
+                "ImageScale", name="hint", image=load[0], upscale_method="bilinear", width=64, height=64, crop="center"
+            )[0]
+    loader = g.node("ControlNetLoader", name="controlnet_loader", control_net_name=control_net_name)
+    sampler = g["sampler"]
+    inputs = g.prompt[sampler.id]["inputs"]
+    apply = g.node(
+        "ControlNetApplyAdvanced",
+        name="controlnet",
+        positive=inputs["positive"],
+        negative=inputs["negative"],
+        control_net=loader[0],
+        image=hint,
+        strength=strength,
+        start_percent=start_percent,
+        end_percent=end_percent,
+    )
+    g.set_input(sampler, positive=apply[0], negative=apply[1])
+    return apply
+
+
+def save_latent(g: Graph, samples: list, filename_prefix: str = "agg_latent") -> NodeRef:
+    """A SaveLatent node (writes a .latent file into the output folder). Node role: save_latent."""
+    return g.node("SaveLatent", name="save_latent", samples=samples, filename_prefix=filename_prefix)
