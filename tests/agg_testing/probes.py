@@ -1,0 +1,143 @@
+"""In-process probe nodes for node tests, and access to the pack's modules as ComfyUI loaded them.
+
+Probe nodes (V1-style, registered into ComfyUI's NODE_CLASS_MAPPINGS by `register`):
+  AGGTestCountingProbe   MODEL -> MODEL clone with CALC_COND_BATCH and APPLY_MODEL wrappers that record
+                         every call into RECORDS[tag] (place it BEFORE Apply AGG).
+  AGGTestAnalyticModel   MODEL -> MODEL clone whose UNet is replaced by an exact Gaussian denoiser
+                         (model_function_wrapper; in ComfyUI 0.3.75 that wrapper receives the sampler
+                         state and sigma and returns the denoised value).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import defaultdict
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+PACK_ROOT = Path(__file__).resolve().parent.parent.parent
+_OWN_NAME = "agg_pack_under_test"
+
+RECORDS: dict[str, list[dict]] = defaultdict(list)
+
+
+def pack_module(sub: str) -> ModuleType:
+    """The pack's submodule `sub` (e.g. "nodes.runtime"): the copy ComfyUI loaded when there is one,
+    else the pack imported once under a package name of its own."""
+    want = (PACK_ROOT / (sub.replace(".", "/") + ".py")).resolve()
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if f and mod.__name__.endswith(sub) and Path(f).resolve() == want:
+            return mod
+    if _OWN_NAME not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            _OWN_NAME, PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_OWN_NAME] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{_OWN_NAME}.{sub}")
+
+
+# -- counting probe ---------------------------------------------------------------------------------
+
+
+def _control_of(args: tuple, kwargs: dict):
+    # BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if len(args) > 4:
+        return args[4]
+    return kwargs.get("control")
+
+
+class AGGTestCountingProbe:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "probe"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "AGG/testing"
+
+    def patch(self, model, tag):
+        import comfy.patcher_extension as pe
+
+        records = RECORDS[tag]
+
+        def calc_cond_batch(executor, model_, conds, x_in, timestep, model_options):
+            records.append({
+                "kind": "calc_cond_batch",
+                "sigma": float(timestep.flatten()[0]),
+                "conds": sum(c is not None for c in conds),
+                "batch": int(x_in.shape[0]),
+            })
+            return executor(model_, conds, x_in, timestep, model_options)
+
+        def apply_model(executor, *args, **kwargs):
+            control = _control_of(args, kwargs)
+            records.append({
+                "kind": "apply_model",
+                "sigma": float(args[1].flatten()[0]),
+                "batch": int(args[0].shape[0]),
+                "control": control is not None,
+                "control_keys": sorted(control.keys()) if isinstance(control, dict) else [],
+            })
+            return executor(*args, **kwargs)
+
+        m = model.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, f"agg_test_{tag}", calc_cond_batch)
+        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, f"agg_test_{tag}", apply_model)
+        return (m,)
+
+
+# -- analytic model ---------------------------------------------------------------------------------
+
+
+def analytic_latent(seed: int = 0, shape: tuple[int, ...] = (1, 4, 8, 8)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * 0.5
+
+
+class AGGTestAnalyticModel:
+    """The exact denoiser of N(mean, std^2 I) data in the model's own family, in place of the UNet."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "latent": ("LATENT",),
+                             "std": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 10.0, "step": 0.001})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "AGG/testing"
+
+    def patch(self, model, latent, std):
+        from agg_testing.analytic import gaussian
+
+        runtime = pack_module("nodes.runtime")
+        family = runtime.model_family(model.get_model_object("model_sampling"))
+        inner = model.model
+        mean = inner.process_latent_in(latent["samples"].float())[0].clone()
+        data = gaussian(mean, std)
+
+        def unet(apply_model, args):
+            # The wrapper gets the sampler state and sigma (ComfyUI 0.3.75 calc_cond_batch) and returns D.
+            x, sigma = args["input"], args["timestep"]
+            return data.denoise(x.float(), sigma.float(), family).to(x.dtype)
+
+        m = model.clone()
+        m.set_model_unet_function_wrapper(unet)
+        return (m,)
+
+
+NODES = {"AGGTestCountingProbe": AGGTestCountingProbe, "AGGTestAnalyticModel": AGGTestAnalyticModel}
+
+
+def register() -> None:
+    """Make the probe nodes available to prompts (idempotent)."""
+    import nodes
+
+    for name, cls in NODES.items():
+        nodes.NODE_CLASS_MAPPINGS.setdefault(name, cls)
+        nodes.NODE_DISPLAY_NAME_MAPPINGS.setdefault(name, name)

@@ -1,0 +1,248 @@
+"""The guidance hook realises the asymmetric step exactly inside ComfyUI's own k-diffusion samplers.
+
+No neural network: an exact mixture denoiser stands in for the model, the real AGGPatch.predict_noise
+and AGGRun run around it, and the real sampler functions (comfy.k_diffusion.sampling and the AGG
+sampler) step with what the hook returns. Each realised x_{i+1} is compared with the asymmetric step
+written from (x_i, D_i, delta_i).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from agg_testing.analytic import ancestral_expected, mixture
+from agg_testing.probes import pack_module
+
+from agg_kernels.coordinates import alpha
+from agg_kernels.losses import structure_loss
+from agg_kernels.step import asymmetric_step, symmetric_step
+
+TOL = 1e-4
+SHAPE = (2, 4, 4, 4)
+
+
+def model_sampling(family: str):
+    import comfy.model_sampling as ms
+
+    if family == "const":
+        class Flow(ms.ModelSamplingDiscreteFlow, ms.CONST):
+            pass
+
+        sampling = Flow()
+        sampling.set_parameters(shift=3.0, multiplier=1000)
+        return sampling
+    kind = {"eps": ms.EPS, "v_prediction": ms.V_PREDICTION}[family]
+
+    class Discrete(ms.ModelSamplingDiscrete, kind):
+        pass
+
+    return Discrete()
+
+
+def schedule(sampling, steps: int = 6, keep: int = 5) -> torch.Tensor:
+    """An img2img-like tail of the model's 'normal' schedule (ends at 0)."""
+    import comfy.samplers
+
+    return comfy.samplers.calculate_sigmas(sampling, "normal", steps)[-(keep + 1):].float()
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn((2, *SHAPE[1:]), generator=g)
+    return mixture(means, [0.6, 0.9])
+
+
+def reference():
+    return torch.randn((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(1))
+
+
+class Harness:
+    """A fake guider / model around the real AGGPatch and AGGRun, recording every step."""
+
+    def __init__(self, family, sampler_fn, extra_options=None, manifold="finite_difference", asymmetric=True,
+                 weight=2.0):
+        runtime = pack_module("nodes.runtime")
+        losses = pack_module("nodes.losses")
+        self.family = family
+        self.sampling = model_sampling(family)
+        self.sigmas = schedule(self.sampling)
+        ref = reference()
+        loss = losses.AGGLoss((losses.LossSpec("Structure Loss", lambda run: structure_loss(weight, ref)),))
+        settings = runtime.AGGSettings(start_percent=0.0, end_percent=1.0, manifold=manifold, dds_steps=1,
+                                       dds_lr=0.05, asymmetric=asymmetric)
+        self.patch = runtime.AGGPatch(loss, settings, "Apply AGG")
+        identity = lambda t: t  # noqa: E731
+        inner = SimpleNamespace(model_sampling=self.sampling, process_latent_in=identity, process_latent_out=identity,
+                                latent_format=None, diffusion_model=torch.nn.Identity())
+        self.guider = SimpleNamespace(inner_model=inner)
+        self.sampler_obj = SimpleNamespace(sampler_function=sampler_fn, extra_options=dict(extra_options or {}))
+        self.run = runtime.AGGRun(self.patch, self.guider, self.sigmas, self.sampler_obj, SHAPE)
+        self.model_options = {"transformer_options": {runtime.RUNS_KEY: {self.patch.key: self.run}}}
+        self.mix = data()
+        self.executor_calls: list[torch.Tensor] = []
+        self.steps: list[dict] = []
+        self.callbacks: list[dict] = []
+        # the attribute chain the samplers read for their CONST dispatch and lcm's noise_scaling
+        self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=self.sampling))
+
+    def executor(self, x, timestep, model_options, seed):
+        d = self.mix.denoise(x.float(), timestep.float(), self.family)
+        self.executor_calls.append(d)
+        return d
+
+    def __call__(self, x, sigma, **extra):
+        n = len(self.executor_calls)
+        returned = self.patch.predict_noise(self.executor, x, sigma, self.model_options, 0)
+        d = self.executor_calls[n]
+        assert self.run.pending is not None
+        ret, shown = self.run.pending
+        assert ret is returned
+        self.steps.append({"x": x.clone(), "sigma": float(sigma.flatten()[0]), "D": d, "shown": shown.clone(),
+                           "delta": shown - d, "returned": returned.clone()})
+        return returned
+
+    def callback(self):
+        def record(step, x0, x, total):
+            self.callbacks.append({"step": step, "x0": x0.clone()})
+
+        wrapped = self.run.wrap_callback(record)
+        return lambda info: wrapped(info["i"], info["denoised"], info["x"], len(self.sigmas) - 1)
+
+    def start(self, seed: int = 3) -> torch.Tensor:
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+        return self.sigmas[0] * z if self.family != "const" else self.sigmas[0] * z + (1 - self.sigmas[0]) * reference()
+
+    def check_callbacks(self):
+        assert len(self.callbacks) == len(self.steps)
+        for cb, st in zip(self.callbacks, self.steps, strict=True):
+            assert torch.allclose(cb["x0"], st["shown"], atol=TOL)
+        # the compensated value differs from what the previews show on at least one step
+        assert any((st["returned"] - st["shown"]).abs().max() > 1e-3 for st in self.steps)
+
+
+class FixedNoise:
+    def __init__(self, seed: int = 7):
+        self.g = torch.Generator().manual_seed(seed)
+        self.drawn: list[torch.Tensor] = []
+
+    def __call__(self, sigma, sigma_next):
+        z = torch.randn(SHAPE, generator=self.g)
+        self.drawn.append(z)
+        return z
+
+
+def realised(h: Harness, out: torch.Tensor) -> list[torch.Tensor]:
+    return [st["x"] for st in h.steps[1:]] + [out]
+
+
+def assert_guided(h: Harness):
+    assert len(h.steps) == len(h.sigmas) - 1
+    assert all(st["delta"].abs().max() > 1e-3 for st in h.steps), "guidance did nothing"
+    assert [e["step"] for e in h.run.history] == list(range(1, len(h.steps) + 1))
+
+
+def k():
+    import comfy.k_diffusion.sampling as kds
+
+    return kds
+
+
+FAMILIES = ["eps", "v_prediction", "const"]
+MANIFOLDS = ["none", "finite_difference"]
+
+
+@pytest.mark.parametrize("manifold", MANIFOLDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_euler_realises_the_asymmetric_step(family, manifold):
+    h = Harness(family, k().sample_euler, manifold=manifold)
+    out = k().sample_euler(h, h.start(), h.sigmas, callback=h.callback(), disable=True)
+    assert_guided(h)
+    for st, x_next, sn in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), strict=True):
+        want = asymmetric_step(st["x"], st["D"], st["delta"], st["sigma"], sn, family)
+        assert torch.allclose(x_next, want, atol=TOL), (st["sigma"], (x_next - want).abs().max())
+    h.check_callbacks()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_euler_ancestral_realises_the_asymmetric_step(family, eta):
+    h = Harness(family, k().sample_euler_ancestral, extra_options={"eta": eta})
+    noise = FixedNoise()
+    out = k().sample_euler_ancestral(h, h.start(), h.sigmas, callback=h.callback(), disable=True, eta=eta,
+                                     noise_sampler=noise)
+    assert_guided(h)
+    drawn = iter(noise.drawn)
+    for st, x_next, sn in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), strict=True):
+        z = next(drawn) if (eta and sn > 0) else torch.zeros(SHAPE)
+        want = ancestral_expected(st["x"], st["D"], st["delta"], st["sigma"], sn, eta, family, z).float()
+        if eta == 0.0:
+            assert torch.allclose(want, asymmetric_step(st["x"], st["D"], st["delta"], st["sigma"], sn, family), atol=TOL)
+        assert torch.allclose(x_next, want, atol=TOL), (st["sigma"], (x_next - want).abs().max())
+    h.check_callbacks()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lcm_renoises_the_guided_estimate(family):
+    h = Harness(family, k().sample_lcm)
+    noise = FixedNoise()
+    out = k().sample_lcm(h, h.start(), h.sigmas, callback=h.callback(), disable=True, noise_sampler=noise)
+    assert_guided(h)
+    drawn = iter(noise.drawn)
+    for st, x_next, sn in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), strict=True):
+        guided = st["D"] + st["delta"]
+        want = guided if sn == 0 else alpha(torch.tensor(sn), family) * guided + sn * next(drawn)
+        assert torch.allclose(x_next, want, atol=TOL), (st["sigma"], (x_next - want).abs().max())
+    # lcm jumps to the returned value itself: nothing to compensate, previews equal what it steps with
+    for cb, st in zip(h.callbacks, h.steps, strict=True):
+        assert torch.allclose(cb["x0"], st["shown"], atol=TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_agg_sampler_realises_the_asymmetric_step(family):
+    from agg_kernels.sampler import sampler_eta_at
+
+    sampler = pack_module("nodes.sampler")
+    options = {"eta_edit": 0.0, "eta": 0.5, "eta_boost": 1.0, "edit_end": 0.4, "boost_start": 0.6}
+    h = Harness(family, sampler.sample_agg_comfy, extra_options=options)
+    noise = FixedNoise()
+    out = sampler.sample_agg_comfy(h, h.start(), h.sigmas, {}, h.callback(), True, noise_sampler=noise, **options)
+    assert_guided(h)
+    etas = [sampler_eta_at(h.sigmas, s, **options) for s in h.sigmas[:-1].tolist()]
+    assert {0.0, 0.5, 1.0} <= set(etas)  # every zone is exercised
+    drawn = iter(noise.drawn)
+    for st, x_next, sn, eta in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), etas, strict=True):
+        z = next(drawn) if (eta and sn > 0) else torch.zeros(SHAPE)
+        want = ancestral_expected(st["x"], st["D"], st["delta"], st["sigma"], sn, eta, family, z).float()
+        assert torch.allclose(x_next, want, atol=TOL), (st["sigma"], eta, (x_next - want).abs().max())
+    h.check_callbacks()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_symmetric_switch_steps_with_the_guided_estimate(family):
+    h = Harness(family, k().sample_euler, asymmetric=False)
+    out = k().sample_euler(h, h.start(), h.sigmas, callback=h.callback(), disable=True)
+    assert_guided(h)
+    for st, x_next, sn in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), strict=True):
+        assert torch.equal(st["returned"], st["shown"])
+        want = symmetric_step(st["x"], st["D"], st["delta"], st["sigma"], sn, family)
+        assert torch.allclose(x_next, want, atol=TOL)
+        if 0 < sn:
+            asym = asymmetric_step(st["x"], st["D"], st["delta"], st["sigma"], sn, family)
+            assert not torch.allclose(x_next, asym, atol=1e-3)  # the switch matters
+
+
+def test_outside_the_window_or_without_a_run_the_model_output_is_untouched():
+    runtime = pack_module("nodes.runtime")
+    h = Harness("eps", k().sample_euler)
+    x = h.start()
+    sig = h.sigmas[0:1].repeat(SHAPE[0])
+    # no open run for this patch (e.g. another sampling call): pass-through
+    out = h.patch.predict_noise(h.executor, x, sig, {"transformer_options": {runtime.RUNS_KEY: {}}}, 0)
+    assert out is h.executor_calls[-1]
+    # a run whose window lies below this sigma: pass-through, no guided step recorded
+    low = float(h.sigmas[-2])
+    h.run.window = (low, low / 2)
+    out = h.patch.predict_noise(h.executor, x, sig, h.model_options, 0)
+    assert out is h.executor_calls[-1] and h.run.history == [] and h.run.pending is None
