@@ -1,0 +1,115 @@
+"""Where guidance runs and which eta each step uses (DESIGN §1.4).
+
+Two independent schedules:
+  the edit window  a sigma range given as ComfyUI start / end percent (0 = the highest sigma,
+                   1 = sigma 0); the guidance hook is active inside it.
+  the eta zones    the AGG sampler's three zones by step fraction i / n_steps:
+                   [0, edit_end) edit, [edit_end, boost_start) middle, [boost_start, 1] boost.
+
+Reference set-up (100 respaced DDIM steps, start at t = 0.6 T): the remaining 60 steps are guided
+for the first 19, then run unguided, with a stochastic eta = 1 boost over the last third.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+# The reference run: 60 steps after starting at t = 0.6 T, the first 19 of them guided.
+REFERENCE_STEPS = 60
+REFERENCE_GUIDED_STEPS = 19
+REFERENCE_START_T = 0.6
+
+# Eta zones, as fractions of the run's steps.
+DEFAULT_EDIT_END = REFERENCE_GUIDED_STEPS / REFERENCE_STEPS
+DEFAULT_BOOST_START = 2 / 3
+DEFAULT_ETA_EDIT = 0.0
+DEFAULT_ETA = 0.0
+DEFAULT_ETA_BOOST = 1.0
+
+# The reference edit window in ComfyUI percent (percent p <-> timestep (1 - p) T): guidance from the
+# start timestep down through the 19th of 60 steps.
+REFERENCE_START_PERCENT = 1.0 - REFERENCE_START_T
+REFERENCE_END_PERCENT = REFERENCE_START_PERCENT + REFERENCE_START_T * DEFAULT_EDIT_END
+
+# Relative tolerance when matching a sigma against a schedule or a window bound: schedules are
+# float32 tensors while percent_to_sigma answers in float64.
+SIGMA_REL_TOL = 1e-4
+
+Window = tuple[float, float]
+
+
+def edit_window(percent_to_sigma: Callable[[float], float], start_percent: float, end_percent: float) -> Window:
+    """(sigma_high, sigma_low) of the guidance window, from ComfyUI's start / end percent.
+
+    Percent 0 is the highest sigma (the start of sampling), 1 is sigma 0, so start < end.
+    """
+    if not (0.0 <= start_percent <= 1.0 and 0.0 <= end_percent <= 1.0):
+        raise ValueError(f"start_percent and end_percent must lie in [0, 1]; got {start_percent}, {end_percent}")
+    if not start_percent < end_percent:
+        raise ValueError(
+            f"the edit window needs start_percent < end_percent (0 = first step, 1 = last); "
+            f"got start_percent={start_percent}, end_percent={end_percent}"
+        )
+    sigma_high = float(percent_to_sigma(start_percent))
+    sigma_low = float(percent_to_sigma(end_percent))
+    return sigma_high, sigma_low
+
+
+def in_window(sigma: torch.Tensor | float, window: Window) -> bool:
+    """Whether a step at `sigma` is guided: sigma_low <= sigma <= sigma_high.
+
+    Both ends are inclusive, as ComfyUI's timestep ranges for conds and ControlNets are; a sigma below
+    sigma_low (past end_percent) is outside. A [B] sigma is judged by its first entry (a batch shares
+    one schedule). The bounds get a relative tolerance of SIGMA_REL_TOL for float32 schedules.
+    """
+    s = float(torch.as_tensor(sigma).flatten()[0]) if torch.is_tensor(sigma) else float(sigma)
+    sigma_high, sigma_low = window
+    return sigma_low * (1 - SIGMA_REL_TOL) <= s <= sigma_high * (1 + SIGMA_REL_TOL)
+
+
+def _values(schedule: torch.Tensor | Sequence[float]) -> list[float]:
+    return [float(v) for v in (schedule.flatten().tolist() if torch.is_tensor(schedule) else schedule)]
+
+
+def step_index(schedule: torch.Tensor | Sequence[float], sigma: torch.Tensor | float) -> int | None:
+    """Index i of the step that starts at `sigma` (schedule[i] == sigma, i < len - 1), else None.
+
+    The schedule's last entry ends the run and starts no step; off-schedule evaluations (heun's
+    corrector, sde midpoints) give None.
+    """
+    s = float(torch.as_tensor(sigma).flatten()[0]) if torch.is_tensor(sigma) else float(sigma)
+    for i, v in enumerate(_values(schedule)[:-1]):
+        if math.isclose(v, s, rel_tol=SIGMA_REL_TOL, abs_tol=1e-7):
+            return i
+    return None
+
+
+def check_zones(edit_end: float, boost_start: float) -> None:
+    if not 0.0 <= edit_end <= boost_start <= 1.0:
+        raise ValueError(
+            f"eta zones need 0 <= edit_end <= boost_start <= 1; got edit_end={edit_end}, boost_start={boost_start}"
+        )
+
+
+def zone_eta(
+    i: int,
+    n_steps: int,
+    eta_edit: float = DEFAULT_ETA_EDIT,
+    eta: float = DEFAULT_ETA,
+    eta_boost: float = DEFAULT_ETA_BOOST,
+    edit_end: float = DEFAULT_EDIT_END,
+    boost_start: float = DEFAULT_BOOST_START,
+) -> float:
+    """Eta of step i of n_steps: the zone is chosen by the step fraction i / n_steps."""
+    check_zones(edit_end, boost_start)
+    if n_steps <= 0 or not 0 <= i < n_steps:
+        raise ValueError(f"step {i} is outside a run of {n_steps} steps")
+    frac = i / n_steps
+    if frac < edit_end:
+        return float(eta_edit)
+    if frac < boost_start:
+        return float(eta)
+    return float(eta_boost)
