@@ -68,7 +68,7 @@ class AGGSettings:
     dds_steps: int = 1
     dds_lr: float = 0.05
     asymmetric: bool = True
-    fd_rel_step: float = FD_REL_STEP
+    fd_rel_step: float | None = None  # None: by the model's precision (see fd_step_for)
 
     def validate(self, node: str) -> AGGSettings:
         if not 0.0 <= self.start_percent < self.end_percent <= 1.0:
@@ -154,6 +154,17 @@ class GradientWeights:
         return False
 
 
+# Half-precision models round eps_hat to ~1e-3 relative, and D = x - sigma * eps_hat multiplies that by
+# sigma: a larger probe keeps the finite difference above the rounding noise.
+FD_REL_STEP_HALF = 1e-1
+
+
+def fd_step_for(dtype: torch.dtype, requested: float | None) -> float:
+    if requested is not None:
+        return requested
+    return FD_REL_STEP_HALF if dtype in (torch.float16, torch.bfloat16) else FD_REL_STEP
+
+
 class AGGRun:
     """State of one sampling run: built loss, schedule, sampler identity, logs. Never shared between runs."""
 
@@ -173,6 +184,9 @@ class AGGRun:
         self.warned: set[str] = set()
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (returned R, displayed D + delta)
         self.grad_weights: GradientWeights | None = None
+        patcher = getattr(guider, "model_patcher", None)
+        model_dtype = patcher.model_dtype() if patcher is not None else torch.float32
+        self.fd_rel_step = fd_step_for(model_dtype, patch.settings.fd_rel_step)
 
     # -- logging -----------------------------------------------------------------------------
     def warn_once(self, key: str, message: str) -> None:
@@ -246,7 +260,7 @@ class AGGRun:
         try:
             result = guided_delta(
                 self.loss, x, denoised, ctx, settings.manifold, denoise,
-                settings.dds_steps, settings.dds_lr, fd_rel_step=settings.fd_rel_step,
+                settings.dds_steps, settings.dds_lr, fd_rel_step=self.fd_rel_step,
             )
         except RuntimeError as e:
             if settings.manifold != "autograd" or "nference" not in str(e):
@@ -258,7 +272,7 @@ class AGGRun:
             result = guided_delta(
                 self.loss, x, denoised, ctx, "finite_difference",
                 self.denoiser(executor, timestep, model_options, seed, x.dtype),
-                settings.dds_steps, settings.dds_lr, fd_rel_step=settings.fd_rel_step,
+                settings.dds_steps, settings.dds_lr, fd_rel_step=self.fd_rel_step,
             )
         self.step += 1
         self.history.append({"step": self.step, "sigma": sigma, **result.terms, "skipped": result.skipped})
