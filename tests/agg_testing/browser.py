@@ -78,6 +78,7 @@ class ComfyServer:
         cpu: bool | None = None,
         extra_args: Iterable[str] = (),
         log_path: Path | None = None,
+        output_dir: Path | None = None,
     ) -> None:
         self.comfyui_dir = Path(comfyui_dir)
         self.work = Path(work)
@@ -90,6 +91,8 @@ class ComfyServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dirs = {k: self.work / k for k in ("output", "temp", "input", "user")}
+        if output_dir is not None:
+            self.dirs["output"] = Path(output_dir)
         self.log_path = log_path or (self.work / "server.log")
         self.proc: subprocess.Popen | None = None
 
