@@ -83,7 +83,8 @@ class RunResult:
 
     prompt_id: str
     outputs: dict[str, dict] = field(default_factory=dict)  # node id -> ui output ({"images": [...]})
-    images: list[Path] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)  # files listed under a node's ui "images"
+    files: list[Path] = field(default_factory=list)  # every file a ui output lists (images, latents...)
     errors: list[dict] = field(default_factory=list)
     messages: list[tuple[Any, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -299,11 +300,15 @@ class ComfySession:
         history = getattr(self.executor, "history_result", {}) or {}
         result.outputs = dict(history.get("outputs", {}))
         for node_output in result.outputs.values():
-            for img in node_output.get("images", []) or []:
-                if isinstance(img, dict) and "filename" in img:
-                    base = folder_paths.get_directory_by_type(img.get("type", "output"))
-                    if base is not None:
-                        result.images.append(Path(base) / img.get("subfolder", "") / img["filename"])
+            for key, entries in node_output.items():
+                for item in entries if isinstance(entries, list) else []:
+                    if isinstance(item, dict) and "filename" in item:
+                        base = folder_paths.get_directory_by_type(item.get("type", "output"))
+                        if base is not None:
+                            path = Path(base) / item.get("subfolder", "") / item["filename"]
+                            result.files.append(path)
+                            if key == "images":
+                                result.images.append(path)
         for node_id in prompt:
             entry = self.executor.caches.outputs.get(node_id)
             if entry is not None and getattr(entry, "outputs", None) is not None:

@@ -13,6 +13,7 @@ temp and input folders in `work` (input holds ComfyUI's example.png). Its log go
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -121,6 +122,7 @@ class ComfyServer:
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
+        atexit.register(self.stop)  # no orphan server if the session dies without teardown
         deadline = t0 + timeout
         while True:
             if self.proc.poll() is not None:
@@ -137,6 +139,7 @@ class ComfyServer:
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
+        atexit.unregister(self.stop)
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return

@@ -6,6 +6,7 @@ import torch
 from agg_testing import graphs
 from agg_testing.runner import load_image
 from PIL import Image
+from safetensors.torch import load_file
 
 SIZE = 64
 
@@ -19,6 +20,7 @@ def assert_image(path, size=SIZE):
 
 def test_img2img_in_process(comfy):
     g = graphs.img2img(size=SIZE, steps=3, denoise=0.6, seed=11)
+    graphs.save_latent(g, g["sampler"][0])
     result = comfy.run(g.prompt)
     assert result.ok, result.error_text()
     assert len(result.images) == 1
@@ -26,6 +28,8 @@ def test_img2img_in_process(comfy):
     # the run's own data: the sampled latent, the decoded image and the progress it reported
     latent = result.output(g["sampler"].id)["samples"]
     assert latent.shape == (1, 4, SIZE // 8, SIZE // 8) and torch.isfinite(latent).all()
+    (latent_file,) = [f for f in result.files if f.suffix == ".latent"]
+    assert torch.equal(load_file(str(latent_file))["latent_tensor"], latent)
     decoded = result.output(g["decode"].id)
     assert decoded.shape == (1, SIZE, SIZE, 3)
     saved = load_image(result.images[0])
