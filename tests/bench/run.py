@@ -1,0 +1,378 @@
+"""AGG's cost next to plain sampling: time and peak memory per guidance mode, on the same graph.
+
+    python tests/bench/run.py --quick --out /tmp/agg-bench.json     # tiny fixture, < 1 min on 2 cores
+    python tests/bench/run.py --out /tmp/agg-bench.json             # tiny @ 256 px + full SD1.5 @ 512 px
+
+The graph is the stock img2img one (LoadImage -> VAEEncode -> KSampler -> SaveLatent) at denoise 1.0
+(a txt2img-like run: the whole schedule is sampled) with 20 euler steps and cfg 5. Each AGG mode
+inserts Apply AGG after the checkpoint loader with the guidance window start_percent 0 ..
+end_percent 0.35; the guided fraction of steps is counted from the guidance runs themselves.
+
+Time: one worker process runs every mode, interleaved (plain, mode 1, mode 2, ..., repeated), after
+one warm-up round; only the sampling call (comfy.sample.sample) is timed and each ratio is the
+median time of the mode over the median time of plain sampling in that same process.
+Peak memory: each mode runs once in a fresh process (load + sample); the ratio is its peak RSS
+(getrusage ru_maxrss) over the plain run's, so peaks of different modes never mix. On a GPU the
+peak allocated device memory is reported beside it.
+
+Random-weight fixtures (tests/agg_testing/fixtures.py) stand in for real weights: the cost of a
+network does not depend on its weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+AGG_HOME = Path(os.environ.get("AGG_HOME", Path.home() / ".cache" / "agg-comfyui"))
+COMFYUI_DIR = Path(os.environ.get("AGG_COMFYUI", AGG_HOME / "ComfyUI"))
+BENCH_HOME = AGG_HOME / "bench"
+
+MODES = ("structure_none", "structure_fd", "structure_autograd", "clip_taesd", "clip_vae")
+STEPS = 20
+END_PERCENT = 0.35
+CFG = 5.0
+
+# name -> (checkpoint attribute of the models tree, image size, repeats in full mode)
+CONFIGS = {
+    "tiny256": ("checkpoint_kl", 256, 3),
+    "full512": ("checkpoint_full", 512, 1),
+}
+QUICK_CONFIG = ("checkpoint_kl", 64, 1)
+
+
+def setup_paths(device: str = "auto") -> str:
+    """Make ComfyUI, the pack and tests/ importable (as tests/conftest.py does); returns the device used.
+
+    ComfyUI runs in CPU mode unless a CUDA device is there (device "auto") or asked for ("cuda").
+    """
+    if not (COMFYUI_DIR / "main.py").exists():
+        raise SystemExit(f"no ComfyUI at {COMFYUI_DIR}: run scripts/setup.sh first")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if str(COMFYUI_DIR) not in sys.path:
+        sys.path.insert(0, str(COMFYUI_DIR))
+    for p in (str(PACK_ROOT), str(PACK_ROOT / "tests")):
+        if p not in sys.path:
+            sys.path.append(p)
+    import torch
+
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = use_cpu
+    import comfy.model_management  # noqa: F401  (reads args.cpu once, at import)
+
+    # agg_testing.runner refuses to start unless args.cpu is set; model_management has already chosen its
+    # device above, and nothing reads the flag later.
+    comfy.cli_args.args.cpu = True
+    return "cpu" if use_cpu else "cuda"
+
+
+def machine_info(device: str) -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_kib"] = int(f.readline().split()[1])
+    except OSError:
+        pass
+    return info
+
+
+# -- graphs ------------------------------------------------------------------------------------------
+
+
+def build_prompt(mode: str, ckpt_name: str, size: int, seed: int, open_clip: str) -> dict:
+    from agg_testing.graphs import img2img, insert_model_patch
+
+    g = img2img(ckpt_name=ckpt_name, size=size, seed=seed, steps=STEPS, cfg=CFG, denoise=1.0,
+                positive="a photo of a mountain lake", negative="blurry")
+    for role in ("decode", "save"):
+        del g.prompt[g[role].id]
+    g.node("SaveLatent", name="save_latent", samples=g["sampler"][0], filename_prefix="agg_bench")
+    if mode == "plain":
+        return g.prompt
+    window = {"start_percent": 0.0, "end_percent": END_PERCENT, "dds_steps": 1, "dds_lr": 0.05, "asymmetric": True}
+    if mode.startswith("structure_"):
+        manifold = {"none": "none", "fd": "finite_difference", "autograd": "autograd"}[mode.removeprefix("structure_")]
+        loss = g.node("AGGStructureLoss", weight=0.5, source=g["encode"][0])
+        insert_model_patch(g, "AGGApply", loss=loss[0], manifold=manifold, **window)
+    elif mode.startswith("clip_"):
+        loader = g.node("AGGCLIPLoader", clip_name=open_clip)
+        loss = g.node("AGGCLIPDirectionLoss", clip=loader[0], vae=g["ckpt"][2], source_text="a photo",
+                      target_text="a watercolor painting", weight=2.0, decoder=mode.removeprefix("clip_"),
+                      cutouts=8, range_weight=0.0, seed=0)
+        insert_model_patch(g, "AGGApply", loss=loss[0], manifold="finite_difference", **window)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return g.prompt
+
+
+class SampleTimer:
+    """Times every comfy.sample.sample call (what KSampler runs) and counts the guided steps of AGG runs."""
+
+    def __init__(self) -> None:
+        import comfy.sample
+
+        self.seconds: list[float] = []
+        self.guided: list[int] = []
+        self.sigmas: list[list[float]] = []
+        original = comfy.sample.sample
+
+        def timed(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                sync()
+                self.seconds.append(time.perf_counter() - t0)
+
+        comfy.sample.sample = timed
+        runtime = next(
+            m for name, m in list(sys.modules.items())
+            if name.endswith("nodes.runtime") and isinstance(getattr(m, "AGGRun", None), type)
+        )
+        close = runtime.AGGRun.close
+        timer = self
+
+        def counting_close(run):
+            timer.guided.append(len(run.history))
+            timer.sigmas.append([float(s) for s in run.sigmas])
+            return close(run)
+
+        runtime.AGGRun.close = counting_close
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def open_session(config: tuple[str, int, int]):
+    from agg_testing.fixtures import models_dir
+    from agg_testing.runner import ComfySession
+
+    attr, _, _ = config
+    models = models_dir(BENCH_HOME / "models", kl=True, full=attr == "checkpoint_full")
+    session = ComfySession(models, BENCH_HOME / "work", cache_type="classic")
+    return session, getattr(models, attr), models.open_clip
+
+
+def run_checked(session, prompt: dict) -> None:
+    result = session.run(prompt)
+    if not result.ok:
+        raise RuntimeError(result.error_text())
+
+
+# -- workers (each in its own process) ---------------------------------------------------------------
+
+
+def worker_timing(config: tuple[str, int, int], modes: list[str], repeats: int, device: str) -> dict:
+    import torch
+
+    session, ckpt, open_clip = open_session(config)
+    timer = SampleTimer()
+    size = config[1]
+    all_modes = ["plain", *modes]
+    seed = 0
+    for mode in all_modes:  # warm-up: loads, per-graph caches, first-call allocations
+        seed += 1
+        run_checked(session, build_prompt(mode, ckpt, size, seed, open_clip))
+    seconds = {m: [] for m in all_modes}
+    guided = {m: [] for m in modes}
+    for _ in range(repeats):
+        for mode in all_modes:
+            seed += 1
+            n_before, g_before = len(timer.seconds), len(timer.guided)
+            run_checked(session, build_prompt(mode, ckpt, size, seed, open_clip))
+            seconds[mode].append(timer.seconds[n_before])
+            if mode != "plain":
+                guided[mode].append(timer.guided[g_before] if len(timer.guided) > g_before else 0)
+    sigmas = timer.sigmas[-1] if timer.sigmas else []
+    return {"seconds": seconds, "guided_steps": guided, "sigmas": sigmas, "torch_threads": torch.get_num_threads()}
+
+
+def worker_memory(config: tuple[str, int, int], mode: str, device: str) -> dict:
+    import resource
+
+    import torch
+
+    session, ckpt, open_clip = open_session(config)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run_checked(session, build_prompt(mode, ckpt, config[1], 1, open_clip))
+    out = {"peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    if device == "cuda":
+        out["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def spawn(args: list[str], timeout: float | None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("AGG_BENCH_RESULT "):
+            return json.loads(line.removeprefix("AGG_BENCH_RESULT "))
+    raise RuntimeError(f"worker {' '.join(args)} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+# -- orchestration -----------------------------------------------------------------------------------
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def bench_config(name: str, config: tuple[str, int, int], modes: list[str], repeats: int, device: str,
+                 memory: bool, timeout: float | None) -> dict:
+    cfg = json.dumps(list(config))
+    common = ["--config-json", cfg, "--device", device]
+    t0 = time.perf_counter()
+    timing = spawn(["--worker", "timing", "--modes", ",".join(modes), "--repeats", str(repeats), *common], timeout)
+    plain = median(timing["seconds"]["plain"])
+    steps_total = STEPS
+    out: dict = {
+        "config": name, "checkpoint": config[0], "size_px": config[1], "steps": steps_total, "cfg": CFG,
+        "sampler": "euler", "scheduler": "normal", "denoise": 1.0, "start_percent": 0.0, "end_percent": END_PERCENT,
+        "repeats": repeats, "seconds": timing["seconds"], "median_seconds": {m: median(v) for m, v in timing["seconds"].items()},
+        "ratios": {m: median(timing["seconds"][m]) / plain for m in modes},
+        "guided_steps": {m: (timing["guided_steps"][m][-1] if timing["guided_steps"][m] else 0) for m in modes},
+        "torch_threads": timing["torch_threads"],
+    }
+    guided = max(out["guided_steps"].values()) if out["guided_steps"] else 0
+    out["guided_fraction"] = guided / steps_total
+    if memory:
+        peaks = {m: spawn(["--worker", "memory", "--mode", m, *common], timeout) for m in ["plain", *modes]}
+        out["peak_rss_kib"] = {m: p["peak_rss_kib"] for m, p in peaks.items()}
+        out["peak_rss_ratio"] = {m: peaks[m]["peak_rss_kib"] / peaks["plain"]["peak_rss_kib"] for m in modes}
+        if device == "cuda":
+            out["peak_vram_bytes"] = {m: p["peak_vram_bytes"] for m, p in peaks.items()}
+            out["peak_vram_ratio"] = {m: peaks[m]["peak_vram_bytes"] / max(1, peaks["plain"]["peak_vram_bytes"]) for m in modes}
+    out["wall_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def targets(result: dict) -> dict:
+    """Each target: (measured, limit, met)."""
+    r, f = result["ratios"], result["guided_fraction"]
+    checks = {}
+    if "structure_none" in r:
+        checks["time structure_none <= 1.05"] = (r["structure_none"], 1.05)
+    if "structure_fd" in r:
+        checks[f"time structure_fd <= 1 + 1.1 x {f:.2f}"] = (r["structure_fd"], 1 + 1.1 * f)
+    if "clip_taesd" in r and result["checkpoint"] == "checkpoint_full":
+        checks["time clip_taesd <= 1.5 (full size, 512 px)"] = (r["clip_taesd"], 1.5)
+    for m in ("structure_none", "structure_fd", "clip_taesd"):
+        if m in result.get("peak_rss_ratio", {}):
+            checks[f"peak RSS {m} <= 1.25"] = (result["peak_rss_ratio"][m], 1.25)
+    return {k: {"measured": v, "limit": lim, "met": v <= lim} for k, (v, lim) in checks.items()}
+
+
+def table(result: dict) -> str:
+    modes = list(result["ratios"])
+    lines = [
+        f"{result['config']}: {result['size_px']} px, {result['steps']} euler steps, cfg {result['cfg']}, "
+        f"guided {max(result['guided_steps'].values(), default=0)}/{result['steps']} steps "
+        f"(fraction {result['guided_fraction']:.2f}), {result['repeats']} interleaved repeats",
+        f"{'mode':<20}{'median s':>10}{'time x':>9}{'peak RSS MiB':>14}{'RSS x':>8}",
+    ]
+    rss = result.get("peak_rss_kib", {})
+    lines.append(f"{'plain':<20}{result['median_seconds']['plain']:>10.3f}{1.0:>9.3f}"
+                 f"{rss.get('plain', 0) / 1024:>14.0f}{1.0:>8.3f}")
+    for m in modes:
+        lines.append(f"{m:<20}{result['median_seconds'][m]:>10.3f}{result['ratios'][m]:>9.3f}"
+                     f"{rss.get(m, 0) / 1024:>14.0f}{result.get('peak_rss_ratio', {}).get(m, float('nan')):>8.3f}")
+    for name, t in result.get("targets", {}).items():
+        lines.append(f"  target {name}: {t['measured']:.3f} vs {t['limit']:.3f} -> {'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny fixture at 64 px, 1 repeat (under a minute on 2 cores)")
+    ap.add_argument("--out", type=Path, help="write the JSON results here")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="full mode: which of " + ", ".join(CONFIGS))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--repeats", type=int, help="interleaved timing repeats (default per config)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
+    ap.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)
+    ap.add_argument("--config-json", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    device = setup_paths(args.device)
+
+    if args.worker:
+        config = tuple(json.loads(args.config_json))
+        if args.worker == "timing":
+            res = worker_timing(config, args.modes.split(","), args.repeats or 1, device)
+        else:
+            res = worker_memory(config, args.mode, device)
+        print("AGG_BENCH_RESULT " + json.dumps(res))
+        return 0
+
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        ap.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    if args.quick:
+        plan = {"tiny64_quick": QUICK_CONFIG}
+    else:
+        plan = {name: CONFIGS[name] for name in args.configs.split(",") if name}
+    report: dict = {"quick": args.quick, "machine": machine_info(device), "command": " ".join(sys.argv), "configs": {}}
+    for name, config in plan.items():
+        repeats = args.repeats or config[2]
+        res = bench_config(name, config, modes, repeats, device, not args.no_memory, args.timeout)
+        res["targets"] = targets(res)
+        report["configs"][name] = res
+        print(table(res), flush=True)
+        if args.out:  # written after every config, so a long run keeps what it measured
+            write_report(report, args.out)
+    if args.out:
+        write_report(report, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Top-level "ratios" / "peak_rss_ratio" etc. come from the last (largest) configuration measured."""
+    last = list(report["configs"].values())[-1]
+    for key in ("ratios", "peak_rss_ratio", "peak_vram_ratio", "median_seconds", "seconds", "steps",
+                "guided_fraction", "guided_steps", "targets"):
+        if key in last:
+            report[key] = last[key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
