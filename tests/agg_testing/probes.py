@@ -141,3 +141,37 @@ def register() -> None:
     for name, cls in NODES.items():
         nodes.NODE_CLASS_MAPPINGS.setdefault(name, cls)
         nodes.NODE_DISPLAY_NAME_MAPPINGS.setdefault(name, name)
+
+
+# -- graphs ------------------------------------------------------------------------------------------
+
+
+def agg_img2img(*, size: int = 32, steps: int = 3, denoise: float = 0.6, seed: int = 0, sampler_name: str = "euler",
+                cfg: float = 5.0, weight: float | None = 0.5, manifold: str = "finite_difference",
+                asymmetric: bool = True, end_percent: float = 1.0, probe: str | None = None):
+    """The stock img2img graph ending in SaveLatent, with Structure Loss (on the source latent) and
+    Apply AGG before the KSampler (weight None: unguided). `probe` puts AGGTestCountingProbe with that
+    tag between the loader and everything else. Node roles: as graphs.img2img, plus loss, apply, probe."""
+    from agg_testing import graphs
+
+    g = graphs.img2img(size=size, steps=steps, denoise=denoise, seed=seed, sampler_name=sampler_name, cfg=cfg)
+    for role in ("decode", "save"):
+        del g.prompt[g[role].id]
+    graphs.save_latent(g, g["sampler"][0])
+    if probe is not None:
+        graphs.insert_model_patch(g, "AGGTestCountingProbe", name="probe", tag=probe)
+    if weight is not None:
+        add_agg(g, weight=weight, manifold=manifold, asymmetric=asymmetric, end_percent=end_percent)
+    return g
+
+
+def add_agg(g, *, weight: float = 0.5, manifold: str = "finite_difference", asymmetric: bool = True,
+            end_percent: float = 1.0, consumer: str = "sampler", source=None):
+    """Structure Loss on the encoded source + Apply AGG on the model input of node `consumer`."""
+    loss = g.node("AGGStructureLoss", name="loss", weight=weight, source=source or g["encode"][0])
+    node = g[consumer]
+    apply = g.node("AGGApply", name="apply", model=g.prompt[node.id]["inputs"]["model"], loss=loss[0],
+                   start_percent=0.0, end_percent=end_percent, manifold=manifold, dds_steps=1, dds_lr=0.05,
+                   asymmetric=asymmetric)
+    g.set_input(node, model=apply[0])
+    return apply

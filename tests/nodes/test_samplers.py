@@ -1,0 +1,207 @@
+"""Apply AGG / AGG Guider / AGG Sampler under every stock sampler, sampling node and guider, in-process."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import comfy.samplers
+import pytest
+import torch
+from agg_testing import probes
+from agg_testing.graphs import Graph
+
+from agg_kernels.step import EXACT_SAMPLERS
+
+SAMPLERS = list(comfy.samplers.KSampler.SAMPLERS)
+
+
+@pytest.fixture(scope="module")
+def session(comfy):
+    probes.register()
+    return comfy
+
+
+@contextmanager
+def agg_log():
+    """Warnings of the pack's 'AGG' logger emitted inside the block."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger = logging.getLogger("AGG")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def samples(r, node) -> torch.Tensor:
+    assert r.ok, r.error_text()
+    return r.output(node.id)["samples"]
+
+
+def stepping_name(sampler_name: str) -> str:
+    """The name the hook identifies a KSampler sampler by (ddim runs euler's function)."""
+    runtime = probes.pack_module("nodes.runtime")
+    return runtime.sampler_identity(comfy.samplers.sampler_object(sampler_name))[0]
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_every_ksampler_sampler_is_guided(session, sampler_name):
+    seed = 100 + SAMPLERS.index(sampler_name)
+    # cfg 1 (one conditioning per pass) keeps the 40-odd runs affordable; the hook does not depend on it
+    plain = probes.agg_img2img(sampler_name=sampler_name, seed=seed, weight=None, cfg=1.0)
+    guided = probes.agg_img2img(sampler_name=sampler_name, seed=seed, cfg=1.0)
+    base = samples(session.run(plain.prompt), plain["sampler"])
+    with agg_log() as warnings:
+        r = session.run(guided.prompt)
+    out = samples(r, guided["sampler"])
+    assert torch.isfinite(out).all()
+    assert (out - base).abs().max() > 1e-3, "guidance had no effect"
+    assert r.events("agg.terms"), "no guided step reported"
+    approx = [w for w in warnings if "not first order" in w]
+    if stepping_name(sampler_name) in EXACT_SAMPLERS:
+        assert not approx, warnings
+    else:
+        assert len(approx) == 1, warnings  # once per run, naming the approximation
+        assert "approximately" in approx[0]
+
+
+# -- sampling nodes -------------------------------------------------------------------------------
+
+
+def custom_graph(kind: str, *, seed: int, guided: bool = True, sampler: str = "euler"):
+    """SamplerCustom or SamplerCustomAdvanced on the img2img source (denoise 0.6, 3 steps)."""
+    g = probes.agg_img2img(seed=seed, weight=None)
+    ks = g.prompt.pop(g["sampler"].id)["inputs"]
+    model = ks["model"]
+    sigmas = g.node("BasicScheduler", name="sigmas", model=model, scheduler="normal", steps=3, denoise=0.6)
+    select = g.node("KSamplerSelect", name="select", sampler_name=sampler)
+    if kind == "SamplerCustom":
+        node = g.node("SamplerCustom", name="custom", model=model, add_noise=True, noise_seed=seed, cfg=5.0,
+                      positive=ks["positive"], negative=ks["negative"], sampler=select[0], sigmas=sigmas[0],
+                      latent_image=g["encode"][0])
+    else:
+        guider = g.node("CFGGuider", name="guider", model=model, positive=ks["positive"], negative=ks["negative"],
+                        cfg=5.0)
+        noise = g.node("RandomNoise", name="noise", noise_seed=seed)
+        node = g.node("SamplerCustomAdvanced", name="custom", noise=noise[0], guider=guider[0], sampler=select[0],
+                      sigmas=sigmas[0], latent_image=g["encode"][0])
+    g.set_input(g["save_latent"], samples=node[0])
+    if guided:
+        probes.add_agg(g, consumer="guider" if kind == "SamplerCustomAdvanced" else "custom")
+    return g
+
+
+def advanced_graph(*, seed: int, guided: bool):
+    g = probes.agg_img2img(seed=seed, weight=None)
+    ks = g.prompt.pop(g["sampler"].id)["inputs"]
+    node = g.node("KSamplerAdvanced", name="adv", model=ks["model"], add_noise="enable", noise_seed=seed, steps=5,
+                  cfg=5.0, sampler_name="euler", scheduler="normal", positive=ks["positive"],
+                  negative=ks["negative"], latent_image=g["encode"][0], start_at_step=2, end_at_step=5,
+                  return_with_leftover_noise="disable")
+    g.set_input(g["save_latent"], samples=node[0])
+    if guided:
+        probes.add_agg(g, consumer="adv")
+    return g, node
+
+
+def assert_changes(session, plain: Graph, guided: Graph, node_role: str):
+    base = samples(session.run(plain.prompt), plain[node_role])
+    r = session.run(guided.prompt)
+    out = samples(r, guided[node_role])
+    assert torch.isfinite(out).all()
+    assert (out - base).abs().max() > 1e-3
+    assert r.events("agg.terms")
+    return r
+
+
+def test_apply_agg_under_ksampler(session):
+    assert_changes(session, probes.agg_img2img(seed=201, weight=None), probes.agg_img2img(seed=201), "sampler")
+
+
+def test_apply_agg_under_ksampler_advanced(session):
+    plain, _ = advanced_graph(seed=202, guided=False)
+    guided, _ = advanced_graph(seed=202, guided=True)
+    r = assert_changes(session, plain, guided, "adv")
+    assert len(r.events("agg.terms")) == 3
+
+
+@pytest.mark.parametrize("kind", ["SamplerCustom", "SamplerCustomAdvanced"])
+def test_apply_agg_under_custom_samplers(session, kind):
+    seed = 203 if kind == "SamplerCustom" else 204
+    assert_changes(session, custom_graph(kind, seed=seed, guided=False), custom_graph(kind, seed=seed), "custom")
+
+
+def agg_guider(g: Graph, guider_role: str = "guider", **settings):
+    """Replace a CFGGuider by AGG Guider with Structure Loss on the source."""
+    inputs = g.prompt[g[guider_role].id]["inputs"]
+    loss = g.node("AGGStructureLoss", name="loss", weight=0.5, source=g["encode"][0])
+    opts = {"start_percent": 0.0, "end_percent": 1.0, "manifold": "finite_difference", "dds_steps": 1,
+            "dds_lr": 0.05, "asymmetric": True, **settings}
+    g.prompt[g[guider_role].id] = {"class_type": "AGGGuider", "inputs": {**inputs, "loss": loss[0], **opts}}
+
+
+def test_agg_guider_under_sampler_custom_advanced(session):
+    plain = custom_graph("SamplerCustomAdvanced", seed=205, guided=False)
+    guided = custom_graph("SamplerCustomAdvanced", seed=205, guided=False)
+    agg_guider(guided)
+    assert_changes(session, plain, guided, "custom")
+
+
+def agg_sampler(g: Graph, **options):
+    opts = {"eta_edit": 0.0, "eta": 0.0, "eta_boost": 1.0, "edit_end": 0.34, "boost_start": 0.67, **options}
+    g.prompt[g["select"].id] = {"class_type": "AGGSampler", "inputs": opts}
+
+
+def test_agg_sampler_with_sampler_custom_and_apply_agg(session):
+    plain = custom_graph("SamplerCustom", seed=206, guided=False)
+    agg_sampler(plain)
+    guided = custom_graph("SamplerCustom", seed=206)
+    agg_sampler(guided)
+    with agg_log() as warnings:
+        assert_changes(session, plain, guided, "custom")
+    assert not [w for w in warnings if "not first order" in w]  # the AGG sampler's step is exact
+
+
+def test_agg_sampler_with_agg_guider(session):
+    plain = custom_graph("SamplerCustomAdvanced", seed=207, guided=False)
+    agg_sampler(plain)
+    guided = custom_graph("SamplerCustomAdvanced", seed=207, guided=False)
+    agg_sampler(guided)
+    agg_guider(guided)
+    assert_changes(session, plain, guided, "custom")
+
+
+# -- other guiders ----------------------------------------------------------------------------------
+
+
+def other_guider_graph(kind: str, *, seed: int, guided: bool):
+    g = custom_graph("SamplerCustomAdvanced", seed=seed, guided=False)
+    inputs = g.prompt[g["guider"].id]["inputs"]
+    ckpt = g["ckpt"]
+    if kind == "DualCFGGuider":
+        cond2 = g.node("CLIPTextEncode", name="cond2", clip=ckpt[1], text="an oil painting")
+        g.prompt[g["guider"].id] = {"class_type": "DualCFGGuider", "inputs": {
+            "model": inputs["model"], "cond1": inputs["positive"], "cond2": cond2[0], "negative": inputs["negative"],
+            "cfg_conds": 5.0, "cfg_cond2_negative": 3.0, "style": "regular"}}
+    else:
+        empty = g.node("CLIPTextEncode", name="empty", clip=ckpt[1], text="")
+        g.prompt[g["guider"].id] = {"class_type": "PerpNegGuider", "inputs": {
+            "model": inputs["model"], "positive": inputs["positive"], "negative": inputs["negative"],
+            "empty_conditioning": empty[0], "cfg": 5.0, "neg_scale": 1.0}}
+    if guided:
+        probes.add_agg(g, consumer="guider")
+    return g
+
+
+@pytest.mark.parametrize("kind", ["DualCFGGuider", "PerpNegGuider"])
+def test_apply_agg_under_other_guiders(session, kind):
+    seed = 208 if kind == "DualCFGGuider" else 209
+    assert_changes(session, other_guider_graph(kind, seed=seed, guided=False),
+                   other_guider_graph(kind, seed=seed, guided=True), "custom")
