@@ -357,7 +357,7 @@ def open_comfy(browser: Browser, server: ComfyServer, timeout: float = 120.0) ->
     for key, value in (("Comfy.TutorialCompleted", True), ("Comfy.Validation.Workflows", True),
                        ("LiteGraph.Canvas.LowQualityRenderingZoomThreshold", 0.1), ("Comfy.Minimap.Visible", False)):
         try:
-            server.set_setting(key, value)
+            server.post(f"/settings/{urllib.parse.quote(key)}", value)
         except (urllib.error.URLError, OSError):
             pass
     browser.get(server.url + "/")
