@@ -233,6 +233,25 @@ def worker_memory(config: tuple[str, int, int], mode: str, device: str) -> dict:
     return out
 
 
+def worker_profile(config: tuple[str, int, int], mode: str, device: str, top: int = 30) -> dict:
+    """cProfile of one sampling run of `mode` after a warm-up: where its time goes, by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    session, ckpt, open_clip = open_session(config)
+    timer = SampleTimer()
+    run_checked(session, build_prompt("plain", ckpt, config[1], 1, open_clip))
+    run_checked(session, build_prompt(mode, ckpt, config[1], 2, open_clip))
+    prof = cProfile.Profile()
+    prof.enable()
+    run_checked(session, build_prompt(mode, ckpt, config[1], 3, open_clip))
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
+    return {"mode": mode, "seconds": timer.seconds[-1], "profile": buf.getvalue()}
+
+
 def spawn(args: list[str], timeout: float | None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -325,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
-    ap.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)
+    ap.add_argument("--profile", metavar="MODE", help="print a cProfile of one run of MODE (first config) and exit")
+    ap.add_argument("--worker", choices=("timing", "memory", "profile"), help=argparse.SUPPRESS)
     ap.add_argument("--config-json", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -335,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         config = tuple(json.loads(args.config_json))
         if args.worker == "timing":
             res = worker_timing(config, args.modes.split(","), args.repeats or 1, device)
+        elif args.worker == "profile":
+            res = worker_profile(config, args.mode, device)
         else:
             res = worker_memory(config, args.mode, device)
         print("AGG_BENCH_RESULT " + json.dumps(res))
@@ -348,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = {"tiny64_quick": QUICK_CONFIG}
     else:
         plan = {name: CONFIGS[name] for name in args.configs.split(",") if name}
+    if args.profile:
+        name, config = next(iter(plan.items()))
+        res = spawn(["--worker", "profile", "--mode", args.profile, "--config-json", json.dumps(list(config)),
+                     "--device", device], args.timeout)
+        print(f"{name} {args.profile}: {res['seconds']:.3f} s sampling\n{res['profile']}")
+        return 0
     report: dict = {"quick": args.quick, "machine": machine_info(device), "command": " ".join(sys.argv), "configs": {}}
     for name, config in plan.items():
         repeats = args.repeats or config[2]

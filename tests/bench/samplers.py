@@ -88,6 +88,9 @@ class ModelWrap:
         # a schedule whose first sigma is below sigma_max: the start is x = latent + sigma * noise (no rescale)
         ms.sigma_max = torch.tensor(1e4 if family != "const" else 1.0)
         ms.sigma_min = torch.tensor(1e-3)
+        # sa_solver reads its stochastic window through percent_to_sigma; a linear map is enough here
+        top = 1.0 if family == "const" else 14.6
+        ms.percent_to_sigma = lambda p: 1e4 if p <= 0 else (0.0 if p >= 1 else top * (1.0 - p))
         self.model_sampling = ms
         self.inner_model = SimpleNamespace(
             model_sampling=ms,
