@@ -4,6 +4,7 @@
 set -euo pipefail
 PACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$PACK_DIR/scripts/setup.sh"
+bash "$PACK_DIR/scripts/setup_browser.sh"
 AGG_HOME="${AGG_HOME:-$HOME/.cache/agg-comfyui}"
 PY="${AGG_PYTHON:-$AGG_HOME/venv/bin/python}"
 cd "$PACK_DIR"

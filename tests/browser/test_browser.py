@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import urllib.parse
 from pathlib import Path
 
@@ -95,7 +94,24 @@ def test_workflow_loads_without_errors(name, page, names, tmp_path):
     page.screenshot(shot)
     assert shot.stat().st_size > 10_000
     if name == "agg_text_guided" and os.environ.get("AGG_DOCS_SCREENSHOT"):
-        shutil.copyfile(shot, PACK / "docs" / "workflow_text_guided.png")
+        # For the README: the whole graph, fitted to a large window.
+        page.set_window_size(2400, 1350)
+        page.execute_async(JS_FIT)
+        page.screenshot(tmp_path / "docs.png")
+        page.set_window_size(1600, 1000)
+        from PIL import Image
+
+        with Image.open(tmp_path / "docs.png") as im:
+            im.convert("RGB").save(PACK / "docs" / "workflow_text_guided.jpg", "JPEG", quality=85)
+
+
+JS_FIT = """
+for (const b of document.querySelectorAll('button[aria-label="Close"], .p-toast-icon-close')) try { b.click(); } catch (e) {}
+await new Promise(r => setTimeout(r, 300));
+await app.extensionManager.command.execute('Comfy.Canvas.FitView');
+app.graph.setDirtyCanvas(true, true);
+await new Promise(r => setTimeout(r, 800));
+"""
 
 
 def test_missing_node_dialog_is_detected(page):
