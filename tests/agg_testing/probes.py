@@ -101,24 +101,26 @@ def analytic_latent(seed: int = 0, shape: tuple[int, ...] = (1, 4, 8, 8)) -> tor
 
 
 class AGGTestAnalyticModel:
-    """The exact denoiser of N(mean, std^2 I) data in the model's own family, in place of the UNet."""
+    """The exact denoiser of N(mean_scale * latent, std^2 I) data in the model's own family, in place of the
+    UNet (mean_scale != 1 keeps the latent itself off the mean, so its noise estimate is not zero)."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",), "latent": ("LATENT",),
-                             "std": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 10.0, "step": 0.001})}}
+                             "std": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.001}),
+                             "mean_scale": ("FLOAT", {"default": 0.5, "min": -10.0, "max": 10.0, "step": 0.01})}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     CATEGORY = "AGG/testing"
 
-    def patch(self, model, latent, std):
+    def patch(self, model, latent, std, mean_scale):
         from agg_testing.analytic import gaussian
 
         runtime = pack_module("nodes.runtime")
         family = runtime.model_family(model.get_model_object("model_sampling"))
         inner = model.model
-        mean = inner.process_latent_in(latent["samples"].float())[0].clone()
+        mean = mean_scale * inner.process_latent_in(latent["samples"].float())[0].clone()
         data = gaussian(mean, std)
 
         def unet(apply_model, args):
