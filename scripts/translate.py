@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, image in enumerate(images):
             name = f"agg_{i:03d}_{image.name}"
             shutil.copyfile(image, server.dirs["input"] / name)
-            stem = image.stem
+            stem = image.stem if len(images) == 1 else f"{i:03d}_{image.stem}"
             print(f"[{i + 1}/{len(images)}] {image}", flush=True)
             prefix = f"agg_translate/{run_id}/{stem}"
             guided = customise(api, args, models, name, style_name, prefix + "_agg")
