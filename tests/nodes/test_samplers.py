@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import comfy.samplers
 import pytest
 import torch
-from agg_testing import probes
+from agg_testing import graphs, probes
 from agg_testing.graphs import Graph
 
 from agg_kernels.step import EXACT_SAMPLERS
@@ -51,12 +51,22 @@ def stepping_name(sampler_name: str) -> str:
     return runtime.sampler_identity(comfy.samplers.sampler_object(sampler_name))[0]
 
 
-@pytest.mark.parametrize("sampler_name", SAMPLERS)
-def test_every_ksampler_sampler_is_guided(session, sampler_name):
+def every_sampler_graph(sampler_name: str, seed: int, guided: bool, analytic: bool):
+    g = probes.agg_img2img(sampler_name=sampler_name, seed=seed, weight=None)
+    if analytic:
+        # an exact Gaussian denoiser in place of the UNet: the samplers, Apply AGG and the hook are the real
+        # ones, each model pass costs nothing, so all 40-odd samplers fit in the test budget
+        graphs.insert_model_patch(g, "AGGTestAnalyticModel", name="analytic", latent=g["encode"][0], std=0.5,
+                                  mean_scale=0.5)
+    if guided:
+        probes.add_agg(g)
+    return g
+
+
+def check_sampler(session, sampler_name: str, analytic: bool):
     seed = 100 + SAMPLERS.index(sampler_name)
-    # cfg 1 (one conditioning per pass) keeps the 40-odd runs affordable; the hook does not depend on it
-    plain = probes.agg_img2img(sampler_name=sampler_name, seed=seed, weight=None, cfg=1.0)
-    guided = probes.agg_img2img(sampler_name=sampler_name, seed=seed, cfg=1.0)
+    plain = every_sampler_graph(sampler_name, seed, guided=False, analytic=analytic)
+    guided = every_sampler_graph(sampler_name, seed, guided=True, analytic=analytic)
     base = samples(session.run(plain.prompt), plain["sampler"])
     with agg_log() as warnings:
         r = session.run(guided.prompt)
@@ -69,7 +79,21 @@ def test_every_ksampler_sampler_is_guided(session, sampler_name):
         assert not approx, warnings
     else:
         assert len(approx) == 1, warnings  # once per run, naming the approximation
-        assert "approximately" in approx[0]
+        assert "approximately" in approx[0] and "Apply AGG" in approx[0]
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_every_ksampler_sampler_is_guided(session, sampler_name):
+    check_sampler(session, sampler_name, analytic=True)
+
+
+# a first-order, an ancestral, a jump, a second-order, a multistep, an SDE and an adaptive sampler on the UNet
+ON_THE_UNET = ["euler", "euler_ancestral", "lcm", "heun", "dpmpp_2m", "dpmpp_sde", "uni_pc"]
+
+
+@pytest.mark.parametrize("sampler_name", ON_THE_UNET)
+def test_samplers_on_the_tiny_unet(session, sampler_name):
+    check_sampler(session, sampler_name, analytic=False)
 
 
 # -- sampling nodes -------------------------------------------------------------------------------
