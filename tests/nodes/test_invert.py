@@ -116,7 +116,7 @@ def test_inversion_reports_progress(session):
 
 def test_paper_chain_invert_structure_trajectory_agg_guider(session):
     """AGG Invert -> Structure Loss(trajectory) -> AGG Guider -> SamplerCustomAdvanced on the tiny UNet."""
-    g = invert_graph(analytic_std=None)
+    g = invert_graph(analytic_std=None, steps=3)
     ckpt = g["ckpt"]
     neg = g.node("CLIPTextEncode", name="negative", clip=ckpt[1], text="blurry")
     target = g.node("CLIPTextEncode", name="target", clip=ckpt[1], text="a watercolor painting")
