@@ -46,7 +46,7 @@ CONFIGS = {
     "tiny256": ("checkpoint_kl", 256, 3),
     "full512": ("checkpoint_full", 512, 1),
 }
-QUICK_CONFIG = ("checkpoint_kl", 64, 1)
+QUICK_CONFIG = ("checkpoint", 64, 1)
 
 
 def setup_paths(device: str = "auto") -> str:
@@ -336,7 +336,7 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny fixture at 64 px, 1 repeat (under a minute on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="tiny fixture (TAESD VAE) at 64 px, 1 repeat")
     ap.add_argument("--out", type=Path, help="write the JSON results here")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="full mode: which of " + ", ".join(CONFIGS))
     ap.add_argument("--modes", default=",".join(MODES))
