@@ -141,6 +141,7 @@ for (const n of app.graph._nodes) for (const w of (n.widgets || [])) {
   if (n.type === 'ImageScale' && (w.name === 'width' || w.name === 'height')) w.value = 64;
   if (w.name === 'steps') w.value = 3;
   if (w.name === 'cutouts') w.value = 2;
+  if (w.name === 'seed') w.value = 4242;  // a new run, not one served whole from the server's cache
   if (w.name === 'filename_prefix') w.value = 'agg/browser_test';
 }
 await app.queuePrompt(0, 1);
@@ -159,7 +160,14 @@ def test_queue_text_guided_from_the_page(page, names, comfy_server, tmp_path):
     ui = substitute(json.loads((WORKFLOWS / "agg_text_guided.json").read_text()), names)
     load(page, ui, "agg_text_guided")
     page.execute_async(JS_SMALL_AND_QUEUE)
-    width, src = page.wait_for(JS_OUTPUT_SHOWN, timeout=300, what="output image on the SaveImage node")
+    try:
+        width, src = page.wait_for(JS_OUTPUT_SHOWN, timeout=300, what="output image on the SaveImage node")
+    except TimeoutError:
+        history = comfy_server.get("/history")
+        last = list(history.values())[-1] if history else {}
+        page.screenshot(tmp_path / "agg_text_guided_timeout.png")
+        raise AssertionError(f"no output image shown; last run: {json.dumps(last.get('status'))[:3000]} "
+                             f"{last.get('outputs')}; page: {page.execute(JS_VISIBLE_PROBLEMS)}") from None
     assert width == 64
     assert "browser_test" in urllib.parse.unquote(src)
     page.screenshot(tmp_path / "agg_text_guided_done.png")
