@@ -271,7 +271,7 @@ def median(xs: list[float]) -> float:
 
 
 def bench_config(name: str, config: tuple[str, int, int], modes: list[str], repeats: int, device: str,
-                 memory: bool, timeout: float | None) -> dict:
+                 memory: bool, timeout: float | None, memory_jobs: int = 2) -> dict:
     cfg = json.dumps(list(config))
     common = ["--config-json", cfg, "--device", device]
     t0 = time.perf_counter()
@@ -289,7 +289,13 @@ def bench_config(name: str, config: tuple[str, int, int], modes: list[str], repe
     guided = max(out["guided_steps"].values()) if out["guided_steps"] else 0
     out["guided_fraction"] = guided / steps_total
     if memory:
-        peaks = {m: spawn(["--worker", "memory", "--mode", m, *common], timeout) for m in ["plain", *modes]}
+        # separate processes, so running a few at once does not mix their peaks
+        from concurrent.futures import ThreadPoolExecutor
+
+        all_modes = ["plain", *modes]
+        with ThreadPoolExecutor(max_workers=max(1, memory_jobs)) as pool:
+            found = pool.map(lambda m: spawn(["--worker", "memory", "--mode", m, *common], timeout), all_modes)
+            peaks = dict(zip(all_modes, found, strict=True))
         out["peak_rss_kib"] = {m: p["peak_rss_kib"] for m, p in peaks.items()}
         out["peak_rss_ratio"] = {m: peaks[m]["peak_rss_kib"] / peaks["plain"]["peak_rss_kib"] for m in modes}
         if device == "cuda":
@@ -342,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--repeats", type=int, help="interleaved timing repeats (default per config)")
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
+    ap.add_argument("--memory-jobs", type=int, default=2, help="fresh-process memory runs at a time (default 2)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
     ap.add_argument("--profile", metavar="MODE", help="print a cProfile of one run of MODE (first config) and exit")
@@ -379,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"quick": args.quick, "machine": machine_info(device), "command": " ".join(sys.argv), "configs": {}}
     for name, config in plan.items():
         repeats = args.repeats or config[2]
-        res = bench_config(name, config, modes, repeats, device, not args.no_memory, args.timeout)
+        res = bench_config(name, config, modes, repeats, device, not args.no_memory, args.timeout, args.memory_jobs)
         res["targets"] = targets(res)
         report["configs"][name] = res
         print(table(res), flush=True)
