@@ -10,7 +10,7 @@ Probe nodes (V1-style, registered into ComfyUI's NODE_CLASS_MAPPINGS by `registe
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -19,27 +19,38 @@ from types import ModuleType
 import torch
 
 PACK_ROOT = Path(__file__).resolve().parent.parent.parent
-_OWN_NAME = "agg_pack_under_test"
 
 RECORDS: dict[str, list[dict]] = defaultdict(list)
 
 
 def pack_module(sub: str) -> ModuleType:
-    """The pack's submodule `sub` (e.g. "nodes.runtime"): the copy ComfyUI loaded when there is one,
-    else the pack imported once under a package name of its own."""
+    """The pack's submodule `sub` (e.g. "nodes.runtime") as ComfyUI loaded it from custom_nodes/; ComfyUI's
+    start-up (extra nodes and custom nodes, in main.py's import order) runs first when it has not yet."""
     want = (PACK_ROOT / (sub.replace(".", "/") + ".py")).resolve()
-    for mod in list(sys.modules.values()):
+
+    def find() -> ModuleType | None:
+        for mod in list(sys.modules.values()):
+            f = getattr(mod, "__file__", None)
+            # only ComfyUI's copy (named after its custom_nodes path), not one imported under another name
+            if f and "custom_nodes" in mod.__name__ and mod.__name__.endswith(sub) and Path(f).resolve() == want:
+                return mod
+        return None
+
+    mod = find()
+    if mod is None:
+        from agg_testing.runner import init_comfy
+
+        init_comfy()
+        mod = find() or importlib.import_module(f"{find_pack_name()}.{sub}")
+    return mod
+
+
+def find_pack_name() -> str:
+    for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None)
-        if f and mod.__name__.endswith(sub) and Path(f).resolve() == want:
-            return mod
-    if _OWN_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            _OWN_NAME, PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[_OWN_NAME] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{_OWN_NAME}.{sub}")
+        if f and "custom_nodes" in name and Path(f).resolve() == (PACK_ROOT / "__init__.py").resolve():
+            return name
+    raise RuntimeError("ComfyUI did not load the pack from custom_nodes/")
 
 
 # -- counting probe ---------------------------------------------------------------------------------
