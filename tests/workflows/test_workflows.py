@@ -152,7 +152,7 @@ def test_api_twin_matches_object_info(name, object_info, agg_models):
 
 
 def small_prompt(api: dict, names: dict[str, str], seed: int = 1) -> dict:
-    """The API twin made cheap: test model files, 64 px images, 3 steps, 2 CLIP cut-outs."""
+    """The API twin made cheap: test model files, 64 px images, 2 steps, 2 CLIP cut-outs."""
     p = copy.deepcopy(api)
     for node in list(p.values()):
         inputs = node["inputs"]
@@ -163,7 +163,7 @@ def small_prompt(api: dict, names: dict[str, str], seed: int = 1) -> dict:
         if ct == "ImageScale":
             inputs.update(width=64, height=64)
         if ct in ("KSampler", "BasicScheduler") and "steps" in inputs:
-            inputs["steps"] = 3
+            inputs["steps"] = 2
         if ct == "KSampler":
             inputs["seed"] = seed
         if "cutouts" in inputs:
