@@ -193,7 +193,7 @@ def run_checked(session, prompt: dict) -> None:
 # -- workers (each in its own process) ---------------------------------------------------------------
 
 
-def worker_timing(config: tuple[str, int, int], modes: list[str], repeats: int, device: str) -> dict:
+def worker_timing(config: tuple[str, int, int], modes: list[str], repeats: int, device: str, warmup_all: bool = True) -> dict:
     import torch
 
     session, ckpt, open_clip = open_session(config)
@@ -201,7 +201,7 @@ def worker_timing(config: tuple[str, int, int], modes: list[str], repeats: int, 
     size = config[1]
     all_modes = ["plain", *modes]
     seed = 0
-    for mode in all_modes:  # warm-up: loads, per-graph caches, first-call allocations
+    for mode in all_modes if warmup_all else ["plain"]:  # warm-up: loads, per-graph caches, first-call allocations
         seed += 1
         run_checked(session, build_prompt(mode, ckpt, size, seed, open_clip))
     seconds = {m: [] for m in all_modes}
@@ -277,7 +277,8 @@ def bench_config(name: str, config: tuple[str, int, int], modes: list[str], repe
     cfg = json.dumps(list(config))
     common = ["--config-json", cfg, "--device", device]
     t0 = time.perf_counter()
-    timing = spawn(["--worker", "timing", "--modes", ",".join(modes), "--repeats", str(repeats), *common], timeout)
+    warm = [] if name.endswith("_quick") else ["--warmup-all"]
+    timing = spawn(["--worker", "timing", "--modes", ",".join(modes), "--repeats", str(repeats), *warm, *common], timeout)
     plain = median(timing["seconds"]["plain"])
     steps_total = STEPS
     out: dict = {
@@ -356,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="MODE", help="print a cProfile of one run of MODE (first config) and exit")
     ap.add_argument("--worker", choices=("timing", "memory", "profile"), help=argparse.SUPPRESS)
     ap.add_argument("--config-json", help=argparse.SUPPRESS)
+    ap.add_argument("--warmup-all", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     device = setup_paths(args.device)
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         config = tuple(json.loads(args.config_json))
         if args.worker == "timing":
-            res = worker_timing(config, args.modes.split(","), args.repeats or 1, device)
+            res = worker_timing(config, args.modes.split(","), args.repeats or 1, device, args.warmup_all)
         elif args.worker == "profile":
             res = worker_profile(config, args.mode, device)
         else:
