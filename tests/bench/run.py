@@ -1,6 +1,6 @@
 """AGG's cost next to plain sampling: time and peak memory per guidance mode, on the same graph.
 
-    python tests/bench/run.py --quick --out /tmp/agg-bench.json     # tiny fixture, < 1 min on 2 cores
+    python tests/bench/run.py --quick --out /tmp/agg-bench.json     # tiny fixture at 64 px
     python tests/bench/run.py --out /tmp/agg-bench.json             # tiny @ 256 px + full SD1.5 @ 512 px
 
 The graph is the stock img2img one (LoadImage -> VAEEncode -> KSampler -> SaveLatent) at denoise 1.0
