@@ -277,7 +277,9 @@ def bench_config(name: str, config: tuple[str, int, int], modes: list[str], repe
     cfg = json.dumps(list(config))
     common = ["--config-json", cfg, "--device", device]
     t0 = time.perf_counter()
-    warm = [] if name.endswith("_quick") else ["--warmup-all"]
+    # every mode gets its warm-up run: a mode's first run pays one-off costs (5.7x plain for
+    # structure_none in a quick run without it), which are not what the ratios are about
+    warm = ["--warmup-all"]
     timing = spawn(["--worker", "timing", "--modes", ",".join(modes), "--repeats", str(repeats), *warm, *common], timeout)
     plain = median(timing["seconds"]["plain"])
     steps_total = STEPS
