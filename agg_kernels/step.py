@@ -108,12 +108,13 @@ def ancestral_sigma_down(sigma: float, sigma_next: float, eta: float, family: st
 
 
 # Samplers whose step from a returned denoised is first order, so the compensation is exact.
-EXACT_SAMPLERS = frozenset({"euler", "ddim", "euler_ancestral", "lcm", "euler_cfg_pp", "agg"})
+EXACT_SAMPLERS = frozenset({"euler", "ddim", "euler_ancestral", "lcm", "euler_cfg_pp", "agg", "euler_ancestral_cfg_pp"})
 # Samplers that step to sigma_down(eta) and add fresh noise; "agg" is the pack's three-zone DDIM
 # (agg_kernels.sampler), whose per-step eta comes from sampler.sampler_eta_at.
 ANCESTRAL_SAMPLERS = frozenset({"euler_ancestral", "agg"})
-# Samplers whose next state is R + sigma_next * (model's own noise estimate): R = D + delta is exact.
-JUMP_SAMPLERS = frozenset({"lcm", "euler_cfg_pp"})
+# Samplers whose next state is alpha(sigma_next) * R plus a noise term built from the (uncond) model
+# estimate: R = D + delta is exact.
+JUMP_SAMPLERS = frozenset({"lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp"})
 
 
 def compensation_target(

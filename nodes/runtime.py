@@ -293,7 +293,7 @@ class AGGRun:
                     self.warn_once(
                         "approx",
                         f"sampler '{self.sampler_name}' is not first order; the asymmetric step is realised approximately "
-                        "(exact for euler, ddim, euler_ancestral, lcm and the AGG sampler).",
+                        "(exact for euler, ddim, euler_ancestral, lcm, the cfg_pp Euler forms and the AGG sampler).",
                     )
                 returned = compensated_denoised(denoised.float(), result.delta.float(), timestep.float(), target, self.family).to(denoised.dtype)
         self.pending = (returned, shown)
