@@ -13,14 +13,12 @@ custom_nodes folder. Run it with the environment's Python (scripts/setup.sh buil
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
-AGG_HOME = Path(os.environ.get("AGG_HOME", Path.home() / ".cache" / "agg-comfyui"))
-COMFYUI_DIR = Path(os.environ.get("AGG_COMFYUI", AGG_HOME / "ComfyUI"))
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # the shared agg_testing helpers
+from agg_testing.comfy_env import COMFYUI_DIR, configure_comfy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,17 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--yaml", type=Path, help="write an extra_model_paths.yaml here")
     args = parser.parse_args(argv)
 
-    if not (COMFYUI_DIR / "main.py").exists():
-        print(f"no ComfyUI at {COMFYUI_DIR}: run scripts/setup.sh first", file=sys.stderr)
+    try:
+        configure_comfy(cpu=True)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
         return 1
-    sys.path.insert(0, str(COMFYUI_DIR))
-    sys.path.append(str(PACK_ROOT / "tests"))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
     from agg_testing import fixtures
 
     t0 = time.perf_counter()

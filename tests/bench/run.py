@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[2]
-AGG_HOME = Path(os.environ.get("AGG_HOME", Path.home() / ".cache" / "agg-comfyui"))
-COMFYUI_DIR = Path(os.environ.get("AGG_COMFYUI", AGG_HOME / "ComfyUI"))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/: the shared agg_testing helpers
+from agg_testing.comfy_env import AGG_HOME, configure_comfy  # noqa: E402
+
 BENCH_HOME = AGG_HOME / "bench"
 
 MODES = ("structure_none", "structure_fd", "structure_autograd", "clip_taesd", "clip_vae")
@@ -54,23 +54,10 @@ def setup_paths(device: str = "auto") -> str:
 
     ComfyUI runs in CPU mode unless a CUDA device is there (device "auto") or asked for ("cuda").
     """
-    if not (COMFYUI_DIR / "main.py").exists():
-        raise SystemExit(f"no ComfyUI at {COMFYUI_DIR}: run scripts/setup.sh first")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if str(COMFYUI_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFYUI_DIR))
-    for p in (str(PACK_ROOT), str(PACK_ROOT / "tests")):
-        if p not in sys.path:
-            sys.path.append(p)
     import torch
 
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = use_cpu
+    configure_comfy(cpu=use_cpu)
     import comfy.model_management  # noqa: F401  (reads args.cpu once, at import)
 
     # agg_testing.runner refuses to start unless args.cpu is set; model_management has already chosen its

@@ -24,33 +24,20 @@ import argparse
 import importlib
 import json
 import math
-import os
 import sys
 import types
 from pathlib import Path
 from types import SimpleNamespace
 
-PACK_ROOT = Path(__file__).resolve().parents[2]
-AGG_HOME = Path(os.environ.get("AGG_HOME", Path.home() / ".cache" / "agg-comfyui"))
-COMFYUI_DIR = Path(os.environ.get("AGG_COMFYUI", AGG_HOME / "ComfyUI"))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/: the shared agg_testing helpers
+from agg_testing.comfy_env import PACK_ROOT, configure_comfy  # noqa: E402
+
 EXACT_TOL = 1e-4
 
 
 def setup_paths() -> None:
     """ComfyUI first, then the pack root and tests/ (as tests/conftest.py); CPU mode."""
-    if not (COMFYUI_DIR / "main.py").exists():
-        raise SystemExit(f"no ComfyUI at {COMFYUI_DIR}: run scripts/setup.sh first")
-    if str(COMFYUI_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFYUI_DIR))
-    for p in (str(PACK_ROOT), str(PACK_ROOT / "tests")):
-        if p not in sys.path:
-            sys.path.append(p)
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    configure_comfy(cpu=True)
 
 
 def pack_runtime():
