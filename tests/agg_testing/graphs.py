@@ -76,6 +76,20 @@ class Graph:
         return Graph(copy.deepcopy(self.prompt), dict(self.names))
 
 
+
+def sample_decode_save(
+    g: Graph, ckpt: NodeRef, pos: NodeRef, neg: NodeRef, latent: NodeRef, *, seed: int, steps: int, cfg: float,
+    sampler_name: str, scheduler: str, denoise: float, filename_prefix: str,
+) -> Graph:
+    """KSampler (role "sampler") -> VAEDecode ("decode") -> SaveImage ("save"), the tail of the stock graphs."""
+    ks = g.node(
+        "KSampler", name="sampler", model=ckpt[0], seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+        scheduler=scheduler, positive=pos[0], negative=neg[0], latent_image=latent[0], denoise=denoise,
+    )
+    dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])
+    g.node("SaveImage", name="save", images=dec[0], filename_prefix=filename_prefix)
+    return g
+
 def img2img(
     *,
     ckpt_name: str = CHECKPOINT_TINY,
@@ -103,23 +117,8 @@ def img2img(
         "ImageScale", name="scale", image=load[0], upscale_method="bilinear", width=size, height=size, crop="center"
     )
     enc = g.node("VAEEncode", name="encode", pixels=scale[0], vae=ckpt[2])
-    ks = g.node(
-        "KSampler",
-        name="sampler",
-        model=ckpt[0],
-        seed=seed,
-        steps=steps,
-        cfg=cfg,
-        sampler_name=sampler_name,
-        scheduler=scheduler,
-        positive=pos[0],
-        negative=neg[0],
-        latent_image=enc[0],
-        denoise=denoise,
-    )
-    dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])
-    g.node("SaveImage", name="save", images=dec[0], filename_prefix=filename_prefix)
-    return g
+    return sample_decode_save(g, ckpt, pos, neg, enc, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                              scheduler=scheduler, denoise=denoise, filename_prefix=filename_prefix)
 
 
 def txt2img(
@@ -142,23 +141,8 @@ def txt2img(
     pos = g.node("CLIPTextEncode", name="positive", clip=ckpt[1], text=positive)
     neg = g.node("CLIPTextEncode", name="negative", clip=ckpt[1], text=negative)
     lat = g.node("EmptyLatentImage", name="latent", width=size, height=size, batch_size=1)
-    ks = g.node(
-        "KSampler",
-        name="sampler",
-        model=ckpt[0],
-        seed=seed,
-        steps=steps,
-        cfg=cfg,
-        sampler_name=sampler_name,
-        scheduler=scheduler,
-        positive=pos[0],
-        negative=neg[0],
-        latent_image=lat[0],
-        denoise=1.0,
-    )
-    dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])
-    g.node("SaveImage", name="save", images=dec[0], filename_prefix=filename_prefix)
-    return g
+    return sample_decode_save(g, ckpt, pos, neg, lat, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                              scheduler=scheduler, denoise=1.0, filename_prefix=filename_prefix)
 
 
 def insert_model_patch(g: Graph, class_type: str, *, name: str | None = None, **inputs: Any) -> NodeRef:
