@@ -15,13 +15,14 @@ from ..agg_kernels.losses import (
     clip_direction_loss,
     image_embedding,
     range_loss,
+    structure_loss,
     style_loss,
     target_direction,
     template_text_embedding,
 )
 from ..agg_kernels.objective import Loss, compose
 from .clip_model import AGGClip
-from .decoders import DECODERS, check_vae, make_decoder
+from .decoders import DECODERS, make_decoder
 from .runtime import AGGError, RunInfo
 from .types import AGGClipType, AGGLossType, AGGTrajectoryType
 
@@ -116,8 +117,6 @@ class AGGStructureLoss(io.ComfyNode):
         source_samples = None if source is None else source["samples"]
 
         def build(run: RunInfo) -> Loss:
-            from ..agg_kernels.losses import structure_loss
-
             probe = torch.empty(run.latent_shape, device="meta")
             if trajectory is not None:
                 reference = Trajectory(trajectory.sigmas.float().clone(), grad_constant(trajectory.denoised, run.device))
@@ -197,8 +196,6 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
         direction = target_direction(e_target, e_source, e_image).cpu()
 
         def build(run: RunInfo) -> Loss:
-            if decoder == "vae":
-                check_vae(vae, run.model, node)
             decode = make_decoder(decoder, vae, run, node)
             c = clip_on(clip, run)
             parts = [clip_direction_loss(weight, decode, c.encode_image, grad_constant(direction, run.device),
@@ -240,8 +237,6 @@ class AGGImageStyleLoss(io.ComfyNode):
                                   n_cuts=cutouts, seed=seed).mean(0, keepdim=True).cpu()
 
         def build(run: RunInfo) -> Loss:
-            if decoder == "vae":
-                check_vae(vae, run.model, node)
             decode = make_decoder(decoder, vae, run, node)
             c = clip_on(clip, run)
             return style_loss(weight, decode, c.encode_image, grad_constant(e_style, run.device),

@@ -254,26 +254,26 @@ class AGGRun:
         if not in_window(sigma, self.window):
             return denoised
         comfy.model_management.throw_exception_if_processing_interrupted()
-        settings = self.patch.settings
         ctx = LossContext(sigma=timestep.detach().float(), x=x.detach().float(), family=self.family, step=self.step)
-        denoise = self.denoiser(executor, timestep, model_options, seed, x.dtype)
-        try:
-            result = guided_delta(
-                self.loss, x, denoised, ctx, settings.manifold, denoise,
+
+        def delta():
+            settings = self.patch.settings
+            return guided_delta(
+                self.loss, x, denoised, ctx, settings.manifold, self.denoiser(executor, timestep, model_options, seed, x.dtype),
                 settings.dds_steps, settings.dds_lr, fd_rel_step=self.fd_rel_step,
             )
+
+        try:
+            result = delta()
         except RuntimeError as e:
-            if settings.manifold != "autograd" or "nference" not in str(e):
+            if self.patch.settings.manifold != "autograd" or "nference" not in str(e):
                 raise
             # A patch outside the diffusion model (e.g. a ControlNet) holds inference weights: the exact
             # Jacobian is out of reach, so fall back to the finite-difference one for this run.
             self.warn_once("autograd", f"autograd through the model failed ({e}); using finite_difference instead.")
             self.patch_manifold_fallback()
-            result = guided_delta(
-                self.loss, x, denoised, ctx, "finite_difference",
-                self.denoiser(executor, timestep, model_options, seed, x.dtype),
-                settings.dds_steps, settings.dds_lr, fd_rel_step=self.fd_rel_step,
-            )
+            result = delta()
+        settings = self.patch.settings
         self.step += 1
         self.history.append({"step": self.step, "sigma": sigma, **result.terms, "skipped": result.skipped})
         self.patch.report(self, sigma, result)
