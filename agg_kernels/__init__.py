@@ -7,8 +7,8 @@ DDS refinement, schedules, losses and inversion.
 from .coordinates import FAMILIES, alpha, eps_from_denoised, noisy_from_clean
 from .dds import dds_refine
 from .guidance import GuidanceResult, guided_delta
-from .manifold import MANIFOLD_MODES, manifold_corrected, manifold_gradient
-from .objective import LossContext, compose, total
+from .manifold import MANIFOLD_MODES, covariance_product, manifold_gradient
+from .objective import LossContext, WeightedLoss, anchors_of, compose, total, weights_of
 from .step import (
     asymmetric_step,
     compensated_denoised,
@@ -17,13 +17,17 @@ from .step import (
     symmetric_denoised,
     symmetric_step,
 )
+from .strength import DEFAULT_TRUST, posterior_variance, term_pull, trust_radius
 
 __all__ = [
+    "DEFAULT_TRUST",
     "FAMILIES",
     "MANIFOLD_MODES",
     "GuidanceResult",
     "LossContext",
+    "WeightedLoss",
     "alpha",
+    "anchors_of",
     "asymmetric_step",
     "compensated_denoised",
     "compensation_target",
@@ -31,11 +35,15 @@ __all__ = [
     "dds_refine",
     "eps_from_denoised",
     "guided_delta",
-    "manifold_corrected",
+    "covariance_product",
     "manifold_gradient",
     "next_sigma",
     "noisy_from_clean",
+    "posterior_variance",
     "symmetric_denoised",
     "symmetric_step",
+    "term_pull",
     "total",
+    "trust_radius",
+    "weights_of",
 ]

@@ -1,65 +1,55 @@
-"""Refinement of the clean estimate by K optimiser steps on the loss, with no denoiser call."""
+"""Per-term gradients and pulls of a loss, and the refinement of the clean estimate (no denoiser call)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from .manifold import grad_enabled, per_element_scale
-from .objective import total
-
-DDS_OPTIMIZERS = ("adam", "sgd")
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
+from .manifold import grad_enabled
+from .objective import Loss, LossContext, Terms, anchors_of, weights_of
+from .strength import term_pull
 
 
-def adam_update(
-    grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float, betas: tuple[float, float] = ADAM_BETAS
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Adam step: (update to subtract, new first moment, new second moment)."""
-    b1, b2 = betas
-    m = b1 * m + (1 - b1) * grad
-    v = b2 * v + (1 - b2) * grad * grad
-    m_hat = m / (1 - b1**step)
-    v_hat = v / (1 - b2**step)
-    return lr * m_hat / (v_hat.sqrt() + ADAM_EPS), m, v
-
-
-Terms = dict[str, torch.Tensor]
-
-
-def loss_and_gradient(objective: Callable[[torch.Tensor], Terms], x0: torch.Tensor) -> tuple[Terms, torch.Tensor]:
-    """(the objective's per-sample terms, detached; gradient of their sum w.r.t. x0, per element).
-
-    Losses are means over elements; the gradient is scaled by the element count of a sample so that
-    a loss weight means the same step size at every resolution.
-    """
+def term_gradients(loss: Loss, x0: torch.Tensor, ctx: LossContext) -> tuple[Terms, Terms]:
+    """(each term's per-sample value, detached; each term's gradient w.r.t. x0), one backward pass a term."""
     with grad_enabled():
         xg = x0.detach().clone().requires_grad_(True)
-        terms = objective(xg)
-        (g,) = torch.autograd.grad(total(terms).sum(), xg)
-    return {k: v.detach() for k, v in terms.items()}, g * per_element_scale(x0)
+        terms = loss(xg, ctx)
+        if not terms:
+            raise ValueError("a loss returned no terms")
+        names = list(terms)
+        grads: Terms = {}
+        for i, name in enumerate(names):
+            value = terms[name]
+            if not value.requires_grad:
+                grads[name] = torch.zeros_like(xg)
+                continue
+            (g,) = torch.autograd.grad(value.sum(), xg, retain_graph=i < len(names) - 1, allow_unused=True)
+            grads[name] = torch.zeros_like(xg) if g is None else g.detach()
+    return {k: v.detach() for k, v in terms.items()}, grads
 
 
-def dds_refine(
-    objective: Callable[[torch.Tensor], Terms],
-    x0: torch.Tensor,
-    steps: int,
-    lr: float,
-    optimizer: str = "adam",
-) -> torch.Tensor:
-    """K steps of Adam (or plain gradient descent) on objective(x0); returns x0 after the K-th step."""
-    if optimizer not in DDS_OPTIMIZERS:
-        raise ValueError(f"unknown DDS optimizer {optimizer!r}; expected one of {', '.join(DDS_OPTIMIZERS)}")
+def term_pulls(loss: Loss, x0: torch.Tensor, ctx: LossContext, grads: Terms) -> Terms:
+    """Each term's pull on x0 (weight-sized, anchored terms clipped at their reference); see strength."""
+    weights = weights_of(loss)
+    anchors = anchors_of(loss, x0, ctx)
+    return {k: term_pull(g, weights.get(k, 1.0), x0, anchors.get(k)) for k, g in grads.items()}
+
+
+def summed(pulls: Terms, like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(like)
+    for p in pulls.values():
+        out = out + p
+    return out
+
+
+def dds_refine(loss: Loss, x0: torch.Tensor, ctx: LossContext, steps: int, lr: float) -> torch.Tensor:
+    """K refinement steps x0 <- x0 - lr * (sum of the term pulls at x0); returns x0 after the K-th step.
+
+    The pulls are weight-sized, so lr is the fraction of the weight each step moves; anchored terms stay
+    clipped at their reference for lr <= 1. K = 0 returns a copy of the input.
+    """
     x = x0.detach().clone()
-    m = torch.zeros_like(x)
-    v = torch.zeros_like(x)
-    for k in range(1, steps + 1):
-        _, g = loss_and_gradient(objective, x)
-        if optimizer == "adam":
-            update, m, v = adam_update(g, m, v, k, lr)
-        else:
-            update = lr * g
-        x = x - update
+    for _ in range(steps):
+        _, grads = term_gradients(loss, x, ctx)
+        x = x - lr * summed(term_pulls(loss, x, ctx, grads), x)
     return x

@@ -1,27 +1,53 @@
-"""One guided step: loss gradient -> manifold step -> DDS refinement -> delta, with a non-finite guard."""
+"""One guided step: per-term pulls -> covariance (manifold) step -> refinement -> trust region -> delta."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .dds import dds_refine, loss_and_gradient
-from .manifold import FD_REL_STEP, Denoiser, manifold_corrected, manifold_gradient
-from .objective import Loss, LossContext, total
+from .dds import dds_refine, summed, term_gradients, term_pulls
+from .manifold import FD_REL_STEP, Denoiser, covariance_product, plain
+from .objective import Loss, LossContext
+from .strength import DEFAULT_TRUST, clip_to_radius, is_descent, posterior_variance, rms, trust_radius
+
+# Refinement defaults: one step of half the weight (the paper's one x0-space step after the manifold step).
+DEFAULT_DDS_STEPS = 1
+DEFAULT_DDS_LR = 0.5
 
 
 @dataclass
 class GuidanceResult:
-    """delta is None when guidance was skipped for this step (`skipped` says why)."""
+    """delta is None when guidance was skipped for this step (`skipped` says why).
+
+    terms: each term's raw value (batch mean); grad_rms: RMS of its raw gradient; step_rms: RMS of the pull
+    it asked of the clean estimate (weight-sized, anchored terms clipped); delta_rms: RMS of the final step;
+    trust_region: the cap acted on some sample; fallback: why the Jacobian step was replaced, if it was.
+    """
 
     delta: torch.Tensor | None
     terms: dict[str, float] = field(default_factory=dict)
     skipped: str | None = None
+    grad_rms: dict[str, float] = field(default_factory=dict)
+    step_rms: dict[str, float] = field(default_factory=dict)
+    delta_rms: float = 0.0
+    trust_region: bool = False
+    fallback: str | None = None
+
+    def report(self) -> dict:
+        """The step's figures as plain JSON values."""
+        return {
+            "terms": self.terms, "grad_rms": self.grad_rms, "step_rms": self.step_rms, "delta_rms": self.delta_rms,
+            "trust_region": self.trust_region, "fallback": self.fallback, "skipped": self.skipped,
+        }
 
 
 def is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
+
+
+def mean_of(t: torch.Tensor) -> float:
+    return float(t.float().mean())
 
 
 def guided_delta(
@@ -31,31 +57,48 @@ def guided_delta(
     ctx: LossContext,
     manifold: str = "finite_difference",
     denoise: Denoiser | None = None,
-    dds_steps: int = 1,
-    dds_lr: float = 0.05,
-    dds_optimizer: str = "adam",
+    dds_steps: int = DEFAULT_DDS_STEPS,
+    dds_lr: float = DEFAULT_DDS_LR,
     fd_rel_step: float = FD_REL_STEP,
+    *,
+    probe_base: torch.Tensor | None = None,
+    trust: float = DEFAULT_TRUST,
 ) -> GuidanceResult:
-    """delta = x_tilde - D for one step (DESIGN §1.2 steps 1-3).
+    """delta = x_tilde - D for one step, in model-independent units (see agg_kernels.strength).
 
-    `denoise` is the full guided denoiser at this step's sigma (needed by autograd and
-    finite_difference). A NaN or inf anywhere skips the step's guidance and says so.
+    `denoise` is the denoiser whose Jacobian carries the pull (autograd, finite_difference), and
+    `probe_base` its value at x (default: `denoised`). Where its step would not lower the loss (a Jacobian
+    that is not a covariance), the sample falls back to the unit-variance prior's step, and says so.
+    Inputs are assumed valid (the nodes check them); a NaN or inf loss skips the step and says why.
     """
+    work = plain(denoised).float()
+    ctx = replace(ctx, sigma=plain(ctx.sigma).float(), x=plain(ctx.x).float())
+    values, grads = term_gradients(loss, work, ctx)
+    terms = {k: mean_of(v) for k, v in values.items()}
+    grad_rms = {k: mean_of(rms(g)) for k, g in grads.items()}
+    if not all(is_finite(v) for v in values.values()) or not all(is_finite(g) for g in grads.values()):
+        return GuidanceResult(None, terms, "non-finite loss or gradient", grad_rms)
+    pulls = term_pulls(loss, work, ctx, grads)
+    step_rms = {k: mean_of(rms(p)) for k, p in pulls.items()}
+    pull = summed(pulls, work)
+    if not bool(pull.any()):
+        return GuidanceResult(torch.zeros_like(denoised), terms, None, grad_rms, step_rms)
 
-    def objective(x0: torch.Tensor) -> dict[str, torch.Tensor]:
-        return loss(x0, ctx)
-
-    work = denoised.detach().float()
-    values, grad_d = loss_and_gradient(objective, work)
-    terms = {k: float(v.float().mean()) for k, v in values.items()}
-    if not (is_finite(total(values)) and is_finite(grad_d)):
-        return GuidanceResult(None, terms, "non-finite loss or gradient")
-    grad_x = manifold_gradient(manifold, grad_d, x.float(), work, ctx.sigma, denoise, fd_rel_step)
-    if not is_finite(grad_x):
-        return GuidanceResult(None, terms, f"non-finite {manifold} gradient")
-    x0 = manifold_corrected(work, grad_x.float(), ctx.sigma, ctx.family)
-    x0 = dds_refine(objective, x0, dds_steps, dds_lr, dds_optimizer)
-    delta = x0 - work
+    prior = posterior_variance(ctx.sigma.reshape(-1, *([1] * (work.ndim - 1))), ctx.family) * pull
+    fallback = None
+    if manifold == "none":
+        step = prior
+    else:
+        base = work if probe_base is None else plain(probe_base).float()
+        step = covariance_product(manifold, pull, plain(x).float(), base, ctx.sigma, ctx.family, denoise, fd_rel_step)
+        ok = is_descent(pull, step)
+        if not bool(ok.all()):
+            fallback = f"{manifold} step not a descent direction on {int((~ok).sum())} of {len(ok)} samples; used the prior covariance"
+            step = torch.where(ok.reshape(-1, *([1] * (work.ndim - 1))), torch.nan_to_num(step), prior)
+    x0 = dds_refine(loss, work - step, ctx, dds_steps, dds_lr)
+    delta, capped = clip_to_radius(x0 - work, trust_radius(ctx.sigma, ctx.family, trust))
     if not is_finite(delta):
-        return GuidanceResult(None, terms, "non-finite delta")
-    return GuidanceResult(delta.to(denoised.dtype), terms)
+        return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback)
+    return GuidanceResult(
+        delta.to(denoised.dtype), terms, None, grad_rms, step_rms, mean_of(rms(delta)), bool(capped.any()), fallback
+    )

@@ -60,8 +60,8 @@ def ddim_invert(
     """Invert a clean latent x0 to the top sigma; returns (state at the top, trajectory of D).
 
     sigmas_ascending: s_0 < s_1 < ... < s_n (s_0 may be 0). The state starts at alpha(s_0) * x0 (no noise)
-    and each step s_i -> s_{i+1} evaluates D at s_i (at s_1 when s_0 = 0: a clean input has no noise
-    estimate at sigma 0).
+    and each step s_i -> s_{i+1} evaluates D at s_i; from s_0 = 0 the step is alpha(s_1) * x0 with no model
+    call (the noise estimate of a clean latent is zero).
 
     The trajectory holds one clean estimate per given sigma, taken at the state the inversion reached
     there: at s_0 = 0 that is x0 itself (the clean estimate of a clean latent), at s_0 > 0 and every
@@ -69,24 +69,28 @@ def ddim_invert(
     final state, so a Structure Loss read at the sampler's first sigma has an exact entry. Its sigmas
     therefore equal the given sigmas (without the top when record_top is False).
 
-    callback(done, total) is called after each denoiser call (total = n, or n + 1 with record_top).
+    callback(done, total) is called after each denoiser call (total = the number of calls).
     The returned state is in k-diffusion coordinates; see latent_for_sampler for what to hand a sampler.
     """
     s = _sigma_list(sigmas_ascending, ascending=True, family=family)
     n = len(s) - 1
-    total = n + int(record_top)
+    total = n - int(s[0] == 0) + int(record_top)
     rec = TrajectoryRecorder(device=trajectory_device)
     x = x0 * alpha(s[0], family) if s[0] > 0 else x0.clone()
-    if s[0] == 0:
-        rec.append(0.0, x0)
+    done = 0
     for i in range(n):
-        s_eval = s[i] if s[i] > 0 else s[i + 1]
-        d = denoise(x, _sigma_batch(s_eval, x))
-        if s[i] > 0:
-            rec.append(s[i], d)
-        x = ddim_step(x, d, s_eval, s[i + 1], family)
+        if s[i] == 0:
+            # At sigma 0 the state is the clean latent, its clean estimate is x0 itself and the flow's
+            # noise estimate vanishes (eps_hat = (x - D) / sigma -> 0): the Euler step needs no model call.
+            rec.append(0.0, x0)
+            x = alpha(s[i + 1], family) * x0
+            continue
+        d = denoise(x, _sigma_batch(s[i], x))
+        rec.append(s[i], d)
+        x = ddim_step(x, d, s[i], s[i + 1], family)
+        done += 1
         if callback is not None:
-            callback(i + 1, total)
+            callback(done, total)
     if record_top:
         rec.append(s[-1], denoise(x, _sigma_batch(s[-1], x)))
         if callback is not None:

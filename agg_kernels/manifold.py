@@ -1,12 +1,10 @@
-"""Gradients of a loss on the clean estimate, carried back to the sampler state x.
+"""The manifold step: a pull on the clean estimate carried through the posterior covariance of x0 given x.
 
-x0_hat' = D - (sigma^2 / alpha(sigma)) * grad_x L(D(x)),  grad_x L = J^T grad_D L,  J = dD/dx.
-
-Modes:
-  autograd           exact vector-Jacobian product through a differentiable denoiser.
-  finite_difference  J^T v = J v for the (symmetric) Tweedie Jacobian, so one extra forward pass
-                     (D(x + h v) - D(x)) / h gives it; no backward pass through the model.
-  none               J ~ I: the gradient w.r.t. the clean estimate itself.
+For a Tweedie denoiser D(x) = E[x0 | x], J = dD/dx = alpha Cov[x0 | x] / sigma^2, so the covariance product
+is Cov v = (sigma^2 / alpha) J v. Modes:
+  autograd           J^T v through a differentiable denoiser (exact; J is symmetric, so J^T v = J v).
+  finite_difference  J v ~ (D(x + h v) - D(x)) / h: one extra forward pass, no backward pass.
+  none               J unknown: the unit-variance prior's covariance sigma^2 / (alpha^2 + sigma^2).
 """
 
 from __future__ import annotations
@@ -15,14 +13,15 @@ from collections.abc import Callable
 
 import torch
 
-from .coordinates import expand_sigma, manifold_scale
+from .coordinates import expand_sigma
+from .strength import covariance_scale, posterior_variance
 
 MANIFOLD_MODES = ("finite_difference", "autograd", "none")
 Denoiser = Callable[[torch.Tensor], torch.Tensor]
 
 # The finite-difference probe moves x by this fraction of sigma (RMS per sample). The Tweedie
 # Jacobian varies on the scale of sigma, so the truncation error is O(FD_REL_STEP) while the
-# rounding error of a float32 / float16 model output stays well below the difference.
+# rounding error of a float32 model output stays well below the difference.
 FD_REL_STEP = 2e-2
 
 
@@ -44,9 +43,10 @@ class _GradContext:
         return False
 
 
-def per_element_scale(t: torch.Tensor) -> int:
-    """Element count of one sample: losses are means, their gradients are applied per element."""
-    return t[0].numel()
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy that is an ordinary tensor (not an inference tensor), so autograd may save it."""
+    with torch.inference_mode(False):
+        return t.detach().clone()
 
 
 def vjp_autograd(denoise: Denoiser, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ def jvp_finite_difference(
     sigma: torch.Tensor | float,
     rel_step: float = FD_REL_STEP,
 ) -> torch.Tensor:
-    """J v ~ (D(x + h v) - D(x)) / h with one extra denoiser call; equals J^T v for a Tweedie denoiser."""
+    """J v ~ (D(x + h v) - D(x)) / h with one extra denoiser call; `denoised` is D(x) of the same denoiser."""
     h = fd_step_size(x, v, sigma, rel_step)
     probe = denoise(x + h * v)
     return (probe - denoised) / h
@@ -88,7 +88,7 @@ def manifold_gradient(
     denoise: Denoiser | None = None,
     rel_step: float = FD_REL_STEP,
 ) -> torch.Tensor:
-    """grad_x L from grad_D L, by the chosen mode."""
+    """J^T v for v = grad_denoised, by the chosen mode (`none`: v itself, J ~ I)."""
     if mode == "none":
         return grad_denoised
     if denoise is None:
@@ -100,6 +100,18 @@ def manifold_gradient(
     raise ValueError(f"unknown manifold mode {mode!r}; expected one of {', '.join(MANIFOLD_MODES)}")
 
 
-def manifold_corrected(denoised: torch.Tensor, grad_x: torch.Tensor, sigma: torch.Tensor | float, family: str) -> torch.Tensor:
-    """x0_hat' = D - (sigma^2 / alpha(sigma)) * grad_x L."""
-    return denoised - manifold_scale(expand_sigma(sigma, denoised), family) * grad_x
+def covariance_product(
+    mode: str,
+    v: torch.Tensor,
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    sigma: torch.Tensor | float,
+    family: str,
+    denoise: Denoiser | None = None,
+    rel_step: float = FD_REL_STEP,
+) -> torch.Tensor:
+    """Cov[x0 | x] v: (sigma^2 / alpha) J v from the denoiser, or the unit-variance prior's for `none`."""
+    s = expand_sigma(sigma, v)
+    if mode == "none":
+        return posterior_variance(s, family) * v
+    return covariance_scale(s, family) * manifold_gradient(mode, v, x, denoised, sigma, denoise, rel_step)

@@ -1,4 +1,10 @@
-"""What every AGG loss is: weighted per-sample terms of the clean estimate at one step."""
+"""What every AGG loss is: named per-sample terms of the clean estimate at one step, each with a strength.
+
+A loss is a callable (x0_hat [B, C, H, W], context) -> {name: [B] raw value}. Its strength lives beside it,
+not inside the values: `weights_of(loss)` gives each term's weight, a latent-space distance per guided step
+(see agg_kernels.strength), so multiplying a loss by a constant changes nothing. A term may also name an
+anchor (`anchors_of`): a reference its minimum lies at, which its step never passes (Structure Loss).
+"""
 
 from __future__ import annotations
 
@@ -24,13 +30,44 @@ class LossContext:
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
-# A loss maps (x0_hat [B, C, H, W], context) to named, already weighted, per-sample terms ([B] each).
-Loss = Callable[[torch.Tensor, LossContext], dict[str, torch.Tensor]]
+Terms = dict[str, torch.Tensor]
+# A loss maps (x0_hat [B, C, H, W], context) to named, raw (unweighted), per-sample terms ([B] each).
+Loss = Callable[[torch.Tensor, LossContext], Terms]
+Anchors = Callable[[torch.Tensor, LossContext], Terms]
 
 
-def total(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the weighted terms, per sample."""
-    values = list(terms.values())
+class WeightedLoss:
+    """A loss with its strength: `weights` maps each term to its weight; `anchor`, if given, maps
+    (x0, ctx) to {term: reference} for terms whose step must never pass their reference."""
+
+    def __init__(self, fn: Loss, weights: Mapping[str, float], anchor: Anchors | None = None):
+        self.fn, self._weights, self._anchor = fn, {k: float(v) for k, v in weights.items()}, anchor
+
+    def __call__(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
+        return self.fn(x0, ctx)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self._weights)
+
+    def anchors(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
+        return {} if self._anchor is None else self._anchor(x0, ctx)
+
+
+def weights_of(loss: Loss) -> dict[str, float]:
+    """Each term's weight; a term the loss does not weigh has weight 1."""
+    return dict(getattr(loss, "weights", {}) or {})
+
+
+def anchors_of(loss: Loss, x0: torch.Tensor, ctx: LossContext) -> Terms:
+    """{term: reference} for the loss's anchored terms (none for a plain callable)."""
+    fn = getattr(loss, "anchors", None)
+    return fn(x0, ctx) if fn is not None else {}
+
+
+def total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None) -> torch.Tensor:
+    """Sum of the terms per sample, each times its weight (1 where none is given)."""
+    values = [v * (1.0 if weights is None else weights.get(k, 1.0)) for k, v in terms.items()]
     if not values:
         raise ValueError("a loss returned no terms")
     out = values[0]
@@ -39,17 +76,53 @@ def total(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def compose(*losses: Loss) -> Loss:
-    """A loss whose terms are the union of the given losses' terms (repeated names get a suffix)."""
+def _unique(name: str, taken: Mapping[str, object] | set[str]) -> str:
+    key, n = name, 2
+    while key in taken:
+        key, n = f"{name}_{n}", n + 1
+    return key
 
-    def composed(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for loss in losses:
-            for name, value in loss(x0, ctx).items():
-                key, n = name, 2
-                while key in out:
-                    key, n = f"{name}_{n}", n + 1
-                out[key] = value
+
+class Composed:
+    """The union of several losses' terms, weights and anchors (a repeated name gets a suffix)."""
+
+    def __init__(self, losses: tuple[Loss, ...]):
+        self.losses = losses
+
+    def _merge(self, parts: list[Mapping[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for part in parts:
+            for name, value in part.items():
+                out[_unique(name, out)] = value
         return out
 
-    return composed
+    def _names(self) -> list[dict[str, str]]:
+        """Per part, its own term names -> the composed names (from the parts' weights)."""
+        taken: set[str] = set()
+        maps = []
+        for loss in self.losses:
+            m = {}
+            for name in weights_of(loss):
+                m[name] = _unique(name, taken)
+                taken.add(m[name])
+            maps.append(m)
+        return maps
+
+    def __call__(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
+        return self._merge([loss(x0, ctx) for loss in self.losses])  # type: ignore[return-value]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self._merge([weights_of(loss) for loss in self.losses])  # type: ignore[return-value]
+
+    def anchors(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
+        out: Terms = {}
+        for loss, names in zip(self.losses, self._names(), strict=True):
+            for name, ref in anchors_of(loss, x0, ctx).items():
+                out[names.get(name, name)] = ref
+        return out
+
+
+def compose(*losses: Loss) -> Composed:
+    """A loss whose terms, weights and anchors are the union of the given losses'."""
+    return Composed(losses)

@@ -22,27 +22,35 @@ def settings_inputs() -> list:
         ),
         io.Float.Input(
             "end_percent", default=DEFAULTS.end_percent, min=0.0, max=1.0, step=0.001,
-            tooltip="Where guidance stops (1 = the clean end). The default guides the first third of an img2img "
-            "run at denoise 0.6, as in the paper; later steps run unguided.",
+            tooltip="Where guidance stops (1 = the clean end). The default 0.59 guides the first 19 of 60 steps of an "
+            "img2img run at denoise 0.6, as in the paper; later steps run unguided. Raise it to guide longer "
+            "(a stronger edit), lower it for a lighter one.",
         ),
         io.Combo.Input(
             "manifold", options=list(MANIFOLD_MODES), default=DEFAULTS.manifold,
-            tooltip="How the loss gradient reaches the sampler state. finite_difference: one extra model pass per "
-            "guided step (ControlNet, LoRA and CFG included), no extra memory. autograd: exact backward pass through "
-            "the model (slowest, needs a copy of the weights during the run). none: skip the model Jacobian (fastest).",
+            tooltip="How the pull on the clean estimate reaches the sampler: through the posterior covariance of the "
+            "model. finite_difference: one extra conditional model pass per guided step (ControlNet, LoRA included), "
+            "no extra memory. autograd: exact backward pass through the model (slowest, a copy of the weights during "
+            "the run). none: the covariance of a unit-variance latent, no model pass (fastest).",
         ),
         io.Int.Input(
             "dds_steps", default=DEFAULTS.dds_steps, min=0, max=50,
-            tooltip="Optimiser steps refining the clean estimate after the gradient step (no model call). 0 disables.",
+            tooltip="Refinement steps on the clean estimate after the covariance step (no model call), each moving "
+            "it by dds_lr x the loss weights. 0 disables.",
         ),
         io.Float.Input(
-            "dds_lr", default=DEFAULTS.dds_lr, min=0.0, max=10.0, step=0.001,
-            tooltip="Adam learning rate of the refinement steps, in latent units per step.",
+            "dds_lr", default=DEFAULTS.dds_lr, min=0.0, max=1.0, step=0.01,
+            tooltip="Size of each refinement step, as a fraction of the loss weights (0..1).",
         ),
         io.Boolean.Input(
             "asymmetric", default=DEFAULTS.asymmetric,
             tooltip="On: the guidance edits only the clean estimate and keeps the model's own noise (AGG). "
             "Off: ordinary clean-estimate guidance (the symmetric ablation), which moves the sample much less.",
+        ),
+        io.Float.Input(
+            "trust_region", default=DEFAULTS.trust, min=0.01, max=10.0, step=0.01, optional=True,
+            tooltip="Cap on one guided step's change of the clean estimate, in posterior standard deviations of the "
+            "model at that noise level (RMS). Steps above it are scaled down and reported.",
         ),
     ]
 
@@ -73,10 +81,11 @@ class AGGApply(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, loss, start_percent, end_percent, manifold, dds_steps, dds_lr, asymmetric) -> io.NodeOutput:
+    def execute(cls, model, loss, start_percent, end_percent, manifold, dds_steps, dds_lr, asymmetric,
+                trust_region=DEFAULTS.trust) -> io.NodeOutput:
         patch = make_patch(
             model, loss, "Apply AGG", start_percent=start_percent, end_percent=end_percent, manifold=manifold,
-            dds_steps=dds_steps, dds_lr=dds_lr, asymmetric=asymmetric,
+            dds_steps=dds_steps, dds_lr=dds_lr, asymmetric=asymmetric, trust=trust_region,
         )
         return io.NodeOutput(patch.install(model))
 
@@ -111,10 +120,10 @@ class AGGGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, loss, start_percent, end_percent, manifold, dds_steps, dds_lr,
-                asymmetric) -> io.NodeOutput:
+                asymmetric, trust_region=DEFAULTS.trust) -> io.NodeOutput:
         patch = make_patch(
             model, loss, "AGG Guider", start_percent=start_percent, end_percent=end_percent, manifold=manifold,
-            dds_steps=dds_steps, dds_lr=dds_lr, asymmetric=asymmetric,
+            dds_steps=dds_steps, dds_lr=dds_lr, asymmetric=asymmetric, trust=trust_region,
         )
         guider = Guider_AGG(model, patch)
         guider.set_conds(positive, negative)

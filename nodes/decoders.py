@@ -78,10 +78,10 @@ def taesd_decoder(run: RunInfo, node: str) -> Decoder:
         return gradient_copy(net, run.device, torch.float32)
 
     net = run.cached(("taesd", path), make)
-    model = run.model
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
-        return net.decode(model.process_latent_out(x0).float())
+        # TAESD decoders take the model's own latents, as ComfyUI's previews feed them (unit scale, no shift).
+        return net.decode(x0.float())
 
     return decode
 

@@ -26,9 +26,11 @@ from .decoders import DECODERS, make_decoder
 from .runtime import AGGError, RunInfo
 from .types import AGGClipType, AGGLossType, AGGTrajectoryType
 
-DEFAULT_STRUCTURE_WEIGHT = 0.3
-DEFAULT_CLIP_WEIGHT = 2.0
-DEFAULT_STYLE_WEIGHT = 2.0
+# Weights are latent-space distances per guided step (RMS over the latent, at unit posterior covariance;
+# see agg_kernels.strength), so they mean the same on every model and decoder.
+DEFAULT_STRUCTURE_WEIGHT = 0.1
+DEFAULT_CLIP_WEIGHT = 0.1
+DEFAULT_STYLE_WEIGHT = 0.1
 DEFAULT_CUTOUTS = 8
 
 
@@ -74,9 +76,13 @@ def loss_input() -> io.Input:
     return AGGLossType.Input("loss", optional=True, tooltip="An upstream AGG loss to add this one to (chaining).")
 
 
-def weight_input(default: float, what: str) -> io.Input:
-    return io.Float.Input("weight", default=default, min=0.0, max=1000.0, step=0.01,
-                          tooltip=f"Strength of the {what}; 0 turns it off.")
+def weight_input(default: float, what: str, more: str = "") -> io.Input:
+    return io.Float.Input(
+        "weight", default=default, min=0.0, max=100.0, step=0.005,
+        tooltip=f"Strength of the {what}: how far one guided step may move the image's latent, as an RMS "
+        f"distance in latent units (latents have about unit spread). The same number means the same on every "
+        f"model. 0 turns it off; useful range 0.02-0.5 (default {default}).{more}",
+    )
 
 
 def decoder_input() -> io.Input:
@@ -98,7 +104,8 @@ class AGGStructureLoss(io.ComfyNode):
             description="Keeps the result's layout close to the source: L1 between the clean estimate and the "
             "source's clean estimate at the same noise level (from AGG Invert's trajectory), or the source latent.",
             inputs=[
-                weight_input(DEFAULT_STRUCTURE_WEIGHT, "pull toward the source"),
+                weight_input(DEFAULT_STRUCTURE_WEIGHT, "pull toward the source",
+                             " Never moves an element past the source: more weight only keeps more of the layout."),
                 io.Latent.Input("source", optional=True, tooltip="The source latent (VAEEncode of the photo). Used "
                                 "when no trajectory is connected."),
                 AGGTrajectoryType.Input("trajectory", optional=True, tooltip="AGG Invert's trajectory: the source's clean "

@@ -16,13 +16,15 @@ from typing import Any
 import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
+import comfy.samplers
 import torch
 
-from ..agg_kernels.guidance import guided_delta
+from ..agg_kernels.guidance import DEFAULT_DDS_LR, DEFAULT_DDS_STEPS, guided_delta
 from ..agg_kernels.manifold import FD_REL_STEP, MANIFOLD_MODES, grad_enabled
 from ..agg_kernels.objective import LossContext
-from ..agg_kernels.schedule import edit_window, in_window
+from ..agg_kernels.schedule import REFERENCE_END_PERCENT, edit_window, in_window
 from ..agg_kernels.step import compensated_denoised, compensation_target, following_sigma, next_sigma
+from ..agg_kernels.strength import DEFAULT_TRUST
 
 log = logging.getLogger("AGG")
 
@@ -63,11 +65,12 @@ def require_family(model_sampling: Any, node: str, input_name: str = "model") ->
 @dataclass(frozen=True)
 class AGGSettings:
     start_percent: float = 0.0
-    end_percent: float = 0.6
+    end_percent: float = round(REFERENCE_END_PERCENT, 4)
     manifold: str = "finite_difference"
-    dds_steps: int = 1
-    dds_lr: float = 0.05
+    dds_steps: int = DEFAULT_DDS_STEPS
+    dds_lr: float = DEFAULT_DDS_LR
     asymmetric: bool = True
+    trust: float = DEFAULT_TRUST
     fd_rel_step: float | None = None  # None: by the model's precision (see fd_step_for)
 
     def validate(self, node: str) -> AGGSettings:
@@ -78,8 +81,11 @@ class AGGSettings:
             )
         if self.manifold not in MANIFOLD_MODES:
             raise AGGError(f"{node}: input 'manifold' must be one of {', '.join(MANIFOLD_MODES)}, got {self.manifold!r}.")
-        if self.dds_steps < 0 or self.dds_lr < 0:
-            raise AGGError(f"{node}: inputs 'dds_steps' and 'dds_lr' must not be negative.")
+        if self.dds_steps < 0 or not 0.0 <= self.dds_lr <= 1.0:
+            raise AGGError(f"{node}: input 'dds_steps' must not be negative and 'dds_lr' must lie in 0..1 "
+                           f"(got {self.dds_steps}, {self.dds_lr}).")
+        if not self.trust > 0:
+            raise AGGError(f"{node}: input 'trust_region' must be above 0 (got {self.trust}).")
         return self
 
 
@@ -184,6 +190,7 @@ class AGGRun:
         self.warned: set[str] = set()
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (returned R, displayed D + delta)
         self.grad_weights: GradientWeights | None = None
+        self.captured: torch.Tensor | None = None  # the guider's conditional prediction at this call's x
         patcher = getattr(guider, "model_patcher", None)
         model_dtype = patcher.model_dtype() if patcher is not None else torch.float32
         self.fd_rel_step = fd_step_for(model_dtype, patch.settings.fd_rel_step)
@@ -231,36 +238,59 @@ class AGGRun:
         return {k: self.sampler_options[k] for k in keys if k in self.sampler_options}
 
     def denoiser(self, executor, timestep, model_options, seed, dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The denoiser whose Jacobian carries the pull: the conditional prediction alone.
+
+        Its Jacobian is a posterior covariance (CFG's J_u + s (J_c - J_u) need not be), it costs one
+        conditional pass, and it runs no pre/post-CFG function, so a sampler's state kept there (the
+        cfg_pp samplers' uncond estimate) is untouched. ControlNet, LoRA, hooks and area conds still
+        apply: the pass goes through calc_cond_batch. A guider without a positive cond falls back to
+        its full prediction.
+        """
         mode = self.patch.settings.manifold
         if mode == "none":
             return None
+        cond = (getattr(self.guider, "conds", None) or {}).get("positive")
 
-        def plain(xp: torch.Tensor) -> torch.Tensor:
-            return executor(xp.to(dtype), timestep, model_options, seed).float()
+        def forward(xp: torch.Tensor) -> torch.Tensor:
+            if cond is None:
+                return executor(xp.to(dtype), timestep, model_options, seed).float()
+            return comfy.samplers.calc_cond_batch(self.guider.inner_model, [cond], xp.to(dtype), timestep, model_options)[0].float()
 
         if mode == "finite_difference":
-            return plain
+            return forward
 
         def differentiable(xp: torch.Tensor) -> torch.Tensor:
             if self.grad_weights is None:
                 self.grad_weights = GradientWeights(self.guider.inner_model.diffusion_model)
             with self.grad_weights:
-                return executor(xp.to(dtype), timestep, model_options, seed).float()
+                return forward(xp)
 
         return differentiable
+
+    def probe_base(self, denoise: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
+        """The probed denoiser's value at x: the conditional prediction the guider just made (captured by
+        the post-CFG hook), else one more conditional pass."""
+        captured, self.captured = self.captured, None
+        if denoise is None or self.patch.settings.manifold != "finite_difference":
+            return None
+        if captured is not None and captured.shape == x.shape:
+            return captured
+        return denoise(x)
 
     def guide(self, executor, x: torch.Tensor, timestep: torch.Tensor, model_options: dict, seed, denoised: torch.Tensor) -> torch.Tensor:
         sigma = float(timestep.flatten()[0])
         if not in_window(sigma, self.window):
+            self.captured = None
             return denoised
         comfy.model_management.throw_exception_if_processing_interrupted()
         ctx = LossContext(sigma=timestep.detach().float(), x=x.detach().float(), family=self.family, step=self.step)
 
         def delta():
             settings = self.patch.settings
+            denoise = self.denoiser(executor, timestep, model_options, seed, x.dtype)
             return guided_delta(
-                self.loss, x, denoised, ctx, settings.manifold, self.denoiser(executor, timestep, model_options, seed, x.dtype),
-                settings.dds_steps, settings.dds_lr, fd_rel_step=self.fd_rel_step,
+                self.loss, x, denoised, ctx, settings.manifold, denoise, settings.dds_steps, settings.dds_lr,
+                fd_rel_step=self.fd_rel_step, probe_base=self.probe_base(denoise, x, denoised), trust=settings.trust,
             )
 
         try:
@@ -277,6 +307,8 @@ class AGGRun:
         self.step += 1
         self.history.append({"step": self.step, "sigma": sigma, **result.terms, "skipped": result.skipped})
         self.patch.report(self, sigma, result)
+        if result.fallback:
+            self.warn_once("fallback", f"{result.fallback} (sigma {sigma:.4g}; reported per step in 'agg.terms').")
         if result.delta is None:
             self.warn_once("nonfinite", f"guidance skipped at sigma {sigma:.4g}: {result.skipped}.")
             return denoised
@@ -331,7 +363,15 @@ class AGGPatch:
         m = model.clone()
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, self.key, self.sampler_sample)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, self.key, self.predict_noise)
+        m.set_model_sampler_post_cfg_function(self.capture_cond)
         return m
+
+    def capture_cond(self, args: dict) -> torch.Tensor:
+        """Post-CFG hook: remembers the conditional prediction (the probe's base); changes nothing."""
+        run = args.get("model_options", {}).get("transformer_options", {}).get(RUNS_KEY, {}).get(self.key)
+        if run is not None and args.get("cond_denoised") is not None:
+            run.captured = args["cond_denoised"]
+        return args["denoised"]
 
     def sampler_sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar):
         sampler = executor.class_obj
@@ -347,24 +387,30 @@ class AGGPatch:
             run.close()
 
     def predict_noise(self, executor, x, timestep, model_options, seed):
-        denoised = executor(x, timestep, model_options, seed)
         run = model_options.get("transformer_options", {}).get(RUNS_KEY, {}).get(self.key)
+        if run is not None:
+            run.captured = None
+        denoised = executor(x, timestep, model_options, seed)
         if run is None:
             return denoised
         return run.guide(executor, x, timestep, model_options, seed, denoised)
 
     def report(self, run: AGGRun, sigma: float, result: Any) -> None:
-        """Per-step loss terms to the log and, when a server runs, to its clients as an 'agg.terms' event."""
-        log.debug("%s step %d sigma %.4g %s", self.node_name, run.step, sigma, result.terms)
+        """Each guided step's figures to the log and, when a server runs, to its clients as an 'agg.terms' event:
+        per term its value, raw gradient RMS and step RMS; the step's RMS; trust-region and fallback flags."""
+        event = {"node": self.node_name, "step": run.step, "sigma": sigma, **result.report()}
+        log.info(
+            "%s step %d sigma %.4g: %s; step rms %.4g%s%s", self.node_name, run.step, sigma,
+            ", ".join(f"{k} {v:.4g} (grad rms {result.grad_rms.get(k, 0):.3g}, step rms {result.step_rms.get(k, 0):.3g})"
+                      for k, v in result.terms.items()),
+            result.delta_rms, ", trust region" if result.trust_region else "",
+            f", skipped: {result.skipped}" if result.skipped else "",
+        )
         try:
             from server import PromptServer
 
             server = PromptServer.instance
-            server.send_sync(
-                "agg.terms",
-                {"node": self.node_name, "step": run.step, "sigma": sigma, "terms": result.terms, "skipped": result.skipped},
-                server.client_id,
-            )
+            server.send_sync("agg.terms", event, server.client_id)
         except Exception:  # no server (library use); the log line above is enough
             pass
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..augment import clip_normalize, random_cutouts
 from ..coordinates import check_family, expand_sigma, vp_noise_fraction, vp_state
-from ..objective import Loss, LossContext
+from ..objective import Loss, LossContext, WeightedLoss
 
 TextEncoder = Callable[[list[str]], torch.Tensor]
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
@@ -159,17 +159,15 @@ def as_rows(e: torch.Tensor, batch: int, what: str, like: torch.Tensor) -> torch
 
 @dataclass
 class AdaptiveWeight:
-    """Per-run multiplier on a loss weight, steered by the previous step's unweighted loss.
+    """Per-run multiplier on a loss weight, set afresh each step from the previous step's unweighted loss.
 
-    The direction loss is -mean cos, in [-1, 1]. A previous loss above `threshold` (-0.5: cosine
-    below 0.5, the image does not follow the direction yet) multiplies the weight by `factor`; below
-    it divides by `factor`. The multiplier compounds from step to step and stays within
-    [1 / max_multiplier, max_multiplier] of the base weight. One instance per loss object: never share.
+    The direction loss is -mean cos, in [-1, 1]. A previous loss above `threshold` (-0.5: cosine below
+    0.5, the image does not follow the direction yet) makes the multiplier `factor`; below it, 1 / factor.
+    It never compounds across steps. One instance per loss object: never share.
     """
 
     threshold: float = -0.5
     factor: float = 2.0
-    max_multiplier: float = 8.0
     multiplier: float = 1.0
 
     def current(self, weight: float) -> float:
@@ -179,19 +177,19 @@ class AdaptiveWeight:
         if not math.isfinite(previous_loss):
             return
         if previous_loss > self.threshold:
-            self.multiplier *= self.factor
+            self.multiplier = self.factor
         elif previous_loss < self.threshold:
-            self.multiplier /= self.factor
-        self.multiplier = min(max(self.multiplier, 1 / self.max_multiplier), self.max_multiplier)
+            self.multiplier = 1 / self.factor
+        else:
+            self.multiplier = 1.0
 
     def reset(self) -> None:
         self.multiplier = 1.0
 
 
 class CLIPDirectionLoss:
-    """L = -weight_eff * mean over cut-outs of cos(E_I(cut), v), per sample (term "clip_direction").
-
-    weight_eff = weight, or the AdaptiveWeight's current value. The adaptive state advances when a call
+    """Term "clip_direction" = -mean over cut-outs of cos(E_I(cut), v), per sample; its weight (`weights`) is
+    `weight`, or the AdaptiveWeight's current value. The adaptive state advances when a call
     carries a larger ctx.step than the last one (with the unweighted loss of the first evaluation of
     the previous step, i.e. at the model's own clean estimate), and resets when ctx.step goes back
     (a new run reusing this object). Calls with the same step share one weight.
@@ -234,6 +232,10 @@ class CLIPDirectionLoss:
     def current_weight(self) -> float:
         return self.adaptive.current(self.weight) if self.adaptive is not None else self.weight
 
+    @property
+    def weights(self) -> dict[str, float]:
+        return {"clip_direction": self.current_weight()}
+
     def __call__(self, x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
         self._observe(int(ctx.step))
         emb = cut_embeddings(
@@ -243,7 +245,7 @@ class CLIPDirectionLoss:
         cos = (F.normalize(emb, dim=-1) * v[:, None, :]).sum(-1).mean(1)
         if self._step_loss is None:
             self._step_loss = float(-cos.detach().mean())
-        return {"clip_direction": -self.current_weight() * cos}
+        return {"clip_direction": -cos}
 
 
 def clip_direction_loss(
@@ -295,13 +297,13 @@ def style_loss(
 ) -> Loss:
     """Image-guided loss: match the CLIP image embedding of the decoded clean estimate to a style image's.
 
-    Terms per sample (mean over cut-outs):
-      "style":        cosine: weight * (1 - cos(E_I(cut), e_style)) on normalized embeddings (scale-free,
-                      the default: CLIP embeddings carry content and style in their direction);
-                      mse:    weight * mean over dims of (E_I(cut) - e_style)^2 on raw embeddings (the
-                      reference's DINO [CLS] form, sensitive to embedding norm).
-      "style_latent": latent_mse_weight * mean (x0_hat - style_latent)^2, when a style latent (model latent
-                      space; resized to the run's latent size) is given and the weight is non-zero.
+    Terms per sample (mean over cut-outs), with weights `weight` and `latent_mse_weight`:
+      "style":        cosine: 1 - cos(E_I(cut), e_style) on normalized embeddings (the default: CLIP
+                      embeddings carry content and style in their direction);
+                      mse:    mean over dims of (E_I(cut) - e_style)^2 on raw embeddings (the reference's
+                      DINO [CLS] form).
+      "style_latent": mean (x0_hat - style_latent)^2, when a style latent (model latent space; resized to the
+                      run's latent size) is given and its weight is non-zero.
     style_embedding: [D], [1, D] or [B, D], e.g. image_embedding(encode_image, style_image).
     noisy_aug defaults to off: added noise reads as texture to CLIP and would bias a style match.
     """
@@ -316,10 +318,13 @@ def style_loss(
             value = 1 - (F.normalize(emb, dim=-1) * F.normalize(e, dim=-1)).sum(-1).mean(1)
         else:
             value = (emb - e).square().mean(-1).mean(1)
-        terms = {"style": weight * value}
+        terms = {"style": value}
         if style_latent is not None and latent_mse_weight:
             ref = match_latent(style_latent, x0, "style latent")
-            terms["style_latent"] = latent_mse_weight * (x0 - ref).square().flatten(1).mean(1)
+            terms["style_latent"] = (x0 - ref).square().flatten(1).mean(1)
         return terms
 
-    return loss
+    weights = {"style": weight}
+    if style_latent is not None and latent_mse_weight:
+        weights["style_latent"] = latent_mse_weight
+    return WeightedLoss(loss, weights)

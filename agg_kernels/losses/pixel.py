@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..objective import Loss, LossContext
+from ..objective import Loss, LossContext, WeightedLoss
 
 
 def range_penalty(pixels: torch.Tensor) -> torch.Tensor:
@@ -15,7 +15,7 @@ def range_penalty(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def range_loss(weight: float, decode: Callable[[torch.Tensor], torch.Tensor]) -> Loss:
-    """L = weight * mean(relu(|decode(x0_hat)| - 1)^2) per sample.
+    """Term "range" = mean(relu(|decode(x0_hat)| - 1)^2) per sample, with strength `weight`.
 
     decode: model-space latent [B, C, H, W] -> pixels [B, 3, h, w] in [-1, 1], differentiable.
     Quadratic so the push grows with the overshoot and is smooth at the boundary (no gradient
@@ -23,6 +23,6 @@ def range_loss(weight: float, decode: Callable[[torch.Tensor], torch.Tensor]) ->
     """
 
     def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        return {"range": weight * range_penalty(decode(x0))}
+        return {"range": range_penalty(decode(x0))}
 
-    return loss
+    return WeightedLoss(loss, {"range": weight})

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import clip_normalize
-from ..objective import Loss, LossContext
+from ..objective import Loss, LossContext, WeightedLoss
 from .trajectory import Trajectory, trajectory_at
 
 Reference = torch.Tensor | Trajectory
@@ -69,18 +69,23 @@ def mean_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def structure_loss(weight: float, reference: Reference) -> Loss:
-    """L = weight * mean|x0_hat - x0_ref(sigma)| per sample, in the model's latent space.
+    """Term "structure" = mean|x0_hat - x0_ref(sigma)| per sample, in the model's latent space.
 
     reference: a source latent [B or 1, C, H, W] (model latent space, i.e. after process_latent_in)
     or a Trajectory from the inversion; a batch of 1 is shared by every sample of the run.
+    The term is anchored at the reference: each element moves toward it by at most `weight` per step
+    (the L1 proximal step), so a larger weight never carries the estimate past its reference.
     """
     if not isinstance(reference, Trajectory):
         reference = reference.detach()
 
     def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        return {"structure": weight * mean_abs(x0, reference_at(reference, x0, ctx.sigma))}
+        return {"structure": mean_abs(x0, reference_at(reference, x0, ctx.sigma))}
 
-    return loss
+    def anchor(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
+        return {"structure": reference_at(reference, x0, ctx.sigma).expand_as(x0)}
+
+    return WeightedLoss(loss, {"structure": weight}, anchor)
 
 
 class _ReferenceCache:
@@ -102,7 +107,7 @@ class _ReferenceCache:
 
 
 def pixel_structure_loss(weight: float, reference: Reference, decode: Decoder) -> Loss:
-    """L = weight * mean|decode(x0_hat) - decode(x0_ref(sigma))| per sample, in pixels [-1, 1].
+    """Term "structure_pixel" = mean|decode(x0_hat) - decode(x0_ref(sigma))| per sample, in pixels [-1, 1].
 
     decode: model-space latent [B, C, H, W] -> pixels [B, 3, h, w] in [-1, 1], differentiable.
     The reference is decoded without gradient, once per distinct sigma.
@@ -113,9 +118,9 @@ def pixel_structure_loss(weight: float, reference: Reference, decode: Decoder) -
 
     def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
         ref = decoded_ref(x0, ctx.sigma)
-        return {"structure_pixel": weight * mean_abs(decode(x0), ref)}
+        return {"structure_pixel": mean_abs(decode(x0), ref)}
 
-    return loss
+    return WeightedLoss(loss, {"structure_pixel": weight})
 
 
 def to_clip_input(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -133,7 +138,7 @@ def self_similarity(tokens: torch.Tensor) -> torch.Tensor:
 def self_similarity_loss(
     weight: float, reference: Reference, decode: Decoder, tokens: TokenFunction, size: int = 224
 ) -> Loss:
-    """DiffuseIT-style structure: L = weight * mean|S(x0_hat) - S(x0_ref(sigma))| per sample.
+    """DiffuseIT-style structure: term "structure_vit" = mean|S(x0_hat) - S(x0_ref(sigma))| per sample.
 
     S = cosine self-similarity of ViT tokens. tokens: CLIP-normalized images [B, 3, size, size] ->
     [B, T, D] (e.g. the patch tokens of the CLIP vision tower's last block). The similarity pattern
@@ -148,6 +153,6 @@ def self_similarity_loss(
     ref_sim = _ReferenceCache(reference, sim)
 
     def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        return {"structure_vit": weight * mean_abs(sim(x0), ref_sim(x0, ctx.sigma))}
+        return {"structure_vit": mean_abs(sim(x0), ref_sim(x0, ctx.sigma))}
 
-    return loss
+    return WeightedLoss(loss, {"structure_vit": weight})

@@ -1,4 +1,4 @@
-"""guided_delta: the pipeline gradient -> manifold step -> DDS -> delta, and its non-finite guard."""
+"""guided_delta: per-term pulls -> covariance step -> refinement -> trust region, in model-independent units."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 from agg_testing.analytic import mixture
 
 from agg_kernels.guidance import guided_delta
-from agg_kernels.objective import LossContext
+from agg_kernels.objective import LossContext, WeightedLoss, compose
+from agg_kernels.strength import posterior_variance, rms, trust_radius, unit
 
 FAMILIES = ("eps", "v_prediction", "const")
 SHAPE = (3, 2, 4, 4)
@@ -28,71 +29,134 @@ def setup(family, sigma=None):
     return mix, x, s, d, LossContext(sigma=s, x=x, family=family)
 
 
-def pull(goal, weight=0.05):
-    def loss(x0, ctx):
-        return {"pull": weight * (x0 - goal).pow(2).flatten(1).mean(1)}
-
-    return loss
+def pull(goal, weight=0.05, scale=1.0):
+    return WeightedLoss(lambda x0, ctx: {"pull": scale * (x0 - goal).pow(2).flatten(1).mean(1)}, {"pull": weight})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("manifold", ["finite_difference", "autograd", "none"])
 def test_finite_case_gives_finite_delta_that_lowers_the_loss(family, manifold):
     mix, x, s, d, ctx = setup(family)
-    goal = mix.means[1]
-    loss = pull(goal, 0.002)
-    res = guided_delta(loss, x, d, ctx, manifold, lambda z: mix.denoise(z, s, family), dds_steps=2, dds_lr=0.05)
-    assert res.skipped is None and res.delta is not None
+    loss = pull(mix.means[1], 0.05)
+    res = guided_delta(loss, x, d, ctx, manifold, lambda z: mix.denoise(z, s, family), dds_steps=2, dds_lr=0.5)
+    assert res.skipped is None and res.delta is not None and res.fallback is None
     assert torch.isfinite(res.delta).all() and res.delta.shape == d.shape
-    before = loss(d, ctx)["pull"]
-    after = loss(d + res.delta, ctx)["pull"]
+    before, after = loss(d, ctx)["pull"], loss(d + res.delta, ctx)["pull"]
     assert (after < before).all(), (before, after)
     assert set(res.terms) == {"pull"} and res.terms["pull"] == pytest.approx(before.mean().item(), rel=1e-5)
+    assert res.step_rms["pull"] == pytest.approx(0.05, rel=1e-4) and res.delta_rms > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_delta_is_the_manifold_step_when_no_dds(family):
-    # K = 0: delta = -(sigma^2 / alpha) J^T grad_D L, with the exact J from autograd.
+def test_delta_is_the_covariance_step_when_no_refinement(family):
+    # K = 0: delta = -(sigma^2 / alpha) J pull, pull = w * g / RMS(g), with the exact J from autograd.
     mix, x, s, d, ctx = setup(family)
     goal = torch.zeros(SHAPE[1:])
-    res = guided_delta(pull(goal, 1.0), x, d, ctx, "autograd", lambda z: mix.denoise(z, s, family), dds_steps=0)
-    n = d[0].numel()
-    grad_d = 2 * (d - goal)  # per-element gradient of mean((D - goal)^2), scaled by n / n
+    w = 0.2
+    res = guided_delta(pull(goal, w), x, d, ctx, "autograd", lambda z: mix.denoise(z, s, family), dds_steps=0, trust=100)
+    p = w * unit(d - goal)
     with torch.enable_grad():
         xg = x.clone().requires_grad_(True)
-        (jtv,) = torch.autograd.grad(mix.denoise(xg, s, family), xg, grad_outputs=grad_d)
+        (jp,) = torch.autograd.grad(mix.denoise(xg, s, family), xg, grad_outputs=p)
     sigma = s[0].item()
     scale = sigma**2 / (1 - sigma if family == "const" else 1.0)
-    assert torch.allclose(res.delta, -scale * jtv, atol=1e-5 * max(1.0, scale)), n
+    assert torch.allclose(res.delta, -scale * jp, atol=1e-5), (res.delta - -scale * jp).abs().max()
+
+
+@pytest.mark.parametrize("manifold", ["finite_difference", "autograd", "none"])
+@pytest.mark.parametrize("family", ["eps", "const"])
+def test_invariant_to_the_raw_size_of_the_loss(manifold, family):
+    mix, x, s, d, ctx = setup(family)
+    structure = WeightedLoss(lambda x0, ctx: {"structure": (x0 - mix.means[0]).abs().flatten(1).mean(1)},
+                             {"structure": 0.1}, lambda x0, ctx: {"structure": mix.means[0].expand_as(x0)})
+    ref = None
+    for c in (1e-4, 1e-2, 1.0, 1e2, 1e4):
+        loss = compose(pull(mix.means[1], 0.2, c), structure)
+        res = guided_delta(loss, x, d, ctx, manifold, lambda z: mix.denoise(z, s, family))
+        if ref is None:
+            ref = res.delta
+        rel = float((rms(res.delta - ref) / rms(ref)).max())
+        assert rel < 0.01, (c, rel)
+
+
+def test_weight_zero_is_exactly_no_guidance_and_no_model_call():
+    mix, x, s, d, ctx = setup("eps")
+    calls = []
+
+    def denoise(z):
+        calls.append(1)
+        return mix.denoise(z, s, "eps")
+
+    res = guided_delta(pull(mix.means[1], 0.0), x, d, ctx, "finite_difference", denoise, dds_steps=3)
+    assert torch.equal(res.delta, torch.zeros_like(d)) and not calls
+
+
+def test_a_larger_weight_moves_further_until_the_trust_region():
+    mix, x, s, d, ctx = setup("eps", 4.0)
+    sizes = []
+    for w in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 30.0):
+        res = guided_delta(pull(mix.means[1], w), x, d, ctx, "none", dds_steps=0)
+        sizes.append((res.delta_rms, res.trust_region))
+    radius = float(trust_radius(s, "eps")[0])
+    assert all(b[0] >= a[0] - 1e-6 for a, b in zip(sizes, sizes[1:], strict=False)), sizes
+    assert sizes[0][0] == pytest.approx(0.01 * float(posterior_variance(4.0, "eps")), rel=1e-4) and not sizes[0][1]
+    assert sizes[-1][1] and sizes[-1][0] == pytest.approx(radius, rel=1e-4)
+
+
+def test_non_descent_jacobian_falls_back_and_says_so():
+    # A denoiser whose Jacobian is -I points the covariance step uphill: the prior covariance is used instead.
+    mix, x, s, d, ctx = setup("eps")
+    loss = pull(mix.means[1], 0.1)
+    res = guided_delta(loss, x, d, ctx, "finite_difference", lambda z: -z, dds_steps=0)
+    assert res.fallback and "descent" in res.fallback
+    none = guided_delta(loss, x, d, ctx, "none", dds_steps=0)
+    assert torch.allclose(res.delta, none.delta)
+    assert (loss(d + res.delta, ctx)["pull"] < loss(d, ctx)["pull"]).all()
 
 
 def test_nan_loss_skips_with_a_reason():
     mix, x, s, d, ctx = setup("eps")
-
-    def bad(x0, ctx):
-        return {"bad": (x0 * float("nan")).flatten(1).mean(1)}
-
+    bad = WeightedLoss(lambda x0, ctx: {"bad": (x0 * float("nan")).flatten(1).mean(1)}, {"bad": 1.0})
     res = guided_delta(bad, x, d, ctx, "finite_difference", lambda z: mix.denoise(z, s, "eps"))
     assert res.delta is None and res.skipped and "non-finite" in res.skipped
 
 
-def test_nan_denoiser_in_finite_difference_skips():
+def test_nan_denoiser_falls_back_to_the_prior_step():
     mix, x, s, d, ctx = setup("eps")
     res = guided_delta(pull(mix.means[1]), x, d, ctx, "finite_difference", lambda z: torch.full_like(z, float("nan")))
-    assert res.delta is None and "finite_difference" in res.skipped
+    assert res.delta is not None and torch.isfinite(res.delta).all() and res.fallback
 
 
 def test_inf_gradient_skips():
     mix, x, s, d, ctx = setup("const")
-
-    def explode(x0, ctx):
-        return {"e": torch.exp(1e4 * x0).flatten(1).mean(1)}
-
+    explode = WeightedLoss(lambda x0, ctx: {"e": torch.exp(1e4 * x0).flatten(1).mean(1)}, {"e": 1.0})
     res = guided_delta(explode, x, d, ctx, "none")
     assert res.delta is None and res.skipped
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_context_tensors_made_under_inference_mode_can_enter_autograd(family):
+    # ComfyUI runs every prompt under inference_mode: sigma and x reach the losses as inference tensors.
+    # A loss that multiplies the estimate by them (as the CLIP noisy mix does) must still be differentiable.
+    mix, x, s, d, _ = setup(family)
+    loss = WeightedLoss(lambda x0, ctx: {"mix": ((ctx.sigma[:, None, None, None] * x0 + ctx.x) ** 2).flatten(1).mean(1)},
+                        {"mix": 0.1})
+    with torch.inference_mode():
+        xi, si, di = x.clone(), s.clone(), d.clone()
+        res = guided_delta(loss, xi, di, LossContext(sigma=si, x=xi, family=family), "none")
+    assert res.delta is not None and torch.isfinite(res.delta).all()
+
+
 def test_dtype_is_kept():
     mix, x, s, d, ctx = setup("eps")
-    res = guided_delta(pull(mix.means[1], 0.002), x, d.half(), ctx, "none", dds_steps=1)
+    res = guided_delta(pull(mix.means[1], 0.05), x, d.half(), ctx, "none", dds_steps=1)
     assert res.delta.dtype == torch.float16 and torch.isfinite(res.delta).all()
+
+
+def test_report_is_plain_json():
+    import json
+
+    mix, x, s, d, ctx = setup("eps")
+    res = guided_delta(pull(mix.means[1], 0.05), x, d, ctx, "none")
+    rep = json.loads(json.dumps(res.report()))
+    assert set(rep) >= {"terms", "grad_rms", "step_rms", "delta_rms", "trust_region", "fallback", "skipped"}

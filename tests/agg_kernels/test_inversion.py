@@ -91,12 +91,14 @@ def test_trajectory_aligned_with_sigmas_and_holds_the_evaluated_estimates():
     assert bool((traj.sigmas[1:] > traj.sigmas[:-1]).all())
     assert traj.denoised.shape == (5, 2, 4, 6, 6)
     assert torch.equal(traj.denoised[0], x0)  # the clean estimate of the clean source
-    # the first step evaluates at s_1 on the clean input; later entries are the D of each step's state
-    assert [c[0] for c in calls] == pytest.approx([0.2, 0.2, 0.5, 1.0, 2.0])
+    # the step from sigma 0 needs no model call (a clean latent's noise estimate is zero): one call per
+    # later sigma, each entry the D of that step's state
+    assert [c[0] for c in calls] == pytest.approx([0.2, 0.5, 1.0, 2.0])
+    assert torch.equal(calls[0][1], x0)
     for k in range(1, 5):
-        assert torch.equal(traj.denoised[k], calls[k][2])
+        assert torch.equal(traj.denoised[k], calls[k - 1][2])
     assert torch.equal(calls[-1][1], x_top)
-    assert progress == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert torch.equal(trajectory_at(traj, 2.0), traj.denoised[4])
 
 

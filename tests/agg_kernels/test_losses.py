@@ -69,9 +69,11 @@ def test_structure_loss_value_and_gradient_by_hand():
     terms = loss(xg, ctx_for(x0))
     assert set(terms) == {"structure"}
     # sample 0: |1| + |-2| + |-0.5| + |2| = 5.5, mean 1.375; sample 1: 0 + 0 + 1 + 1 = 2, mean 0.5
-    assert torch.allclose(terms["structure"], torch.tensor([2.0 * 1.375, 2.0 * 0.5]))
+    assert torch.allclose(terms["structure"], torch.tensor([1.375, 0.5]))  # raw L1; the weight stands beside it
+    assert loss.weights == {"structure": 2.0}
+    assert torch.equal(loss.anchors(x0, ctx_for(x0))["structure"], ref.expand_as(x0))
     terms["structure"].sum().backward()
-    expected = 2.0 * torch.sign(x0 - ref) / 4
+    expected = torch.sign(x0 - ref) / 4
     assert torch.allclose(xg.grad, expected)
 
 
@@ -123,7 +125,7 @@ def test_pixel_structure_loss_compares_decoded_images():
     ref = torch.randn(1, 4, 4, 4)
     x0 = torch.randn(2, 4, 4, 4)
     terms = pixel_structure_loss(0.5, ref, decode)(x0, ctx_for(x0))
-    expected = 0.5 * (decode(x0) - decode(ref)).abs().flatten(1).mean(1)
+    expected = (decode(x0) - decode(ref)).abs().flatten(1).mean(1)
     assert torch.allclose(terms["structure_pixel"], expected)
     assert torch.allclose(pixel_structure_loss(1.0, ref, decode)(ref, ctx_for(ref))["structure_pixel"], torch.zeros(1))
 
@@ -220,7 +222,7 @@ def test_range_loss_by_hand():
     pixels = torch.tensor([[[[0.5, 1.5], [-3.0, -1.0]]]]).expand(1, 3, 2, 2).clone()
     terms = range_loss(4.0, lambda z: z)(pixels, ctx_for(pixels))
     # per element: 0, 0.25, 4, 0 -> mean 1.0625
-    assert torch.allclose(terms["range"], torch.tensor([4.0 * 1.0625]))
+    assert torch.allclose(terms["range"], torch.tensor([1.0625]))
     inside = torch.rand(2, 3, 4, 4) * 2 - 1
     assert torch.equal(range_loss(1.0, lambda z: z)(inside, ctx_for(inside))["range"], torch.zeros(2))
 
@@ -313,7 +315,7 @@ def test_clip_direction_loss_value_is_minus_mean_cosine():
 
     cuts = random_cutouts((decode(x0) + 1) / 2, 2, 16, torch.Generator().manual_seed(1 + 4))
     emb = F.normalize(encode(clip_normalize(cuts)), dim=-1)
-    expected = -3.0 * (emb @ v).mean()
+    expected = -(emb @ v).mean()
     assert torch.allclose(loss(x0, ctx_for(x0, step=4))["clip_direction"], expected.reshape(1), atol=1e-6)
 
 
@@ -328,24 +330,23 @@ def test_clip_direction_loss_seeded_per_step():
     assert not torch.equal(other, a(x0, ctx)["clip_direction"])
 
 
-def test_adaptive_weight_rules():
+def test_adaptive_weight_is_set_afresh_each_step():
     w = AdaptiveWeight()
-    assert w.current(200.0) == 200.0
-    w.update(-0.2)  # cosine 0.2 < 0.5: not following yet -> stronger
-    assert w.current(200.0) == 400.0
-    w.update(-0.8)  # cosine 0.8: following -> weaker
+    assert w.current(0.1) == 0.1
+    w.update(-0.2)  # cosine 0.2 < 0.5: not following yet -> x2
+    assert w.current(0.1) == 0.2
+    w.update(-0.2)  # again: still x2, never compounding
+    assert w.current(0.1) == 0.2
+    w.update(-0.8)  # cosine 0.8: following -> x0.5 of the base weight
     w.update(-0.8)
-    assert w.current(200.0) == 100.0
-    w.update(-0.5)  # exactly at the threshold: unchanged
-    assert w.current(200.0) == 100.0
-    w.update(float("nan"))
-    assert w.current(200.0) == 100.0
+    assert w.current(0.1) == 0.05
+    w.update(float("nan"))  # no information: unchanged
+    assert w.current(0.1) == 0.05
+    w.update(-0.5)  # exactly at the threshold: the base weight
+    assert w.current(0.1) == 0.1
     for _ in range(10):
         w.update(0.0)
-    assert w.current(200.0) == 200.0 * 8
-    for _ in range(20):
-        w.update(-1.0)
-    assert w.current(200.0) == 200.0 / 8
+    assert w.current(0.1) == 0.2
     w.reset()
     assert w.current(1.0) == 1.0
 
@@ -363,14 +364,14 @@ def test_clip_direction_adaptive_weight_follows_previous_step():
     v = F.normalize(torch.tensor([1.0, 0.0, 0.0]), dim=0)
     x0 = torch.randn(2, 4, 4, 4)
     aligned = clip_direction_loss(10.0, toy_decoder(), constant_encoder(v), v, n_cuts=1, cut_size=8)
-    # cos = 1 -> loss -1 < -0.5: weight halves on each new step
-    assert torch.allclose(aligned(x0, ctx_for(x0, step=0))["clip_direction"], torch.full((2,), -10.0))
-    assert torch.allclose(aligned(x0, ctx_for(x0, step=0))["clip_direction"], torch.full((2,), -10.0))
-    assert aligned.current_weight() == 10.0
+    # cos = 1 -> loss -1 < -0.5: half the base weight on the next step (and the next: no compounding)
+    assert torch.allclose(aligned(x0, ctx_for(x0, step=0))["clip_direction"], torch.full((2,), -1.0))
+    assert torch.allclose(aligned(x0, ctx_for(x0, step=0))["clip_direction"], torch.full((2,), -1.0))
+    assert aligned.current_weight() == 10.0 and aligned.weights == {"clip_direction": 10.0}
     aligned(x0, ctx_for(x0, step=1))
     assert aligned.current_weight() == 5.0
     aligned(x0, ctx_for(x0, step=2))
-    assert aligned.current_weight() == 2.5
+    assert aligned.current_weight() == 5.0 and aligned.weights == {"clip_direction": 5.0}
     aligned(x0, ctx_for(x0, step=0))  # a new run: back to the base weight
     assert aligned.current_weight() == 10.0
 
@@ -378,7 +379,7 @@ def test_clip_direction_adaptive_weight_follows_previous_step():
     lagging = clip_direction_loss(10.0, toy_decoder(), constant_encoder(orthogonal), v, n_cuts=1, cut_size=8)
     for step in range(6):
         terms = lagging(x0, ctx_for(x0, step=step))
-    assert lagging.current_weight() == 80.0  # doubled, capped at 8x
+    assert lagging.current_weight() == 20.0  # twice the base weight, whatever the number of lagging steps
     assert torch.allclose(terms["clip_direction"], torch.zeros(2))
     # state is per instance
     fresh = clip_direction_loss(10.0, toy_decoder(), constant_encoder(orthogonal), v, n_cuts=1, cut_size=8)
@@ -411,7 +412,8 @@ def test_style_loss_cosine_and_mse():
     same = style_loss(2.0, toy_decoder(), constant_encoder(v), v * 10, n_cuts=2, cut_size=8)
     assert torch.allclose(same(x0, ctx_for(x0))["style"], torch.zeros(2), atol=1e-6)
     ortho = style_loss(2.0, toy_decoder(), constant_encoder(v), torch.tensor([0.0, 0.0, 1.0]), n_cuts=2, cut_size=8)
-    assert torch.allclose(ortho(x0, ctx_for(x0))["style"], torch.full((2,), 2.0), atol=1e-6)
+    assert torch.allclose(ortho(x0, ctx_for(x0))["style"], torch.full((2,), 1.0), atol=1e-6)
+    assert ortho.weights == {"style": 2.0}
     mse = style_loss(1.0, toy_decoder(), constant_encoder(v), torch.tensor([3.0, 4.0, 3.0]), metric="mse", n_cuts=2, cut_size=8)
     assert torch.allclose(mse(x0, ctx_for(x0))["style"], torch.full((2,), 3.0), atol=1e-6)
     with pytest.raises(ValueError, match="unknown style metric"):
@@ -426,7 +428,8 @@ def test_style_loss_latent_term_resizes_and_checks_channels():
                       style_latent=style_latent, latent_mse_weight=0.5)
     terms = loss(x0, ctx_for(x0))
     assert set(terms) == {"style", "style_latent"}
-    assert torch.allclose(terms["style_latent"], torch.full((2,), 0.5))
+    assert torch.allclose(terms["style_latent"], torch.full((2,), 1.0))
+    assert loss.weights == {"style": 1.0, "style_latent": 0.5}
     bad = style_loss(1.0, toy_decoder(), constant_encoder(v), v, style_latent=torch.ones(1, 16, 4, 4), latent_mse_weight=1.0,
                      n_cuts=1, cut_size=8)
     with pytest.raises(ValueError, match=r"\[B, 4, H, W\]"):
@@ -464,7 +467,9 @@ def test_losses_compose_into_named_terms():
     x0 = torch.randn(2, 4, 4, 4)
     terms = loss(x0, ctx_for(x0))
     assert set(terms) == {"structure", "range", "structure_2"}
-    assert torch.allclose(total(terms), terms["structure"] * 3 + terms["range"])
+    assert torch.allclose(total(terms, loss.weights), terms["structure"] * 3 + terms["range"])
+    assert loss.weights == {"structure": 1.0, "range": 1.0, "structure_2": 2.0}
+    assert set(loss.anchors(x0, ctx_for(x0))) == {"structure", "structure_2"}
 
 
 def test_losses_work_inside_guided_delta_when_built_under_inference_mode():

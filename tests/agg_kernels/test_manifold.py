@@ -6,13 +6,13 @@ import pytest
 import torch
 from agg_testing.analytic import gaussian, gaussian_posterior_gain, mixture
 
-from agg_kernels.coordinates import manifold_scale
 from agg_kernels.manifold import (
+    covariance_product,
     fd_step_size,
     grad_enabled,
-    manifold_corrected,
     manifold_gradient,
 )
+from agg_kernels.strength import posterior_variance
 
 FAMILIES = ("eps", "v_prediction", "const")
 SIGMAS = {"eps": [14.6, 4.0, 1.0, 0.3, 0.08], "const": [0.95, 0.7, 0.4, 0.15, 0.05]}
@@ -104,21 +104,35 @@ def test_gaussian_jacobian_closed_form(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_manifold_step_is_posterior_covariance_times_gradient(family):
-    # sigma^2 / alpha * J^T v = Cov[x0 | x] v; for Gaussian data Cov = s^2 sigma^2 / (alpha^2 s^2 + sigma^2).
-    mean = torch.zeros(SHAPE[1:])
-    data_g = gaussian(mean, 0.5)
+@pytest.mark.parametrize("mode", ["autograd", "finite_difference"])
+def test_covariance_product_is_the_posterior_covariance(family, mode):
+    # sigma^2 / alpha * J v = Cov[x0 | x] v; for Gaussian data Cov = s^2 sigma^2 / (alpha^2 s^2 + sigma^2).
+    data_g = gaussian(torch.zeros(SHAPE[1:]), 0.5)
     sigma = SIGMAS[family][1]
     x = noisy(data_g, sigma, family)
     s = torch.full((SHAPE[0],), sigma)
     d = data_g.denoise(x, s, family)
     v = torch.ones(SHAPE)
-    g = manifold_gradient("autograd", v, x, d, s, lambda z: data_g.denoise(z, s, family))
-    out = manifold_corrected(d, g, s, family)
+    out = covariance_product(mode, v, x, d, s, family, lambda z: data_g.denoise(z, s, family))
     a = 1 - sigma if family == "const" else 1.0
     cov = 0.25 * sigma**2 / (a**2 * 0.25 + sigma**2)
-    assert (d - out - cov * v).abs().max().item() < 1e-5
-    assert float(manifold_scale(sigma, family)) == pytest.approx(sigma**2 / a)
+    assert (out - cov * v).abs().max().item() < 1e-3 * cov
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_none_is_the_unit_variance_covariance(family):
+    # Unit-variance Gaussian data: the model's own covariance equals the prior's sigma^2 / (alpha^2 + sigma^2),
+    # the scale `none` uses; the old sigma^2 / alpha overshoots it by (alpha^2 + sigma^2) / alpha.
+    data_g = gaussian(torch.zeros(SHAPE[1:]), 1.0)
+    v = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    for sigma in SIGMAS[family]:
+        x = noisy(data_g, sigma, family)
+        s = torch.full((SHAPE[0],), sigma)
+        exact = covariance_product("autograd", v, x, data_g.denoise(x, s, family), s, family,
+                                   lambda z, s=s: data_g.denoise(z, s, family))
+        none = covariance_product("none", v, x, None, s, family)
+        assert torch.allclose(none, exact, rtol=1e-4, atol=1e-6), (family, sigma)
+        assert float(none.abs().max()) <= float(v.abs().max()) * float(posterior_variance(sigma, family)) + 1e-6
 
 
 def test_none_mode_and_errors():
