@@ -458,7 +458,8 @@ class ModelsTree:
     open_clip: str = OPEN_CLIP_TINY
     taesd: str = "taesd"  # VAELoader's name for the vae_approx pair
 
-    FOLDERS = ("checkpoints", "controlnet", "vae_approx", "open_clip")
+    # diffusion_models, text_encoders: the flow-model fixtures (agg_testing.sd3)
+    FOLDERS = ("checkpoints", "controlnet", "vae_approx", "open_clip", "diffusion_models", "text_encoders")
 
     def folder(self, kind: str) -> Path:
         return self.root / kind
@@ -494,6 +495,9 @@ def models_dir(root: Path, *, kl: bool = True, full: bool = False) -> ModelsTree
     _link(taesd["decoder"], root / "vae_approx" / TAESD_DECODER)
     _link(taesd["encoder"], root / "vae_approx" / TAESD_ENCODER)
     _link(open_clip_tiny(), root / "open_clip" / OPEN_CLIP_TINY)
+    from agg_testing import sd3  # the 16-channel flow fixtures (SD3-shaped MMDiT, CLIP-L, taesd3 / taef1)
+
+    sd3.link_flow_models(root)
     return ModelsTree(
         root=root,
         checkpoint_kl=CHECKPOINT_TINY_KL if kl else "",

@@ -201,3 +201,94 @@ def with_controlnet(
 def save_latent(g: Graph, samples: list, filename_prefix: str = "agg_latent") -> NodeRef:
     """A SaveLatent node (writes a .latent file into the output folder). Node role: save_latent."""
     return g.node("SaveLatent", name="save_latent", samples=samples, filename_prefix=filename_prefix)
+
+
+# -- flow models (SD3, Flux): separate loaders, 16-channel latents --------------------------------------
+
+
+def flow_loaders(
+    g: Graph, *, unet_name: str | None = None, clip_name: str | None = None, vae_name: str = "taesd3"
+) -> tuple[NodeRef, NodeRef, NodeRef]:
+    """UNETLoader (role "unet"), CLIPLoader type sd3 ("clip") and VAELoader ("vae") as SD3 / Flux graphs load
+    their models; defaults: the SD3-shaped fixture, the CLIP-L fixture and the 16-channel taesd3 VAE."""
+    from agg_testing import sd3
+
+    unet = g.node("UNETLoader", name="unet", unet_name=unet_name or sd3.SD3_DIFFUSION_MODEL, weight_dtype="default")
+    clip = g.node("CLIPLoader", name="clip", clip_name=clip_name or sd3.CLIP_L, type="sd3")
+    vae = g.node("VAELoader", name="vae", vae_name=vae_name)
+    return unet, clip, vae
+
+
+def flow_img2img(
+    *,
+    flux: bool = False,
+    positive: str = "a watercolor painting of a landscape",
+    negative: str = "blurry",
+    image: str = "example.png",
+    size: int = 64,
+    seed: int = 0,
+    steps: int = 3,
+    cfg: float | None = None,
+    guidance: float = 3.5,
+    sampler_name: str = "euler",
+    scheduler: str = "simple",
+    denoise: float = 0.6,
+    decode: bool = False,
+    filename_prefix: str = "agg_flow",
+) -> Graph:
+    """img2img on a 16-channel flow model: flow_loaders -> CLIPTextEncode x2, LoadImage -> ImageScale -> VAEEncode
+    -> KSampler -> SaveLatent (and VAEDecode -> SaveImage when `decode`).
+
+    SD3 (default): the SD3-shaped fixture with taesd3, cfg 5 unless given. Flux (`flux`): the Flux-shaped fixture
+    with taef1, FluxGuidance(`guidance`) on the positive prompt and cfg 1 unless given (a guidance-distilled
+    model samples without CFG). Node roles: unet, clip, vae, positive, negative, guidance (Flux), load, scale,
+    encode, sampler, save_latent (decode, save)."""
+    from agg_testing import sd3
+
+    g = Graph()
+    unet, clip, vae = flow_loaders(
+        g, unet_name=sd3.FLUX_DIFFUSION_MODEL if flux else sd3.SD3_DIFFUSION_MODEL, vae_name="taef1" if flux else "taesd3"
+    )
+    pos = g.node("CLIPTextEncode", name="positive", clip=clip[0], text=positive)
+    neg = g.node("CLIPTextEncode", name="negative", clip=clip[0], text=negative)
+    if flux:
+        pos = g.node("FluxGuidance", name="guidance", conditioning=pos[0], guidance=guidance)
+    load = g.node("LoadImage", name="load", image=image)
+    scale = g.node(
+        "ImageScale", name="scale", image=load[0], upscale_method="bilinear", width=size, height=size, crop="center"
+    )
+    enc = g.node("VAEEncode", name="encode", pixels=scale[0], vae=vae[0])
+    ks = g.node(
+        "KSampler", name="sampler", model=unet[0], seed=seed, steps=steps, cfg=(1.0 if flux else 5.0) if cfg is None
+        else cfg, sampler_name=sampler_name, scheduler=scheduler, positive=pos[0], negative=neg[0],
+        latent_image=enc[0], denoise=denoise,
+    )
+    save_latent(g, ks[0], filename_prefix=filename_prefix)
+    if decode:
+        dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=vae[0])
+        g.node("SaveImage", name="save", images=dec[0], filename_prefix=filename_prefix)
+    return g
+
+
+def flow_inverted(g: Graph, *, steps: int = 3, denoise: float = 0.6, source_text: str = "a photo of a landscape",
+                  sampler_name: str = "euler", scheduler: str = "simple") -> Graph:
+    """Turn a flow_img2img graph into the paper's chain: BasicScheduler ("sigmas") -> AGG Invert ("invert",
+    source prompt "source", cfg 1) -> SamplerCustomAdvanced ("custom", DisableNoise "noise", KSamplerSelect
+    "select", CFGGuider "guider" with the KSampler's model, prompts and cfg) on the inverted latent, with the
+    same sigmas. The KSampler is removed; SaveLatent reads the custom sampler."""
+    ks = g.prompt.pop(g["sampler"].id)["inputs"]
+    model = ks["model"]
+    clip = g["clip"]
+    source = g.node("CLIPTextEncode", name="source", clip=clip[0], text=source_text)
+    sigmas = g.node("BasicScheduler", name="sigmas", model=model, scheduler=scheduler, steps=steps, denoise=denoise)
+    inv = g.node("AGGInvert", name="invert", model=model, latent=g["encode"][0], positive=source[0], sigmas=sigmas[0])
+    guider = g.node("CFGGuider", name="guider", model=model, positive=ks["positive"], negative=ks["negative"],
+                    cfg=ks["cfg"])
+    select = g.node("KSamplerSelect", name="select", sampler_name=sampler_name)
+    noise = g.node("DisableNoise", name="noise")
+    custom = g.node("SamplerCustomAdvanced", name="custom", noise=noise[0], guider=guider[0], sampler=select[0],
+                    sigmas=sigmas[0], latent_image=inv[0])
+    g.set_input(g["save_latent"], samples=custom[0])
+    if "decode" in g.names:
+        g.set_input(g["decode"], samples=custom[0])
+    return g
