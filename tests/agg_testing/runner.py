@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import logging
 import shutil
 import time
@@ -229,15 +230,15 @@ class ComfySession:
     def _make_executor(cache_type: str):
         import execution
 
-        kinds = {
-            "classic": execution.CacheType.CLASSIC,
-            "none": execution.CacheType.NONE,
-            "lru": execution.CacheType.LRU,
-            "ram": execution.CacheType.RAM_PRESSURE,
-        }
-        return execution.PromptExecutor(
-            _INITIALISED["stub"], cache_type=kinds[cache_type], cache_args={"lru": 10, "ram": 0}
-        )
+        # Cache kinds and the executor's cache arguments differ across ComfyUI versions (0.3.52: no
+        # NONE / RAM_PRESSURE, `cache_size` instead of `cache_args`).
+        names = {"classic": "CLASSIC", "none": "NONE", "lru": "LRU", "ram": "RAM_PRESSURE"}
+        if not hasattr(execution.CacheType, names[cache_type]):
+            raise ValueError(f"cache_type {cache_type!r} needs a newer ComfyUI")
+        kind = getattr(execution.CacheType, names[cache_type])
+        if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+            return execution.PromptExecutor(_INITIALISED["stub"], cache_type=kind, cache_args={"lru": 10, "ram": 0})
+        return execution.PromptExecutor(_INITIALISED["stub"], cache_type=kind, cache_size=10)
 
     def _install_progress_hook(self) -> None:
         # The server's progress hook (main.hijack_progress), sending to the stub.
@@ -311,6 +312,7 @@ class ComfySession:
                                 result.images.append(path)
         for node_id in prompt:
             entry = self.executor.caches.outputs.get(node_id)
-            if entry is not None and getattr(entry, "outputs", None) is not None:
-                result.node_outputs[node_id] = entry.outputs
+            outputs = getattr(entry, "outputs", entry)  # a CacheEntry; ComfyUI 0.3.52 keeps the list itself
+            if outputs is not None:
+                result.node_outputs[node_id] = outputs
         return result
