@@ -21,6 +21,14 @@ from .coordinates import alpha
 # Default trust radius, in posterior standard deviations of x0 given x (RMS per sample).
 DEFAULT_TRUST = 0.5
 
+# Default loss weights, in these units: a tenth of the latent's own spread per guided step, so that the
+# paper's ~19 guided steps can move an image by about its own scale while a single step stays well inside
+# the trust region (0.5 posterior standard deviations, ~0.47 at the first step of an img2img run at
+# denoise 0.6 on SD1.5). Structure and target at equal weight pull equally hard.
+DEFAULT_STRUCTURE_WEIGHT = 0.1
+DEFAULT_CLIP_WEIGHT = 0.1
+DEFAULT_STYLE_WEIGHT = 0.1
+
 
 def rms(t: torch.Tensor) -> torch.Tensor:
     """Per-sample root mean square, [B]."""

@@ -21,16 +21,12 @@ from ..agg_kernels.losses import (
     template_text_embedding,
 )
 from ..agg_kernels.objective import Loss, compose
+from ..agg_kernels.strength import DEFAULT_CLIP_WEIGHT, DEFAULT_STRUCTURE_WEIGHT, DEFAULT_STYLE_WEIGHT
 from .clip_model import AGGClip
 from .decoders import DECODERS, make_decoder
 from .runtime import AGGError, RunInfo
 from .types import AGGClipType, AGGLossType, AGGTrajectoryType
 
-# Weights are latent-space distances per guided step (RMS over the latent, at unit posterior covariance;
-# see agg_kernels.strength), so they mean the same on every model and decoder.
-DEFAULT_STRUCTURE_WEIGHT = 0.1
-DEFAULT_CLIP_WEIGHT = 0.1
-DEFAULT_STYLE_WEIGHT = 0.1
 DEFAULT_CUTOUTS = 8
 
 

@@ -191,6 +191,7 @@ class AGGRun:
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (returned R, displayed D + delta)
         self.grad_weights: GradientWeights | None = None
         self.captured: torch.Tensor | None = None  # the guider's conditional prediction at this call's x
+        self.probe_is_conditional = False
         patcher = getattr(guider, "model_patcher", None)
         model_dtype = patcher.model_dtype() if patcher is not None else torch.float32
         self.fd_rel_step = fd_step_for(model_dtype, patch.settings.fd_rel_step)
@@ -243,17 +244,19 @@ class AGGRun:
         Its Jacobian is a posterior covariance (CFG's J_u + s (J_c - J_u) need not be), it costs one
         conditional pass, and it runs no pre/post-CFG function, so a sampler's state kept there (the
         cfg_pp samplers' uncond estimate) is untouched. ControlNet, LoRA, hooks and area conds still
-        apply: the pass goes through calc_cond_batch. A guider without a positive cond falls back to
-        its full prediction.
+        apply: the pass goes through calc_cond_batch. A guider without a positive cond is probed through
+        its whole prediction, with the post-CFG functions left out for the same reason.
         """
         mode = self.patch.settings.manifold
         if mode == "none":
             return None
         cond = (getattr(self.guider, "conds", None) or {}).get("positive")
+        self.probe_is_conditional = cond is not None
+        probe_options = {**model_options, "sampler_post_cfg_function": []}
 
         def forward(xp: torch.Tensor) -> torch.Tensor:
             if cond is None:
-                return executor(xp.to(dtype), timestep, model_options, seed).float()
+                return executor(xp.to(dtype), timestep, probe_options, seed).float()
             return comfy.samplers.calc_cond_batch(self.guider.inner_model, [cond], xp.to(dtype), timestep, model_options)[0].float()
 
         if mode == "finite_difference":
@@ -267,14 +270,14 @@ class AGGRun:
 
         return differentiable
 
-    def probe_base(self, denoise: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
+    def probe_base(self, denoise: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor) -> torch.Tensor | None:
         """The probed denoiser's value at x: the conditional prediction the guider just made (captured by
-        the post-CFG hook), else one more conditional pass."""
+        the post-CFG hook) when the probe is conditional, else one more pass of the probed denoiser."""
         captured, self.captured = self.captured, None
         if denoise is None or self.patch.settings.manifold != "finite_difference":
             return None
-        if captured is not None and captured.shape == x.shape:
-            return captured
+        if self.probe_is_conditional and captured is not None and captured.shape == x.shape:
+            return captured.float()
         return denoise(x)
 
     def guide(self, executor, x: torch.Tensor, timestep: torch.Tensor, model_options: dict, seed, denoised: torch.Tensor) -> torch.Tensor:
@@ -290,7 +293,7 @@ class AGGRun:
             denoise = self.denoiser(executor, timestep, model_options, seed, x.dtype)
             return guided_delta(
                 self.loss, x, denoised, ctx, settings.manifold, denoise, settings.dds_steps, settings.dds_lr,
-                fd_rel_step=self.fd_rel_step, probe_base=self.probe_base(denoise, x, denoised), trust=settings.trust,
+                fd_rel_step=self.fd_rel_step, probe_base=self.probe_base(denoise, x), trust=settings.trust,
             )
 
         try:

@@ -20,6 +20,15 @@ import tempfile
 from pathlib import Path
 
 PACK = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PACK))
+from agg_kernels.guidance import DEFAULT_DDS_LR as DDS_LR  # noqa: E402
+from agg_kernels.guidance import DEFAULT_DDS_STEPS as DDS_STEPS  # noqa: E402
+from agg_kernels.schedule import REFERENCE_END_PERCENT  # noqa: E402
+from agg_kernels.strength import DEFAULT_CLIP_WEIGHT as CLIP_WEIGHT  # noqa: E402
+from agg_kernels.strength import DEFAULT_STRUCTURE_WEIGHT as STRUCTURE_WEIGHT  # noqa: E402
+from agg_kernels.strength import DEFAULT_STYLE_WEIGHT as STYLE_WEIGHT  # noqa: E402
+
+END_PERCENT = round(REFERENCE_END_PERCENT, 4)  # the nodes' default (nodes.runtime.AGGSettings)
 COMFYUI = Path(os.environ.get("AGG_COMFYUI", Path.home() / ".cache" / "agg-comfyui" / "ComfyUI"))
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
@@ -65,12 +74,12 @@ def text_guided() -> dict:
         "7": _node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["1", 1]),
         "8": _node("BasicScheduler", model=["1", 0], scheduler="normal", steps=50, denoise=0.6),
         "9": _node("AGGInvert", model=["1", 0], latent=["4", 0], positive=["5", 0], sigmas=["8", 0]),
-        "11": _node("AGGStructureLoss", weight=0.3, trajectory=["9", 1]),
+        "11": _node("AGGStructureLoss", weight=STRUCTURE_WEIGHT, trajectory=["9", 1]),
         "12": _node("AGGCLIPDirectionLoss", clip=["10", 0], vae=["1", 2], source_text=SOURCE, target_text=TARGET,
-                    weight=2.0, source_image=["3", 0], loss=["11", 0], decoder="vae", cutouts=8, range_weight=0.0,
+                    weight=CLIP_WEIGHT, source_image=["3", 0], loss=["11", 0], decoder="vae", cutouts=8, range_weight=0.0,
                     seed=0),
         "13": _node("AGGGuider", model=["1", 0], positive=["6", 0], negative=["7", 0], cfg=7.5, loss=["12", 0],
-                    start_percent=0.0, end_percent=0.6, manifold="finite_difference", dds_steps=1, dds_lr=0.05,
+                    start_percent=0.0, end_percent=END_PERCENT, manifold="finite_difference", dds_steps=DDS_STEPS, dds_lr=DDS_LR,
                     asymmetric=True),
         "14": _node("DisableNoise"),
         "15": _node("AGGSampler", eta_edit=0.0, eta=0.0, eta_boost=1.0, edit_end=0.32, boost_start=0.67, s_noise=1.0),
@@ -91,8 +100,8 @@ def _ksampler_tail(g: dict, model: list, positive: list, negative: list, prefix:
 
 
 def _apply(loss: list) -> dict:
-    return _node("AGGApply", model=["1", 0], loss=loss, start_percent=0.0, end_percent=0.6,
-                 manifold="finite_difference", dds_steps=1, dds_lr=0.05, asymmetric=True)
+    return _node("AGGApply", model=["1", 0], loss=loss, start_percent=0.0, end_percent=END_PERCENT,
+                 manifold="finite_difference", dds_steps=DDS_STEPS, dds_lr=DDS_LR, asymmetric=True)
 
 
 def img2img_ksampler(ckpt: str = SD15, size: int = 512, prefix: str = "agg/img2img") -> dict:
@@ -100,9 +109,9 @@ def img2img_ksampler(ckpt: str = SD15, size: int = 512, prefix: str = "agg/img2i
     g.update({
         "6": _node("CLIPTextEncode", "Target prompt", text=TARGET, clip=["1", 1]),
         "7": _node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["1", 1]),
-        "11": _node("AGGStructureLoss", weight=0.3, source=["4", 0]),
+        "11": _node("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=["4", 0]),
         "12": _node("AGGCLIPDirectionLoss", clip=["10", 0], vae=["1", 2], source_text=SOURCE, target_text=TARGET,
-                    weight=2.0, source_image=["3", 0], loss=["11", 0], decoder="vae", cutouts=8, range_weight=0.0,
+                    weight=CLIP_WEIGHT, source_image=["3", 0], loss=["11", 0], decoder="vae", cutouts=8, range_weight=0.0,
                     seed=0),
         "13": _apply(["12", 0]),
     })
@@ -117,8 +126,8 @@ def image_style() -> dict:
                    clip=["1", 1]),
         "7": _node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["1", 1]),
         "20": _node("LoadImage", "Style image", image="example.png"),
-        "11": _node("AGGStructureLoss", weight=0.3, source=["4", 0]),
-        "12": _node("AGGImageStyleLoss", clip=["10", 0], vae=["1", 2], style_image=["20", 0], weight=2.0,
+        "11": _node("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=["4", 0]),
+        "12": _node("AGGImageStyleLoss", clip=["10", 0], vae=["1", 2], style_image=["20", 0], weight=STYLE_WEIGHT,
                     loss=["11", 0], decoder="vae", cutouts=8, seed=0),
         "13": _apply(["12", 0]),
     })
@@ -135,9 +144,9 @@ def controlnet() -> dict:
         "22": _node("ControlNetLoader", control_net_name=CANNY),
         "23": _node("ControlNetApplyAdvanced", positive=["6", 0], negative=["7", 0], control_net=["22", 0],
                     image=["21", 0], strength=0.8, start_percent=0.0, end_percent=1.0, vae=["1", 2]),
-        "11": _node("AGGStructureLoss", weight=0.3, source=["4", 0]),
+        "11": _node("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=["4", 0]),
         "12": _node("AGGCLIPDirectionLoss", clip=["10", 0], vae=["1", 2], source_text=SOURCE, target_text=TARGET,
-                    weight=2.0, source_image=["3", 0], loss=["11", 0], decoder="vae", cutouts=8, range_weight=0.0,
+                    weight=CLIP_WEIGHT, source_image=["3", 0], loss=["11", 0], decoder="vae", cutouts=8, range_weight=0.0,
                     seed=0),
         "13": _apply(["12", 0]),
     })

@@ -49,29 +49,34 @@ class AGGTestCountModel:
                 "model": ("MODEL",),
                 "tag": ("STRING", {"default": "probe"}),
                 "interrupt_after": ("INT", {"default": 0, "min": 0, "max": 1000}),
-            }
+            },
+            "optional": {"level": (["predict_noise", "calc_cond_batch"], {"default": "predict_noise"})},
         }
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     CATEGORY = "testing"
 
-    def patch(self, model, tag, interrupt_after):
+    def patch(self, model, tag, interrupt_after, level="predict_noise"):
         import comfy.model_management
         import comfy.patcher_extension
 
         counter = COUNTERS.setdefault(tag, Counter())
 
-        def predict_noise(executor, x, timestep, model_options, seed):
-            out = executor(x, timestep, model_options, seed)
+        def count(executor, *args):
+            out = executor(*args)
             counter.calls += 1
             if interrupt_after and counter.calls == interrupt_after:
                 comfy.model_management.interrupt_current_processing(True)
                 counter.interrupted_at = counter.calls
             return out
 
+        # predict_noise: one call per sampler step when placed before Apply AGG; calc_cond_batch: every
+        # model pass, the guidance's conditional probe included
+        kind = {"predict_noise": comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
+                "calc_cond_batch": comfy.patcher_extension.WrappersMP.CALC_COND_BATCH}[level]
         m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, f"agg_test_count_{tag}", predict_noise)
+        m.add_wrapper_with_key(kind, f"agg_test_count_{tag}", count)
         return (m,)
 
 

@@ -60,13 +60,13 @@ def run_variant(name: str, cfg: dict | None, mix, source, noise, sigmas, window_
 
     from agg_kernels.guidance import guided_delta
     from agg_kernels.losses.structure import structure_loss
-    from agg_kernels.objective import LossContext, compose
+    from agg_kernels.objective import LossContext, WeightedLoss, compose
     from agg_kernels.step import compensated_denoised
 
     target_value = mix.means[1, 0]
 
-    def target_loss(x0, ctx):
-        return {"target": weights["target"] * (x0[:, 0] - target_value).pow(2).flatten(1).mean(1)}
+    target_loss = WeightedLoss(lambda x0, ctx: {"target": (x0[:, 0] - target_value).pow(2).flatten(1).mean(1)},
+                               {"target": weights["target"]})
 
     loss = None
     if cfg is not None:
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--sigma-start", type=float, default=3.0)
-    ap.add_argument("--target-weight", type=float, default=0.1)
-    ap.add_argument("--structure-weight", type=float, default=0.5)
-    ap.add_argument("--dds-lr", type=float, default=0.05)
+    ap.add_argument("--target-weight", type=float, default=0.3, help="latent distance per guided step")
+    ap.add_argument("--structure-weight", type=float, default=0.1, help="latent distance per guided step")
+    ap.add_argument("--dds-lr", type=float, default=0.5)
     args = ap.parse_args(argv)
     setup_paths()
     import torch

@@ -102,15 +102,19 @@ def build_prompt(mode: str, ckpt_name: str, size: int, seed: int, open_clip: str
     g.node("SaveLatent", name="save_latent", samples=g["sampler"][0], filename_prefix="agg_bench")
     if mode == "plain":
         return g.prompt
-    window = {"start_percent": 0.0, "end_percent": END_PERCENT, "dds_steps": 1, "dds_lr": 0.05, "asymmetric": True}
+    from agg_kernels.guidance import DEFAULT_DDS_LR, DEFAULT_DDS_STEPS
+    from agg_kernels.strength import DEFAULT_CLIP_WEIGHT, DEFAULT_STRUCTURE_WEIGHT
+
+    window = {"start_percent": 0.0, "end_percent": END_PERCENT, "dds_steps": DEFAULT_DDS_STEPS, "dds_lr": DEFAULT_DDS_LR,
+              "asymmetric": True}
     if mode.startswith("structure_"):
         manifold = {"none": "none", "fd": "finite_difference", "autograd": "autograd"}[mode.removeprefix("structure_")]
-        loss = g.node("AGGStructureLoss", weight=0.5, source=g["encode"][0])
+        loss = g.node("AGGStructureLoss", weight=DEFAULT_STRUCTURE_WEIGHT, source=g["encode"][0])
         insert_model_patch(g, "AGGApply", loss=loss[0], manifold=manifold, **window)
     elif mode.startswith("clip_"):
         loader = g.node("AGGCLIPLoader", clip_name=open_clip)
         loss = g.node("AGGCLIPDirectionLoss", clip=loader[0], vae=g["ckpt"][2], source_text="a photo",
-                      target_text="a watercolor painting", weight=2.0, decoder=mode.removeprefix("clip_"),
+                      target_text="a watercolor painting", weight=DEFAULT_CLIP_WEIGHT, decoder=mode.removeprefix("clip_"),
                       cutouts=8, range_weight=0.0, seed=0)
         insert_model_patch(g, "AGGApply", loss=loss[0], manifold="finite_difference", **window)
     else:

@@ -45,7 +45,10 @@ def test_model_passes_per_guided_step(session, manifold, extra):
     assert guided == STEPS
     calls = records(tag, "calc_cond_batch")
     assert len(calls) == STEPS + extra * guided
-    assert all(c["conds"] == 2 for c in calls)  # every pass is the full CFG model (cond + uncond)
+    # the sampler's passes are the full CFG model (cond + uncond); the finite-difference probe is the
+    # conditional prediction alone (half a CFG pass)
+    assert sum(c["conds"] == 2 for c in calls) == STEPS
+    assert sum(c["conds"] == 1 for c in calls) == extra * guided
     assert len(records(tag, "apply_model")) >= len(calls)
 
 

@@ -27,7 +27,7 @@ def clear_flag():
 def guided(seed: int, *, probe: str | None = None, interrupt_after: int = 0, tag: str = "") -> tuple:
     """img2img guided by Structure Loss (finite_difference: two model passes per guided step). `probe`:
     where the counting model sits, "outer" (before Apply AGG: it counts sampler steps) or "inner" (after
-    Apply AGG: it counts every model pass, the guidance's extra ones included)."""
+    Apply AGG, at calc_cond_batch: it counts every model pass, the guidance's conditional probe included)."""
     g = img2img(seed=seed, steps=STEPS, denoise=1.0)
     model = g["ckpt"][0]
     if probe == "outer":
@@ -36,7 +36,8 @@ def guided(seed: int, *, probe: str | None = None, interrupt_after: int = 0, tag
     agg = g.node("AGGApply", model=model, loss=loss[0], start_percent=0.0, end_percent=1.0,
                  manifold="finite_difference", dds_steps=1, dds_lr=0.05, asymmetric=True)[0]
     if probe == "inner":
-        agg = g.node("AGGTestCountModel", model=agg, tag=tag, interrupt_after=interrupt_after)[0]
+        agg = g.node("AGGTestCountModel", model=agg, tag=tag, interrupt_after=interrupt_after,
+                     level="calc_cond_batch")[0]
     g.set_input(g["sampler"], model=agg)
     return g
 

@@ -246,3 +246,80 @@ def test_outside_the_window_or_without_a_run_the_model_output_is_untouched():
     h.run.window = (low, low / 2)
     out = h.patch.predict_noise(h.executor, x, sig, h.model_options, 0)
     assert out is h.executor_calls[-1] and h.run.history == [] and h.run.pending is None
+
+
+# -- cfg_pp samplers: a guider with cond != uncond, finite differences on ----------------------------
+
+
+class CFGHarness(Harness):
+    """A guider with a conditional and an unconditional denoiser (different data), CFG, and the post-CFG
+    functions run as ComfyUI's sampling_function runs them; calc_cond_batch answers the conditional probe."""
+
+    def __init__(self, family, sampler_fn, monkeypatch, cfg=4.0, **kw):
+        super().__init__(family, sampler_fn, **kw)
+        g = torch.Generator().manual_seed(11)
+        self.uncond = mixture(torch.randn((2, *SHAPE[1:]), generator=g), [0.7, 1.1])
+        self.cfg = cfg
+        self.guider.conds = {"positive": ["POSITIVE"]}
+        self.probes: list[torch.Tensor] = []
+        self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=self.sampling),
+                                           model_patcher=SimpleNamespace(get_model_object=lambda name: self.sampling))
+        import comfy.samplers
+
+        def calc_cond_batch(model, conds, x, timestep, model_options):
+            assert conds == [["POSITIVE"]] and model is self.guider.inner_model
+            self.probes.append(x)
+            return [self.mix.denoise(x.float(), timestep.float(), self.family)]
+
+        monkeypatch.setattr(comfy.samplers, "calc_cond_batch", calc_cond_batch)
+
+    def executor(self, x, timestep, model_options, seed):
+        c = self.mix.denoise(x.float(), timestep.float(), self.family)
+        u = self.uncond.denoise(x.float(), timestep.float(), self.family)
+        d = u + self.cfg * (c - u)
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            d = fn({"denoised": d, "cond_denoised": c, "uncond_denoised": u, "model_options": model_options,
+                    "sigma": timestep, "input": x, "cond_scale": self.cfg})
+        self.executor_calls.append(d)
+        return d
+
+    def __call__(self, x, sigma, **extra):
+        options = dict(extra.get("model_options", {}))
+        options["transformer_options"] = self.model_options["transformer_options"]
+        n = len(self.executor_calls)
+        returned = self.patch.predict_noise(self.executor, x, sigma, options, 0)
+        d = self.executor_calls[n]
+        ret, shown = self.run.pending
+        self.steps.append({"x": x.clone(), "sigma": float(sigma.flatten()[0]), "D": d, "shown": shown.clone(),
+                           "delta": shown - d, "returned": returned.clone(),
+                           "U": self.uncond.denoise(x.float(), sigma.float(), self.family)})
+        return returned
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cfg_pp_samplers_realise_the_step_with_the_probe_on(family, eta, monkeypatch):
+    """The finite-difference probe is a conditional pass that runs no post-CFG function, so the uncond
+    estimate the cfg_pp samplers keep there is the one at x, not at the probed x."""
+    kds = k()
+    fn = kds.sample_euler_cfg_pp if eta == 0 else kds.sample_euler_ancestral_cfg_pp
+    h = CFGHarness(family, fn, monkeypatch, extra_options={} if eta == 0 else {"eta": eta})
+    noise = FixedNoise()
+    kwargs = {} if eta == 0 else {"eta": eta, "noise_sampler": noise}
+    out = fn(h, h.start(), h.sigmas, extra_args={"model_options": {}}, callback=h.callback(), disable=True, **kwargs)
+    assert_guided(h)
+    assert len(h.probes) == len(h.steps)  # one conditional probe per guided step
+    lam = lambda s: torch.tensor(float(alpha(torch.tensor(s), family)))  # noqa: E731  alpha_s of the sampler
+    drawn = iter(noise.drawn)
+    for st, x_next, sn in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), strict=True):
+        guided = st["D"] + st["delta"]
+        assert torch.allclose(st["returned"], guided, atol=TOL)  # R = D + delta is exact for these samplers
+        if sn == 0:
+            want = guided
+        else:
+            s, a_s, a_t = st["sigma"], lam(st["sigma"]), lam(sn)
+            down, up = kds.get_ancestral_step(torch.tensor(s) / a_s, torch.tensor(sn) / a_t, eta=eta)
+            want = a_t * guided + a_t * down * (st["x"] - a_s * st["U"]) / s
+            if eta:
+                want = want + a_t * next(drawn) * up
+        assert torch.allclose(x_next, want, atol=TOL), (st["sigma"], (x_next - want).abs().max())
