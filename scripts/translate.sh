@@ -1,8 +1,64 @@
 #!/usr/bin/env bash
-# Translate images with an AGG example workflow in a headless ComfyUI (see scripts/translate.py --help).
+# The pack's main job: translate photos with an AGG workflow in a headless ComfyUI.
+#
+#   bash scripts/translate.sh                     # a demo run on generated test models
+#   bash scripts/translate.sh --image photo.jpg --source "a photo of a cat" \
+#       --target "a watercolor painting of a cat" \
+#       --checkpoint /models/v1-5-pruned-emaonly.safetensors --clip /models/open_clip_model.safetensors
+#   bash scripts/translate.sh --help              # every option (python -m agg_cli --help)
+#
+# Builds the environment first if needed (scripts/setup.sh). Without --checkpoint, --clip and
+# --server it generates small test models (scripts/make_fixtures.py, cached under
+# $AGG_HOME/fixtures) and says so: their pictures only show that everything runs.
 set -euo pipefail
 PACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$PACK_DIR/scripts/setup.sh"
 AGG_HOME="${AGG_HOME:-$HOME/.cache/agg-comfyui}"
 PY="${AGG_PYTHON:-$AGG_HOME/venv/bin/python}"
-exec "$PY" "$PACK_DIR/scripts/translate.py" "$@"
+
+# The test models of the demo run, in the tree scripts/make_fixtures.py lays out. Change these
+# lines (and only these) to demo other test models.
+DEMO_MODELS="$AGG_HOME/fixtures/demo-models"
+DEMO_CHECKPOINT="checkpoints/agg-tiny-sd15.safetensors"
+DEMO_CLIP="open_clip/agg-tiny-open-clip.safetensors"
+DEMO_CONTROLNET="controlnet/agg-tiny-controlnet.safetensors"
+DEMO_VAE_APPROX="vae_approx"
+
+given() {  # given FLAG ARGS...: whether FLAG (or FLAG=...) is among ARGS
+  local flag="$1" a
+  shift
+  for a in "$@"; do
+    if [ "$a" = "$flag" ] || [ "${a#"$flag"=}" != "$a" ]; then return 0; fi
+  done
+  return 1
+}
+
+cli() { PYTHONPATH="$PACK_DIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m agg_cli "$@"; }
+
+if given --help "$@" || given -h "$@"; then
+  if [ -x "$PY" ]; then cli --help; else sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; fi
+  exit 0
+fi
+
+bash "$PACK_DIR/scripts/setup.sh"
+
+demo=()
+if ! given --server "$@" && ! given --checkpoint "$@" && ! given --clip "$@"; then
+  echo "=============================================================================="
+  echo "NOTE: no --checkpoint / --clip / --server given: using GENERATED TEST MODELS"
+  echo "(tiny, made on this machine by scripts/make_fixtures.py). Their pictures are"
+  echo "not real translations; they only show that the whole job runs. For real"
+  echo "results pass --checkpoint and --clip with real weights (see README)."
+  echo "=============================================================================="
+  mkdir -p "$AGG_HOME/fixtures"
+  "$PY" "$PACK_DIR/scripts/make_fixtures.py" "$DEMO_MODELS" --no-kl > "$AGG_HOME/fixtures/demo-models.txt" 2>&1 \
+    || { cat "$AGG_HOME/fixtures/demo-models.txt" >&2; exit 1; }
+  for f in "$DEMO_CHECKPOINT" "$DEMO_CLIP" "$DEMO_CONTROLNET" "$DEMO_VAE_APPROX"; do
+    [ -e "$DEMO_MODELS/$f" ] || { echo "error: the test model $DEMO_MODELS/$f was not generated (see $AGG_HOME/fixtures/demo-models.txt)" >&2; exit 1; }
+  done
+  demo=(--test-models --checkpoint "$DEMO_MODELS/$DEMO_CHECKPOINT" --clip "$DEMO_MODELS/$DEMO_CLIP"
+        --vae-approx "$DEMO_MODELS/$DEMO_VAE_APPROX")
+  if given --workflow "$@" && [[ " $* " == *" controlnet "* || "$*" == *"--workflow=controlnet"* ]]; then
+    demo+=(--controlnet "$DEMO_MODELS/$DEMO_CONTROLNET")
+  fi
+fi
+cli ${demo[@]+"${demo[@]}"} "$@"

@@ -1,0 +1,440 @@
+"""ComfyUI over HTTP and websocket (standard library only), and a headless ComfyUI process of our own.
+
+``Client`` speaks the server API a browser uses: ``/object_info``, ``/upload/image``, ``/prompt``,
+``/history/{id}``, ``/view`` and the ``/ws?clientId=`` event stream. Any failure to reach the server
+(refused, reset, timed out, closed socket) raises ``ServerLost``, so callers can move the work to
+another server; a prompt the server rejects or fails raises ``JobFailed``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import select
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ServerLost(ConnectionError):
+    """The server could not be reached, or stopped answering."""
+
+
+class JobFailed(RuntimeError):
+    """The server ran the prompt and reported an error (or refused it)."""
+
+
+def normalise_url(url: str) -> str:
+    """'127.0.0.1:8188' -> 'http://127.0.0.1:8188'; raises ValueError for what is not an http(s) URL."""
+    if "://" not in url:
+        url = "http://" + url
+    u = urllib.parse.urlparse(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"{url!r} is not an http(s)://host:port URL")
+    try:
+        u.port  # noqa: B018 - raises on a bad port
+    except ValueError as e:
+        raise ValueError(f"{url!r}: {e}") from None
+    return url.rstrip("/")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Websocket (RFC 6455 client: text, binary, ping/pong, close, fragmented messages)
+
+
+class WebSocket:
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        u = urllib.parse.urlparse(url)
+        secure = u.scheme in ("wss", "https")
+        host, port = u.hostname or "127.0.0.1", u.port or (443 if secure else 80)
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            if secure:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(
+                (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ServerLost(f"{url}: connection closed during the websocket handshake")
+                head += chunk
+        except OSError as e:
+            raise ServerLost(f"{url}: {e}") from None
+        head, self.buf = head.split(b"\r\n\r\n", 1)
+        status = head.split(b"\r\n", 1)[0]
+        if b" 101 " not in status + b" ":
+            sock.close()
+            raise ServerLost(f"{url}: websocket refused ({status.decode(errors='replace')})")
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        if accept not in head:
+            sock.close()
+            raise ServerLost(f"{url}: bad websocket handshake")
+        sock.setblocking(False)
+        self.sock = sock
+        self._parts: list[bytes] = []
+        self._opcode = 0
+
+    def _send(self, opcode: int, payload: bytes = b"") -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        header = bytes([0x80 | opcode])
+        if n < 126:
+            header += bytes([0x80 | n])
+        elif n < 1 << 16:
+            header += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            header += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        try:
+            self.sock.setblocking(True)
+            self.sock.sendall(header + mask + masked)
+        except OSError as e:
+            raise ServerLost(f"websocket send: {e}") from None
+        finally:
+            self.sock.setblocking(False)
+
+    def _frame(self) -> tuple[bool, int, bytes] | None:
+        b = self.buf
+        if len(b) < 2:
+            return None
+        fin, opcode, masked, n = b[0] & 0x80, b[0] & 0x0F, b[1] & 0x80, b[1] & 0x7F
+        pos = 2
+        if n == 126:
+            if len(b) < 4:
+                return None
+            n, pos = struct.unpack("!H", b[2:4])[0], 4
+        elif n == 127:
+            if len(b) < 10:
+                return None
+            n, pos = struct.unpack("!Q", b[2:10])[0], 10
+        mask = b""
+        if masked:
+            mask, pos = b[pos:pos + 4], pos + 4
+        if len(b) < pos + n:
+            return None
+        payload = b[pos:pos + n]
+        if masked:
+            payload = bytes(x ^ mask[i % 4] for i, x in enumerate(payload))
+        self.buf = b[pos + n:]
+        return bool(fin), opcode, payload
+
+    def recv(self, timeout: float) -> str | bytes | None:
+        """The next text (str) or binary (bytes) message, or None when none came within `timeout`.
+        Raises ServerLost when the connection closes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._frame()
+            while frame is not None:
+                fin, opcode, payload = frame
+                if opcode == 8:
+                    raise ServerLost("websocket closed by the server")
+                if opcode == 9:
+                    self._send(10, payload)
+                elif opcode in (0, 1, 2):
+                    if opcode:
+                        self._opcode, self._parts = opcode, []
+                    self._parts.append(payload)
+                    if fin:
+                        data = b"".join(self._parts)
+                        self._parts = []
+                        return data.decode("utf-8", errors="replace") if self._opcode == 1 else data
+                frame = self._frame()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                ready, _, _ = select.select([self.sock], [], [], left)
+                if not ready:
+                    return None
+                chunk = self.sock.recv(1 << 16)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                continue
+            except OSError as e:
+                raise ServerLost(f"websocket: {e}") from None
+            if not chunk:
+                raise ServerLost("websocket closed by the server")
+            self.buf += chunk
+
+    def close(self) -> None:
+        try:
+            self._send(8, struct.pack("!H", 1000))
+        except ServerLost:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTTP
+
+
+@dataclass
+class Progress:
+    """What a running prompt reported: the sampler's steps and the AGG terms."""
+
+    value: int = 0
+    total: int = 0
+    node: str | None = None
+    terms: list[dict] = field(default_factory=list)
+
+
+class Client:
+    """One ComfyUI server. Not thread-safe: one Client per worker thread."""
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        self.url = normalise_url(url)
+        self.timeout = timeout
+        self.client_id = f"agg-cli-{uuid.uuid4().hex[:12]}"
+        self.ws: WebSocket | None = None
+
+    def __repr__(self) -> str:
+        return f"Client({self.url})"
+
+    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                 timeout: float | None = None) -> bytes:
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            if path.startswith("/prompt") and e.code == 400:
+                raise JobFailed(_prompt_error(raw)) from None
+            raise JobFailed(f"{method} {path}: HTTP {e.code}: {raw[:300]!r}") from None
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            raise ServerLost(f"{self.url}: {getattr(e, 'reason', e)}") from None
+
+    def get_json(self, path: str, timeout: float | None = None) -> Any:
+        raw = self._request("GET", path, timeout=timeout)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ServerLost(f"{self.url}{path}: not a JSON answer (is this a ComfyUI server?)") from None
+
+    def object_info(self) -> dict:
+        return self.get_json("/object_info", timeout=max(self.timeout, 60))
+
+    def upload_image(self, path: Path, name: str, subfolder: str = "agg_cli") -> str:
+        """Upload a local image into the server's input folder; returns the LoadImage value."""
+        boundary = uuid.uuid4().hex
+        parts = []
+        for key, value in (("type", "input"), ("subfolder", subfolder), ("overwrite", "true")):
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                     "Content-Type: application/octet-stream\r\n\r\n".encode() + Path(path).read_bytes() + b"\r\n")
+        parts.append(f"--{boundary}--\r\n".encode())
+        raw = self._request("POST", "/upload/image", b"".join(parts),
+                            {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=max(self.timeout, 120))
+        info = json.loads(raw)
+        return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
+
+    def connect(self) -> None:
+        if self.ws is None:
+            ws_url = self.url.replace("https://", "wss://").replace("http://", "ws://")
+            self.ws = WebSocket(f"{ws_url}/ws?clientId={self.client_id}", timeout=self.timeout)
+
+    def close(self) -> None:
+        if self.ws is not None:
+            self.ws.close()
+            self.ws = None
+
+    def queue(self, prompt: dict) -> str:
+        body = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
+        res = json.loads(self._request("POST", "/prompt", body, {"Content-Type": "application/json"}))
+        if "prompt_id" not in res:
+            raise JobFailed(_prompt_error(json.dumps(res).encode()))
+        return res["prompt_id"]
+
+    def history(self, prompt_id: str) -> dict | None:
+        h = self.get_json(f"/history/{prompt_id}")
+        return h.get(prompt_id) if isinstance(h, dict) else None
+
+    def run(self, prompt: dict, on_progress: Callable[[Progress], None] | None = None,
+            timeout: float = 3600.0, poll: float = 2.0) -> tuple[dict, Progress]:
+        """Queue `prompt` and follow it to the end; returns (history entry, progress with agg.terms).
+        One prompt at a time per Client."""
+        self.connect()
+        pid = self.queue(prompt)
+        prog = Progress()
+        deadline = time.monotonic() + timeout
+        next_poll = time.monotonic() + poll
+        while True:
+            assert self.ws is not None
+            msg = self.ws.recv(0.5)
+            if isinstance(msg, str):
+                try:
+                    m = json.loads(msg)
+                except ValueError:
+                    m = {}
+                kind, data = m.get("type"), m.get("data") or {}
+                if data.get("prompt_id") not in (None, pid):
+                    continue
+                if kind == "progress":
+                    prog.value, prog.total, prog.node = int(data.get("value", 0)), int(data.get("max", 0)), data.get("node")
+                    if on_progress:
+                        on_progress(prog)
+                elif kind == "agg.terms":
+                    prog.terms.append(data)
+                    if on_progress:
+                        on_progress(prog)
+                elif kind == "execution_error":
+                    raise JobFailed(f"node {data.get('node_id')} ({data.get('node_type')}): "
+                                    f"{data.get('exception_type', 'error')}: {data.get('exception_message', '')}".strip())
+                elif kind == "execution_interrupted":
+                    raise JobFailed("the run was interrupted on the server")
+                elif (kind == "executing" and data.get("node") is None and data.get("prompt_id") == pid) or \
+                        (kind == "execution_success" and data.get("prompt_id") == pid):
+                    next_poll = 0.0
+            now = time.monotonic()
+            if now >= next_poll:
+                entry = self.history(pid)
+                if entry:  # ComfyUI writes the history entry when the prompt has finished, ok or not
+                    status = entry.get("status", {})
+                    if status.get("status_str") == "error":
+                        errs = [d for e, d in status.get("messages", []) if e == "execution_error"]
+                        d = errs[0] if errs else {}
+                        raise JobFailed(f"node {d.get('node_id')} ({d.get('node_type')}): {d.get('exception_message', 'error')}")
+                    return entry, prog
+                next_poll = now + poll
+            if now > deadline:
+                raise JobFailed(f"not finished after {timeout:.0f} s")
+
+    def images(self, entry: dict) -> list[tuple[str, dict]]:
+        """(node id, image ref) of every image a history entry lists, output images first."""
+        out = []
+        for node_id, node_out in (entry.get("outputs") or {}).items():
+            for im in node_out.get("images", []) or []:
+                out.append((node_id, im))
+        out.sort(key=lambda t: t[1].get("type") != "output")
+        return out
+
+    def fetch(self, image: dict) -> bytes:
+        q = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                                    "type": image.get("type", "output")})
+        return self._request("GET", f"/view?{q}", timeout=max(self.timeout, 120))
+
+
+def _prompt_error(raw: bytes) -> str:
+    """ComfyUI's validation answer as one readable line per problem."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return raw[:500].decode(errors="replace")
+    lines = []
+    err = body.get("error")
+    if isinstance(err, dict):
+        lines.append(f"{err.get('message', '')} {err.get('details', '')}".strip())
+    for node_id, ne in (body.get("node_errors") or {}).items():
+        for e in ne.get("errors", []):
+            lines.append(f"node {node_id} ({ne.get('class_type')}): {e.get('message')}: {e.get('details')}")
+    return "; ".join(x for x in lines if x) or json.dumps(body)[:500]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A ComfyUI of our own
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_cuda(python: str) -> bool:
+    try:
+        r = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, timeout=180)
+        return r.stdout.strip().endswith("True")
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+class LocalServer:
+    """``main.py`` of a ComfyUI folder on a free loopback port, with its own input/output/temp/user
+    folders under `work`, the models named in `extra_model_paths`, and its log at `log_path`."""
+
+    def __init__(self, comfyui: Path, work: Path, log_path: Path, extra_model_paths: Path | None,
+                 python: str = sys.executable, cpu: bool | None = None) -> None:
+        self.comfyui, self.work, self.log_path = Path(comfyui), Path(work), Path(log_path)
+        self.extra_model_paths, self.python = extra_model_paths, python
+        self.cpu = (not has_cuda(python)) if cpu is None else cpu
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self, timeout: float = 300.0) -> LocalServer:
+        dirs = {k: self.work / k for k in ("input", "output", "temp", "user")}
+        for d in dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        cmd = [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
+               "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
+               "--input-directory", str(dirs["input"]), "--output-directory", str(dirs["output"]),
+               "--temp-directory", str(dirs["temp"]), "--user-directory", str(dirs["user"])]
+        if self.cpu:
+            cmd.append("--cpu")
+        if self.extra_model_paths:
+            cmd += ["--extra-model-paths-config", str(self.extra_model_paths)]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", DO_NOT_TRACK="1")
+        self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env)
+        client = Client(self.url, timeout=5)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode} while starting; "
+                                   f"its log: {self.log_path}\n{self.log_tail()}")
+            try:
+                client.get_json("/system_stats", timeout=5)
+                return self
+            except (ServerLost, JobFailed):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s; its log: {self.log_path}") from None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
