@@ -1,11 +1,14 @@
-"""README's first command: scripts/translate.py runs the text-guided workflow in a real headless
-ComfyUI and writes the result, the side-by-side comparison and the loss-term plot."""
+"""README's first command: `bash scripts/translate.sh` sets up (already done here), generates the
+demo's test models, says so, starts its own headless ComfyUI and writes the result, the side-by-side
+comparison, the per-step report and its plot into the output folder it prints, with the server log's
+path."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,21 +19,32 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_translate_default_workflow_end_to_end():
+def test_translate_sh_demo_end_to_end(tmp_path):
+    env = {**os.environ}
+    env.pop("PYTHONPATH", None)
     proc = subprocess.run(
-        [sys.executable, str(PACK_ROOT / "scripts" / "translate.py"), "--steps", "3", "--size", "64", "--seed", "7"],
-        capture_output=True, text=True, timeout=900,
+        ["bash", str(PACK_ROOT / "scripts" / "translate.sh"), "--steps", "3", "--size", "64", "--seed", "7"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "RANDOM-WEIGHT TEST MODELS" in out  # says plainly that no real weights were given
-    done = re.search(r"^done: (.+)$", out, re.M)
+    assert "GENERATED TEST MODELS" in out  # says plainly that no real weights were given
+    done = re.search(r"^done: 1 of 1 images in .* -> (.+)$", out, re.M)
     assert done, out[-2000:]
     folder = Path(done.group(1).strip())
-    side = sorted(folder.glob("*_side_by_side.png"))
-    plot = sorted(folder.glob("*_terms.png"))
-    assert side and plot, sorted(p.name for p in folder.iterdir())
-    with Image.open(side[0]) as im:
+    assert folder.parent == tmp_path / "agg-output"  # under the current folder, not deep in a cache
+    log = re.search(r"^server log: (.+)$", out, re.M)
+    assert log and Path(log.group(1)).is_file() and "Starting server" in Path(log.group(1)).read_text()
+    for name in ("example_agg.png", "example_unguided.png", "example_side_by_side.png", "example_terms.json",
+                 "example_terms.png", "summary.json"):
+        assert (folder / name).is_file(), sorted(p.name for p in folder.iterdir())
+    with Image.open(folder / "example_side_by_side.png") as im:
         assert im.width > 2 * im.height  # source | unguided | AGG
-    results = [p for p in folder.iterdir() if p.suffix == ".png" and p not in side + plot]
-    assert results, sorted(p.name for p in folder.iterdir())
+    with Image.open(folder / "example_agg.png") as im:
+        assert im.size == (64, 64)  # ComfyUI's example.png is square
+    report = json.loads((folder / "example_terms.json").read_text())
+    assert report["events"], "no per-step AGG report arrived"
+    assert all(isinstance(e.get("terms"), dict) and e["terms"] for e in report["events"])
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["test_models"] is True and summary["images"][0]["status"] == "done"
+    assert "[AGG" in out and "step 3/3" in out  # per-image progress bars were shown
