@@ -1,0 +1,86 @@
+"""pyproject.toml and README say only what is true: one repository address the other URLs derive
+from, registry fields in the Comfy Registry's form, an icon file that exists within the registry's
+size limit, `requires-comfyui` equal to the lowest ComfyUI the test command runs, and the command-line
+tool kept out of what ComfyUI imports."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as pip vendors it
+    from pip._vendor import tomli as tomllib
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())
+
+
+def test_urls_derive_from_the_one_repository_address():
+    urls = PYPROJECT["project"]["urls"]
+    repo = urls["Repository"]
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", repo)
+    assert urls["Documentation"] == repo + "#readme"
+    assert urls["Bug Tracker"] == urls["Issues"] == repo + "/issues"
+    owner_name = repo.removeprefix("https://github.com/")
+    icon = PYPROJECT["tool"]["comfy"]["Icon"]
+    assert icon.startswith(f"https://raw.githubusercontent.com/{owner_name}/main/")
+    readme = (PACK_ROOT / "README.md").read_text()
+    assert owner_name not in readme  # README refers to pyproject.toml instead of repeating the address
+    assert "`Repository` entry" in readme and "<this repository>" not in readme
+
+
+def test_icon_exists_and_fits_the_registry_limit():
+    icon = PYPROJECT["tool"]["comfy"]["Icon"]
+    path = PACK_ROOT / icon.split("/main/", 1)[1]
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        assert im.format in ("PNG", "JPEG", "GIF") and im.width <= 800 and im.height <= 400
+
+
+def test_registry_fields():
+    project, comfy = PYPROJECT["project"], PYPROJECT["tool"]["comfy"]
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]*(?:[._-][A-Za-z0-9]+)*", project["name"])
+    assert "comfyui" not in project["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert project["license"] == {"file": "LICENSE"} and (PACK_ROOT / "LICENSE").is_file()
+    assert all(re.fullmatch(r"[A-Za-z ]+(?: :: [^:]+)+", c) for c in project["classifiers"])
+    assert "Operating System :: POSIX :: Linux" in project["classifiers"]  # what the tests run on
+    assert comfy["PublisherId"] == ""  # not published yet: nobody's id is claimed
+    assert comfy["DisplayName"] and comfy["includes"] == ["workflows"]
+
+
+def test_requires_comfyui_is_the_lowest_tested_version():
+    setup = (PACK_ROOT / "scripts" / "setup.sh").read_text()
+    oldest = re.search(r'OLDEST_VERSION="([\d.]+)"', setup).group(1)
+    assert PYPROJECT["tool"]["comfy"]["requires-comfyui"] == f">={oldest}"
+    test_sh = (PACK_ROOT / "scripts" / "test.sh").read_text()
+    assert f'OLDEST="{oldest}"' in test_sh and "pytest tests/nodes tests/integration" in test_sh
+
+
+def test_readme_commands_and_prerequisites():
+    readme = (PACK_ROOT / "README.md").read_text()
+    assert "bash scripts/translate.sh\n" in readme and "bash scripts/test.sh\n" in readme
+    for needed in ("bash", "Python 3.10", "root or `sudo`"):
+        assert needed in readme
+    assert "ComfyUI-Manager: search" not in readme.replace("*", "")
+
+
+def test_the_cli_is_not_part_of_the_nodes_and_does_not_import_tests():
+    for path in [PACK_ROOT / "__init__.py", *sorted((PACK_ROOT / "nodes").glob("*.py"))]:
+        assert "agg_cli" not in path.read_text(), path
+    for path in sorted((PACK_ROOT / "agg_cli").glob("*.py")):
+        text = path.read_text()
+        assert "agg_testing" not in text and "tests/" not in text.replace("tests/test_", ""), path
+    # It imports on its own, with nothing of ComfyUI or the tests on the path.
+    code = ("import sys; import agg_cli.main, agg_cli.comfy, agg_cli.jobs, agg_cli.graph, agg_cli.report; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('agg_testing', 'comfy', 'torch', 'nodes')]; "
+            "print(bad); sys.exit(bool(bad))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=PACK_ROOT, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(PACK_ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stdout + r.stderr
