@@ -95,3 +95,22 @@ def test_two_servers_one_killed_mid_run_loses_nothing(agg_models, tmp_path):
     print(f"\nscale-out: {N_IMAGES} images, 2 servers, {seconds:.1f} s in all ({summary['seconds']:.1f} s scheduling); "
           f"B killed after {killed_after:.1f} s with {servers[b.url]['done']} done; moved {moved[0]['name']} to A; "
           f"A {servers[a.url]['done']} done in {servers[a.url]['busy_seconds']:.1f} s busy")
+
+
+@pytest.mark.server
+def test_server_checks_model_and_sampler_names_before_queueing(comfy_server, tmp_path):
+    """With --server, the model and sampler names are checked against that server's node list, and
+    nothing is queued when one is wrong."""
+    photo = make_images(tmp_path / "photos")[0]
+    before = comfy_server.get("/history")
+    cmd = [sys.executable, "-m", "agg_cli", "--server", comfy_server.url, "--image", str(photo),
+           "--workflow", "img2img_ksampler", "--source", "a photo", "--target", "a painting",
+           "--checkpoint", "no-such-model.safetensors", "--sampler", "no_such_sampler",
+           "--output-dir", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(PACK_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"--checkpoint 'no-such-model.safetensors': not offered by {comfy_server.url}" in r.stderr
+    assert comfy_server.models.checkpoint in r.stderr  # lists what the server has
+    assert "--sampler 'no_such_sampler': not offered" in r.stderr and "euler" in r.stderr
+    assert comfy_server.get("/history") == before  # nothing was queued
