@@ -8,7 +8,7 @@ import torch
 
 from .dds import dds_refine, summed, term_gradients, term_pulls
 from .manifold import FD_REL_STEP, Denoiser, covariance_product, plain
-from .objective import Loss, LossContext
+from .objective import Loss, LossContext, Terms, anchors_of
 from .strength import DEFAULT_TRUST, clip_to_radius, is_descent, posterior_variance, rms, trust_radius
 
 # Refinement defaults: one step of half the weight (the paper's one x0-space step after the manifold step).
@@ -40,6 +40,19 @@ class GuidanceResult:
             "terms": self.terms, "grad_rms": self.grad_rms, "step_rms": self.step_rms, "delta_rms": self.delta_rms,
             "trust_region": self.trust_region, "fallback": self.fallback, "skipped": self.skipped,
         }
+
+
+def within_anchors(delta: torch.Tensor, x0: torch.Tensor, pulls: Terms, anchors: Terms) -> torch.Tensor:
+    """When every term that pulls is anchored (a Structure Loss alone), keep each element of x0 + delta
+    between x0 and its references: the step never moves an element away from, or past, where the
+    terms want it, whatever the model's Jacobian did to the pull."""
+    active = [k for k, p in pulls.items() if bool(p.any())]
+    if not active or any(k not in anchors for k in active):
+        return delta
+    gaps = [anchors[k] - x0 for k in active]
+    low = torch.stack([torch.zeros_like(x0), *gaps]).amin(0)
+    high = torch.stack([torch.zeros_like(x0), *gaps]).amax(0)
+    return torch.minimum(torch.maximum(delta, low.to(delta.dtype)), high.to(delta.dtype))
 
 
 def is_finite(t: torch.Tensor) -> bool:
@@ -97,6 +110,7 @@ def guided_delta(
             step = torch.where(ok.reshape(-1, *([1] * (work.ndim - 1))), torch.nan_to_num(step), prior)
     x0 = dds_refine(loss, work - step, ctx, dds_steps, dds_lr)
     delta, capped = clip_to_radius(x0 - work, trust_radius(ctx.sigma, ctx.family, trust))
+    delta = within_anchors(delta, work, pulls, anchors_of(loss, work, ctx))
     if not is_finite(delta):
         return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback)
     return GuidanceResult(

@@ -160,3 +160,18 @@ def test_report_is_plain_json():
     res = guided_delta(pull(mix.means[1], 0.05), x, d, ctx, "none")
     rep = json.loads(json.dumps(res.report()))
     assert set(rep) >= {"terms", "grad_rms", "step_rms", "delta_rms", "trust_region", "fallback", "skipped"}
+
+
+def test_structure_alone_never_moves_an_element_away_from_or_past_its_reference():
+    # A denoiser whose Jacobian is 3 I triples the covariance step: without the anchor bound, elements
+    # close to the reference would pass it.
+    mix, x, s, d, ctx = setup("eps")
+    ref = mix.means[0]
+    structure = WeightedLoss(lambda x0, ctx: {"structure": (x0 - ref).abs().flatten(1).mean(1)},
+                             {"structure": 1.0}, lambda x0, ctx: {"structure": ref.expand_as(x0)})
+    res = guided_delta(structure, x, d, ctx, "finite_difference", lambda z: 3 * z, dds_steps=1, trust=100)
+    gap = ref - d
+    moved = res.delta
+    assert (moved * gap >= -1e-6).all()  # never away
+    assert (moved.abs() <= gap.abs() + 1e-6).all()  # never past
+    assert float(moved.abs().sum()) > 0.1 * float(gap.abs().sum())  # and it does move

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--modes", type=int, default=4)
+    ap.add_argument("--separation", type=float, default=0.05,
+                    help="RMS per element of the mode means: small enough that the posterior over modes is split at "
+                    "SD's noise levels (in 16k dimensions well-separated modes make every posterior one Gaussian)")
     args = ap.parse_args(argv)
     setup_paths()
     import torch
@@ -43,13 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     g = torch.Generator().manual_seed(0)
     shape = (4, args.size, args.size)
-    means = torch.randn(args.modes, *shape, generator=g) * 0.8  # modes + spread: unit variance per element
-    stds = [0.6] * args.modes
+    means = torch.randn(args.modes, *shape, generator=g) * args.separation
+    stds = [1.0] * args.modes  # unit variance per element
     uncond = mixture(means, stds)
     cond = mixture(means, stds, [0.9] + [0.1 / (args.modes - 1)] * (args.modes - 1))
     goal = means[1]
     loss = WeightedLoss(lambda x0, ctx: {"target": (x0 - goal).pow(2).flatten(1).mean(1)}, {"target": 0.1})
-    print(f"latent 4x{args.size}x{args.size}, {args.modes} modes, cfg {args.cfg}, batch {args.batch}")
+    print(f"latent 4x{args.size}x{args.size}, {args.modes} modes (separation {args.separation}), cfg {args.cfg}, "
+          f"batch {args.batch}")
     print(f"{'sigma':>6} | {'non-descent: CFG J':>18} {'cond J':>7} | {'loss drop vs prior: CFG J':>25} {'cond J':>7}")
     rows = []
     for sigma in (14.0, 6.0, 3.0, 1.5, 0.8, 0.4):

@@ -277,7 +277,8 @@ class CFGHarness(Harness):
         c = self.mix.denoise(x.float(), timestep.float(), self.family)
         u = self.uncond.denoise(x.float(), timestep.float(), self.family)
         d = u + self.cfg * (c - u)
-        for fn in model_options.get("sampler_post_cfg_function", []):
+        # the patch's own post-CFG hook sits in the model's options (AGGPatch.install), the sampler's after it
+        for fn in [self.patch.capture_cond, *model_options.get("sampler_post_cfg_function", [])]:
             d = fn({"denoised": d, "cond_denoised": c, "uncond_denoised": u, "model_options": model_options,
                     "sigma": timestep, "input": x, "cond_scale": self.cfg})
         self.executor_calls.append(d)
