@@ -1,6 +1,6 @@
 """Asymmetric Gradient Guidance as pure torch functions (no ComfyUI import).
 
-See DESIGN: coordinates, the asymmetric step and its sampler compensation, manifold gradients,
+See docs/DESIGN.md: coordinates, the asymmetric step and its sampler compensation, manifold gradients,
 DDS refinement, schedules, losses and inversion.
 """
 

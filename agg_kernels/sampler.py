@@ -1,4 +1,4 @@
-"""The AGG sampler: DDIM with a separate eta in each of three zones (DESIGN §1.4).
+"""The AGG sampler: DDIM with a separate eta in each of three zones (docs/DESIGN.md §1.4).
 
 A k-diffusion sampler function (the calling convention of ComfyUI's sample_euler_ancestral): the model
 maps (x, sigma[B]) to the denoised estimate. Each step is the ancestral Euler / DDIM step with the

@@ -1,4 +1,4 @@
-"""Where guidance runs and which eta each step uses (DESIGN §1.4).
+"""Where guidance runs and which eta each step uses (docs/DESIGN.md §1.4).
 
 Two independent schedules:
   the edit window  a sigma range given as ComfyUI start / end percent (0 = the highest sigma,

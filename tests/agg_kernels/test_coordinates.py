@@ -56,6 +56,6 @@ def test_vp_view():
     assert torch.allclose(frac, s / (1 + s**2).sqrt())
     x = torch.ones(3, 2)
     assert torch.allclose(co.vp_state(x, s, "eps"), x / (1 + s[:, None] ** 2).sqrt())
-    # const: sigma and x as they are (DESIGN §1.5).
+    # const: sigma and x as they are (docs/DESIGN.md §1.5).
     assert co.vp_noise_fraction(0.3, "const") == 0.3
     assert torch.equal(co.vp_state(x, s, "const"), x)

@@ -12,7 +12,7 @@ sampler_identity, called on the pack's code).
 
 Each schedule step i is measured on its own: a run guided only on the evaluations of step i
 (sigma_{i+1} < sigma <= sigma_i) against the unguided run with the same noise. The exact asymmetric
-step moves x_{i+1} by alpha(sigma_{i+1}) * delta_i (DESIGN 1.2 step 4); the deviation is
+step moves x_{i+1} by alpha(sigma_{i+1}) * delta_i (docs/DESIGN.md §1.2 step 5); the deviation is
 |realised shift - alpha(sigma_{i+1}) * delta_i| / |alpha(sigma_{i+1}) * delta_i|, and the table shows
 its maximum over the steps. Effects a guided step leaves on later steps of multistep samplers are not
 counted (they are zero for first-order samplers).

@@ -1,4 +1,4 @@
-"""The pack's nodes register in a real ComfyUI under the public ids, names and inputs of DESIGN §3,
+"""The pack's nodes register in a real ComfyUI under the public ids, names and inputs of docs/DESIGN.md §3,
 in-process (nodes.NODE_CLASS_MAPPINGS) and over HTTP (/object_info)."""
 
 from __future__ import annotations
