@@ -1,6 +1,10 @@
-"""ComfyUI glue of the AGG pack: V3 nodes calling into agg_kernels."""
+"""ComfyUI glue of the AGG pack: V3 nodes calling into agg_kernels.
 
-from comfy_api.latest import ComfyExtension, io
+The V3 API is imported from its versioned module `comfy_api.v0_0_2` (present from ComfyUI 0.3.52 on, the
+oldest version the tests run), not from `comfy_api.latest`, which follows whatever ComfyUI ships next.
+"""
+
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .apply import AGGApply, AGGGuider
 from .clip_model import AGGCLIPLoader, register_folder

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import comfy.model_management
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from .runtime import AGGError
 from .types import AGGClipType

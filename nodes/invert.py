@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy.samplers
 import latent_preview
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..agg_kernels.inversion import ddim_invert
 from .runtime import AGGError, require_family

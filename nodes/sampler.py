@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import comfy.samplers
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..agg_kernels import schedule
 from ..agg_kernels.sampler import sample_agg

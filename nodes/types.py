@@ -1,6 +1,6 @@
 """The pack's custom socket types."""
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 AGGLossType = io.Custom("AGG_LOSS")
 AGGTrajectoryType = io.Custom("AGG_TRAJECTORY")
