@@ -220,6 +220,20 @@ def test_sd3_fixture_loads_as_sd3(session):
     assert out.shape == (1, 16, SIZE // 8, SIZE // 8) and torch.isfinite(out).all()
 
 
+def sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_flow_fixtures_regenerate_byte_identical(tmp_path, agg_models):
+    # the small files; CLIP-L's and Flux's tensors come from the same seeded generator (agg_testing.fixtures)
+    assert sha256(sd3.sd3_tiny(cache_dir=tmp_path)) == sha256(sd3.sd3_tiny())
+    fresh, cached = sd3.taesd16("taef1", cache_dir=tmp_path), sd3.taesd16("taef1")
+    assert sha256(fresh["decoder"]) == sha256(cached["decoder"])
+    assert sha256(fresh["decoder"]) != sha256(sd3.taesd16("taesd3")["decoder"])  # two different decoders
+
+
 # ---------------------------------------------------------------------------------------------------
 # Regression: CLIP Direction Loss on a flow model (inference tensors kept for backward)
 
