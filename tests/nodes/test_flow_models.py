@@ -121,7 +121,6 @@ def clip_loader(g: Graph, agg_models):
     return g["open_clip"]
 
 
-LOSSES = ["structure_source", "structure_trajectory", "clip_direction", "image_style"]
 TERM = {"structure_source": "structure", "structure_trajectory": "structure", "clip_direction": "clip_direction",
         "image_style": "style"}
 
@@ -253,8 +252,8 @@ def regression_graph(model: str, agg_models, *, seed: int, decoder: str, guided:
 @pytest.mark.parametrize("decoder", ["linear", "vae"])
 @pytest.mark.parametrize("model", ["sd3", "sd15_flow"])
 def test_clip_direction_runs_and_lowers_the_loss_on_a_flow_model(session, agg_models, model, decoder):
-    """KSampler + Apply AGG + CLIP Direction Loss on a CONST model used to stop with 'Inference tensors cannot
-    be saved for backward' (the loss kept an inference-mode sampler state for backward)."""
+    """KSampler + Apply AGG + CLIP Direction Loss on a CONST model runs: no 'Inference tensors cannot be saved
+    for backward' from a sampler state (made in inference mode) that the loss keeps for backward."""
     seed = next(SEEDS)
     plain = regression_graph(model, agg_models, seed=seed, decoder=decoder, guided=False)
     base = samples(session.run(plain.prompt), plain)
