@@ -6,6 +6,13 @@ Probe nodes (V1-style, registered into ComfyUI's NODE_CLASS_MAPPINGS by `registe
   AGGTestAnalyticModel   MODEL -> MODEL clone whose UNet is replaced by an exact Gaussian denoiser
                          (model_function_wrapper; in ComfyUI 0.3.75 that wrapper receives the sampler
                          state and sigma and returns the denoised value).
+  AGGTestExactUNet       MODEL -> MODEL clone whose network (DIFFUSION_MODEL wrapper) returns the exact output
+                         of the model's parameterisation (eps, v or flow velocity) for the same Gaussian data,
+                         so ComfyUI's own eps / v / flow conversions produce the clean estimate.
+
+Helpers: `guided_steps()` records every evaluation the guidance hook sees (state, sigma, the guider's
+denoised D, the step delta and what the sampler was given); `window_isolating(...)` gives the start /
+end percent that guide exactly one step of a schedule.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import importlib
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -88,12 +97,17 @@ class AGGTestCountingProbe:
 
         def apply_model(executor, *args, **kwargs):
             control = _control_of(args, kwargs)
+            topts = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
             records.append({
                 "kind": "apply_model",
                 "sigma": float(args[1].flatten()[0]),
                 "batch": int(args[0].shape[0]),
                 "control": control is not None,
                 "control_keys": sorted(control.keys()) if isinstance(control, dict) else [],
+                # the ControlNet's residuals this pass got (batch first), and which rows are cond (0) / uncond (1)
+                "control_out": [t.detach().float().clone() for t in (control or {}).get("output", []) if t is not None]
+                if isinstance(control, dict) else [],
+                "cond_or_uncond": list((topts or {}).get("cond_or_uncond", [])),
             })
             return executor(*args, **kwargs)
 
@@ -144,7 +158,56 @@ class AGGTestAnalyticModel:
         return (m,)
 
 
-NODES = {"AGGTestCountingProbe": AGGTestCountingProbe, "AGGTestAnalyticModel": AGGTestAnalyticModel}
+class AGGTestExactUNet:
+    """An exact denoiser of N(mean_scale * latent, std^2 I) data in place of the diffusion model's *network*:
+    a DIFFUSION_MODEL wrapper returns the raw output the model's parameterisation asks for (eps, v, or the
+    flow velocity), so ComfyUI's own calculate_input / calculate_denoised (e.g. V_PREDICTION's) turn it
+    into the exact clean estimate. Unlike AGGTestAnalyticModel, the whole apply_model path runs."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "latent": ("LATENT",),
+                             "std": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.001}),
+                             "mean_scale": ("FLOAT", {"default": 0.5, "min": -10.0, "max": 10.0, "step": 0.01})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "AGG/testing"
+
+    def patch(self, model, latent, std, mean_scale):
+        import comfy.model_sampling as ms
+        import comfy.patcher_extension as pe
+
+        from agg_testing.analytic import gaussian
+
+        sampling = model.get_model_object("model_sampling")
+        family = pack_module("nodes.runtime").model_family(sampling)
+        mean = mean_scale * model.model.process_latent_in(latent["samples"].float())[0].clone()
+        data = gaussian(mean, std)
+        sd = float(getattr(sampling, "sigma_data", 1.0))
+
+        def network(executor, xc, timesteps, context, y, control, transformer_options, **kwargs):
+            sigma = transformer_options["sigmas"].float().flatten()[0]
+            dtype, xc = xc.dtype, xc.float()
+            if isinstance(sampling, ms.CONST):
+                x = xc  # CONST.calculate_input is the identity
+            else:
+                x = xc * (sigma**2 + sd**2) ** 0.5  # EPS.calculate_input divides by sqrt(sigma^2 + sigma_data^2)
+            d = data.denoise(x, sigma, family)
+            if isinstance(sampling, ms.V_PREDICTION):
+                # invert D = x sd^2 / (s^2 + sd^2) - v s sd / sqrt(s^2 + sd^2)
+                out = (x * sd**2 / (sigma**2 + sd**2) - d) * (sigma**2 + sd**2) ** 0.5 / (sigma * sd)
+            else:
+                out = (x - d) / sigma  # EPS and CONST: D = x - sigma * out
+            return out.to(dtype)
+
+        m = model.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "agg_test_exact_unet", network)
+        return (m,)
+
+
+NODES = {"AGGTestCountingProbe": AGGTestCountingProbe, "AGGTestAnalyticModel": AGGTestAnalyticModel,
+         "AGGTestExactUNet": AGGTestExactUNet}
 
 
 def register() -> None:
@@ -188,3 +251,61 @@ def add_agg(g, *, weight: float = 0.5, manifold: str = "finite_difference", asym
                    asymmetric=asymmetric)
     g.set_input(node, model=apply[0])
     return apply
+
+
+# -- what the guidance hook saw ------------------------------------------------------------------------
+
+
+@contextmanager
+def guided_steps() -> Iterator[list[dict]]:
+    """Record every evaluation the pack's guidance hook (AGGRun.guide) handles inside the block.
+
+    Each record: node (the AGG node's display name), family, sigma, x (the sampler state), D (the guider's
+    denoised), returned (what the sampler got), guided (inside the window and not skipped), delta (the
+    step on the clean estimate, D + delta is what previews show; None when not guided), terms (that step's
+    history entry). Observation only: the hook's result is returned unchanged.
+    """
+    runtime = pack_module("nodes.runtime")
+    original = runtime.AGGRun.guide
+    calls: list[dict] = []
+
+    def guide(self, executor, x, timestep, model_options, seed, denoised):
+        before = len(self.history)
+        out = original(self, executor, x, timestep, model_options, seed, denoised)
+        stepped = len(self.history) > before
+        entry = self.history[-1] if stepped else None
+        guided = stepped and not entry["skipped"] and self.pending is not None
+        calls.append({
+            "node": self.patch.node_name, "family": self.family, "sigma": float(timestep.flatten()[0]),
+            "x": x.detach().float().clone(), "D": denoised.detach().float().clone(),
+            "returned": out.detach().float().clone(), "guided": guided, "terms": entry,
+            "delta": (self.pending[1].float() - denoised.float()).clone() if guided else None,
+        })
+        return out
+
+    runtime.AGGRun.guide = guide
+    try:
+        yield calls
+    finally:
+        runtime.AGGRun.guide = original
+
+
+def percent_for_sigma(percent_to_sigma: Callable[[float], float], sigma: float) -> float:
+    """The percent p (0..1) with percent_to_sigma(p) == sigma, by bisection (percent_to_sigma decreases)."""
+    lo, hi = 1e-9, 1.0 - 1e-9
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if float(percent_to_sigma(mid)) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def window_isolating(percent_to_sigma: Callable[[float], float], sigmas: list[float], i: int) -> tuple[float, float]:
+    """(start_percent, end_percent) whose guidance window holds sigmas[i] and no other entry of the schedule
+    (bounds at the geometric mean of neighbouring sigmas)."""
+    start = 0.0 if i == 0 else percent_for_sigma(percent_to_sigma, (sigmas[i - 1] * sigmas[i]) ** 0.5)
+    below = sigmas[i + 1] if i + 1 < len(sigmas) else 0.0
+    end = 1.0 if below <= 0 else percent_for_sigma(percent_to_sigma, (sigmas[i] * below) ** 0.5)
+    return start, end

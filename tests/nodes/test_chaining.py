@@ -24,6 +24,10 @@ def run_latent(session, g, role="sampler"):
     return r, out
 
 
+def l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().mean())
+
+
 def records(tag: str, kind: str) -> list[dict]:
     return [rec for rec in probes.RECORDS[tag] if rec["kind"] == kind]
 
@@ -72,6 +76,14 @@ def test_cfg_one_makes_no_uncond_pass(session):
     assert all(a["batch"] == 1 for a in records(tag, "apply_model"))
 
 
+def control_rows(rec: dict, which: int) -> list[torch.Tensor]:
+    """The ControlNet residuals of the cond (0) or uncond (1) rows of one apply_model pass."""
+    order = rec["cond_or_uncond"]
+    per = rec["batch"] // len(order)
+    k = order.index(which)
+    return [t[k * per:(k + 1) * per] for t in rec["control_out"]]
+
+
 def test_controlnet_is_honoured_on_every_pass(session):
     tag = "controlnet"
     g = probed(tag, seed=305)
@@ -80,9 +92,52 @@ def test_controlnet_is_honoured_on_every_pass(session):
     guided = len(r.events("agg.terms"))
     passes = records(tag, "apply_model")
     assert guided == STEPS and len(records(tag, "calc_cond_batch")) == STEPS + guided
-    assert len(passes) >= STEPS + guided  # the finite-difference passes included
-    assert all(p["control"] for p in passes), passes
-    assert all("output" in p["control_keys"] or p["control_keys"] for p in passes)
+    assert len(passes) == STEPS + guided  # the sampler's CFG pass and the finite-difference probe, per step
+    assert all(p["control"] and p["control_out"] for p in passes), [(p["sigma"], p["control_keys"]) for p in passes]
+    main = [p for p in passes if len(p["cond_or_uncond"]) == 2]
+    probe = [p for p in passes if p["cond_or_uncond"] == [0]]  # the probe is the conditional prediction alone
+    assert len(main) == len(probe) == STEPS
+    for m, q in zip(main, probe, strict=True):
+        assert q["sigma"] == m["sigma"]
+        # the probe's ControlNet residuals are recomputed at the probed x: near the main pass's cond rows (the
+        # probe moves x by 2 % of sigma), but not a copy of them
+        for a, b in zip(control_rows(m, 0), control_rows(q, 0), strict=True):
+            rel = float((a - b).norm() / a.norm())
+            assert 1e-6 < rel < 0.5, (m["sigma"], rel)
+
+
+def test_controlnet_strength_changes_the_guided_result(session):
+    def graph(strength: float):
+        g = probes.agg_img2img(seed=306)
+        graphs.with_controlnet(g, strength=strength)
+        return g
+
+    outs = {}
+    for strength in (0.0, 1.0):
+        r, outs[strength] = run_latent(session, graph(strength))
+        assert len(r.events("agg.terms")) == STEPS
+    assert (outs[1.0] - outs[0.0]).abs().max() > 1e-3
+
+
+def test_autograd_under_controlnet_falls_back_to_finite_difference_once(session, caplog):
+    """The ControlNet's weights are inference tensors, so the exact Jacobian is out of reach: the run says so
+    once and continues with finite differences, giving the finite-difference run's result."""
+    import logging
+
+    def graph(manifold: str):
+        g = probes.agg_img2img(seed=312, manifold=manifold)
+        graphs.with_controlnet(g, strength=1.0)
+        return g
+
+    _, fd = run_latent(session, graph("finite_difference"))
+    with caplog.at_level(logging.WARNING, logger="AGG"):
+        r, ad = run_latent(session, graph("autograd"))
+    warnings = [rec.getMessage() for rec in caplog.records if rec.name == "AGG" and rec.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "Apply AGG" in warnings[0] and "autograd" in warnings[0] and "finite_difference" in warnings[0]
+    events = r.events("agg.terms")
+    assert len(events) == STEPS and not any(e["skipped"] for e in events)
+    assert torch.allclose(ad, fd, rtol=1e-4, atol=1e-4), float((ad - fd).abs().max())
 
 
 # -- LoRA -----------------------------------------------------------------------------------------
@@ -126,8 +181,9 @@ def test_lora_patched_model_is_guided(session, lora_name):
     _, lora = run_latent(session, graph(True, False))
     r, lora_agg = run_latent(session, graph(True, True))
     assert (lora - plain).abs().max() > 1e-3, "the LoRA did not change the model"
-    assert (lora_agg - lora).abs().max() > 1e-3
     assert len(r.events("agg.terms")) == STEPS
+    source = r.output(graph(True, True)["encode"].id)["samples"]
+    assert l1(lora_agg, source) < l1(lora, source), (l1(lora_agg, source), l1(lora, source))
 
 
 # -- batches, flow models, autograd ------------------------------------------------------------------
@@ -160,15 +216,56 @@ def test_flow_model(session):
     _, plain = run_latent(session, graph(False))
     r, out = run_latent(session, graph(True))
     assert len(r.events("agg.terms")) == STEPS
-    assert (out - plain).abs().max() > 1e-3
+    source = r.output(graph(True)["encode"].id)["samples"]
+    assert l1(out, source) < l1(plain, source), (l1(out, source), l1(plain, source))
 
 
 def test_autograd_manifold_on_the_tiny_model(session):
     _, plain = run_latent(session, probes.agg_img2img(seed=311, weight=None))  # shared with the weight sweep
-    r, ad = run_latent(session, probes.agg_img2img(seed=311, manifold="autograd"))
+    g = probes.agg_img2img(seed=311, manifold="autograd")
+    r, ad = run_latent(session, g)
     assert len(r.events("agg.terms")) == STEPS
     assert all(not e["skipped"] for e in r.events("agg.terms"))
-    assert (ad - plain).abs().max() > 1e-3
+    source = r.output(g["encode"].id)["samples"]
+    assert l1(ad, source) < l1(plain, source), (l1(ad, source), l1(plain, source))
+
+
+def analytic_delta(session, manifold: str, seed: int = 313) -> tuple[torch.Tensor, dict]:
+    """The first guided step's delta on the exact Gaussian denoiser (small weight: no trust-region cap, no
+    refinement), and that step's report."""
+    g = probes.agg_img2img(seed=seed, weight=None)
+    graphs.insert_model_patch(g, "AGGTestAnalyticModel", name="analytic", latent=g["encode"][0], std=0.5,
+                              mean_scale=0.5)
+    apply = probes.add_agg(g, weight=0.05, manifold=manifold)
+    g.set_input(apply, dds_steps=0)
+    with probes.guided_steps() as calls:
+        r, _ = run_latent(session, g)
+    events = r.events("agg.terms")
+    assert len(events) == STEPS and calls[0]["guided"]
+    return calls[0]["delta"], events[0]
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def test_autograd_and_finite_difference_agree_on_the_exact_denoiser(session, caplog):
+    """Both probe the conditional denoiser's Jacobian: the same step, in direction and size. The prior
+    covariance (`none`) gives a step of another size, so agreement is not a fallback to it."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="AGG"):
+        ad, ad_event = analytic_delta(session, "autograd")
+    assert not [rec.getMessage() for rec in caplog.records if rec.name == "AGG"]  # no fallback to finite differences
+    fd, fd_event = analytic_delta(session, "finite_difference")
+    prior, _ = analytic_delta(session, "none")
+    assert ad_event["fallback"] is None and fd_event["fallback"] is None
+    assert not ad_event["trust_region"] and not fd_event["trust_region"]
+    size = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
+    print(f"cos(ad, fd) {cos(ad, fd):.6f}, rms ad {size(ad):.4g} fd {size(fd):.4g} none {size(prior):.4g}")
+    assert cos(ad, fd) > 0.99
+    assert abs(size(ad) / size(fd) - 1) < 0.05
+    assert abs(size(prior) / size(ad) - 1) > 0.2
 
 
 # -- the direction of guidance --------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import contextmanager
 
 import comfy.samplers
@@ -14,6 +15,10 @@ from agg_testing.graphs import Graph
 from agg_kernels.step import EXACT_SAMPLERS
 
 SAMPLERS = list(comfy.samplers.KSampler.SAMPLERS)
+
+# The stock samplers README promises realise the asymmetric step exactly, written out here rather than read
+# from the pack's own table (agg_kernels.step.EXACT_SAMPLERS), so a sampler the pack wrongly marks exact fails.
+README_EXACT = ("euler", "ddim", "euler_ancestral", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +68,10 @@ def every_sampler_graph(sampler_name: str, seed: int, guided: bool, analytic: bo
     return g
 
 
+def l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().mean())
+
+
 def check_sampler(session, sampler_name: str, analytic: bool):
     seed = 100 + SAMPLERS.index(sampler_name)
     plain = every_sampler_graph(sampler_name, seed, guided=False, analytic=analytic)
@@ -73,9 +82,13 @@ def check_sampler(session, sampler_name: str, analytic: bool):
     out = samples(r, guided["sampler"])
     assert torch.isfinite(out).all()
     assert (out - base).abs().max() > 1e-3, "guidance had no effect"
-    assert r.events("agg.terms"), "no guided step reported"
+    events = r.events("agg.terms")
+    assert events and not any(e["skipped"] for e in events), events
+    # Structure Loss on the source: the guided result ends closer to the source than the unguided one
+    source = r.output(guided["encode"].id)["samples"]
+    assert l1(out, source) < l1(base, source), (sampler_name, l1(out, source), l1(base, source))
     approx = [w for w in warnings if "not first order" in w]
-    if stepping_name(sampler_name) in EXACT_SAMPLERS:
+    if sampler_name in README_EXACT:
         assert not approx, warnings
     else:
         assert len(approx) == 1, warnings  # once per run, naming the approximation
@@ -85,6 +98,84 @@ def check_sampler(session, sampler_name: str, analytic: bool):
 @pytest.mark.parametrize("sampler_name", SAMPLERS)
 def test_every_ksampler_sampler_is_guided(session, sampler_name):
     check_sampler(session, sampler_name, analytic=True)
+
+
+def test_readme_names_the_exact_samplers():
+    readme = (probes.PACK_ROOT / "README.md").read_text()
+    sentence = re.search(r"The sampler matters for exactness.*?realise the asymmetric step exactly", readme, re.S)
+    assert sentence, "README's sentence naming the exact samplers is gone"
+    assert set(re.findall(r"`([a-z_0-9]+)`", sentence.group(0))) == set(README_EXACT)
+
+
+def test_the_pack_treats_exactly_the_readme_samplers_as_exact():
+    """The pack's own table, seen through the names its hook gives ComfyUI's sampler objects."""
+    exact = {name for name in SAMPLERS if stepping_name(name) in EXACT_SAMPLERS}
+    assert exact == set(README_EXACT)
+
+
+# -- the per-step shift of the exact samplers ---------------------------------------------------------
+
+
+def windowed_graph(sampler_name: str, seed: int, window: tuple[float, float]):
+    g = every_sampler_graph(sampler_name, seed, guided=True, analytic=True)
+    g.set_input(g["apply"], start_percent=window[0], end_percent=window[1])
+    return g
+
+
+def states(session, g) -> tuple[list[dict], list[torch.Tensor], object]:
+    """(the hook's record of each evaluation, the states x_0 .. x_N in model space, the patched model)."""
+    with probes.guided_steps() as calls:
+        r = session.run(g.prompt)
+    out = samples(r, g["sampler"])
+    model = r.output(g["analytic"].id)
+    return calls, [c["x"] for c in calls] + [model.model.process_latent_in(out.float())], model
+
+
+def shift_deviations(session, sampler_name: str, seed: int) -> list[tuple[float, float]]:
+    """Per step i: (max |shift - alpha(sigma_{i+1}) delta_i|, max |delta_i|), where the shift is x_{i+1} of a run
+    guided on step i alone (its guidance window holds only sigma_i) minus x_{i+1} of the unguided run."""
+    from agg_kernels.coordinates import alpha
+
+    calls, _, model = states(session, windowed_graph(sampler_name, seed, (0.0, 1.0)))
+    sigmas = [c["sigma"] for c in calls] + [0.0]
+    n = len(sigmas) - 1
+    assert n == 3 and all(c["guided"] for c in calls), [(c["sigma"], c["guided"]) for c in calls]
+    to_sigma = model.get_model_object("model_sampling").percent_to_sigma
+    runs = [states(session, windowed_graph(sampler_name, seed, probes.window_isolating(to_sigma, sigmas, i)))[:2]
+            for i in range(n)]
+    # unguided states: x_0 .. x_{n-1} of the run guided on its last step only, and the unguided run's result
+    unguided = every_sampler_graph(sampler_name, seed, guided=False, analytic=True)
+    last = samples(session.run(unguided.prompt), unguided["sampler"])
+    plain = runs[-1][1][:n] + [model.model.process_latent_in(last.float())]
+    family = calls[0]["family"]
+    out = []
+    for i, (calls_i, xs) in enumerate(runs):
+        assert [c["guided"] for c in calls_i] == [j == i for j in range(n)]
+        for j in range(i + 1):  # identical up to the guided step
+            assert torch.equal(xs[j], plain[j])
+        delta = calls_i[i]["delta"]
+        shift = xs[i + 1] - plain[i + 1]
+        expected = float(alpha(torch.tensor(sigmas[i + 1]), family)) * delta
+        out.append((float((shift - expected).abs().max()), float(delta.abs().max())))
+    return out
+
+
+@pytest.mark.parametrize("sampler_name", README_EXACT)
+def test_exact_samplers_shift_each_step_by_alpha_times_delta(session, sampler_name):
+    """On the exact denoiser, through KSampler, Apply AGG and ComfyUI's sampler object: guiding step i moves
+    x_{i+1} by exactly alpha(sigma_{i+1}) * delta_i, the asymmetric step (docs/DESIGN.md §1.2)."""
+    devs = shift_deviations(session, sampler_name, seed=150 + SAMPLERS.index(sampler_name))
+    print(sampler_name, [f"{d:.1e} of {m:.3f}" for d, m in devs])
+    for dev, size in devs:
+        assert size > 1e-2, devs  # a real step was taken
+        assert dev <= 1e-4 * max(1.0, size), devs
+
+
+def test_a_multistep_sampler_fails_the_exactness_check(session):
+    """The check above tells an approximate sampler apart: dpmpp_2m mixes in the previous step's estimate."""
+    devs = shift_deviations(session, "dpmpp_2m", seed=149)
+    print("dpmpp_2m", [f"{d:.1e} of {m:.3f}" for d, m in devs])
+    assert max(dev / size for dev, size in devs) > 0.05, devs
 
 
 # a first-order, an ancestral, a jump, a second-order, a multistep, an SDE and an adaptive sampler on the UNet
