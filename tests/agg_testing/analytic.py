@@ -151,12 +151,40 @@ def alpha64(sigma: float, family: str) -> float:
     return 1 - sigma if family == "const" else 1.0
 
 
+def ddim_vp_step(x: torch.Tensor, d: torch.Tensor, delta: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """The asymmetric DDIM step written in variance-preserving coordinates (the paper's), for eps / v models.
+
+    A k-diffusion state x at noise level sigma is the VP state x_vp = sqrt(abar) x with abar = 1 / (1 + sigma^2).
+    DDIM (eta 0) keeps the model's noise estimate eps_hat = (x_vp - sqrt(abar) x0_hat) / sqrt(1 - abar) and
+    moves only the clean estimate: x'_vp = sqrt(abar') (x0_hat + delta) + sqrt(1 - abar') eps_hat. The result is
+    returned in k-diffusion coordinates (x' = x'_vp / sqrt(abar')), in float64. Nothing here comes from
+    agg_kernels: it is the DDIM update itself, so it checks the pack's k-diffusion form independently.
+    """
+    x, d, delta = x.double(), d.double(), delta.double()
+    abar, abar_next = 1.0 / (1.0 + sigma**2), 1.0 / (1.0 + sigma_next**2)
+    x_vp = math.sqrt(abar) * x
+    eps_hat = (x_vp - math.sqrt(abar) * d) / math.sqrt(1.0 - abar)
+    x_vp_next = math.sqrt(abar_next) * (d + delta) + math.sqrt(1.0 - abar_next) * eps_hat
+    return x_vp_next / math.sqrt(abar_next)
+
+
+def ddim_flow_step(x: torch.Tensor, d: torch.Tensor, delta: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """The asymmetric DDIM step of a rectified-flow model, x_t = (1 - t) x0 + t eps with t = sigma, in float64:
+    eps_hat = (x - (1 - t) x0_hat) / t and x' = (1 - t') (x0_hat + delta) + t' eps_hat."""
+    x, d, delta = x.double(), d.double(), delta.double()
+    eps_hat = (x - (1.0 - sigma) * d) / sigma
+    return (1.0 - sigma_next) * (d + delta) + sigma_next * eps_hat
+
+
 def asymmetric_closed_form(
     x: torch.Tensor, d: torch.Tensor, delta: torch.Tensor, sigma: float, sigma_next: float, family: str
 ) -> torch.Tensor:
-    """alpha(sn) (D + delta) + sn (x - alpha(s) D) / s, in float64."""
-    x, d, delta = x.double(), d.double(), delta.double()
-    return alpha64(sigma_next, family) * (d + delta) + sigma_next * (x - alpha64(sigma, family) * d) / sigma
+    """The asymmetric step from (x, D, delta) at sigma to sigma_next, in float64: the DDIM update in the
+    family's own coordinates (ddim_vp_step for eps / v, ddim_flow_step for const), derived independently of
+    agg_kernels.step. It equals alpha(sn) (D + delta) + sn (x - alpha(s) D) / s."""
+    if family == "const":
+        return ddim_flow_step(x, d, delta, float(sigma), float(sigma_next))
+    return ddim_vp_step(x, d, delta, float(sigma), float(sigma_next))
 
 
 def ancestral_sigmas(sigma: float, sigma_next: float, eta: float, family: str) -> tuple[float, float]:

@@ -309,3 +309,18 @@ def window_isolating(percent_to_sigma: Callable[[float], float], sigmas: list[fl
     below = sigmas[i + 1] if i + 1 < len(sigmas) else 0.0
     end = 1.0 if below <= 0 else percent_for_sigma(percent_to_sigma, (sigmas[i] * below) ** 0.5)
     return start, end
+
+
+def node_test_module(name: str) -> ModuleType:
+    """A module of tests/nodes/ (e.g. "test_runtime"), for reusing its harness in another test file; the
+    suite imports test files by path (--import-mode=importlib), so they are not importable by name."""
+    import importlib.util
+
+    key = f"agg_node_tests_{name}"
+    if key not in sys.modules:
+        path = PACK_ROOT / "tests" / "nodes" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
