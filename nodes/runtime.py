@@ -160,6 +160,9 @@ class GradientWeights:
         return False
 
 
+# RuntimeError messages of the model paths autograd cannot go back through.
+AUTOGRAD_LIMITS = ("Inference tensors cannot be saved for backward", "modified by an inplace operation")
+
 # Half-precision models round eps_hat to ~1e-3 relative, and D = x - sigma * eps_hat multiplies that by
 # sigma: a larger probe keeps the finite difference above the rounding noise.
 FD_REL_STEP_HALF = 1e-1
@@ -299,10 +302,11 @@ class AGGRun:
         try:
             result = delta()
         except RuntimeError as e:
-            if self.patch.settings.manifold != "autograd" or "nference" not in str(e):
+            if self.patch.settings.manifold != "autograd" or not any(m in str(e) for m in AUTOGRAD_LIMITS):
                 raise
-            # A patch outside the diffusion model (e.g. a ControlNet) holds inference weights: the exact
-            # Jacobian is out of reach, so fall back to the finite-difference one for this run.
+            # A patch outside the diffusion model (e.g. a ControlNet) holds inference weights, or the model adds
+            # in place (Flux's blocks): the exact Jacobian is out of reach, so fall back to the finite-difference
+            # one for this run.
             self.warn_once("autograd", f"autograd through the model failed ({e}); using finite_difference instead.")
             self.patch_manifold_fallback()
             result = delta()
