@@ -1,4 +1,5 @@
-"""tests/bench/run.py --quick runs end to end and writes well-formed ratios (no timing thresholds)."""
+"""tests/bench/run.py --quick runs end to end and writes well-formed ratios; every mode guides the window's
+steps, and the peak-memory targets hold (memory, unlike time, is steady enough to assert; no time thresholds)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ def test_quick_benchmark_writes_positive_finite_ratios(tmp_path):
     proc = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out)], capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    check_report(json.loads(out.read_text()))
+
+
+def check_report(report: dict) -> None:
     for key in ("ratios", "peak_rss_ratio", "median_seconds", "seconds", "steps", "guided_fraction", "machine"):
         assert key in report, f"missing {key!r} in {sorted(report)}"
     assert set(report["ratios"]) == set(MODES)
@@ -29,3 +33,30 @@ def test_quick_benchmark_writes_positive_finite_ratios(tmp_path):
     # 20 normal-scheduler steps with the window end_percent 0.35: a strict, non-empty part of the run is guided
     assert 0 < report["guided_fraction"] < 1
     assert "plain" in report["median_seconds"] and report["median_seconds"]["plain"] > 0
+    # every mode guided exactly the schedule's steps inside start_percent 0 .. end_percent 0.35
+    expected = expected_guided_steps(report["steps"], 0.35)
+    assert 0 < expected < report["steps"]
+    assert report["guided_steps"] == {mode: expected for mode in MODES}, (expected, report["guided_steps"])
+    assert report["guided_fraction"] == expected / report["steps"]
+    # peak RSS (a fresh process per mode): the targets run.py checks, and no mode below the plain run's
+    rss = {name: t for name, t in report["targets"].items() if name.startswith("peak RSS")}
+    assert set(rss) == {f"peak RSS {m} <= 1.25" for m in ("structure_none", "structure_fd", "clip_taesd")}
+    print("peak RSS ratios:", report["peak_rss_ratio"])
+    for name, t in rss.items():
+        assert t["met"] and t["measured"] <= t["limit"] == 1.25, (name, t)
+    assert all(0.95 < value for value in report["peak_rss_ratio"].values()), report["peak_rss_ratio"]
+
+
+def expected_guided_steps(steps: int, end_percent: float) -> int:
+    """Steps of ComfyUI's "normal" schedule for an SD1.5 model (the quick fixture) whose sigma lies in the
+    window [percent_to_sigma(end_percent), sigma_max], from ComfyUI's own model_sampling."""
+    import comfy.model_sampling
+    import comfy.samplers
+
+    class SD15(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+        pass
+
+    sampling = SD15()
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", steps).tolist()
+    low = float(sampling.percent_to_sigma(end_percent))
+    return sum(1 for s in sigmas[:-1] if s >= low * (1 - 1e-4))
