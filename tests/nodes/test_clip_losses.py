@@ -74,9 +74,32 @@ def test_loader_reads_the_local_file_without_network(comfy, agg_models, no_netwo
     assert emb.ndim == 2 and torch.isfinite(emb).all()
 
 
+def loss_values(r, g: Graph, loss_role: str, latents: list[torch.Tensor]) -> list[dict[str, float]]:
+    """The loss a loss node built, evaluated by the pack's own builder on clean latents (VAE latent space, as
+    the sampler returns them) at sigma 0 with the first guided step's cut-outs: {term: raw value} per latent."""
+    from agg_testing.probes import pack_module
+
+    from agg_kernels.objective import LossContext
+
+    runtime = pack_module("nodes.runtime")
+    model = r.output(g["ckpt"].id).model
+    info = runtime.RunInfo(model, "eps", torch.device("cpu"), tuple(latents[0].shape), torch.tensor([0.0]))
+    loss = r.output(g[loss_role].id).build(info)
+    out = []
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            for lat in latents:
+                x0 = model.process_latent_in(lat.float()).clone()
+                ctx = LossContext(sigma=torch.zeros(x0.shape[0]), x=x0, family="eps", step=0)
+                out.append({k: float(v.mean()) for k, v in loss(x0, ctx).items()})
+    finally:
+        info.close()
+    return out
+
+
 @pytest.mark.parametrize("decoder,ckpt", [("vae", "checkpoint"), ("vae", "checkpoint_kl"), ("taesd", "checkpoint"),
                                           ("linear", "checkpoint")])
-def test_clip_direction_decoders_change_the_result(comfy, agg_models, decoder, ckpt):
+def test_clip_direction_guidance_lowers_its_loss(comfy, agg_models, decoder, ckpt):
     seed = next(SEEDS)
     ckpt_name = getattr(agg_models, ckpt)
     plain = base_graph(agg_models, seed=seed, ckpt_name=ckpt_name)
@@ -90,6 +113,46 @@ def test_clip_direction_decoders_change_the_result(comfy, agg_models, decoder, c
     events = r.events("agg.terms")
     assert len(events) == 3
     assert all("clip_direction" in e["terms"] and not e["skipped"] for e in events), events
+    # the loss itself, on the final latent: lower than on the unguided result
+    guided, unguided = (v["clip_direction"] for v in loss_values(r, g, "clip_loss", [out, base]))
+    print(f"{decoder}/{ckpt}: clip_direction on the result {guided:.5f}, unguided {unguided:.5f}")
+    assert guided < unguided
+
+
+def test_each_decoder_option_decodes_differently(comfy, agg_models):
+    """vae, taesd and linear are three different decoders of the same latent (none silently replaced by
+    another), each an image of the source's size, and each guides to a different result. On the checkpoint
+    with a KL VAE: the default test checkpoint's VAE is TAESD itself, which decodes as the taesd option does."""
+    from agg_testing.probes import pack_module
+
+    decoders = pack_module("nodes.decoders")
+    runtime = pack_module("nodes.runtime")
+    seed = next(SEEDS)
+    results, g = {}, None
+    for decoder in ("vae", "taesd", "linear"):
+        g = base_graph(agg_models, seed=seed, ckpt_name=agg_models.checkpoint_kl)
+        with_agg(g, clip_loss(g, agg_models, decoder=decoder))
+        r = comfy.run(g.prompt)
+        results[decoder] = sampled(r, g)
+    source = r.output(g["encode"].id)["samples"]
+    model, vae = r.output(g["ckpt"].id).model, r.output(g["ckpt"].id, index=2)
+    info = runtime.RunInfo(model, "eps", torch.device("cpu"), tuple(source.shape), torch.tensor([0.0]))
+    pixels = {}
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            x0 = model.process_latent_in(source.float()).clone()
+            for kind in ("vae", "taesd", "linear"):
+                pixels[kind] = decoders.make_decoder(kind, vae, info, "CLIP Direction Loss")(x0).float()
+    finally:
+        info.close()
+    size = r.output(g["scale"].id).shape[1:3]
+    for kind, px in pixels.items():
+        assert px.shape == (1, 3, *size) and torch.isfinite(px).all(), (kind, px.shape)
+    kinds = list(pixels)
+    for i, a in enumerate(kinds):
+        for b in kinds[i + 1:]:
+            assert (pixels[a] - pixels[b]).abs().mean() > 1e-2, (a, b)
+            assert (results[a] - results[b]).abs().max() > 1e-4, (a, b)
 
 
 def test_source_image_input(comfy, agg_models):
@@ -113,13 +176,16 @@ def test_image_style_loss(comfy, agg_models):
     g = base_graph(agg_models, seed=seed)
     clip = g.node("AGGCLIPLoader", name="clip", clip_name=agg_models.open_clip)
     style_img = g.node("ImageInvert", image=g["scale"][0])
-    loss = g.node("AGGImageStyleLoss", clip=clip[0], vae=g["ckpt"][2], style_image=style_img[0], weight=20.0,
+    loss = g.node("AGGImageStyleLoss", name="style_loss", clip=clip[0], vae=g["ckpt"][2], style_image=style_img[0], weight=20.0,
                   decoder="taesd", cutouts=2, seed=1)
     with_agg(g, loss[0])
     r = comfy.run(g.prompt)
     out = sampled(r, g)
     assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-4
     assert "style" in term_names(r)
+    guided, unguided = (v["style"] for v in loss_values(r, g, "style_loss", [out, base]))
+    print(f"style on the result {guided:.5f}, unguided {unguided:.5f}")
+    assert guided < unguided
 
 
 def test_chained_structure_and_clip_report_both_terms(comfy, agg_models):
