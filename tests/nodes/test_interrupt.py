@@ -1,4 +1,5 @@
-"""ComfyUI's interrupt during a guided run stops it within one step, and the next prompt runs."""
+"""ComfyUI's interrupt during a guided run (Apply AGG, AGG Guider, AGG Invert, a long CLIP step) stops it within
+one model evaluation, and the next prompt runs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import uuid
 import pytest
 import torch
 from agg_testing.graphs import img2img
-from agg_testing.probes_errors import COUNTERS, register
+from agg_testing.probes_errors import COUNTERS, Counter, register
 from comfy import model_management as mm
 
 STEPS = 4
@@ -76,3 +77,118 @@ def test_uninterrupted_counts(comfy):
         r = comfy.run(g.prompt)
         assert r.ok, r.error_text()[:3000]
         assert COUNTERS[tag].calls == STEPS * per_step
+
+
+# -- AGG Invert, AGG Guider, and a guided step that takes long ----------------------------------------
+
+
+def assert_interrupted(r, counter, *, within: int = 0) -> None:
+    kinds = [e["type"] for e in r.errors]
+    assert kinds == ["execution_interrupted"], r.error_text()[:3000]
+    assert not mm.processing_interrupted(), "the interrupt flag was left raised"
+    assert counter.interrupted_at is not None
+    assert counter.after_interrupt <= within, f"{counter.after_interrupt} model calls after the interrupt"
+
+
+def invert_graph(tag: str, interrupt_after: int):
+    """AGG Invert of the source up to the top of a 4-step schedule, its model counted per model call."""
+    g = img2img(seed=0, steps=STEPS, denoise=1.0)
+    model = g.node("AGGTestCountModel", model=g["ckpt"][0], tag=tag, interrupt_after=interrupt_after)[0]
+    sigmas = g.node("BasicScheduler", model=model, scheduler="normal", steps=STEPS, denoise=1.0)
+    inv = g.node("AGGInvert", name="invert", model=model, latent=g["encode"][0], positive=g["positive"][0],
+                 sigmas=sigmas[0])
+    g.set_input(g["sampler"], latent_image=inv[0])
+    return g
+
+
+def test_interrupt_during_agg_invert(comfy):
+    tag = f"interrupt-invert-{uuid.uuid4().hex[:8]}"
+    r = comfy.run(invert_graph(tag, interrupt_after=2).prompt)
+    counter = COUNTERS[tag]
+    assert_interrupted(r, counter)
+    assert counter.calls == 2 < STEPS + 1
+    assert not r.events("agg.terms")
+    nxt = invert_graph(f"after-{tag}", interrupt_after=0)
+    r2 = comfy.run(nxt.prompt)
+    assert r2.ok, r2.error_text()[:3000]
+    assert COUNTERS[f"after-{tag}"].calls >= STEPS  # the whole inversion ran, then the KSampler
+
+
+def guider_graph(seed: int, tag: str, interrupt_after: int):
+    """SamplerCustomAdvanced with AGG Guider (Structure Loss, finite differences); every model pass counted."""
+    g = img2img(seed=seed, steps=STEPS, denoise=1.0)
+    ks = g.prompt.pop(g["sampler"].id)["inputs"]
+    model = g.node("AGGTestCountModel", model=ks["model"], tag=tag, interrupt_after=interrupt_after,
+                   level="calc_cond_batch")[0]
+    loss = g.node("AGGStructureLoss", weight=0.5, source=g["encode"][0])
+    guider = g.node("AGGGuider", model=model, positive=ks["positive"], negative=ks["negative"], cfg=5.0, loss=loss[0],
+                    start_percent=0.0, end_percent=1.0, manifold="finite_difference", dds_steps=1, dds_lr=0.05,
+                    asymmetric=True)
+    sigmas = g.node("BasicScheduler", model=ks["model"], scheduler="normal", steps=STEPS, denoise=1.0)
+    select = g.node("KSamplerSelect", sampler_name="euler")
+    noise = g.node("RandomNoise", noise_seed=seed)
+    custom = g.node("SamplerCustomAdvanced", name="custom", noise=noise[0], guider=guider[0], sampler=select[0],
+                    sigmas=sigmas[0], latent_image=g["encode"][0])
+    g.set_input(g["decode"], samples=custom[0])
+    return g
+
+
+@pytest.mark.parametrize("interrupt_after", [2, 3])
+def test_interrupt_under_agg_guider(comfy, interrupt_after):
+    """After the probe pass (2) the sampler's step callback stops the run; after a main pass (3) the guidance's
+    own check stops it before its probe pass."""
+    tag = f"interrupt-guider-{interrupt_after}-{uuid.uuid4().hex[:8]}"
+    r = comfy.run(guider_graph(70 + interrupt_after, tag, interrupt_after).prompt)
+    counter = COUNTERS[tag]
+    assert counter.interrupted_at == interrupt_after
+    assert_interrupted(r, counter)
+    assert len(r.events("agg.terms")) == 1  # the first step's; the second never reports
+    tag2 = f"after-{tag}"
+    r2 = comfy.run(guider_graph(80 + interrupt_after, tag2, 0).prompt)
+    assert r2.ok, r2.error_text()[:3000]
+    assert COUNTERS[tag2].calls == 2 * STEPS and len(r2.events("agg.terms")) == STEPS
+
+
+def test_interrupt_during_a_long_guided_step(comfy, agg_models, monkeypatch):
+    """CLIP Direction Loss with the full VAE decoder: the interrupt arrives while the step decodes (not during
+    a model pass); at most one model evaluation follows it."""
+    from agg_testing.probes import pack_module
+
+    tag = f"interrupt-clip-{uuid.uuid4().hex[:8]}"
+    g = img2img(seed=90, steps=STEPS, denoise=1.0)
+    clip = g.node("AGGCLIPLoader", clip_name=agg_models.open_clip)
+    loss = g.node("AGGCLIPDirectionLoss", clip=clip[0], vae=g["ckpt"][2], source_text="a photo",
+                  target_text="a watercolor painting", weight=0.1, decoder="vae", cutouts=1, seed=0)
+    agg = g.node("AGGApply", model=g["ckpt"][0], loss=loss[0], start_percent=0.0, end_percent=1.0,
+                 manifold="finite_difference", dds_steps=1, dds_lr=0.5, asymmetric=True)[0]
+    counted = g.node("AGGTestCountModel", model=agg, tag=tag, interrupt_after=0, level="calc_cond_batch")[0]
+    g.set_input(g["sampler"], model=counted)
+    counter = COUNTERS.setdefault(tag, Counter())
+
+    decoders = pack_module("nodes.decoders")
+    make = decoders.vae_decoder
+    decodes = []
+
+    def vae_decoder(vae, run):
+        decode = make(vae, run)
+
+        def interrupting(x0):
+            decodes.append(counter.calls)
+            if len(decodes) == 1:  # the first guided step's first decode: ComfyUI's /interrupt arrives now
+                mm.interrupt_current_processing(True)
+                counter.interrupted_at = counter.calls
+            return decode(x0)
+
+        return interrupting
+
+    monkeypatch.setattr(decoders, "vae_decoder", vae_decoder)
+    r = comfy.run(g.prompt)
+    monkeypatch.undo()
+    assert decodes and counter.interrupted_at == 1  # after the first step's model pass, inside its guided step
+    print(f"long step: interrupted at model call {counter.interrupted_at}, {counter.after_interrupt} after it")
+    assert_interrupted(r, counter, within=1)
+    assert counter.calls < 2 * STEPS
+    assert_next = guided(91)
+    r2 = comfy.run(assert_next.prompt)
+    assert r2.ok, r2.error_text()[:3000]
+    assert len(r2.events("agg.terms")) == STEPS
