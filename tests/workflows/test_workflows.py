@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -176,13 +178,39 @@ def small_prompt(api: dict, names: dict[str, str], seed: int = 1) -> dict:
     return p
 
 
+# The pack's log line per guided step (nodes/runtime.py AGGPatch.report): node, step, sigma, terms, step size.
+STEP_LINE = re.compile(r"(Apply AGG|AGG Guider) step (\d+) sigma [^:]+: (.*); step rms ([^,\s]+)(.*)$", re.M)
+
+
+def guided_steps_logged(server, since: int, timeout: float = 10.0) -> list[re.Match]:
+    """The guided-step lines the server logged after character `since` of its log."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        found = list(STEP_LINE.finditer(server.log_text()[since:]))
+        if found or time.perf_counter() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_api_twin_runs_on_test_models(name, comfy_server, agg_models):
     from PIL import Image
 
-    entry = comfy_server.run(small_prompt(load_api(name), fixture_names(agg_models)), timeout=300)
+    since = len(comfy_server.log_text())
+    # a seed per workflow: twins that map to the same test models (sdxl_img2img, img2img_ksampler) would
+    # otherwise be served from the server's cache without running
+    prompt = small_prompt(load_api(name), fixture_names(agg_models), seed=1 + NAMES.index(name))
+    entry = comfy_server.run(prompt, timeout=300)
     assert not comfy_server.errors(entry), comfy_server.errors(entry)
     images = comfy_server.images(entry)
     assert images, f"{name}: no image saved"
     with Image.open(images[0]) as im:
         assert im.size == (64, 64)
+    # guidance acted: at least one guided step, none skipped, each a step of non-zero size
+    steps = guided_steps_logged(comfy_server, since)
+    assert steps, f"{name}: no guided step in the server log:\n{comfy_server.log_tail(40)}"
+    for m in steps:
+        assert "skipped" not in m.group(5), m.group(0)
+        assert float(m.group(4)) > 0, m.group(0)
+    agg_nodes = {n["class_type"] for n in load_api(name).values()} & {"AGGApply", "AGGGuider"}
+    assert {m.group(1) for m in steps} == {{"AGGApply": "Apply AGG", "AGGGuider": "AGG Guider"}[n] for n in agg_nodes}
