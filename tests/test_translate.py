@@ -40,6 +40,14 @@ def test_translate_sh_demo_end_to_end(tmp_path):
         assert (folder / name).is_file(), sorted(p.name for p in folder.iterdir())
     with Image.open(folder / "example_side_by_side.png") as im:
         assert im.width > 2 * im.height  # source | unguided | AGG
+        # square panels below a 24 px label band, 8 px apart: the AGG panel is not the unguided one
+        import numpy as np
+
+        side, panel = np.asarray(im.convert("RGB"), dtype=np.float32), im.height - 24
+        unguided_panel, agg_panel = (side[24:, k * (panel + 8):k * (panel + 8) + panel] for k in (1, 2))
+        assert np.abs(agg_panel - unguided_panel).mean() > 1.0, "the AGG panel equals the unguided one"
+    with Image.open(folder / "example_agg.png") as im, Image.open(folder / "example_unguided.png") as un:
+        assert np.abs(np.asarray(im, dtype=np.float32) - np.asarray(un, dtype=np.float32)).mean() > 1.0
     with Image.open(folder / "example_agg.png") as im:
         assert im.size == (64, 64)  # ComfyUI's example.png is square
     report = json.loads((folder / "example_terms.json").read_text())
