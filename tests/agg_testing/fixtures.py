@@ -109,6 +109,7 @@ OPEN_CLIP_TINY_NAME = "agg-tiny-open-clip"
 CHECKPOINT_TINY = "agg-tiny-sd15.safetensors"
 CHECKPOINT_TINY_KL = "agg-tiny-sd15-kl.safetensors"
 CHECKPOINT_FULL = "agg-full-sd15.safetensors"
+CHECKPOINT_TRAINED = "agg-trained-sd15.safetensors"  # agg_testing.trained: a tiny UNet that learned to denoise
 CONTROLNET_TINY = "agg-tiny-controlnet.safetensors"
 TAESD_DECODER = "taesd_decoder.safetensors"
 TAESD_ENCODER = "taesd_encoder.safetensors"
@@ -454,6 +455,7 @@ class ModelsTree:
     checkpoint: str = CHECKPOINT_TINY
     checkpoint_kl: str = CHECKPOINT_TINY_KL
     checkpoint_full: str | None = None
+    checkpoint_trained: str | None = None
     controlnet: str = CONTROLNET_TINY
     open_clip: str = OPEN_CLIP_TINY
     taesd: str = "taesd"  # VAELoader's name for the vae_approx pair
@@ -480,10 +482,11 @@ def _link(target: Path, link: Path) -> None:
         shutil.copyfile(target, link)
 
 
-def models_dir(root: Path, *, kl: bool = True, full: bool = False) -> ModelsTree:
+def models_dir(root: Path, *, kl: bool = True, full: bool = False, trained: bool = False) -> ModelsTree:
     """Lay out `root` as a ComfyUI models tree (checkpoints/, controlnet/, vae_approx/, open_clip/)
     linking to the cached fixtures, generating any that are missing. `full` adds the ~2 GiB
-    full-size SD1.5 checkpoint."""
+    full-size SD1.5 checkpoint, `trained` the trained tiny SD1.5 (agg_testing.trained; minutes to
+    train on first use)."""
     root = Path(root)
     taesd = taesd_sd15()
     _link(sd15_tiny_checkpoint("taesd"), root / "checkpoints" / CHECKPOINT_TINY)
@@ -491,6 +494,10 @@ def models_dir(root: Path, *, kl: bool = True, full: bool = False) -> ModelsTree
         _link(sd15_tiny_checkpoint("kl"), root / "checkpoints" / CHECKPOINT_TINY_KL)
     if full:
         _link(sd15_full_checkpoint(), root / "checkpoints" / CHECKPOINT_FULL)
+    if trained:
+        from agg_testing.trained import sd15_trained_checkpoint
+
+        _link(sd15_trained_checkpoint(), root / "checkpoints" / CHECKPOINT_TRAINED)
     _link(controlnet_tiny(), root / "controlnet" / CONTROLNET_TINY)
     _link(taesd["decoder"], root / "vae_approx" / TAESD_DECODER)
     _link(taesd["encoder"], root / "vae_approx" / TAESD_ENCODER)
@@ -502,6 +509,7 @@ def models_dir(root: Path, *, kl: bool = True, full: bool = False) -> ModelsTree
         root=root,
         checkpoint_kl=CHECKPOINT_TINY_KL if kl else "",
         checkpoint_full=CHECKPOINT_FULL if full else None,
+        checkpoint_trained=CHECKPOINT_TRAINED if trained else None,
     )
 
 
