@@ -3,19 +3,20 @@
     python tests/bench/samplers.py [--steps 10] [--families eps,const] [--out DIR]
 
 For every sampler in comfy.samplers.KSampler.SAMPLERS, the real sampler object
-(comfy.samplers.sampler_object) runs on an analytic Gaussian-mixture denoiser
-(tests/agg_testing/analytic.py) through KSAMPLER.sample, the call ComfyUI's guiders make. The model
-callable applies what AGG's hook applies: delta = gamma * (target - D) on the clean estimate, returned
-as the compensated denoised R = compensated_denoised(D, delta, sigma, target_sigma), where
-target_sigma comes from the hook's own logic (nodes/runtime.py AGGRun.target_sigma and
-sampler_identity, called on the pack's code).
+(comfy.samplers.sampler_object) runs through KSAMPLER.sample, the call ComfyUI's guiders make, on a
+stand-in guider: a conditional and an unconditional analytic Gaussian-mixture denoiser (different data,
+tests/agg_testing/analytic.py) combined by CFG, with the post-CFG functions run as ComfyUI's
+sampling_function runs them (the cfg_pp samplers keep the uncond estimate there). The guidance is the
+pack's own hook: AGGPatch.predict_noise and AGGRun (nodes/runtime.py) with a Structure Loss toward a
+target and finite differences on, whose conditional probe pass is answered by the conditional denoiser
+(comfy.samplers.calc_cond_batch stands in for the model pass).
 
-Each schedule step i is measured on its own: a run guided only on the evaluations of step i
-(sigma_{i+1} < sigma <= sigma_i) against the unguided run with the same noise. The exact asymmetric
-step moves x_{i+1} by alpha(sigma_{i+1}) * delta_i (docs/DESIGN.md §1.2 step 5); the deviation is
-|realised shift - alpha(sigma_{i+1}) * delta_i| / |alpha(sigma_{i+1}) * delta_i|, and the table shows
-its maximum over the steps. Effects a guided step leaves on later steps of multistep samplers are not
-counted (they are zero for first-order samplers).
+Each schedule step i is measured on its own: a run whose guidance window holds only step i's evaluations
+(sigma_{i+1} < sigma <= sigma_i) against the run with an empty window, with the same noise. The exact
+asymmetric step moves x_{i+1} by alpha(sigma_{i+1}) * delta_i (docs/DESIGN.md §1.2 step 4), delta_i being
+what the hook applied at sigma_i; the deviation is |realised shift - alpha(sigma_{i+1}) delta_i| /
+|alpha(sigma_{i+1}) delta_i|, and the table shows its maximum over the steps. Effects a guided step leaves
+on later steps of multistep samplers are not counted (they are zero for first-order samplers).
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ def schedule(family: str, steps: int):
 
 
 class ModelWrap:
-    """What KSAMPLER.sample and the k-diffusion samplers read off a guider: `inner_model.model_sampling`,
-    `inner_model.model_patcher.get_model_object`, and a call returning the (guided) denoised."""
+    """A CFG guider as KSAMPLER.sample and the k-diffusion samplers see it (`inner_model.model_sampling`,
+    `inner_model.model_patcher.get_model_object`, a call returning the denoised), with AGG's PREDICT_NOISE
+    hook around its prediction."""
 
-    def __init__(self, denoise, family: str, guide):
+    def __init__(self, cond, uncond, family: str, cfg: float, patch, run):
         import comfy.model_sampling
         import torch
         from agg_testing.analytic import COMFY_SAMPLING
@@ -84,60 +86,92 @@ class ModelWrap:
             model_patcher=SimpleNamespace(get_model_object=lambda name: ms if name == "model_sampling" else None),
         )
         self.model_patcher = self.inner_model.model_patcher
-        self.denoise = denoise
-        self.guide = guide
+        self.cond, self.uncond, self.family, self.cfg = cond, uncond, family, cfg
+        self.patch, self.run = patch, run
         self.seen: list[tuple[float, object]] = []  # (sigma, x) of every evaluation
 
+    def prediction(self, x, timestep, model_options, seed):
+        """CFG of the two exact denoisers, then the post-CFG functions (AGG's own capture first, as installed)."""
+        c = self.cond.denoise(x.float(), timestep.float(), self.family)
+        u = self.uncond.denoise(x.float(), timestep.float(), self.family)
+        d = u + self.cfg * (c - u)
+        for fn in [self.patch.capture_cond, *model_options.get("sampler_post_cfg_function", [])]:
+            d = fn({"denoised": d, "cond_denoised": c, "uncond_denoised": u, "model": self.inner_model,
+                    "sigma": timestep, "input": x, "model_options": model_options, "cond": None, "uncond": None,
+                    "cond_scale": self.cfg})
+        return d
+
     def __call__(self, x, sigma, model_options=None, seed=None, **kwargs):
-        model_options = model_options or {}
+        runtime = pack_runtime()
+        options = dict(model_options or {})
+        topts = dict(options.get("transformer_options", {}))
+        topts[runtime.RUNS_KEY] = {self.patch.key: self.run}
+        options["transformer_options"] = topts
         self.seen.append((float(sigma.flatten()[0]), x.clone()))
-        d = self.denoise(x, sigma)
-        # post-CFG functions (the cfg_pp samplers read the uncond estimate there) run before AGG's
-        # PREDICT_NOISE wrapper, on the unguided prediction (cfg 1: cond = uncond = D)
-        for fn in model_options.get("sampler_post_cfg_function", []):
-            d = fn({"denoised": d, "cond_denoised": d, "uncond_denoised": d, "model": self.inner_model, "sigma": sigma,
-                    "input": x, "model_options": model_options, "cond": None, "uncond": None, "cond_scale": 1.0})
-        return self.guide(x, sigma, d)
+        return self.patch.predict_noise(self.prediction, x, sigma, options, seed)
 
 
-def run_sampler(name: str, family: str, sigmas, x0, noise, mixture, guide_step: int | None, gamma: float, target):
-    """States x_0..x_N (the callback's x at each step start, then the output) and the delta at each guided step."""
+def run_sampler(name: str, family: str, sigmas, x0, noise, mixtures, guide_step: int | None, target, weight: float,
+                cfg: float = 4.0):
+    """States x_0..x_N (the callback's x at each step start, then the output) and the delta the hook applied at
+    each guided step's first evaluation."""
     import comfy.samplers
     import torch
 
-    from agg_kernels.step import compensated_denoised
+    from agg_kernels.losses import structure_loss
 
     runtime = pack_runtime()
+    losses = importlib.import_module(f"{runtime.__package__}.losses")
+    cond, uncond = mixtures
     sampler = comfy.samplers.sampler_object(name)
-    sampler_name, eta = runtime.sampler_identity(sampler)
-    hook = SimpleNamespace(sigmas=sigmas.float(), sampler_name=sampler_name, eta=eta, family=family,
-                           sampler_options=dict(sampler.extra_options or {}))
-    hook.patch_sampler_zone_options = lambda: {}
-    deltas: dict[int, torch.Tensor] = {}
+    loss = losses.AGGLoss((losses.LossSpec("Structure Loss", lambda info: structure_loss(weight, target)),))
+    settings = runtime.AGGSettings(start_percent=0.0, end_percent=1.0, manifold="finite_difference", dds_steps=1,
+                                   dds_lr=0.5, asymmetric=True)
+    patch = runtime.AGGPatch(loss, settings, "Apply AGG")
+    identity = lambda t: t  # noqa: E731
+    guider = SimpleNamespace(conds={"positive": ["POSITIVE"]})
 
-    def guide(x, sigma, d):
-        s = float(sigma.flatten()[0])
-        if guide_step is None:
-            return d
+    def calc_cond_batch(model, conds, x, timestep, model_options):
+        # the finite-difference probe: the conditional prediction alone
+        assert conds == [["POSITIVE"]], conds
+        return [cond.denoise(x.float(), timestep.float(), family)]
+
+    model = ModelWrap(cond, uncond, family, cfg, patch, None)
+    inner = SimpleNamespace(model_sampling=model.model_sampling, process_latent_in=identity,
+                            process_latent_out=identity, latent_format=None, diffusion_model=torch.nn.Identity())
+    guider.inner_model = inner
+    run = runtime.AGGRun(patch, guider, sigmas.float(), sampler, tuple(noise.shape))
+    model.run = run
+    if guide_step is None:
+        run.window = (-2.0, -1.0)  # holds no sigma: the hook runs and guides nothing
+    else:
         hi, lo = float(sigmas[guide_step]), float(sigmas[guide_step + 1])
-        if not (lo < s <= hi * (1 + 1e-6)):
-            return d
-        delta = gamma * (target - d)
-        deltas.setdefault(guide_step, delta)
-        t, _exact = runtime.AGGRun.target_sigma(hook, s)
-        if t is None or t >= s:
-            return d + delta
-        return compensated_denoised(d, delta, sigma.float(), t, family)
+        run.window = (hi, lo * (1 + 1e-3) if lo > 0 else 1e-12)
+    deltas: dict[int, torch.Tensor] = {}
+    guide = run.guide
 
-    model = ModelWrap(mixture.denoiser(family), family, guide)
+    def recording_guide(executor, x, timestep, model_options, seed, denoised):
+        before = len(run.history)
+        out = guide(executor, x, timestep, model_options, seed, denoised)
+        if guide_step is not None and len(run.history) > before and run.pending is not None:
+            deltas.setdefault(guide_step, (run.pending[1] - denoised).clone())
+        return out
+
+    run.guide = recording_guide
     states: dict[int, torch.Tensor] = {}
 
     def callback(i, denoised, x, total):
         states.setdefault(i, x.clone())
 
-    torch.manual_seed(0)
-    out = sampler.sample(model, sigmas, {"model_options": {}, "seed": 0}, callback, noise.clone(), x0.clone(),
-                         None, True)
+    original = comfy.samplers.calc_cond_batch
+    comfy.samplers.calc_cond_batch = calc_cond_batch
+    try:
+        torch.manual_seed(0)
+        out = sampler.sample(model, sigmas, {"model_options": {}, "seed": 0}, callback, noise.clone(), x0.clone(),
+                             None, True)
+    finally:
+        comfy.samplers.calc_cond_batch = original
+        run.close()
     n = len(sigmas) - 1
     if len(states) < 2 or torch.equal(states.get(1, states[0]), states[0]):
         # some samplers report their initial x to every callback: take x_i from the first evaluation at sigma_i
@@ -150,29 +184,31 @@ def run_sampler(name: str, family: str, sigmas, x0, noise, mixture, guide_step: 
     return states, deltas
 
 
-def measure(name: str, family: str, steps: int, gamma: float = 0.2) -> dict:
+def measure(name: str, family: str, steps: int, weight: float = 0.2) -> dict:
     import torch
     from agg_testing.analytic import mixture
 
     from agg_kernels.coordinates import alpha
 
     g = torch.Generator().manual_seed(0)
-    means = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float32)
-    mix = mixture(means, [0.5, 0.3, 0.7])
+    cond = mixture(torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float32), [0.5, 0.3, 0.7])
+    uncond = mixture(torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float32), [0.6, 0.9])
     sigmas = schedule(family, steps).float()
     x0 = torch.zeros(1, 4, 8, 8, dtype=torch.float32)  # latent_image (denoise 1: pure noise start)
     noise = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float32)
     target = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float32)
-    base, _ = run_sampler(name, family, sigmas, x0, noise, mix, None, gamma, target)
+    base, _ = run_sampler(name, family, sigmas, x0, noise, (cond, uncond), None, target, weight)
     worst, per_step = 0.0, []
     n = len(sigmas) - 1
     for i in range(n):
         if i + 1 not in base or i not in base:
             continue
-        states, deltas = run_sampler(name, family, sigmas, x0, noise, mix, i, gamma, target)
+        states, deltas = run_sampler(name, family, sigmas, x0, noise, (cond, uncond), i, target, weight)
         if i not in deltas or i + 1 not in states:
             continue
         expected = alpha(torch.as_tensor(float(sigmas[i + 1]), dtype=torch.float32), family) * deltas[i]
+        if float(expected.norm()) == 0:
+            continue
         shift = states[i + 1] - base[i + 1]
         dev = float((shift - expected).norm() / expected.norm())
         per_step.append(dev)
@@ -188,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="folder for samplers.json")
     args = ap.parse_args(argv)
     setup_paths()
+    import logging
+
+    logging.getLogger("AGG").setLevel(logging.ERROR)  # each measured run would repeat the hook's warnings
     import comfy.samplers
 
     runtime = pack_runtime()

@@ -60,3 +60,25 @@ def expected_guided_steps(steps: int, end_percent: float) -> int:
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", steps).tolist()
     low = float(sampling.percent_to_sigma(end_percent))
     return sum(1 for s in sigmas[:-1] if s >= low * (1 - 1e-4))
+
+
+def test_sampler_bench_finds_exactly_the_readme_samplers_exact():
+    """tests/bench/samplers.py (the real hook, cond != uncond, finite differences) on the README's exact samplers
+    and on a multistep one: exact to float32 rounding, and clearly not."""
+    import importlib.util
+
+    from agg_testing.probes import node_test_module
+
+    spec = importlib.util.spec_from_file_location("agg_bench_samplers", RUN.parent / "samplers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    exact = node_test_module("test_samplers").README_EXACT
+    for name in (*exact, "dpmpp_2m"):
+        for family in ("eps", "const"):
+            dev = bench.measure(name, family, steps=4)
+            print(f"{name} {family}: max deviation {dev['max_deviation']:.2e} over {dev['steps_measured']} steps")
+            assert dev["steps_measured"] >= 3, dev
+            if name in exact:
+                assert dev["max_deviation"] < bench.EXACT_TOL, (name, family, dev)
+            else:
+                assert dev["max_deviation"] > 0.05, (name, family, dev)
