@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -314,9 +315,17 @@ def _build(config: TrainConfig) -> dict[str, dict[str, torch.Tensor]]:
         "test_latents": result.test_latents.contiguous(),
         "train_mean": result.train_mean.contiguous(),
         "losses": torch.tensor(result.losses, dtype=torch.float32),
-        "seconds": torch.tensor([result.seconds["encode"], result.seconds["train"]], dtype=torch.float64),
     }
+    _LAST_TIMES.update(result.seconds)  # times vary between runs: kept out of the (byte-identical) files
     return {"": ckpt, "-data": data}
+
+
+_LAST_TIMES: dict[str, float] = {}
+
+
+def timing_path(data_path: Path) -> Path:
+    """Where the build's times are noted (beside the data file; absent when another process built it)."""
+    return Path(data_path).with_name(Path(data_path).stem + ".times.json")
 
 
 def _params(config: TrainConfig) -> dict:
@@ -326,7 +335,10 @@ def _params(config: TrainConfig) -> dict:
 
 def sd15_trained_files(config: TrainConfig = TrainConfig(), *, cache_dir: Path | None = None) -> dict[str, Path]:
     """{"checkpoint": path, "data": path}: the trained checkpoint and its evidence data (cached)."""
+    _LAST_TIMES.clear()
     paths = fixtures._cached_files("sd15-trained", _params(config), lambda: _build(config), cache_dir)
+    if _LAST_TIMES:
+        timing_path(paths["-data"]).write_text(json.dumps(_LAST_TIMES) + "\n")
     return {"checkpoint": paths[""], "data": paths["-data"]}
 
 
@@ -507,6 +519,8 @@ class Evidence:
 def evidence(files: dict[str, Path]) -> Evidence:
     """The figures that show the trained checkpoint is a denoiser (computed through ComfyUI's loader)."""
     data = load_data(files["data"])
+    times_file = timing_path(files["data"])
+    times = json.loads(times_file.read_text()) if times_file.exists() else {}
     with torch.inference_mode(False):
         model, _ = load_base(files["checkpoint"])
         random_model, _ = load_base(fixtures.sd15_tiny_checkpoint("taesd"))
@@ -517,7 +531,7 @@ def evidence(files: dict[str, Path]) -> Evidence:
             jacobian=full_jacobian_asymmetry(model, test[0]),
             jacobian_random=full_jacobian_asymmetry(random_model, test[0]),
             cosines=manifold_gradient_cosines(model, test),
-            encode_seconds=float(data["seconds"][0]),
-            train_seconds=float(data["seconds"][1]),
+            encode_seconds=times.get("encode", float("nan")),
+            train_seconds=times.get("train", float("nan")),
             final_loss=float(data["losses"][-8:].mean()),
         )
