@@ -120,20 +120,17 @@ def test_clip_direction_guidance_lowers_its_loss(comfy, agg_models, decoder, ckp
 
 
 def test_each_decoder_option_decodes_differently(comfy, agg_models):
-    """vae, taesd and linear are three different decoders of the same latent (none silently replaced by
-    another), each an image of the source's size, and each guides to a different result. On the checkpoint
-    with a KL VAE: the default test checkpoint's VAE is TAESD itself, which decodes as the taesd option does."""
+    """vae, taesd and linear, as the loss nodes make them, are three different decoders of the same latent (none
+    silently replaced by another), each an image of the source's size. On the checkpoint with a KL VAE: the
+    default test checkpoint's VAE is TAESD itself, which decodes as the taesd option does. (That each option
+    guides: test_clip_direction_guidance_lowers_its_loss.)"""
     from agg_testing.probes import pack_module
 
     decoders = pack_module("nodes.decoders")
     runtime = pack_module("nodes.runtime")
-    seed = next(SEEDS)
-    results, g = {}, None
-    for decoder in ("vae", "taesd", "linear"):
-        g = base_graph(agg_models, seed=seed, ckpt_name=agg_models.checkpoint_kl)
-        with_agg(g, clip_loss(g, agg_models, decoder=decoder))
-        r = comfy.run(g.prompt)
-        results[decoder] = sampled(r, g)
+    g = base_graph(agg_models, seed=next(SEEDS), ckpt_name=agg_models.checkpoint_kl)
+    r = comfy.run(g.prompt)
+    sampled(r, g)
     source = r.output(g["encode"].id)["samples"]
     model, vae = r.output(g["ckpt"].id).model, r.output(g["ckpt"].id, index=2)
     info = runtime.RunInfo(model, "eps", torch.device("cpu"), tuple(source.shape), torch.tensor([0.0]))
@@ -151,8 +148,9 @@ def test_each_decoder_option_decodes_differently(comfy, agg_models):
     kinds = list(pixels)
     for i, a in enumerate(kinds):
         for b in kinds[i + 1:]:
-            assert (pixels[a] - pixels[b]).abs().mean() > 1e-2, (a, b)
-            assert (results[a] - results[b]).abs().max() > 1e-4, (a, b)
+            diff = float((pixels[a] - pixels[b]).abs().mean())
+            print(f"decoders {a} / {b}: mean |difference| {diff:.4f}")
+            assert diff > 1e-2, (a, b)
 
 
 def test_source_image_input(comfy, agg_models):
