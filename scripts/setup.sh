@@ -159,6 +159,9 @@ link_pack() {  # comfyui_dir
       log "replacing the dangling link $link (-> $target)"
     elif grep -qxF "$link" "$LEDGER" 2>/dev/null; then
       log "replacing the link $link (-> $target) made by an earlier set-up"
+    elif [ -z "${AGG_COMFYUI:-}" ] && [ -f "$1/.agg-unpacked" ]; then
+      # The ComfyUI this set-up unpacked itself: the link name there is its own (earlier versions kept no record).
+      log "replacing the link $link (-> $target) in the ComfyUI this set-up unpacked"
     else
       die "$link is a link to $target, which this script did not make; remove it yourself if ComfyUI should load this copy of the pack ($PACK_DIR) instead, or point AGG_COMFYUI at another ComfyUI"
     fi

@@ -173,3 +173,24 @@ def test_unknown_option_is_named(tmp_path):
     pack = make_pack(tmp_path / "checkout")
     r = subprocess.run(["bash", str(pack / "scripts" / "setup.sh"), "--oldst"], capture_output=True, text=True)
     assert r.returncode != 0 and "--oldst" in r.stderr
+
+
+def test_old_unrecorded_link_in_the_comfyui_it_unpacked_is_replaced(tmp_path):
+    """Earlier set-ups kept no record of their link; in the ComfyUI the set-up unpacked itself the link name is
+    its own, so a link there to another checkout is replaced (the link only, never the checkout)."""
+    home = tmp_path / "home"
+    comfy = make_comfy(home / "ComfyUI")
+    (comfy / ".agg-unpacked").write_text("0.3.75\n")
+    old = make_pack(tmp_path / "old-checkout", edit="old = True\n")
+    link = comfy / "custom_nodes" / "agg-comfyui"
+    link.symlink_to(old)
+    new = make_pack(tmp_path / "new-checkout")
+    env = {**os.environ, "AGG_HOME": str(home), "AGG_PYTHON": sys.executable}
+    env.pop("AGG_COMFYUI", None)
+    r = subprocess.run(["bash", str(new / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "this set-up unpacked" in r.stderr
+    assert link.resolve() == new.resolve()
+    assert (old / "my_local_edit.py").read_text() == "old = True\n"
+    assert (comfy / "custom_nodes" / "someone_elses_pack.py").read_text() == "# must survive\n"
