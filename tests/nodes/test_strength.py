@@ -151,7 +151,10 @@ def structure_source(weight):
     return lambda g: None if weight is None else g.node("AGGStructureLoss", weight=weight, source=g["encode"][0])[0]
 
 
-@pytest.mark.parametrize("graph", ["ksampler", "paper_chain", "exact_denoiser", "paper_chain_exact"])
+# On the exact denoiser (ComfyUI's real nodes and samplers, an exact posterior mean in place of the UNet). A
+# random-weight UNet's Jacobian is arbitrary and its later steps map the state anywhere, so the same graphs on a
+# network are asserted on the trained tiny UNet (tests/nodes/test_trained_guidance.py).
+@pytest.mark.parametrize("graph", ["exact_denoiser", "paper_chain_exact"])
 def test_raising_the_structure_weight_never_moves_away_from_the_source(session, graph):
     losses, _ = defaults()
     base = losses.DEFAULT_STRUCTURE_WEIGHT
