@@ -22,8 +22,8 @@ real SD latents.
 Text conditioning. The cross-attention output projections (``attn2.to_out``) are zero and stay zero:
 the model is unconditional, so any prompt (and any CFG scale) gives the same denoiser.
 
-Training. Adam with warm-up and cosine decay, sigma log-uniform over SD1.5's range (half of the
-batch above sigma 2), loss
+Training. Adam with warm-up and cosine decay, sigma log-uniform over SD1.5's range (optionally a
+share of the batch above ``sigma_high``), loss
 ``(sigma^2 + 1) / sigma^2 * |D(z + sigma n) - z|^2`` (every noise level weighted alike for
 unit-variance data), the UNet only. Residual branches and the output convolution start at zero as in
 SD's own initialisation; every other tensor starts from the random fixture UNet
@@ -84,11 +84,10 @@ class TrainConfig:
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 16
-    # training sigmas: log-uniform in [sigma_lo, SD1.5's sigma_max], a share of them in [sigma_high, sigma_max]
-    # (at high noise the eps prediction must be precise to a few percent; it learns that last)
+    # training sigmas: log-uniform in [sigma_lo, SD1.5's sigma_max]; high_share of them in [sigma_high, sigma_max]
     sigma_lo: float = 0.1
     sigma_high: float = 2.0
-    high_share: float = 0.5
+    high_share: float = 0.0
     stf: bool = True  # regress on the training set's posterior mean (stable target field)
     seed: int = 0
     threads: int = 2
@@ -265,7 +264,9 @@ def train(config: TrainConfig, *, log=None) -> TrainResult:
                 group["lr"] = lr
             idx = torch.randint(len(z_train), (config.batch,), generator=g)
             z = z_train[idx]
-            lo = torch.where(torch.rand(config.batch, generator=g) < config.high_share, log_high, log_lo)
+            lo = log_lo
+            if config.high_share > 0:
+                lo = torch.where(torch.rand(config.batch, generator=g) < config.high_share, log_high, log_lo)
             sigma = torch.exp(lo + (log_hi - lo) * torch.rand(config.batch, generator=g))
             noise = torch.randn(z.shape, generator=g)
             s4 = sigma.view(-1, 1, 1, 1)
