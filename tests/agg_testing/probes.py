@@ -125,9 +125,8 @@ def analytic_latent(seed: int = 0, shape: tuple[int, ...] = (1, 4, 8, 8)) -> tor
     return torch.randn(shape, generator=g) * 0.5
 
 
-class AGGTestAnalyticModel:
-    """The exact denoiser of N(mean_scale * latent, std^2 I) data in the model's own family, in place of the
-    UNet (mean_scale != 1 keeps the latent itself off the mean, so its noise estimate is not zero)."""
+class _ExactGaussianNode:
+    """Shared schema of the exact-denoiser probe nodes: N(mean_scale * latent, std^2 I) data."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -139,14 +138,22 @@ class AGGTestAnalyticModel:
     FUNCTION = "patch"
     CATEGORY = "AGG/testing"
 
-    def patch(self, model, latent, std, mean_scale):
+    @staticmethod
+    def data(model, latent, std, mean_scale):
+        """(the exact data, the pack's family of the model)."""
         from agg_testing.analytic import gaussian
 
-        runtime = pack_module("nodes.runtime")
-        family = runtime.model_family(model.get_model_object("model_sampling"))
-        inner = model.model
-        mean = mean_scale * inner.process_latent_in(latent["samples"].float())[0].clone()
-        data = gaussian(mean, std)
+        family = pack_module("nodes.runtime").model_family(model.get_model_object("model_sampling"))
+        mean = mean_scale * model.model.process_latent_in(latent["samples"].float())[0].clone()
+        return gaussian(mean, std), family
+
+
+class AGGTestAnalyticModel(_ExactGaussianNode):
+    """The exact denoiser of N(mean_scale * latent, std^2 I) data in the model's own family, in place of the
+    UNet (mean_scale != 1 keeps the latent itself off the mean, so its noise estimate is not zero)."""
+
+    def patch(self, model, latent, std, mean_scale):
+        data, family = self.data(model, latent, std, mean_scale)
 
         def unet(apply_model, args):
             # The wrapper gets the sampler state and sigma (ComfyUI 0.3.75 calc_cond_batch) and returns D.
@@ -158,32 +165,18 @@ class AGGTestAnalyticModel:
         return (m,)
 
 
-class AGGTestExactUNet:
+class AGGTestExactUNet(_ExactGaussianNode):
     """An exact denoiser of N(mean_scale * latent, std^2 I) data in place of the diffusion model's *network*:
     a DIFFUSION_MODEL wrapper returns the raw output the model's parameterisation asks for (eps, v, or the
     flow velocity), so ComfyUI's own calculate_input / calculate_denoised (e.g. V_PREDICTION's) turn it
     into the exact clean estimate. Unlike AGGTestAnalyticModel, the whole apply_model path runs."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "latent": ("LATENT",),
-                             "std": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.001}),
-                             "mean_scale": ("FLOAT", {"default": 0.5, "min": -10.0, "max": 10.0, "step": 0.01})}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
-    CATEGORY = "AGG/testing"
-
     def patch(self, model, latent, std, mean_scale):
         import comfy.model_sampling as ms
         import comfy.patcher_extension as pe
 
-        from agg_testing.analytic import gaussian
-
         sampling = model.get_model_object("model_sampling")
-        family = pack_module("nodes.runtime").model_family(sampling)
-        mean = mean_scale * model.model.process_latent_in(latent["samples"].float())[0].clone()
-        data = gaussian(mean, std)
+        data, family = self.data(model, latent, std, mean_scale)
         sd = float(getattr(sampling, "sigma_data", 1.0))
 
         def network(executor, xc, timesteps, context, y, control, transformer_options, **kwargs):
