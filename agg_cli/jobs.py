@@ -95,11 +95,13 @@ class Scheduler:
                     if self.on_lost:
                         self.on_lost(st, job, str(e))
                     return
-                except JobFailed as e:
+                except Exception as e:  # noqa: BLE001 - JobFailed, or a bug in one image's handling
+                    # Either way that image failed; the worker goes on so the server keeps serving.
+                    error = str(e) if isinstance(e, JobFailed) else f"{type(e).__name__}: {e}"
                     dt = time.monotonic() - t0
                     with self.cond:
-                        job.status, job.error, job.server, job.seconds = "failed", str(e), st.url, dt
-                        job.attempts.append({"server": st.url, "outcome": "failed", "error": str(e), "seconds": dt})
+                        job.status, job.error, job.server, job.seconds = "failed", error, st.url, dt
+                        job.attempts.append({"server": st.url, "outcome": "failed", "error": error, "seconds": dt})
                         st.failed += 1
                         st.busy_seconds += dt
                         self.cond.notify_all()

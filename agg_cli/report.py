@@ -140,6 +140,11 @@ def series(events: list[dict]) -> dict[str, list[float]]:
     return out
 
 
+# pyplot and its mathtext parser keep global state: plots from several server threads at once
+# corrupt it (IndexError in the parser), so one plot is drawn at a time.
+_PLOT_LOCK = threading.Lock()
+
+
 def plot_terms(events: list[dict], out: Path, title: str) -> bool:
     """Two panels over the guided steps: the loss terms, and the step sizes (gradient RMS and step
     RMS per term, RMS of the applied edit Δ), with trust-region / fallback / skipped steps marked.
@@ -153,6 +158,12 @@ def plot_terms(events: list[dict], out: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    with _PLOT_LOCK:
+        _draw_terms(plt, events, out, title)
+    return True
+
+
+def _draw_terms(plt: Any, events: list[dict], out: Path, title: str) -> None:
     s = series(events)
     numbered = all(isinstance(e.get("step"), int) for e in events)
     steps = [e["step"] for e in events] if numbered else list(range(len(events)))
@@ -184,7 +195,6 @@ def plot_terms(events: list[dict], out: Path, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return True
 
 
 def terms_summary(events: list[dict]) -> str:

@@ -290,3 +290,42 @@ def test_scheduler_fails_what_is_left_when_every_server_is_lost():
     assert all(j.status == "failed" for j in jobs)
     assert all(s.lost for s in sched.stats)
     assert sum(len(j.attempts) for j in jobs) == 2  # each server lost once, nothing ran twice on one
+
+
+def test_scheduler_fails_only_the_image_whose_handling_raised():
+    # A bug while writing one image's results (not a server loss) fails that image alone; the
+    # server goes on with the rest.
+    jobs = [Job(i, Path(f"{i}.png"), f"img{i}") for i in range(4)]
+
+    def run_one(client, job):
+        if job.index == 1:
+            raise IndexError("pop from empty list")
+
+    sched = Scheduler(["A"], jobs, run_one, client_factory=FakeClient)
+    sched.run()
+    assert [j.status for j in jobs] == ["done", "failed", "done", "done"]
+    assert jobs[1].error == "IndexError: pop from empty list"
+    assert not sched.stats[0].lost and sched.stats[0].done == 3 and sched.stats[0].failed == 1
+
+
+def test_plots_from_several_server_threads_at_once(tmp_path):
+    # Each server's worker thread plots its images; pyplot's text parser is global state.
+    events = [{"node": "Apply AGG", "step": i, "sigma": 10.0 / (i + 1), "terms": {"structure": 1.0 / (i + 1)},
+               "grad_rms": {"structure": 10.0 ** -i}, "step_rms": {"structure": 0.1}, "delta_rms": 0.01 * (i + 1)}
+              for i in range(6)]
+    errors: list[BaseException] = []
+
+    def plot(k: int) -> None:
+        try:
+            for j in range(3):
+                assert plot_terms(events, tmp_path / f"t{k}_{j}.png", f"thread {k}")
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=plot, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(list(tmp_path.glob("t*.png"))) == 12
