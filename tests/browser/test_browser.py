@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,166 @@ def test_queue_text_guided_from_the_page(page, names, comfy_server, tmp_path):
     assert "browser_test" in urllib.parse.unquote(src)
     page.screenshot(tmp_path / "agg_text_guided_done.png")
     assert not page.execute(JS_VISIBLE_PROBLEMS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pack's frontend extension (web/): served through WEB_DIRECTORY, the guidance chart, the shipped
+# example images.
+
+WEB = PACK / "web"
+
+
+def extension_scripts(comfy_server) -> list[str]:
+    return [p for p in comfy_server.get("/extensions") if p.endswith(("/js/agg_chart.js", "/js/agg_assets.js"))]
+
+
+def test_web_directory_is_served(comfy_server):
+    scripts = extension_scripts(comfy_server)
+    assert sorted(p.rsplit("/", 1)[1] for p in scripts) == ["agg_assets.js", "agg_chart.js"], scripts
+    base = scripts[0].rsplit("/js/", 1)[0]
+    for p in scripts:
+        with urllib.request.urlopen(comfy_server.url + p, timeout=30) as r:
+            assert r.read().decode() == (WEB / "js" / p.rsplit("/", 1)[1]).read_text()
+    for asset in sorted((WEB / "assets").glob("*")) if (WEB / "assets").is_dir() else []:
+        with urllib.request.urlopen(f"{comfy_server.url}{base}/assets/{asset.name}", timeout=30) as r:
+            assert r.read() == asset.read_bytes()
+
+
+def test_shipped_list_names_exactly_the_assets():
+    """agg_assets.js supplies only the files it names; every file in web/assets/ is named there."""
+    text = (WEB / "js" / "agg_assets.js").read_text()
+    listed = json.loads(re.search(r"export const SHIPPED = (\[.*?\]);", text).group(1))
+    shipped = sorted(p.name for p in (WEB / "assets").glob("*")) if (WEB / "assets").is_dir() else []
+    assert sorted(listed) == shipped
+
+
+JS_HOOK_EVENTS = """
+const api = window.comfyAPI.api.api;
+window.__aggSeen = [];
+window.__aggRuns = {started: 0, success: 0, errors: [], pointsAtStart: []};
+if (!window.__aggEventsHooked) {
+  window.__aggEventsHooked = true;
+  // Registered after the pack's extension, so these run after its own handlers.
+  api.addEventListener('agg.terms', e => window.__aggSeen.push(e.detail));
+  api.addEventListener('execution_start', () => {
+    window.__aggSeen = [];
+    window.__aggRuns.started += 1;
+    window.__aggRuns.pointsAtStart.push(app.graph._nodes.filter(n => n.aggChart).map(n => n.aggChart.points.length));
+  });
+  api.addEventListener('execution_success', () => { window.__aggRuns.success += 1; });
+  api.addEventListener('execution_error', e => { window.__aggRuns.errors.push(JSON.stringify(e.detail).slice(0, 2000)); });
+}
+return true;
+"""
+
+JS_SMALL = """
+const [steps, seed] = __args;
+for (const n of app.graph._nodes) for (const w of (n.widgets || [])) {
+  if (n.type === 'ImageScale' && (w.name === 'width' || w.name === 'height')) w.value = 64;
+  if (w.name === 'steps') w.value = steps;
+  if (w.name === 'cutouts') w.value = 2;
+  if (w.name === 'seed') w.value = seed;
+  if (w.name === 'filename_prefix') w.value = 'agg/browser_chart';
+}
+return true;
+"""
+
+JS_QUEUE = "await app.queuePrompt(0, 1); return true;"
+
+JS_CHART = """
+const node = app.graph._nodes.find(n => n.type === __args[0]);
+const chart = node && node.aggChart;
+return {
+  points: chart ? chart.points.map(p => [p.step, p.sigma, Object.keys(p.terms).sort(), p.delta_rms]) : null,
+  events: window.__aggSeen.map(e => [e.node, e.step, e.sigma, Object.keys(e.terms).sort(), e.delta_rms]),
+  runs: window.__aggRuns,
+  widget: node ? (node.widgets || []).filter(w => w.name === 'agg_chart').length : -1,
+  size: node ? [node.size[0], node.size[1]] : null,
+};
+"""
+
+# The guiding node centred and enlarged; its rectangle on the page, in screenshot pixels.
+JS_NODE_RECT = """
+for (const b of document.querySelectorAll('button[aria-label="Close"], .p-toast-icon-close')) try { b.click(); } catch (e) {}
+const node = app.graph._nodes.find(n => n.type === __args[0]);
+const c = app.canvas;
+c.ds.scale = 1.5;
+c.centerOnNode(node);
+c.setDirty(true, true);
+c.draw(true, true);
+await new Promise(r => setTimeout(r, 500));
+const rect = c.canvas.getBoundingClientRect();
+const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+const a = c.ds.convertOffsetToCanvas([node.pos[0] - 8, node.pos[1] - title - 8]);
+const b = c.ds.convertOffsetToCanvas([node.pos[0] + node.size[0] + 8, node.pos[1] + node.size[1] + 8]);
+const k = window.devicePixelRatio || 1;
+return [rect.left + a[0], rect.top + a[1], rect.left + b[0], rect.top + b[1]].map(v => Math.round(v * k));
+"""
+
+
+def guided_log_lines(comfy_server, node_name: str) -> int:
+    return len(re.findall(rf"{re.escape(node_name)} step \d+ sigma ", comfy_server.log_text()))
+
+
+def run_from_page(page, comfy_server, steps: int, seed: int, runs_before: int) -> None:
+    page.execute_async(JS_SMALL, steps, seed)
+    page.execute_async(JS_QUEUE)
+    page.wait_for(f"const r = window.__aggRuns; return r.success > {runs_before} || r.errors.length > 0;",
+                  timeout=300, what="the run's execution_success")
+    errors = page.execute("return window.__aggRuns.errors;")
+    assert not errors, f"run failed: {errors}; server log: {comfy_server.log_tail(40)}"
+
+
+def test_guidance_chart_one_point_per_guided_step(page, names, comfy_server, tmp_path):
+    """A real guided run queued from the page: the chart on Apply AGG gets exactly one point per
+    agg.terms event (and per guided-step line in the server's log), in order, and is cleared when
+    the next run starts; it is neither saved in the workflow nor sent with the prompt."""
+    name = "agg_img2img_ksampler"
+    ui = substitute(json.loads((WORKFLOWS / f"{name}.json").read_text()), names)
+    load(page, ui, name)
+    before = page.execute_async("return app.graph._nodes.find(n => n.type === 'AGGApply').serialize();")
+    page.execute_async(JS_HOOK_EVENTS)
+
+    log0 = guided_log_lines(comfy_server, "Apply AGG")
+    run_from_page(page, comfy_server, steps=8, seed=9101, runs_before=0)
+    first = page.execute_async(JS_CHART, "AGGApply")
+    logged = guided_log_lines(comfy_server, "Apply AGG") - log0
+    events = first["events"]
+    assert len(events) >= 2, f"expected several guided steps at 8 steps: {events}"
+    assert all(e[0] == "Apply AGG" for e in events)
+    assert len(first["points"]) == len(events) == logged
+    assert first["points"] == [e[1:] for e in events]  # the same steps, sigmas, terms and sizes, in order
+    assert [p[0] for p in first["points"]] == sorted(p[0] for p in first["points"])
+    assert all(p[2] == ["clip_direction", "structure"] for p in first["points"])
+    assert first["widget"] == 1
+
+    # The chart is drawn on the canvas only: the node saves and queues as before.
+    after = page.execute_async("return app.graph._nodes.find(n => n.type === 'AGGApply').serialize();")
+    assert after["widgets_values"] == before["widgets_values"]
+    prompt = page.execute_async("const p = await app.graphToPrompt(); return p.output;")
+    apply_id = next(k for k, v in prompt.items() if v["class_type"] == "AGGApply")
+    assert "agg_chart" not in prompt[apply_id]["inputs"]
+
+    # A screenshot of the node with its chart; the chart's colours are on it.
+    box = page.execute_async(JS_NODE_RECT, "AGGApply")
+    shot = tmp_path / "agg_chart_page.png"
+    page.screenshot(shot)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        crop = im.convert("RGB").crop(tuple(box))
+    out = tmp_path / "agg_chart.png"
+    crop.save(out)
+    print(f"\n[agg] screenshot of the guidance chart: {out}")
+    colours = crop.getcolors(maxcolors=1 << 20)
+    near = lambda rgb: sum(c for c, px in colours if sum(abs(a - b) for a, b in zip(px, rgb, strict=True)) < 40)  # noqa: E731
+    assert near((0x4F, 0xC3, 0xF7)) > 30 and near((0xFF, 0xB7, 0x4D)) > 30, "chart lines not on the node"
+
+    # The next run (fewer steps, another seed) starts from an empty chart.
+    log1 = guided_log_lines(comfy_server, "Apply AGG")
+    run_from_page(page, comfy_server, steps=4, seed=9102, runs_before=1)
+    second = page.execute_async(JS_CHART, "AGGApply")
+    assert second["runs"]["pointsAtStart"][-1] == [0]
+    assert len(second["points"]) == len(second["events"]) == guided_log_lines(comfy_server, "Apply AGG") - log1
+    assert 0 < len(second["points"]) < len(first["points"])
+    assert second["widget"] == 1
