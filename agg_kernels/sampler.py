@@ -12,7 +12,7 @@ eta = 0 everywhere is plain DDIM (Euler); eta = 1 everywhere is euler_ancestral.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from .schedule import (
     DEFAULT_ETA_EDIT,
     check_zones,
     step_index,
+    window_edit_end,
     zone_eta,
 )
 from .step import ancestral_sigma_down
@@ -137,6 +138,20 @@ def sample_agg(
             s_noise,
         )
     return x
+
+
+ZONE_OPTIONS = ("eta_edit", "eta", "eta_boost", "edit_end", "boost_start")
+
+
+def resolve_zones(options: Mapping[str, object], sigmas: torch.Tensor | Sequence[float],
+                  window_low: float | None) -> dict:
+    """The eta-zone options `sample_agg` runs with: with options["follow_guidance"] and a guidance window
+    ending at sigma `window_low`, the edit zone is the window's steps (window_edit_end, at most boost_start)."""
+    out = {k: options[k] for k in ZONE_OPTIONS if k in options}
+    if options.get("follow_guidance") and window_low is not None:
+        boost = float(out.get("boost_start", DEFAULT_BOOST_START))  # type: ignore[arg-type]
+        out["edit_end"] = min(window_edit_end(sigmas, window_low), boost)
+    return out
 
 
 def sampler_eta_at(

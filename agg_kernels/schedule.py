@@ -87,6 +87,17 @@ def step_index(schedule: torch.Tensor | Sequence[float], sigma: torch.Tensor | f
     return None
 
 
+def window_edit_end(schedule: torch.Tensor | Sequence[float], sigma_low: float) -> float:
+    """The edit zone's end, as a step fraction, that covers exactly the steps a guidance window ending at
+    sigma_low acts on: the leading steps that start at a sigma >= sigma_low (tolerance SIGMA_REL_TOL)."""
+    values = _values(schedule)
+    n_steps = len(values) - 1
+    if n_steps <= 0:
+        return 0.0
+    guided = sum(1 for s in values[:-1] if s >= sigma_low * (1 - SIGMA_REL_TOL))
+    return guided / n_steps
+
+
 def check_zones(edit_end: float, boost_start: float) -> None:
     if not 0.0 <= edit_end <= boost_start <= 1.0:
         raise ValueError(

@@ -16,39 +16,39 @@ def settings_inputs() -> list:
     """The guidance settings shared by Apply AGG and AGG Guider (names are a public contract)."""
     return [
         io.Float.Input(
-            "start_percent", default=DEFAULTS.start_percent, min=0.0, max=1.0, step=0.001,
+            "start_percent", display_name="guidance start", default=DEFAULTS.start_percent, min=0.0, max=1.0, step=0.001,
             tooltip="Where guidance starts, as a percent of the model's noise range (0 = pure noise). "
             "Same convention as ControlNet's start_percent.",
         ),
         io.Float.Input(
-            "end_percent", default=DEFAULTS.end_percent, min=0.0, max=1.0, step=0.001,
+            "end_percent", display_name="guidance end", default=DEFAULTS.end_percent, min=0.0, max=1.0, step=0.001,
             tooltip="Where guidance stops (1 = the clean end). The default 0.59 guides the first 19 of 60 steps of an "
             "img2img run at denoise 0.6, as in the paper; later steps run unguided. Raise it to guide longer "
             "(a stronger edit), lower it for a lighter one.",
         ),
         io.Combo.Input(
-            "manifold", options=list(MANIFOLD_MODES), default=DEFAULTS.manifold,
+            "manifold", display_name="covariance step (expert)", options=list(MANIFOLD_MODES), default=DEFAULTS.manifold,
             tooltip="How the pull on the clean estimate reaches the sampler: through the posterior covariance of the "
             "model. finite_difference: one extra conditional model pass per guided step (ControlNet, LoRA included), "
             "no extra memory. autograd: exact backward pass through the model (slowest, a copy of the weights during "
             "the run). none: the covariance of a unit-variance latent, no model pass (fastest).",
         ),
         io.Int.Input(
-            "dds_steps", default=DEFAULTS.dds_steps, min=0, max=50,
+            "dds_steps", display_name="refine steps (expert)", default=DEFAULTS.dds_steps, min=0, max=50,
             tooltip="Refinement steps on the clean estimate after the covariance step (no model call), each moving "
             "it by dds_lr x the loss weights. 0 disables.",
         ),
         io.Float.Input(
-            "dds_lr", default=DEFAULTS.dds_lr, min=0.0, max=1.0, step=0.01,
+            "dds_lr", display_name="refine rate (expert)", default=DEFAULTS.dds_lr, min=0.0, max=1.0, step=0.01,
             tooltip="Size of each refinement step, as a fraction of the loss weights (0..1).",
         ),
         io.Boolean.Input(
-            "asymmetric", default=DEFAULTS.asymmetric,
+            "asymmetric", display_name="asymmetric: keep the model noise (expert)", default=DEFAULTS.asymmetric,
             tooltip="On: the guidance edits only the clean estimate and keeps the model's own noise (AGG). "
             "Off: ordinary clean-estimate guidance (the symmetric ablation), which moves the sample much less.",
         ),
         io.Float.Input(
-            "trust_region", default=DEFAULTS.trust, min=0.01, max=10.0, step=0.01, optional=True,
+            "trust_region", display_name="step cap (expert)", default=DEFAULTS.trust, min=0.01, max=10.0, step=0.01, optional=True,
             tooltip="Cap on one guided step's change of the clean estimate, in posterior standard deviations of the "
             "model at that noise level (RMS). Steps above it are scaled down and reported.",
         ),
@@ -69,7 +69,7 @@ class AGGApply(io.ComfyNode):
         return io.Schema(
             node_id="AGGApply",
             display_name="Apply AGG",
-            category="AGG",
+            category="AGG/sampling",
             description="Asymmetric Gradient Guidance on a model: every sampler node (KSampler, KSamplerAdvanced, "
             "SamplerCustom, SamplerCustomAdvanced) and guider using this model is steered by the connected losses.",
             inputs=[
@@ -104,7 +104,7 @@ class AGGGuider(io.ComfyNode):
         return io.Schema(
             node_id="AGGGuider",
             display_name="AGG Guider",
-            category="AGG",
+            category="AGG/sampling",
             description="A CFG guider with Asymmetric Gradient Guidance, for SamplerCustomAdvanced.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model; it is cloned, never modified."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -107,6 +108,67 @@ class AGGClip:
         self._text_cache.clear()
 
 
+# OpenAI CLIP's input statistics: what the losses' cut-outs are normalised with (agg_kernels.augment).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class VisionClip:
+    """ComfyUI's CLIP_VISION (CLIPVisionLoader: the image encoders IPAdapter users keep in models/clip_vision)
+    as the image encoder the style loss calls. ComfyUI's encode_image is not differentiable, so the network
+    is copied once, outside inference mode, on first use; its projected image embedding is the embedding."""
+
+    def __init__(self, clip_vision) -> None:
+        self.source = clip_vision
+        self.name = type(clip_vision).__name__
+        self.image_size = int(getattr(clip_vision, "image_size", 224))
+        self.mean = tuple(getattr(clip_vision, "image_mean", OPENAI_MEAN))
+        self.std = tuple(getattr(clip_vision, "image_std", OPENAI_STD))
+        self._net: torch.nn.Module | None = None
+
+    def __deepcopy__(self, memo):
+        return self  # shared, read-only weights
+
+    def _network(self) -> torch.nn.Module:
+        if self._net is None:
+            with torch.inference_mode(False):
+                net = copy.deepcopy(self.source.model)
+                for p in net.parameters():
+                    p.requires_grad_(False)
+                self._net = net.float().eval()
+        return self._net
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._network().parameters()).device
+
+    def to(self, device: torch.device) -> VisionClip:
+        with torch.inference_mode(False):
+            self._network().to(device)
+        return self
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalized (OpenAI statistics) [N, 3, s, s] -> [N, D], differentiable w.r.t. the images."""
+        net = self._network()
+        p = next(net.parameters())
+        x = images.to(device=p.device, dtype=p.dtype)
+        if self.mean != OPENAI_MEAN or self.std != OPENAI_STD:  # e.g. SigLIP's 0.5 / 0.5
+            def stat(v):
+                return torch.tensor(v, device=x.device, dtype=x.dtype).reshape(1, 3, 1, 1)
+
+            x = (x * stat(OPENAI_STD) + stat(OPENAI_MEAN) - stat(self.mean)) / stat(self.std)
+        return net(pixel_values=x)[2].float()
+
+
+def image_encoder(clip, node: str) -> AGGClip | VisionClip:
+    """The `clip` input of an image loss: AGG CLIP Loader's model, or ComfyUI's CLIP_VISION."""
+    if isinstance(clip, (AGGClip, VisionClip)):
+        return clip
+    if hasattr(clip, "encode_image") and isinstance(getattr(clip, "model", None), torch.nn.Module):
+        return VisionClip(clip)
+    raise AGGError(f"{node}: input 'clip' must come from AGG CLIP Loader or Load CLIP Vision; got {type(clip).__name__}.")
+
+
 def load_open_clip(path: str, architecture: str = "auto") -> AGGClip:
     import open_clip
     from safetensors import safe_open
@@ -136,7 +198,7 @@ class AGGCLIPLoader(io.ComfyNode):
         return io.Schema(
             node_id="AGGCLIPLoader",
             display_name="AGG CLIP Loader",
-            category="AGG",
+            category="AGG/loaders",
             description="Loads an open_clip model (e.g. ViT-B-32) from models/open_clip for the CLIP losses. "
             "Reads .safetensors only and never downloads anything.",
             inputs=[

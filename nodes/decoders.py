@@ -8,6 +8,7 @@ models/vae_approx, or through the latent format's linear RGB factors.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 
 import folder_paths
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 
 from .runtime import AGGError, RunInfo
 
-DECODERS = ("vae", "taesd", "linear")
+DECODERS = ("taesd", "vae", "linear")
+DEFAULT_DECODER = "taesd"
+log = logging.getLogger("AGG")
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -105,11 +108,19 @@ def linear_decoder(run: RunInfo, node: str) -> Decoder:
 
 
 def make_decoder(kind: str, vae, run: RunInfo, node: str) -> Decoder:
+    if kind == "taesd":
+        try:
+            taesd_file(run.model)
+        except FileNotFoundError as e:
+            # The default: a workflow must still run where TAESD was never downloaded, only slower.
+            log.warning("%s: decoder 'taesd' is not available (%s); using the checkpoint's VAE instead, which is "
+                        "slower. Put the TAESD decoder in models/vae_approx to speed guidance up.", node, e)
+            kind = "vae"
+        else:
+            return taesd_decoder(run, node)
     if kind == "vae":
         check_vae(vae, run.model, node)
         return vae_decoder(vae, run)
-    if kind == "taesd":
-        return taesd_decoder(run, node)
     if kind == "linear":
         return linear_decoder(run, node)
     raise AGGError(f"{node}: input 'decoder' must be one of {', '.join(DECODERS)}, got {kind!r}.")

@@ -42,7 +42,7 @@ class AGGInvert(io.ComfyNode):
         return io.Schema(
             node_id="AGGInvert",
             display_name="AGG Invert",
-            category="AGG",
+            category="AGG/sampling",
             description="DDIM inversion (cfg 1, source prompt) of the source latent up to the first of the given "
             "sigmas. Sample its latent with the same sigmas and noise disabled (KSamplerAdvanced add_noise=disable, "
             "or SamplerCustomAdvanced with DisableNoise); feed its trajectory to Structure Loss.",

@@ -20,10 +20,11 @@ from ..agg_kernels.losses import (
     target_direction,
     template_text_embedding,
 )
+from ..agg_kernels.mask import check_mask, focused, resize_mask, restrict
 from ..agg_kernels.objective import Loss, compose
 from ..agg_kernels.strength import DEFAULT_CLIP_WEIGHT, DEFAULT_STRUCTURE_WEIGHT, DEFAULT_STYLE_WEIGHT
-from .clip_model import AGGClip
-from .decoders import DECODERS, make_decoder
+from .clip_model import AGGClip, VisionClip, image_encoder
+from .decoders import DECODERS, DEFAULT_DECODER, make_decoder
 from .runtime import AGGError, RunInfo
 from .types import AGGClipType, AGGLossType, AGGTrajectoryType
 
@@ -82,9 +83,24 @@ def weight_input(default: float, what: str, more: str = "") -> io.Input:
 
 
 def decoder_input() -> io.Input:
-    return io.Combo.Input("decoder", options=list(DECODERS), default="vae", optional=True,
-                          tooltip="How the loss sees pixels: vae = the checkpoint's VAE (exact), taesd = TAESD from "
-                          "models/vae_approx (fast), linear = the latent format's RGB factors (fastest, rough).")
+    return io.Combo.Input("decoder", options=list(DECODERS), default=DEFAULT_DECODER, optional=True,
+                          tooltip="How the loss sees pixels: taesd = TAESD from models/vae_approx (fast; falls back "
+                          "to the VAE, with a warning, when its file is missing), vae = the checkpoint's VAE (exact, "
+                          "slow), linear = the latent format's RGB factors (fastest, rough).")
+
+
+def mask_input(role: str) -> io.Input:
+    return io.Mask.Input("mask", optional=True, tooltip=f"Local edit: white = the region to change. {role} Use the "
+                         "same mask in Set Latent Noise Mask to keep the rest of the image exactly.")
+
+
+def latent_region(mask: torch.Tensor, run: RunInfo, node: str) -> torch.Tensor:
+    """The node's mask on the run's latent grid, [B or 1, 1, h, w] on the run's device."""
+    try:
+        check_mask(mask, run.latent_shape[0])
+    except ValueError as e:
+        raise user_error(node, "mask", e) from e
+    return resize_mask(mask, tuple(run.latent_shape[-2:])).to(run.device)
 
 
 # -- Structure Loss ------------------------------------------------------------------------------
@@ -96,7 +112,7 @@ class AGGStructureLoss(io.ComfyNode):
         return io.Schema(
             node_id="AGGStructureLoss",
             display_name="Structure Loss",
-            category="AGG",
+            category="AGG/losses",
             description="Keeps the result's layout close to the source: L1 between the clean estimate and the "
             "source's clean estimate at the same noise level (from AGG Invert's trajectory), or the source latent.",
             inputs=[
@@ -107,12 +123,13 @@ class AGGStructureLoss(io.ComfyNode):
                 AGGTrajectoryType.Input("trajectory", optional=True, tooltip="AGG Invert's trajectory: the source's clean "
                                         "estimates along the inversion (the paper's regulariser)."),
                 loss_input(),
+                mask_input("Structure is held only outside it (black), so the white region is free to change."),
             ],
             outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
         )
 
     @classmethod
-    def execute(cls, weight, source=None, trajectory=None, loss=None) -> io.NodeOutput:
+    def execute(cls, weight, source=None, trajectory=None, loss=None, mask=None) -> io.NodeOutput:
         node = "Structure Loss"
         if source is None and trajectory is None:
             raise AGGError(f"{node}: connect input 'source' (a LATENT) or input 'trajectory' (from AGG Invert).")
@@ -129,7 +146,8 @@ class AGGStructureLoss(io.ComfyNode):
                 check_reference(reference, probe, f"the {input_name} latent")
             except ValueError as e:
                 raise user_error(node, input_name, e) from e
-            return structure_loss(weight, reference)
+            held = structure_loss(weight, reference)
+            return held if mask is None else restrict(held, 1 - latent_region(mask, run, node))
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))
 
@@ -142,7 +160,7 @@ def pixels_bchw(image: torch.Tensor) -> torch.Tensor:
     return image[..., :3].movedim(-1, 1).float()
 
 
-def clip_on(clip: AGGClip, run: RunInfo) -> AGGClip:
+def clip_on(clip: AGGClip | VisionClip, run: RunInfo) -> AGGClip | VisionClip:
     clip.to(run.device)
     run.release.append(lambda: clip.to(torch.device("cpu")) if run.device.type != "cpu" else None)
     return clip
@@ -154,7 +172,7 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
         return io.Schema(
             node_id="AGGCLIPDirectionLoss",
             display_name="CLIP Direction Loss",
-            category="AGG",
+            category="AGG/losses",
             description="Text guidance: moves the image along the CLIP direction from the source text to the "
             "target text (e.g. 'a photo' -> 'a watercolor painting').",
             inputs=[
@@ -175,6 +193,7 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
                                tooltip="Penalty on decoded pixels outside the valid range (0 = off)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
                              tooltip="Seed of the crops' random augmentation."),
+                mask_input("CLIP judges only the white region and only it is pulled toward the target text."),
             ],
             outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
         )
@@ -186,8 +205,8 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, clip, vae, source_text, target_text, weight, source_image=None, loss=None, decoder="vae",
-                cutouts=DEFAULT_CUTOUTS, range_weight=0.0, seed=0) -> io.NodeOutput:
+    def execute(cls, clip, vae, source_text, target_text, weight, source_image=None, loss=None, decoder=DEFAULT_DECODER,
+                cutouts=DEFAULT_CUTOUTS, range_weight=0.0, seed=0, mask=None) -> io.NodeOutput:
         node = "CLIP Direction Loss"
         if not str(target_text).strip():
             raise AGGError(f"{node}: input 'target_text' is empty; describe what the image should become.")
@@ -199,13 +218,17 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
         direction = target_direction(e_target, e_source, e_image).cpu()
 
         def build(run: RunInfo) -> Loss:
+            region = None if mask is None else latent_region(mask, run, node)
             decode = make_decoder(decoder, vae, run, node)
+            if mask is not None:
+                decode = focused(decode, mask)
             c = clip_on(clip, run)
             parts = [clip_direction_loss(weight, decode, c.encode_image, grad_constant(direction, run.device),
                                          n_cuts=cutouts, cut_size=c.image_size, seed=seed)]
             if range_weight > 0:
                 parts.append(range_loss(range_weight, decode))
-            return compose(*parts)
+            judged = compose(*parts)
+            return judged if region is None else restrict(judged, region)
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))
 
@@ -216,10 +239,12 @@ class AGGImageStyleLoss(io.ComfyNode):
         return io.Schema(
             node_id="AGGImageStyleLoss",
             display_name="Image Style Loss",
-            category="AGG",
+            category="AGG/losses",
             description="Image guidance: pulls the result's CLIP image embedding toward a style image's.",
             inputs=[
-                AGGClipType.Input("clip", tooltip="From AGG CLIP Loader."),
+                io.MultiType.Input("clip", types=[AGGClipType, io.ClipVision],
+                                   tooltip="From AGG CLIP Loader, or ComfyUI's Load CLIP Vision (the image encoders "
+                                   "IPAdapter uses, in models/clip_vision): no extra download needed."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to see the clean estimate as pixels."),
                 io.Image.Input("style_image", tooltip="The image whose look the result should take."),
                 weight_input(DEFAULT_STYLE_WEIGHT, "style guidance"),
@@ -229,20 +254,27 @@ class AGGImageStyleLoss(io.ComfyNode):
                              tooltip="Augmented crops CLIP sees per step; more is steadier and slower."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
                              tooltip="Seed of the crops' random augmentation."),
+                mask_input("CLIP judges only the white region and only it takes the style."),
             ],
             outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
         )
 
     @classmethod
-    def execute(cls, clip, vae, style_image, weight, loss=None, decoder="vae", cutouts=DEFAULT_CUTOUTS, seed=0) -> io.NodeOutput:
+    def execute(cls, clip, vae, style_image, weight, loss=None, decoder=DEFAULT_DECODER, cutouts=DEFAULT_CUTOUTS, seed=0,
+                mask=None) -> io.NodeOutput:
         node = "Image Style Loss"
+        clip = image_encoder(clip, node)
         e_style = image_embedding(clip.encode_image, pixels_bchw(style_image).to(clip.device), clip.image_size,
                                   n_cuts=cutouts, seed=seed).mean(0, keepdim=True).cpu()
 
         def build(run: RunInfo) -> Loss:
+            region = None if mask is None else latent_region(mask, run, node)
             decode = make_decoder(decoder, vae, run, node)
+            if mask is not None:
+                decode = focused(decode, mask)
             c = clip_on(clip, run)
-            return style_loss(weight, decode, c.encode_image, grad_constant(e_style, run.device),
-                              n_cuts=cutouts, cut_size=c.image_size, seed=seed)
+            judged = style_loss(weight, decode, c.encode_image, grad_constant(e_style, run.device),
+                                n_cuts=cutouts, cut_size=c.image_size, seed=seed)
+            return judged if region is None else restrict(judged, region)
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))

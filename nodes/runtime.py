@@ -238,8 +238,9 @@ class AGGRun:
         return compensation_target(self.sampler_name, sigma, sn, self.family, self.eta)
 
     def patch_sampler_zone_options(self) -> dict:
-        keys = ("eta_edit", "eta", "eta_boost", "edit_end", "boost_start")
-        return {k: self.sampler_options[k] for k in keys if k in self.sampler_options}
+        from ..agg_kernels.sampler import resolve_zones
+
+        return resolve_zones(self.sampler_options, self.sigmas, self.window[1])
 
     def denoiser(self, executor, timestep, model_options, seed, dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The denoiser whose Jacobian carries the pull: the conditional prediction alone.

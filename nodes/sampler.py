@@ -6,13 +6,17 @@ import comfy.samplers
 from comfy_api.v0_0_2 import io
 
 from ..agg_kernels import schedule
-from ..agg_kernels.sampler import sample_agg
-from .runtime import AGGError, require_family
+from ..agg_kernels.sampler import resolve_zones, sample_agg
+from .runtime import RUNS_KEY, AGGError, require_family
 
 
-def sample_agg_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+def sample_agg_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, follow_guidance=False,
+                     s_noise=1.0, **options):
     family = require_family(model.inner_model.inner_model.model_sampling, "AGG Sampler")
-    return sample_agg(model, x, sigmas, extra_args, callback, disable, family=family, **options)
+    runs = (extra_args or {}).get("model_options", {}).get("transformer_options", {}).get(RUNS_KEY, {})
+    lows = [run.window[1] for run in runs.values()]
+    zones = resolve_zones({**options, "follow_guidance": follow_guidance}, sigmas, min(lows) if lows else None)
+    return sample_agg(model, x, sigmas, extra_args, callback, disable, family=family, s_noise=s_noise, **zones)
 
 
 sample_agg_comfy.agg_sampler_name = "agg"  # read by the guidance hook to realise the step exactly
@@ -24,7 +28,7 @@ class AGGSampler(io.ComfyNode):
         return io.Schema(
             node_id="AGGSampler",
             display_name="AGG Sampler",
-            category="AGG",
+            category="AGG/sampling",
             description="DDIM with a separate eta in three zones of the run: the guided edit zone, an unguided "
             "middle and a stochastic boost at the end (the paper's schedule). For SamplerCustom / SamplerCustomAdvanced.",
             inputs=[
@@ -35,21 +39,26 @@ class AGGSampler(io.ComfyNode):
                 io.Float.Input("eta_boost", default=schedule.DEFAULT_ETA_BOOST, min=0.0, max=1.0, step=0.01,
                                tooltip="Noise (eta) in the boost zone; 1 = ancestral, which restores detail."),
                 io.Float.Input("edit_end", default=schedule.DEFAULT_EDIT_END, min=0.0, max=1.0, step=0.0001,
-                               tooltip="End of the edit zone, as a fraction of the run's steps."),
+                               tooltip="End of the edit zone, as a fraction of the run's steps. Used only when "
+                               "'follow_guidance' is off."),
                 io.Float.Input("boost_start", default=schedule.DEFAULT_BOOST_START, min=0.0, max=1.0, step=0.01,
                                tooltip="Start of the boost zone, as a fraction of the run's steps."),
                 io.Float.Input("s_noise", default=1.0, min=0.0, max=100.0, step=0.01, optional=True,
                                tooltip="Scale of the added noise."),
+                io.Boolean.Input("follow_guidance", default=True, optional=True,
+                                 tooltip="On: the edit zone is exactly the steps the guidance acts on (the start / end "
+                                 "percent of Apply AGG or AGG Guider), so the window is set in one place. Off: the "
+                                 "edit zone ends at 'edit_end'. Without AGG guidance 'edit_end' is used."),
             ],
             outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustom or SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def execute(cls, eta_edit, eta, eta_boost, edit_end, boost_start, s_noise=1.0) -> io.NodeOutput:
+    def execute(cls, eta_edit, eta, eta_boost, edit_end, boost_start, s_noise=1.0, follow_guidance=True) -> io.NodeOutput:
         try:
             schedule.check_zones(edit_end, boost_start)
         except ValueError as e:
             raise AGGError(f"AGG Sampler: inputs 'edit_end' / 'boost_start': {e}") from e
         options = {"eta_edit": eta_edit, "eta": eta, "eta_boost": eta_boost, "edit_end": edit_end,
-                   "boost_start": boost_start, "s_noise": s_noise}
+                   "boost_start": boost_start, "s_noise": s_noise, "follow_guidance": bool(follow_guidance)}
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_agg_comfy, extra_options=options))

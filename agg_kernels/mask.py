@@ -1,0 +1,117 @@
+"""Local edits: a mask (1 = the region to change) restricts what a loss judges and where it pulls.
+
+  region      = the mask resized to the latent (or pixel) grid, values in [0, 1]
+  restrict    = the loss evaluated at  r * x0 + (1 - r) * stop_grad(x0):  same values, gradient r * grad,
+                its weights scaled by sqrt(mean r), so a weight still means an RMS pull of that size per
+                element of the region (a term's pull is normalised over the whole latent, see strength)
+  focused     = a decoder whose pixels outside the mask are mid-grey and cropped to the mask's box, so an
+                image loss (CLIP) sees only the region it is asked to change
+
+Target and style losses take the region to edit; Structure Loss takes its complement (it holds the rest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .objective import Loss, LossContext, Terms, anchors_of, weights_of
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+# Pixels at or below this mask value count as outside the region when cropping to it.
+INSIDE = 1e-3
+
+
+def as_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A mask [H, W], [B, H, W] or [B, 1, H, W] as float [B, 1, H, W], clamped to [0, 1]."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"a mask must be [H, W], [B, H, W] or [B, 1, H, W]; got shape {tuple(mask.shape)}")
+    return mask.detach().float().clamp(0, 1)
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The mask as [B, 1, h, w] on a (h, w) grid: area averaging when shrinking (a latent cell is the share
+    of its pixels inside), bilinear when growing."""
+    m = as_mask(mask)
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    shrinking = m.shape[-2] >= size[0] and m.shape[-1] >= size[1]
+    if shrinking:
+        return F.adaptive_avg_pool2d(m, size)
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def check_mask(mask: torch.Tensor, batch: int) -> None:
+    """Raise a ValueError when the mask is empty or its batch does not fit the run's."""
+    m = as_mask(mask)
+    if m.shape[0] not in (1, batch):
+        raise ValueError(f"mask batch {m.shape[0]} does not match the run's batch {batch} (expected {batch} or 1)")
+    if not bool((m > INSIDE).any()):
+        raise ValueError("the mask is empty (all black): nothing would be edited; paint the region to change in white")
+
+
+def region_scale(region: torch.Tensor) -> float:
+    """sqrt(mean r): the weight factor that keeps a restricted term's per-element pull at its weight."""
+    return float(region.float().mean().clamp_min(1e-12).sqrt())
+
+
+class Restricted:
+    """`loss` judged with gradient only where `region` > 0 (see the module docstring). Its anchors pass through."""
+
+    def __init__(self, loss: Loss, region: torch.Tensor):
+        self.loss, self.region = loss, as_mask(region)
+        self.scale = region_scale(self.region)
+
+    def _at(self, x0: torch.Tensor) -> torch.Tensor:
+        r = self.region.to(device=x0.device, dtype=x0.dtype)
+        return r * x0 + (1 - r) * x0.detach()
+
+    def __call__(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
+        return self.loss(self._at(x0), ctx)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {k: v * self.scale for k, v in weights_of(self.loss).items()}
+
+    def anchors(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
+        return anchors_of(self.loss, x0, ctx)
+
+
+def restrict(loss: Loss, region: torch.Tensor) -> Restricted:
+    """The loss acting only on `region` ([B or 1, 1, h, w] on the latent grid, 1 = acts)."""
+    return Restricted(loss, region)
+
+
+def box(mask: torch.Tensor) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the smallest box holding every pixel inside the mask, over the batch."""
+    m = as_mask(mask).amax(dim=(0, 1)) > INSIDE
+    rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+    if rows.numel() == 0:
+        return 0, m.shape[0], 0, m.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def focus(pixels: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Pixels [B, 3, H, W] with everything outside the mask set to `fill` (0 = mid-grey in [-1, 1]), cropped
+    to the mask's box. The mask is resized to the pixels' size."""
+    m = resize_mask(mask, tuple(pixels.shape[-2:])).to(device=pixels.device, dtype=pixels.dtype)
+    top, bottom, left, right = box(m)
+    out = pixels * m + fill * (1 - m)
+    return out[..., top:bottom, left:right]
+
+
+def focused(decode: Decoder, mask: torch.Tensor) -> Decoder:
+    """`decode` followed by `focus` on the mask: an image loss through it sees only the masked region."""
+    m = as_mask(mask)
+
+    def decode_region(x0: torch.Tensor) -> torch.Tensor:
+        return focus(decode(x0), m)
+
+    return decode_region

@@ -1,0 +1,118 @@
+"""agg_kernels.mask: regions on the latent grid, restricted losses, focused decoders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agg_kernels.dds import term_gradients, term_pulls
+from agg_kernels.losses import structure_loss
+from agg_kernels.mask import as_mask, box, check_mask, focus, focused, region_scale, resize_mask, restrict
+from agg_kernels.objective import LossContext, WeightedLoss, weights_of
+from agg_kernels.strength import rms
+
+
+def pulls(loss, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+    _, grads = term_gradients(loss, x0, ctx())
+    return term_pulls(loss, x0, ctx(), grads)
+
+
+def ctx(b: int = 1) -> LossContext:
+    return LossContext(sigma=torch.full((b,), 2.0), x=torch.zeros(b, 4, 8, 8), family="eps")
+
+
+def half_mask(h: int = 64, w: int = 64) -> torch.Tensor:
+    m = torch.zeros(1, h, w)
+    m[..., : w // 2] = 1.0  # left half
+    return m
+
+
+def test_as_mask_accepts_comfy_shapes_and_clamps():
+    assert as_mask(torch.ones(5, 6)).shape == (1, 1, 5, 6)
+    assert as_mask(torch.ones(2, 5, 6)).shape == (2, 1, 5, 6)
+    assert float(as_mask(torch.full((3, 3), 2.0)).max()) == 1.0
+    with pytest.raises(ValueError, match="mask must be"):
+        as_mask(torch.ones(1, 3, 4, 4))
+
+
+def test_resize_mask_area_averages_onto_the_latent_grid():
+    m = resize_mask(half_mask(64, 64), (8, 8))
+    assert m.shape == (1, 1, 8, 8)
+    assert torch.equal(m[..., :4], torch.ones(1, 1, 8, 4)) and torch.equal(m[..., 4:], torch.zeros(1, 1, 8, 4))
+    edge = torch.zeros(1, 16, 16)
+    edge[..., :12] = 1  # the boundary falls inside a latent cell: that cell gets the share inside
+    assert resize_mask(edge, (2, 2))[0, 0, 0].tolist() == [1.0, 0.5]
+
+
+def test_check_mask_refuses_an_empty_mask_and_a_wrong_batch():
+    with pytest.raises(ValueError, match="empty"):
+        check_mask(torch.zeros(1, 8, 8), 1)
+    with pytest.raises(ValueError, match="batch 3"):
+        check_mask(torch.ones(3, 8, 8), 2)
+    check_mask(torch.ones(1, 8, 8), 4)
+
+
+def test_restricted_gradient_is_zero_outside_and_unchanged_inside():
+    target = torch.randn(1, 4, 8, 8)
+    loss = WeightedLoss(lambda x0, c: {"t": (x0 - target).square().flatten(1).mean(1)}, {"t": 0.1})
+    region = resize_mask(half_mask(), (8, 8))
+    x0 = torch.randn(1, 4, 8, 8, requires_grad=True)
+    (g_full,) = torch.autograd.grad(loss(x0, ctx())["t"].sum(), x0)
+    r = restrict(loss, region)
+    terms = r(x0, ctx())
+    assert torch.allclose(terms["t"], loss(x0, ctx())["t"])  # the value is the loss's own
+    (g,) = torch.autograd.grad(terms["t"].sum(), x0)
+    assert torch.equal(g[..., 4:], torch.zeros_like(g[..., 4:]))
+    assert torch.allclose(g[..., :4], g_full[..., :4])
+
+
+def test_restricted_pull_keeps_the_weight_per_element_of_the_region():
+    # A region of a quarter of the latent: each element inside moves by the weight (RMS), as it would
+    # without a mask; outside nothing moves.
+    target = torch.randn(1, 4, 8, 8)
+    loss = WeightedLoss(lambda x0, c: {"t": (x0 - target).square().flatten(1).mean(1)}, {"t": 0.2})
+    region = torch.zeros(1, 1, 8, 8)
+    region[..., :4, :4] = 1
+    r = restrict(loss, region)
+    assert weights_of(r)["t"] == pytest.approx(0.2 * region_scale(region)) == pytest.approx(0.1)
+    x0 = torch.randn(1, 4, 8, 8)
+    pull = pulls(r, x0)["t"]
+    inside, outside = pull[..., :4, :4], pull[..., 4:, :]
+    assert float(rms(inside.reshape(1, -1))) == pytest.approx(0.2, rel=1e-4)
+    assert float(outside.abs().max()) == 0.0
+    assert float(rms(pulls(loss, x0)["t"])) == pytest.approx(0.2, rel=1e-4)
+
+
+def test_restricted_structure_holds_only_outside_the_mask():
+    ref = torch.zeros(1, 4, 8, 8)
+    keep = 1 - resize_mask(half_mask(), (8, 8))  # structure holds the right half
+    s = restrict(structure_loss(0.1, ref), keep)
+    x0 = torch.full((1, 4, 8, 8), 1.0)
+    pull = pulls(s, x0)["structure"]
+    assert float(pull[..., :4].abs().max()) == 0.0
+    assert bool((pull[..., 4:] > 0).all())  # toward the reference (x0 moves by -pull)
+    assert float(pull[..., 4:].max()) <= 1.0  # anchored: never past the reference
+
+
+def test_focus_greys_outside_and_crops_to_the_box():
+    pixels = torch.ones(1, 3, 64, 64)
+    m = torch.zeros(1, 64, 64)
+    m[:, 16:32, 8:40] = 1
+    assert box(m) == (16, 32, 8, 40)
+    out = focus(pixels, m)
+    assert out.shape == (1, 3, 16, 32) and torch.equal(out, torch.ones_like(out))
+    soft = m.clone()
+    soft[:, 16:32, 8:12] = 0.5
+    assert torch.allclose(focus(pixels, soft)[..., :4], torch.full((1, 3, 16, 4), 0.5))
+
+
+def test_focused_decoder_passes_gradient_only_through_the_region():
+    def decode(x0: torch.Tensor) -> torch.Tensor:  # 8x upsampling of 3 channels, like a VAE's shape
+        return torch.nn.functional.interpolate(x0[:, :3], scale_factor=8, mode="nearest")
+
+    dec = focused(decode, half_mask())
+    x0 = torch.randn(1, 4, 8, 8, requires_grad=True)
+    pixels = dec(x0)
+    assert pixels.shape == (1, 3, 64, 32)
+    (g,) = torch.autograd.grad(pixels.sum(), x0)
+    assert float(g[..., 4:].abs().max()) == 0.0 and float(g[:, :3, :, :4].abs().min()) > 0
