@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -337,3 +338,67 @@ def test_guidance_chart_one_point_per_guided_step(page, names, comfy_server, tmp
     assert len(second["points"]) == len(second["events"]) == guided_log_lines(comfy_server, "Apply AGG") - log1
     assert 0 < len(second["points"]) < len(first["points"])
     assert second["widget"] == 1
+
+
+def shipped_names() -> list[str]:
+    text = (WEB / "js" / "agg_assets.js").read_text()
+    return json.loads(re.search(r"export const SHIPPED = (\[.*?\]);", text).group(1))
+
+
+def load_image_ui(*names: str) -> dict:
+    nodes = [{"id": i, "type": "LoadImage", "pos": [100 + 340 * (i - 1), 100], "size": [320, 330], "flags": {},
+              "order": i - 1, "mode": 0, "properties": {"Node name for S&R": "LoadImage"},
+              "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": None}, {"name": "MASK", "type": "MASK", "links": None}],
+              "widgets_values": [name, "image"]} for i, name in enumerate(names, 1)]
+    return {"last_node_id": len(nodes), "last_link_id": 0, "nodes": nodes, "links": [], "groups": [], "config": {},
+            "extra": {}, "version": 0.4}
+
+
+JS_IMAGE_WIDGETS = """
+return app.graph._nodes.map(n => n.widgets.find(w => w.name === 'image'))
+  .map(w => ({value: w.value, listed: w.options.values.includes(w.value)}));
+"""
+
+
+def test_shipped_example_images_are_uploaded_and_never_overwrite(page, comfy_server):
+    """A workflow naming shipped example images that ComfyUI's input folder lacks gets them through
+    /upload/image; a user's own file of such a name is left as it is (no upload, no renamed copy); an
+    image the pack does not ship is never supplied."""
+    names = shipped_names()
+    assert names, "agg_assets.js ships no example image"
+    assets = {n: (WEB / "assets" / n).read_bytes() for n in names}
+    for n in names:
+        if (comfy_server.input_dir / n).exists():  # an earlier test loaded a workflow that names it
+            (comfy_server.input_dir / n).unlink()
+
+    load(page, load_image_ui(*names), "agg_shipped")
+    page.wait_for("return app.graph._nodes.every(n => n.widgets[0].options.values.includes(n.widgets[0].value));",
+                  timeout=30, what="the shipped images listed")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+            (comfy_server.input_dir / n).exists() and (comfy_server.input_dir / n).read_bytes() == b
+            for n, b in assets.items()):
+        time.sleep(0.2)
+    for n, b in assets.items():
+        assert (comfy_server.input_dir / n).read_bytes() == b, n
+    assert page.execute(JS_IMAGE_WIDGETS) == [{"value": n, "listed": True} for n in names]
+    assert not page.execute(JS_VISIBLE_PROBLEMS)
+
+    # The user's own file of that name: kept, and not shadowed by a renamed copy.
+    name = names[0]
+    target = comfy_server.input_dir / name
+    own = (comfy_server.input_dir / "example.png").read_bytes()
+    assert own != assets[name]
+    target.write_bytes(own)
+    load(page, load_image_ui(name), "agg_shipped_again")
+    time.sleep(1.5)
+    assert target.read_bytes() == own
+    assert page.execute(JS_IMAGE_WIDGETS) == [{"value": name, "listed": True}]
+
+    # A name the pack does not ship: nothing is uploaded.
+    before = sorted(p.name for p in comfy_server.input_dir.iterdir())
+    load(page, load_image_ui("agg_not_shipped.png"), "agg_not_shipped")
+    time.sleep(1.5)
+    after = sorted(p.name for p in comfy_server.input_dir.iterdir())
+    assert after == before and not [f for f in after if " (" in f]
+    target.write_bytes(assets[name])  # the shipped image again, for the tests that follow

@@ -11,7 +11,7 @@ import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
 // The files in web/assets/ that workflows may name (tests/browser checks this list against the folder).
-export const SHIPPED = ["agg_style.png"];
+export const SHIPPED = ["agg_edit_mask.png", "agg_style.png"];
 
 const ASSETS = new URL("../assets/", import.meta.url);
 const pending = new Map(); // file name -> Promise of the name the server stored it under (or null)
