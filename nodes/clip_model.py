@@ -116,7 +116,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 class VisionClip:
     """ComfyUI's CLIP_VISION (CLIPVisionLoader: the image encoders IPAdapter users keep in models/clip_vision)
     as the image encoder the style loss calls. ComfyUI's encode_image is not differentiable, so the network
-    is copied once, outside inference mode, on first use; its projected image embedding is the embedding."""
+    is copied once, outside inference mode, on first use; its projected image embedding (what IPAdapter
+    reads as image_embeds) is the embedding."""
 
     def __init__(self, clip_vision) -> None:
         self.source = clip_vision
@@ -157,7 +158,33 @@ class VisionClip:
                 return torch.tensor(v, device=x.device, dtype=x.dtype).reshape(1, 3, 1, 1)
 
             x = (x * stat(OPENAI_STD) + stat(OPENAI_MEAN) - stat(self.mean)) / stat(self.std)
-        return net(pixel_values=x)[2].float()
+        return vision_embedding(net, x).float()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None) -> torch.Tensor:
+    """Multi-head attention on [B, T, H*d] inputs (the signature ComfyUI's CLIP attention calls)."""
+    b, t, _ = q.shape
+    q, k, v = (a.reshape(b, t, heads, -1).transpose(1, 2) for a in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def vision_embedding(net: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projected image embedding of ComfyUI's CLIPVisionModelProjection (CLIP ViTs), computed with
+    out-of-place residuals: ComfyUI's own forward adds in place, which autograd cannot differentiate."""
+    vm = net.vision_model
+    x = vm.pre_layrnorm(vm.embeddings(pixel_values))
+    for layer in vm.encoder.layers:
+        x = x + layer.self_attn(layer.layer_norm1(x), None, attention)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return net.visual_projection(vm.post_layernorm(x[:, 0, :]))
+
+
+def is_clip_vit(clip_vision) -> bool:
+    """ComfyUI's CLIP_VISION holds a CLIP ViT (clip_vision_model: the ViT-L / H / bigG encoders IPAdapter uses)."""
+    vm = getattr(getattr(clip_vision, "model", None), "vision_model", None)
+    emb = getattr(vm, "embeddings", None)
+    return emb is not None and getattr(emb, "class_embedding", None) is not None and hasattr(vm, "encoder")
 
 
 def image_encoder(clip, node: str) -> AGGClip | VisionClip:
@@ -165,6 +192,9 @@ def image_encoder(clip, node: str) -> AGGClip | VisionClip:
     if isinstance(clip, (AGGClip, VisionClip)):
         return clip
     if hasattr(clip, "encode_image") and isinstance(getattr(clip, "model", None), torch.nn.Module):
+        if not is_clip_vit(clip):
+            raise AGGError(f"{node}: input 'clip': this CLIP vision model is not a CLIP ViT (SigLIP and DINOv2 "
+                           "encoders are not supported); load a CLIP ViT such as CLIP-ViT-H-14-laion2B-s32B-b79K.")
         return VisionClip(clip)
     raise AGGError(f"{node}: input 'clip' must come from AGG CLIP Loader or Load CLIP Vision; got {type(clip).__name__}.")
 

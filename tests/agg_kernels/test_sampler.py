@@ -242,3 +242,15 @@ def test_sampler_module_does_not_import_comfyui():
         mods = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         mods += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
         assert not [m for m in mods if m.split(".")[0] in {"comfy", "comfy_api", "nodes", "folder_paths", "comfy_extras"}]
+
+
+def test_resolve_zones_follows_the_guidance_window_only_when_asked():
+    from agg_kernels.sampler import resolve_zones
+
+    sigmas = torch.tensor([10.0, 6.0, 3.0, 1.0, 0.5, 0.0])
+    options = {"eta_edit": 0.0, "eta": 0.0, "eta_boost": 1.0, "edit_end": 0.2, "boost_start": 0.8, "s_noise": 1.0}
+    assert resolve_zones(options, sigmas, 3.0) == {k: v for k, v in options.items() if k != "s_noise"}
+    followed = resolve_zones({**options, "follow_guidance": True}, sigmas, 3.0)
+    assert followed["edit_end"] == pytest.approx(0.6)
+    assert resolve_zones({**options, "follow_guidance": True}, sigmas, None)["edit_end"] == 0.2  # no AGG run
+    assert resolve_zones({**options, "follow_guidance": True}, sigmas, 0.1)["edit_end"] == 0.8  # never past the boost

@@ -94,3 +94,15 @@ def test_paper_defaults():
     assert 0.3 < sc.DEFAULT_EDIT_END < 1 / 3 + 1e-9 and sc.DEFAULT_BOOST_START == pytest.approx(2 / 3)
     assert sc.REFERENCE_START_PERCENT == pytest.approx(0.4)
     assert sc.REFERENCE_END_PERCENT == pytest.approx(0.4 + 0.6 * 19 / 60)
+
+
+def test_window_edit_end_covers_exactly_the_guided_steps():
+    from agg_kernels.schedule import in_window, window_edit_end
+
+    sigmas = [10.0, 6.0, 3.0, 1.0, 0.5, 0.0]
+    assert window_edit_end(sigmas, 3.0) == 3 / 5  # steps from 10, 6 and 3 are guided
+    assert window_edit_end(sigmas, 2.0) == 3 / 5
+    assert window_edit_end(sigmas, 0.5 * (1 + 5e-5)) == 1.0  # float32 schedules: the bound's tolerance
+    assert window_edit_end(sigmas, 100.0) == 0.0
+    guided = [i for i in range(5) if in_window(sigmas[i], (10.0, 3.0))]
+    assert len(guided) == window_edit_end(sigmas, 3.0) * 5

@@ -68,3 +68,26 @@ def test_the_decoders_give_different_pictures(model):
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
             assert (out[a] - out[b]).abs().mean() > 1e-3, (a, b)
+
+
+def test_taesd_falls_back_to_the_vae_with_a_warning_when_its_file_is_missing(model, caplog):
+    """The loss nodes default to 'taesd'; a user without the TAESD files still gets a working (slower) run."""
+    import copy
+    import logging
+
+    base, vae, _ = model
+    decoders = pack_module("nodes.decoders")
+    fmt = copy.copy(base.latent_format)
+    fmt.taesd_decoder_name = "agg_absent_taesd_decoder"
+
+    class WithoutTAESD:
+        latent_format = fmt
+        process_latent_out = staticmethod(base.process_latent_out)
+
+    x0 = latent(2)
+    with caplog.at_level(logging.WARNING, logger="AGG"):
+        fallback = decoders.make_decoder("taesd", vae, run_info(WithoutTAESD()), "Image Style Loss")(x0)
+    exact = decoders.make_decoder("vae", vae, run_info(base), "Image Style Loss")(x0)
+    assert torch.equal(fallback, exact)
+    text = " ".join(r.getMessage() for r in caplog.records if r.name == "AGG")
+    assert "Image Style Loss" in text and "agg_absent_taesd_decoder" in text and "VAE" in text
