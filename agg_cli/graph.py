@@ -78,6 +78,30 @@ def is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
 
 
+def string_node(api: dict, value: Any) -> str | None:
+    """The String primitive a linked text input comes from (the example workflows feed one shared text to
+    both a prompt and a loss), else None."""
+    if is_link(value) and api.get(str(value[0]), {}).get("class_type") in ("PrimitiveStringMultiline",
+                                                                          "PrimitiveString"):
+        return str(value[0])
+    return None
+
+
+def text_value(api: dict, value: Any) -> Any:
+    """A text input's string: the literal, or the value of the String primitive it is linked to."""
+    nid = string_node(api, value)
+    return api[nid]["inputs"].get("value") if nid is not None else value
+
+
+def set_text(api: dict, node: dict, key: str, value: str) -> None:
+    """Set a text input, or the String primitive it is linked to; other links are left alone."""
+    nid = string_node(api, node["inputs"].get(key))
+    if nid is not None:
+        api[nid]["inputs"]["value"] = value
+    elif not is_link(node["inputs"].get(key)):
+        node["inputs"][key] = value
+
+
 def nodes_of(api: dict, *class_types: str) -> list[str]:
     return [nid for nid, n in api.items() if n["class_type"] in class_types]
 
@@ -151,12 +175,12 @@ def uses_text(api: dict, role: str) -> bool:
 
 def workflow_text(api: dict, role: str) -> str | None:
     for nid, r in text_roles(api).items():
-        if r == role and isinstance(api[nid]["inputs"].get("text"), str):
-            return api[nid]["inputs"]["text"]
+        if r == role and isinstance(text_value(api, api[nid]["inputs"].get("text")), str):
+            return text_value(api, api[nid]["inputs"]["text"])
     key = {"source": "source_text", "target": "target_text"}.get(role)
     for nid in nodes_of(api, "AGGCLIPDirectionLoss"):
-        if isinstance(api[nid]["inputs"].get(key), str):
-            return api[nid]["inputs"][key]
+        if isinstance(text_value(api, api[nid]["inputs"].get(key)), str):
+            return text_value(api, api[nid]["inputs"][key])
     return None
 
 
@@ -249,12 +273,12 @@ def customise(api: dict, s: Settings, image: str, size: tuple[int, int] | None, 
                 p[nid]["inputs"][inp] = getattr(s, key)
     for nid, role in text_roles(p).items():
         value = getattr(s, role)
-        if value is not None and not is_link(p[nid]["inputs"].get("text")):
-            p[nid]["inputs"]["text"] = value
+        if value is not None:
+            set_text(p, p[nid], "text", value)
     for nid in nodes_of(p, "AGGCLIPDirectionLoss"):
         for role, inp in (("source", "source_text"), ("target", "target_text")):
-            if getattr(s, role) is not None and not is_link(p[nid]["inputs"].get(inp)):
-                p[nid]["inputs"][inp] = getattr(s, role)
+            if getattr(s, role) is not None:
+                set_text(p, p[nid], inp, getattr(s, role))
     sources = source_image_nodes(p)
     for nid in sources:
         p[nid]["inputs"]["image"] = image

@@ -1,26 +1,38 @@
-"""Regenerate workflows/*.json (UI format), workflows/api/*.json (API twins) and workflows/*.jpg.
+"""Regenerate the example workflows: workflows/*.json (UI format), workflows/api/*.json (API twins),
+workflows/*.jpg (designed thumbnails) and the images the workflows load, web/assets/agg_style.png and
+web/assets/agg_edit_mask.png (generated here, deterministic, licence-clean).
 
-The graphs are written below as API prompts. A real ComfyUI server with the pack is started on the
-random-weight test models, the frontend is opened in headless Chromium, each prompt is loaded with
-``app.loadApiJson``, a Note naming the model files is added, and the page's own serialisation gives
-the UI file (``app.graph.serialize()``) and the API twin (``app.graphToPrompt().output``) with the real
-model file names put back. The thumbnail is a screenshot of the loaded graph.
+The graphs are written below as API prompts. A real ComfyUI server with the pack is started with a models
+folder holding (empty) files under the real model names, the frontend is opened in headless Chromium, each
+prompt is loaded with ``app.loadApiJson``, the loaders get ``properties.models`` (name, URL, folder: what the
+frontend's missing-models dialog offers to download), a Markdown note with the download links is added, and
+the page's own serialisation gives the UI file (``app.graph.serialize()``) and the API twin
+(``app.graphToPrompt().output``). Inputs a prompt below leaves out keep the node's default as the frontend
+fills it in. The thumbnails are drawn with PIL: the source picture, an arrow, the target text or style
+image, and the title (never a model's output).
 
-Usage: ~/.cache/agg-comfyui/venv/bin/python scripts/build_workflows.py   (needs scripts/setup_browser.sh)
+Usage: ~/.cache/agg-comfyui/venv/bin/python scripts/build_workflows.py [--images-only]
+(the graphs need scripts/setup_browser.sh; --images-only writes the assets and thumbnails only)
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
-import io
 import json
+import math
 import os
 import sys
 import tempfile
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PACK = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK))
+sys.path.append(str(PACK / "tests"))
+from agg_testing import workflow_models as M  # noqa: E402
+
 from agg_kernels.guidance import DEFAULT_DDS_LR as DDS_LR  # noqa: E402
 from agg_kernels.guidance import DEFAULT_DDS_STEPS as DDS_STEPS  # noqa: E402
 from agg_kernels.schedule import REFERENCE_END_PERCENT  # noqa: E402
@@ -30,180 +42,564 @@ from agg_kernels.strength import DEFAULT_STYLE_WEIGHT as STYLE_WEIGHT  # noqa: E
 
 END_PERCENT = round(REFERENCE_END_PERCENT, 4)  # the nodes' default (nodes.runtime.AGGSettings)
 COMFYUI = Path(os.environ.get("AGG_COMFYUI", Path.home() / ".cache" / "agg-comfyui" / "ComfyUI"))
-
-SD15 = "v1-5-pruned-emaonly.safetensors"
-SDXL = "sd_xl_base_1.0.safetensors"
-OPEN_CLIP = "open_clip_model.safetensors"
-CANNY = "control_v11p_sd15_canny.safetensors"
+WORKFLOWS = PACK / "workflows"
+ASSETS = PACK / "web" / "assets"
+STYLE_IMAGE = "agg_style.png"
+EDIT_MASK = "agg_edit_mask.png"
+DECODER = "taesd"
 
 SOURCE = "a child's drawing of a girl in a pink dress on a green hill"
 TARGET = "a watercolor painting of a girl in a pink dress on a green hill"
+EDIT_TARGET = "a child's drawing of a girl in a blue dress on a green hill"
 NEGATIVE = "blurry, low quality, watermark"
 
-NOTE_COMMON = (
-    "Model files this workflow needs:\n"
-    "- {ckpt} in ComfyUI/models/checkpoints\n"
-    f"- {OPEN_CLIP} in ComfyUI/models/open_clip (the open_clip weights of "
-    "laion/CLIP-ViT-B-32-laion2B-s34B-b79K, as one safetensors file)\n"
-)
+
+# ---------------------------------------------------------------------------------------------------
+# Model files: name, download address, ComfyUI models folder
 
 
-def _node(class_type: str, title: str | None = None, **inputs) -> dict:
-    d = {"class_type": class_type, "inputs": inputs}
-    if title:
-        d["_meta"] = {"title": title}
-    return d
+@dataclass(frozen=True)
+class Model:
+    name: str
+    url: str
+    directory: str
+    what: str
+
+    def entry(self) -> dict:
+        return {"name": self.name, "url": self.url, "directory": self.directory}
 
 
-def _base(ckpt: str, size: int) -> dict:
-    return {
-        "1": _node("CheckpointLoaderSimple", ckpt_name=ckpt),
-        "2": _node("LoadImage", "Source image", image="example.png"),
-        "3": _node("ImageScale", "Resize source", image=["2", 0], upscale_method="lanczos", width=size, height=size,
-                   crop="center"),
-        "4": _node("VAEEncode", pixels=["3", 0], vae=["1", 2]),
-        "10": _node("AGGCLIPLoader", clip_name=OPEN_CLIP, architecture="auto"),
-    }
+HF = "https://huggingface.co"
+SD15 = Model(M.SD15, f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/{M.SD15}", "checkpoints",
+             "Stable Diffusion 1.5")
+SDXL = Model(M.SDXL, f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/{M.SDXL}", "checkpoints",
+             "SDXL base 1.0")
+OPEN_CLIP = Model(M.OPEN_CLIP, f"{HF}/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/{M.OPEN_CLIP}", "open_clip",
+                  "open_clip ViT-B-32 (laion2B), the CLIP that judges the text and style losses")
+CANNY = Model(M.CANNY, f"{HF}/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/{M.CANNY}", "controlnet",
+              "ControlNet 1.1 canny for SD1.5 (fp16)")
+SD3 = Model(M.SD3, f"{HF}/stabilityai/stable-diffusion-3-medium/resolve/main/{M.SD3}", "checkpoints",
+            "Stable Diffusion 3 medium with its CLIP-L, CLIP-G and T5-XXL (fp8) text encoders in one file "
+            "(accept the licence on the model page first)")
+FLUX = Model(M.FLUX, f"{HF}/Comfy-Org/flux1-dev/resolve/main/{M.FLUX}", "diffusion_models", "FLUX.1 dev")
+FLUX_CLIP_L = Model(M.FLUX_CLIP_L, f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/{M.FLUX_CLIP_L}",
+                    "text_encoders", "CLIP-L text encoder")
+FLUX_T5 = Model(M.FLUX_T5, f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/{M.FLUX_T5}", "text_encoders",
+                "T5-XXL text encoder (fp8)")
+FLUX_VAE = Model(M.FLUX_VAE, f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/{M.FLUX_VAE}",
+                 "vae", "the Flux VAE")
+CLIP_VISION = Model(M.CLIP_VISION, f"{HF}/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors",
+                    "clip_vision", "the CLIP-ViT-H image encoder IPAdapter uses (saved under this name)")
+
+TAESD_URL = "https://github.com/madebyollin/taesd/raw/main/{}"
+TAESD = {"sd15": "taesd_decoder.pth", "sdxl": "taesdxl_decoder.pth", "sd3": "taesd3_decoder.pth",
+         "flux": "taef1_decoder.pth"}
 
 
-def text_guided() -> dict:
-    g = _base(SD15, 512)
-    g.update({
-        "5": _node("CLIPTextEncode", "Source prompt", text=SOURCE, clip=["1", 1]),
-        "6": _node("CLIPTextEncode", "Target prompt", text=TARGET, clip=["1", 1]),
-        "7": _node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["1", 1]),
-        "8": _node("BasicScheduler", model=["1", 0], scheduler="normal", steps=50, denoise=0.6),
-        "9": _node("AGGInvert", model=["1", 0], latent=["4", 0], positive=["5", 0], sigmas=["8", 0]),
-        "11": _node("AGGStructureLoss", weight=STRUCTURE_WEIGHT, trajectory=["9", 1]),
-        "12": _node("AGGCLIPDirectionLoss", clip=["10", 0], vae=["1", 2], source_text=SOURCE, target_text=TARGET,
-                    weight=CLIP_WEIGHT, source_image=["3", 0], loss=["11", 0], decoder="vae", cutouts=8, range_weight=0.0,
-                    seed=0),
-        "13": _node("AGGGuider", model=["1", 0], positive=["6", 0], negative=["7", 0], cfg=7.5, loss=["12", 0],
-                    start_percent=0.0, end_percent=END_PERCENT, manifold="finite_difference", dds_steps=DDS_STEPS, dds_lr=DDS_LR,
-                    asymmetric=True),
-        "14": _node("DisableNoise"),
-        "15": _node("AGGSampler", eta_edit=0.0, eta=0.0, eta_boost=1.0, edit_end=0.32, boost_start=0.67, s_noise=1.0),
-        "16": _node("SamplerCustomAdvanced", noise=["14", 0], guider=["13", 0], sampler=["15", 0], sigmas=["8", 0],
-                    latent_image=["9", 0]),
-        "17": _node("VAEDecode", samples=["16", 0], vae=["1", 2]),
-        "18": _node("SaveImage", filename_prefix="agg/text_guided", images=["17", 0]),
-    })
-    return g
+# ---------------------------------------------------------------------------------------------------
+# API prompts
 
 
-def _ksampler_tail(g: dict, model: list, positive: list, negative: list, prefix: str, steps: int = 30,
-                   denoise: float = 0.6) -> None:
-    g["16"] = _node("KSampler", model=model, seed=42, steps=steps, cfg=7.5, sampler_name="euler", scheduler="normal",
-                    positive=positive, negative=negative, latent_image=["4", 0], denoise=denoise)
-    g["17"] = _node("VAEDecode", samples=["16", 0], vae=["1", 2])
-    g["18"] = _node("SaveImage", filename_prefix=prefix, images=["17", 0])
+class Api:
+    """An API prompt under construction: add() returns the node id; outputs are [id, slot]."""
+
+    def __init__(self) -> None:
+        self.prompt: dict[str, dict] = {}
+        self.models: dict[str, list[Model]] = {}
+
+    def add(self, class_type: str, title: str | None = None, *, models: list[Model] | None = None, **inputs) -> str:
+        nid = str(len(self.prompt) + 1)
+        node: dict = {"class_type": class_type, "inputs": inputs}
+        if title:
+            node["_meta"] = {"title": title}
+        self.prompt[nid] = node
+        if models:
+            self.models[nid] = list(models)
+        return nid
 
 
-def _apply(loss: list) -> dict:
-    return _node("AGGApply", model=["1", 0], loss=loss, start_percent=0.0, end_percent=END_PERCENT,
-                 manifold="finite_difference", dds_steps=DDS_STEPS, dds_lr=DDS_LR, asymmetric=True)
+@dataclass
+class Card:
+    """What a thumbnail shows: the source, an arrow, the target (text or an image), the title."""
+
+    title: str
+    subtitle: str
+    target_text: str | None = None
+    target_image: str | None = None  # a shipped asset's file name
+    mask: bool = False
 
 
-def img2img_ksampler(ckpt: str = SD15, size: int = 512, prefix: str = "agg/img2img") -> dict:
-    g = _base(ckpt, size)
-    g.update({
-        "6": _node("CLIPTextEncode", "Target prompt", text=TARGET, clip=["1", 1]),
-        "7": _node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["1", 1]),
-        "11": _node("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=["4", 0]),
-        "12": _node("AGGCLIPDirectionLoss", clip=["10", 0], vae=["1", 2], source_text=SOURCE, target_text=TARGET,
-                    weight=CLIP_WEIGHT, source_image=["3", 0], loss=["11", 0], decoder="vae", cutouts=8, range_weight=0.0,
-                    seed=0),
-        "13": _apply(["12", 0]),
-    })
-    _ksampler_tail(g, ["13", 0], ["6", 0], ["7", 0], prefix)
-    return g
+@dataclass
+class Workflow:
+    name: str
+    api: Api
+    note: str
+    card: Card
+    extra: dict = field(default_factory=dict)
 
 
-def image_style() -> dict:
-    g = _base(SD15, 512)
-    g.update({
-        "6": _node("CLIPTextEncode", "Prompt", text="a painting of a girl in a pink dress on a green hill",
-                   clip=["1", 1]),
-        "7": _node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["1", 1]),
-        "20": _node("LoadImage", "Style image", image="example.png"),
-        "11": _node("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=["4", 0]),
-        "12": _node("AGGImageStyleLoss", clip=["10", 0], vae=["1", 2], style_image=["20", 0], weight=STYLE_WEIGHT,
-                    loss=["11", 0], decoder="vae", cutouts=8, seed=0),
-        "13": _apply(["12", 0]),
-    })
-    _ksampler_tail(g, ["13", 0], ["6", 0], ["7", 0], "agg/image_style")
-    return g
+def text(api: Api, title: str, value: str) -> str:
+    """The core multiline String primitive: one text that feeds both a prompt and a loss."""
+    return api.add("PrimitiveStringMultiline", title, value=value)
 
 
-def controlnet() -> dict:
-    g = _base(SD15, 512)
-    g.update({
-        "6": _node("CLIPTextEncode", "Target prompt", text=TARGET, clip=["1", 1]),
-        "7": _node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["1", 1]),
-        "21": _node("Canny", image=["3", 0], low_threshold=0.4, high_threshold=0.8),
-        "22": _node("ControlNetLoader", control_net_name=CANNY),
-        "23": _node("ControlNetApplyAdvanced", positive=["6", 0], negative=["7", 0], control_net=["22", 0],
-                    image=["21", 0], strength=0.8, start_percent=0.0, end_percent=1.0, vae=["1", 2]),
-        "11": _node("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=["4", 0]),
-        "12": _node("AGGCLIPDirectionLoss", clip=["10", 0], vae=["1", 2], source_text=SOURCE, target_text=TARGET,
-                    weight=CLIP_WEIGHT, source_image=["3", 0], loss=["11", 0], decoder="vae", cutouts=8, range_weight=0.0,
-                    seed=0),
-        "13": _apply(["12", 0]),
-    })
-    _ksampler_tail(g, ["13", 0], ["23", 0], ["23", 1], "agg/controlnet", denoise=0.75)
-    return g
+def sd_loaders(api: Api, ckpt: Model) -> tuple[list, list, list]:
+    c = api.add("CheckpointLoaderSimple", models=[ckpt], ckpt_name=ckpt.name)
+    return [c, 0], [c, 1], [c, 2]
 
 
-WORKFLOWS = {
-    "agg_text_guided": (text_guided, NOTE_COMMON.format(ckpt=SD15)
-                        + "\nPaper-faithful AGG: DDIM inversion of the source (AGG Invert) to denoise 0.6, then the "
-                          "AGG Sampler with noise disabled. Structure Loss follows the inversion trajectory; CLIP "
-                          "Direction Loss moves the image from the source text toward the target text."),
-    "agg_img2img_ksampler": (img2img_ksampler, NOTE_COMMON.format(ckpt=SD15)
-                             + "\nDrop-in AGG: a normal img2img KSampler (denoise 0.6) with Apply AGG on the model. "
-                               "Structure Loss keeps the source latent's layout; CLIP Direction Loss edits toward "
-                               "the target text."),
-    "agg_image_style": (image_style, NOTE_COMMON.format(ckpt=SD15)
-                        + "\nImage-guided AGG: pick your style picture in the 'Style image' LoadImage node. Image "
-                          "Style Loss pulls the result's CLIP image embedding toward it."),
-    "agg_controlnet": (controlnet, NOTE_COMMON.format(ckpt=SD15)
-                       + f"- {CANNY} in ComfyUI/models/controlnet\n"
-                         "\nAGG with ControlNet: the core Canny node makes the edge map; AGG's extra model passes "
-                         "go through ControlNet as the sampler's do."),
-    "agg_sdxl_img2img": (lambda: img2img_ksampler(SDXL, 1024, "agg/sdxl_img2img"), NOTE_COMMON.format(ckpt=SDXL)
-                         + "\nSDXL version of the drop-in img2img workflow (1024 px)."),
-}
-
-# Real model file name -> the test-model name used while building (the server only lists those).
-def fixture_names(models) -> dict[str, str]:
-    return {SD15: models.checkpoint, SDXL: models.checkpoint, OPEN_CLIP: models.open_clip, CANNY: models.controlnet}
+def source_latent(api: Api, vae: list, size: int) -> tuple[list, list]:
+    load = api.add("LoadImage", "Source image", image="example.png")
+    scale = api.add("ImageScale", "Resize source", image=[load, 0], upscale_method="lanczos", width=size, height=size,
+                    crop="center")
+    enc = api.add("VAEEncode", pixels=[scale, 0], vae=vae)
+    return [scale, 0], [enc, 0]
 
 
-def substitute(obj, names: dict[str, str]):
-    """Deep copy of a JSON value with every string equal to a key of `names` replaced."""
-    if isinstance(obj, dict):
-        return {k: substitute(v, names) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [substitute(v, names) for v in obj]
-    if isinstance(obj, str):
-        return names.get(obj, obj)
-    return obj
+def open_clip(api: Api) -> list:
+    return [api.add("AGGCLIPLoader", models=[OPEN_CLIP], clip_name=OPEN_CLIP.name, architecture="auto"), 0]
 
 
-# JS: load an API prompt, fix seeds, add the Note, lay out; returns {ui, api}.
+def agg_settings() -> dict:
+    return dict(start_percent=0.0, end_percent=END_PERCENT, manifold="finite_difference", dds_steps=DDS_STEPS,
+                dds_lr=DDS_LR, asymmetric=True)
+
+
+def clip_direction(api: Api, clip: list, vae: list, source: list, target: list, image: list, upstream: list,
+                   **extra) -> list:
+    return [api.add("AGGCLIPDirectionLoss", clip=clip, vae=vae, source_text=source, target_text=target,
+                    weight=CLIP_WEIGHT, source_image=image, loss=upstream, decoder=DECODER, **extra), 0]
+
+
+def ksampler_tail(api: Api, model: list, positive: list, negative: list, latent: list, vae: list, prefix: str, *,
+                  steps: int = 30, cfg: float = 7.5, sampler: str = "euler", scheduler: str = "normal",
+                  denoise: float = 0.6) -> None:
+    ks = api.add("KSampler", model=model, seed=42, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler,
+                 positive=positive, negative=negative, latent_image=latent, denoise=denoise)
+    dec = api.add("VAEDecode", samples=[ks, 0], vae=vae)
+    api.add("SaveImage", filename_prefix=prefix, images=[dec, 0])
+
+
+# -- the notes ----------------------------------------------------------------------------------------
+
+
+def model_lines(models: list[Model], taesd: str | None) -> str:
+    lines = ["**Models** (download each into the folder shown):", ""]
+    for m in models:
+        lines.append(f"- [{m.name}]({m.url}) → `ComfyUI/models/{m.directory}/`: {m.what}")
+    if taesd:
+        lines += ["", f"**Fast decoder** (recommended): [{taesd}]({TAESD_URL.format(taesd)}) → "
+                      "`ComfyUI/models/vae_approx/`. The loss nodes' `decoder` is `taesd`; without this file "
+                      "they use the full VAE (slower) and say so in the log."]
+    return "\n".join(lines)
+
+
+def note(title: str, what: str, models: list[Model], taesd: str | None, use: str) -> str:
+    return f"## {title}\n\n{what}\n\n{model_lines(models, taesd)}\n\n**Use:** {use}\n"
+
+
+SHARED_TEXT_USE = ("type what your picture shows in **Source text** and what it should become in **Target "
+                   "text**: each feeds both the prompt and the CLIP Direction Loss. ")
+STRENGTH_USE = ("Stronger edit: raise the CLIP weight (0.02 – 0.5) or lower the Structure weight; "
+                "keep more of the photo: raise the Structure weight.")
+
+
+# -- the workflows ------------------------------------------------------------------------------------
+
+
+def text_guided() -> Workflow:
+    api = Api()
+    model, clip, vae = sd_loaders(api, SD15)
+    src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
+    image, latent = source_latent(api, vae, 512)
+    pos_src = api.add("CLIPTextEncode", "Source prompt", text=[src, 0], clip=clip)
+    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
+    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    sigmas = api.add("BasicScheduler", model=model, scheduler="normal", steps=50, denoise=0.6)
+    inv = api.add("AGGInvert", model=model, latent=latent, positive=[pos_src, 0], sigmas=[sigmas, 0])
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, trajectory=[inv, 1])
+    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0])
+    guider = api.add("AGGGuider", model=model, positive=[pos, 0], negative=[neg, 0], cfg=7.5, loss=loss,
+                     **agg_settings())
+    noise = api.add("DisableNoise")
+    sampler = api.add("AGGSampler", eta_edit=0.0, eta=0.0, eta_boost=1.0)
+    out = api.add("SamplerCustomAdvanced", noise=[noise, 0], guider=[guider, 0], sampler=[sampler, 0],
+                  sigmas=[sigmas, 0], latent_image=[inv, 0])
+    dec = api.add("VAEDecode", samples=[out, 0], vae=vae)
+    api.add("SaveImage", filename_prefix="agg/text_guided", images=[dec, 0])
+    return Workflow("agg_text_guided", api, note(
+        "AGG: text-guided translation (SD1.5, the paper's method)",
+        "DDIM inversion of the source (AGG Invert, denoise 0.6), then AGG Guider + AGG Sampler with noise disabled. "
+        "Structure Loss follows the inversion's trajectory; CLIP Direction Loss moves the picture from the source "
+        "text toward the target text. The AGG Sampler's edit zone follows the guider's window (start / end percent).",
+        [SD15, OPEN_CLIP], TAESD["sd15"], SHARED_TEXT_USE + STRENGTH_USE),
+        Card("Text-guided translation", "SD1.5 · AGG Invert + AGG Guider", target_text=TARGET))
+
+
+def img2img(name: str, ckpt: Model, size: int, prefix: str, family: str, title: str) -> Workflow:
+    api = Api()
+    model, clip, vae = sd_loaders(api, ckpt)
+    src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
+    image, latent = source_latent(api, vae, size)
+    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
+    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent)
+    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0])
+    agg = api.add("AGGApply", model=model, loss=loss, **agg_settings())
+    ksampler_tail(api, [agg, 0], [pos, 0], [neg, 0], latent, vae, prefix)
+    taesd = TAESD["sdxl" if ckpt is SDXL else "sd15"]
+    return Workflow(name, api, note(
+        title,
+        f"Drop-in AGG: an ordinary img2img KSampler (denoise 0.6, {size} px) with Apply AGG on the model. Structure "
+        "Loss keeps the source latent's layout; CLIP Direction Loss edits toward the target text. Any KSampler "
+        "setting works; euler, ddim, euler_ancestral and lcm realise AGG's step exactly.",
+        [ckpt, OPEN_CLIP], taesd, SHARED_TEXT_USE + STRENGTH_USE),
+        Card("img2img + Apply AGG", f"{family} · KSampler, {size} px", target_text=TARGET))
+
+
+def img2img_ksampler() -> Workflow:
+    return img2img("agg_img2img_ksampler", SD15, 512, "agg/img2img", "SD1.5", "AGG: drop-in img2img (SD1.5)")
+
+
+def sdxl_img2img() -> Workflow:
+    return img2img("agg_sdxl_img2img", SDXL, 1024, "agg/sdxl_img2img", "SDXL", "AGG: drop-in img2img (SDXL, 1024 px)")
+
+
+def image_style() -> Workflow:
+    api = Api()
+    model, clip, vae = sd_loaders(api, SD15)
+    image, latent = source_latent(api, vae, 512)
+    pos = api.add("CLIPTextEncode", "Prompt", text="a painting of a girl in a dress on a hill, bold brush strokes",
+                  clip=clip)
+    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    style = api.add("LoadImage", "Style image", image=STYLE_IMAGE)
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent)
+    vision = api.add("CLIPVisionLoader", models=[CLIP_VISION], clip_name=CLIP_VISION.name)
+    loss = api.add("AGGImageStyleLoss", clip=[vision, 0], vae=vae, style_image=[style, 0], weight=STYLE_WEIGHT,
+                   loss=[structure, 0], decoder=DECODER)
+    agg = api.add("AGGApply", model=model, loss=[loss, 0], **agg_settings())
+    ksampler_tail(api, [agg, 0], [pos, 0], [neg, 0], latent, vae, "agg/image_style")
+    return Workflow("agg_image_style", api, note(
+        "AGG: image-guided translation (SD1.5)",
+        "Image Style Loss pulls the result's CLIP image embedding toward the picture in **Style image**, judged by "
+        "the CLIP vision encoder IPAdapter users already have in models/clip_vision (any CLIP vision file works, "
+        "or AGG CLIP Loader's open_clip); Structure "
+        f"Loss keeps the source's layout. The style picture `{STYLE_IMAGE}` ships with the pack (web/assets/, made "
+        "by the pack's build script, free to use): the pack's frontend extension copies it into ComfyUI's input "
+        "folder when it is missing.",
+        [SD15, CLIP_VISION], TAESD["sd15"],
+        "pick your own style picture in **Style image** and your photo in **Source image**; describe the result "
+        "in **Prompt**. " + STRENGTH_USE.replace("CLIP weight", "Style weight")),
+        Card("Image-guided style", "SD1.5 · Image Style Loss", target_image=STYLE_IMAGE))
+
+
+def controlnet() -> Workflow:
+    api = Api()
+    model, clip, vae = sd_loaders(api, SD15)
+    src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
+    image, latent = source_latent(api, vae, 512)
+    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
+    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    edges = api.add("Canny", image=image, low_threshold=0.4, high_threshold=0.8)
+    cn = api.add("ControlNetLoader", models=[CANNY], control_net_name=CANNY.name)
+    cond = api.add("ControlNetApplyAdvanced", positive=[pos, 0], negative=[neg, 0], control_net=[cn, 0],
+                   image=[edges, 0], strength=0.8, start_percent=0.0, end_percent=1.0, vae=vae)
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent)
+    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0])
+    agg = api.add("AGGApply", model=model, loss=loss, **agg_settings())
+    ksampler_tail(api, [agg, 0], [cond, 0], [cond, 1], latent, vae, "agg/controlnet", denoise=0.75)
+    return Workflow("agg_controlnet", api, note(
+        "AGG with ControlNet (SD1.5, canny)",
+        "The core Canny node makes the edge map; ControlNet holds the outlines while AGG edits toward the target "
+        "text (denoise 0.75). AGG's extra model passes go through ControlNet as the sampler's do.",
+        [SD15, OPEN_CLIP, CANNY], TAESD["sd15"], SHARED_TEXT_USE + STRENGTH_USE),
+        Card("AGG + ControlNet", "SD1.5 · canny ControlNet + Apply AGG", target_text=TARGET))
+
+
+def sd3_text_guided() -> Workflow:
+    api = Api()
+    model, clip, vae = sd_loaders(api, SD3)
+    shifted = api.add("ModelSamplingSD3", model=model, shift=3.0)
+    src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
+    image, latent = source_latent(api, vae, 1024)
+    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
+    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent)
+    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0])
+    agg = api.add("AGGApply", model=[shifted, 0], loss=loss, **agg_settings())
+    ksampler_tail(api, [agg, 0], [pos, 0], [neg, 0], latent, vae, "agg/sd3_text_guided", steps=28, cfg=4.5,
+                  scheduler="sgm_uniform")
+    return Workflow("agg_sd3_text_guided", api, note(
+        "AGG: text-guided translation (SD3 medium)",
+        "SD3's img2img as ComfyUI's own SD3 examples set it up (ModelSamplingSD3 shift 3, cfg 4.5, 28 steps, "
+        "sgm_uniform, 1024 px, denoise 0.6) with Apply AGG on the model: Structure Loss on the source latent, "
+        "CLIP Direction Loss toward the target text. The sampler is euler, which realises AGG's step exactly on "
+        "flow models (dpmpp_2m, the examples' choice, only approximately).",
+        [SD3, OPEN_CLIP], TAESD["sd3"], SHARED_TEXT_USE + STRENGTH_USE),
+        Card("Text-guided translation", "SD3 medium · KSampler + Apply AGG", target_text=TARGET))
+
+
+def flux_text_guided() -> Workflow:
+    api = Api()
+    unet = api.add("UNETLoader", models=[FLUX], unet_name=FLUX.name, weight_dtype="default")
+    clips = api.add("DualCLIPLoader", models=[FLUX_CLIP_L, FLUX_T5], clip_name1=FLUX_CLIP_L.name,
+                    clip_name2=FLUX_T5.name, type="flux")
+    vae_node = api.add("VAELoader", models=[FLUX_VAE], vae_name=FLUX_VAE.name)
+    clip, vae = [clips, 0], [vae_node, 0]
+    src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
+    image, latent = source_latent(api, vae, 1024)
+    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
+    guided = api.add("FluxGuidance", conditioning=[pos, 0], guidance=3.5)
+    neg = api.add("CLIPTextEncode", "Negative prompt", text="", clip=clip)
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent)
+    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0])
+    agg = api.add("AGGApply", model=[unet, 0], loss=loss, **agg_settings())
+    ksampler_tail(api, [agg, 0], [guided, 0], [neg, 0], latent, vae, "agg/flux_text_guided", steps=20, cfg=1.0,
+                  scheduler="simple")
+    return Workflow("agg_flux_text_guided", api, note(
+        "AGG: text-guided translation (FLUX.1 dev)",
+        "Flux dev is guidance-distilled: FluxGuidance 3.5 on the prompt and cfg 1 (the negative prompt is then "
+        "ignored, as in ComfyUI's own Flux examples). Apply AGG on the model under an ordinary KSampler (euler, "
+        "simple, 20 steps, denoise 0.6, 1024 px): at cfg 1 each guided step costs one extra model pass "
+        "(finite_difference). Keep manifold = finite_difference on Flux (autograd cannot go back through its "
+        "in-place blocks).",
+        [FLUX, FLUX_CLIP_L, FLUX_T5, FLUX_VAE, OPEN_CLIP], TAESD["flux"], SHARED_TEXT_USE + STRENGTH_USE),
+        Card("Text-guided translation", "FLUX.1 dev · FluxGuidance, cfg 1", target_text=TARGET))
+
+
+def local_edit() -> Workflow:
+    api = Api()
+    model, clip, vae = sd_loaders(api, SD15)
+    src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", EDIT_TARGET)
+    image, latent = source_latent(api, vae, 512)
+    mask_load = api.add("LoadImage", "Edit mask", image=EDIT_MASK)
+    mask_scale = api.add("ImageScale", "Resize mask", image=[mask_load, 0], upscale_method="bilinear", width=512,
+                         height=512, crop="center")
+    mask = [api.add("ImageToMask", "Mask (white = edit)", image=[mask_scale, 0], channel="red"), 0]
+    noised = api.add("SetLatentNoiseMask", samples=latent, mask=mask)
+    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
+    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent, mask=mask)
+    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0], mask=mask)
+    agg = api.add("AGGApply", model=model, loss=loss, **agg_settings())
+    ksampler_tail(api, [agg, 0], [pos, 0], [neg, 0], [noised, 0], vae, "agg/local_edit", denoise=0.75)
+    return Workflow("agg_local_edit", api, note(
+        "AGG: local edit inside a mask (SD1.5)",
+        "Only the white part of the mask changes. Set Latent Noise Mask keeps everything outside it; CLIP Direction "
+        "Loss judges only the masked region and Structure Loss holds only the rest. The example mask "
+        f"`{EDIT_MASK}` (the dress of ComfyUI's example picture) ships with the pack (web/assets/, made by the "
+        "pack's build script); the pack's frontend extension copies it into ComfyUI's input folder when missing.",
+        [SD15, OPEN_CLIP], TAESD["sd15"],
+        SHARED_TEXT_USE + "For your own photo, load a mask picture of the same size in **Edit mask** (white = "
+        "change, black = keep), e.g. painted in any editor or in ComfyUI's mask editor and saved. " + STRENGTH_USE),
+        Card("Local edit in a mask", "SD1.5 · masked losses + Set Latent Noise Mask", target_text=EDIT_TARGET,
+             mask=True))
+
+
+def color_transfer() -> Workflow:
+    api = Api()
+    model, clip, vae = sd_loaders(api, SD15)
+    image, latent = source_latent(api, vae, 512)
+    pos_src = api.add("CLIPTextEncode", "Source prompt", text=SOURCE, clip=clip)
+    pos = api.add("CLIPTextEncode", "Target prompt", text=SOURCE, clip=clip)
+    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    palette = api.add("LoadImage", "Style image", image=STYLE_IMAGE)
+    sigmas = api.add("BasicScheduler", model=model, scheduler="normal", steps=50, denoise=0.6)
+    inv = api.add("AGGInvert", model=model, latent=latent, positive=[pos_src, 0], sigmas=[sigmas, 0])
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, trajectory=[inv, 1])
+    loss = api.add("AGGColorLoss", image=[palette, 0], vae=vae, loss=[structure, 0], decoder=DECODER)
+    guider = api.add("AGGGuider", model=model, positive=[pos, 0], negative=[neg, 0], cfg=7.5, loss=[loss, 0],
+                     **agg_settings())
+    noise = api.add("DisableNoise")
+    sampler = api.add("AGGSampler", eta_edit=0.0, eta=0.0, eta_boost=1.0)
+    out = api.add("SamplerCustomAdvanced", noise=[noise, 0], guider=[guider, 0], sampler=[sampler, 0],
+                  sigmas=[sigmas, 0], latent_image=[inv, 0])
+    dec = api.add("VAEDecode", samples=[out, 0], vae=vae)
+    api.add("SaveImage", filename_prefix="agg/color_transfer", images=[dec, 0])
+    return Workflow("agg_color_transfer", api, note(
+        "AGG: colour transfer from a palette picture (SD1.5)",
+        "Color Loss pulls the decoded picture's colour statistics toward those of the picture in **Style image** "
+        "while Structure Loss follows AGG Invert's trajectory of the source, so the drawing stays and its colours "
+        f"change. The palette picture `{STYLE_IMAGE}` ships with the pack (web/assets/, made by the pack's build "
+        "script); the pack's frontend extension copies it into ComfyUI's input folder when missing.",
+        [SD15], TAESD["sd15"],
+        "pick your photo in **Source image** and a picture with the colours you want in **Style image**; describe "
+        "the photo in both prompts. Stronger colour change: raise the Color Loss weight or lower the Structure "
+        "weight."),
+        Card("Colour transfer", "SD1.5 · Color Loss + AGG Invert", target_image=STYLE_IMAGE))
+
+
+BUILDERS = [text_guided, img2img_ksampler, image_style, controlnet, sdxl_img2img, sd3_text_guided, flux_text_guided,
+            local_edit, color_transfer]
+
+
+def workflows(available: set[str] | None = None) -> list[Workflow]:
+    """The workflows whose node types are all in `available` (all of them when None)."""
+    out = []
+    for build in BUILDERS:
+        wf = build()
+        if available is None or {n["class_type"] for n in wf.api.prompt.values()} <= available:
+            out.append(wf)
+        else:
+            print(f"skipped {wf.name}: node types missing from the server:",
+                  sorted({n["class_type"] for n in wf.api.prompt.values()} - available))
+    return out
+
+
+def api_prompts() -> dict[str, dict]:
+    """The API prompts as written here, for tests that want the source graphs."""
+    return {wf.name: copy.deepcopy(wf.api.prompt) for wf in workflows()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images: the style picture, the edit mask, the thumbnails
+
+
+def style_image(size: int = 512, seed: int = 1406):
+    """Bold, brush-stroke-like colour bands in a warm-and-deep palette (PIL + numpy, deterministic)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    palette = [(14, 30, 68), (33, 76, 140), (46, 134, 171), (242, 165, 65), (228, 87, 46), (243, 202, 64),
+               (122, 34, 72), (250, 240, 214)]
+    img = Image.new("RGB", (size, size), palette[0])
+    draw = ImageDraw.Draw(img)
+
+    def stroke(x0: float, y0: float, length: float, angle: float, width: float, colour: tuple, bend: float) -> None:
+        pts = []
+        for t in np.linspace(0.0, 1.0, 24):
+            a = angle + bend * (t - 0.5)
+            pts.append((x0 + math.cos(a) * length * t, y0 + math.sin(a) * length * t + bend * 30 * math.sin(math.pi * t)))
+        draw.line(pts, fill=colour, width=int(width), joint="curve")
+        # bristles: thin darker and lighter lines along the stroke
+        for k in range(-2, 3):
+            shade = tuple(int(min(255, max(0, c * (1.0 + 0.12 * k)))) for c in colour)
+            off = k * width / 6
+            bristle = [(x - math.sin(angle) * off, y + math.cos(angle) * off) for x, y in pts[2:-2]]
+            draw.line(bristle, fill=shade, width=max(1, int(width / 10)), joint="curve")
+
+    # broad sweeping bands, then shorter strokes on top
+    for i in range(16):
+        y = -40 + i * (size + 80) / 15 + rng.uniform(-12, 12)
+        colour = palette[int(rng.integers(0, len(palette)))]
+        stroke(-60, y, size * 1.4, rng.uniform(-0.35, -0.1), rng.uniform(26, 54), colour, rng.uniform(-0.6, 0.6))
+    for _ in range(90):
+        colour = palette[int(rng.integers(1, len(palette)))]
+        stroke(rng.uniform(-40, size), rng.uniform(-40, size), rng.uniform(60, 180), rng.uniform(-0.9, 0.2),
+               rng.uniform(12, 28), colour, rng.uniform(-0.8, 0.8))
+    return img.filter(ImageFilter.SMOOTH)
+
+
+def edit_mask(size: int = 768):
+    """White over the dress of ComfyUI's example picture (input/example.png, 768 px), black elsewhere."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    dress = [(318, 330), (440, 328), (448, 420), (480, 520), (505, 640), (470, 668), (300, 668), (266, 640),
+             (284, 520), (300, 420)]
+    draw.polygon([(x * size / 768, y * size / 768) for x, y in dress], fill=255)
+    return img.filter(ImageFilter.GaussianBlur(4)).point(lambda v: 255 if v >= 128 else 0).convert("RGB")
+
+
+def write_assets() -> None:
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    style_image().save(ASSETS / STYLE_IMAGE, optimize=True)
+    edit_mask().save(ASSETS / EDIT_MASK, optimize=True)
+
+
+def _font(size: int, bold: bool = False):
+    from PIL import ImageFont
+
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    for folder in ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/dejavu"):
+        if Path(folder, name).exists():
+            return ImageFont.truetype(str(Path(folder, name)), size)
+    return ImageFont.load_default(size)
+
+
+def source_picture() -> Path:
+    return COMFYUI / "input" / "example.png"
+
+
+def thumbnail(card: Card, out: Path, size: tuple[int, int] = (512, 384)) -> None:
+    """A designed card: title, source picture -> target (text or picture), subtitle."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, (27, 30, 41))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, w, 58], fill=(44, 49, 68))
+    draw.text((18, 29), card.title, font=_font(28, bold=True), fill=(245, 245, 250), anchor="lm")
+    draw.text((w - 16, 29), "AGG", font=_font(18, bold=True), fill=(242, 165, 65), anchor="rm")
+    side, top = 196, 84
+    with Image.open(source_picture()) as src:
+        pic = src.convert("RGB").resize((side, side), Image.LANCZOS)
+    if card.mask:
+        with Image.open(ASSETS / EDIT_MASK) as m:
+            mask = m.convert("L").resize((side, side), Image.LANCZOS)
+        from PIL import ImageFilter
+
+        pic = Image.composite(pic, Image.blend(pic, Image.new("RGB", (side, side), (0, 0, 0)), 0.6), mask)
+        edge = mask.filter(ImageFilter.FIND_EDGES).filter(ImageFilter.MaxFilter(3))
+        pic.paste((242, 165, 65), (0, 0), edge)
+    img.paste(pic, (20, top))
+    draw.rectangle([20, top, 20 + side, top + side], outline=(90, 96, 120), width=2)
+    # arrow
+    ax0, ax1, ay = 20 + side + 12, w - 20 - side - 12, top + side // 2
+    draw.line([(ax0, ay), (ax1 - 14, ay)], fill=(242, 165, 65), width=8)
+    draw.polygon([(ax1, ay), (ax1 - 22, ay - 16), (ax1 - 22, ay + 16)], fill=(242, 165, 65))
+    x1 = w - 20 - side
+    if card.target_image:
+        with Image.open(ASSETS / card.target_image) as t:
+            img.paste(t.convert("RGB").resize((side, side), Image.LANCZOS), (x1, top))
+        draw.rectangle([x1, top, x1 + side, top + side], outline=(90, 96, 120), width=2)
+    else:
+        draw.rounded_rectangle([x1, top, x1 + side, top + side], radius=14, fill=(250, 246, 235))
+        font = _font(21)
+        lines = textwrap.wrap(f"“{card.target_text}”", width=15)[:7]
+        line_h = 26
+        y = top + side // 2 - line_h * len(lines) // 2 + line_h // 2
+        for line in lines:
+            draw.text((x1 + side // 2, y), line, font=font, fill=(40, 40, 52), anchor="mm")
+            y += line_h
+    draw.text((20, top + side + 18), "source", font=_font(16), fill=(170, 175, 195), anchor="lm")
+    what = "style" if card.target_image else ("edit (in the mask)" if card.mask else "target text")
+    draw.text((x1, top + side + 18), what, font=_font(16), fill=(170, 175, 195), anchor="lm")
+    font = _font(19, bold=True)
+    for points in range(19, 11, -1):  # the largest size that fits the card's width
+        font = _font(points, bold=True)
+        if draw.textlength(card.subtitle, font=font) <= w - 32:
+            break
+    draw.text((w // 2, h - 26), card.subtitle, font=font, fill=(205, 210, 228), anchor="mm")
+    img.save(out, "JPEG", quality=88, optimize=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the graphs in the real frontend
+
+
+# JS: load an API prompt, fix seeds, set the loaders' models, add the Note; returns {ui, api}.
 JS_BUILD = """
-const [api, note, name] = __args;
+const [api, models, note, name] = __args;
 app.graph.clear();
 await app.loadApiJson(JSON.parse(JSON.stringify(api)), name + '.json');
 for (const n of app.graph._nodes)
   for (const w of (n.widgets || [])) if (w.name === 'control_after_generate') w.value = 'fixed';
+for (const [id, list] of Object.entries(models)) {
+  const n = app.graph.getNodeById(+id);
+  n.properties = n.properties || {};
+  n.properties.models = list;
+}
 const LG = window.LiteGraph || (window.comfyAPI && window.comfyAPI.litegraph && window.comfyAPI.litegraph.LiteGraph);
-const nn = LG.createNode('Note');
-nn.title = 'Models needed';
+app.graph.arrange && app.graph.arrange(60);
+const nn = LG.createNode('MarkdownNote');
+nn.title = 'Read me: models and use';
 nn.widgets[0].value = note;
-nn.size = [420, 260];
+nn.size = [520, 420];
 app.graph.add(nn);
-nn.pos = [20, -300];
+nn.pos = [20, -460];
 app.graph.setDirtyCanvas(true, true);
 await new Promise(r => setTimeout(r, 300));
 const ui = JSON.parse(JSON.stringify(app.graph.serialize()));
@@ -211,73 +607,76 @@ const p = await app.graphToPrompt();
 return {ui, api: p.output};
 """
 
-JS_LOAD_UI = """
-const [ui, name] = __args;
-await app.loadGraphData(JSON.parse(JSON.stringify(ui)), true, true, name + '.json');
-await new Promise(r => setTimeout(r, 300));
-for (const k of ['low_quality_zoom_threshold', 'low_quality_threshold']) if (k in app.canvas) app.canvas[k] = 0.05;
-if (window.LiteGraph) LiteGraph.low_quality_zoom_threshold = 0.05;
-try { await app.extensionManager.command.execute('Comfy.Canvas.FitView'); } catch (e) { app.canvas.ds.scale = 0.5; }
-for (const b of document.querySelectorAll('button[aria-label="Close"], .p-toast-icon-close')) try { b.click(); } catch (e) {}
-app.graph.setDirtyCanvas(true, true);
-await new Promise(r => setTimeout(r, 500));
-const p = await app.graphToPrompt();
-return {api: p.output, nodes: app.graph._nodes.length};
-"""
+
+def fake_models_tree(root: Path) -> Path:
+    """A models folder with an empty file under each real model name (the server only lists them), and its
+    extra_model_paths.yaml."""
+    folders = set()
+    for wf_build in BUILDERS:
+        wf = wf_build()
+        for models in wf.api.models.values():
+            for m in models:
+                (root / m.directory).mkdir(parents=True, exist_ok=True)
+                (root / m.directory / m.name).write_bytes(b"")
+                folders.add(m.directory)
+    for name in TAESD.values():  # the taesd decoders, so VAELoader's list looks as a user's does
+        (root / "vae_approx").mkdir(parents=True, exist_ok=True)
+        (root / "vae_approx" / name).write_bytes(b"")
+    folders.add("vae_approx")
+    yaml = root / "extra_model_paths.yaml"
+    yaml.write_text("agg_build:\n" + f"    base_path: {json.dumps(str(root))}\n"
+                    + "".join(f"    {d}: {d}/\n" for d in sorted(folders)))
+    return yaml
 
 
-def arrange_js() -> str:
-    return "app.graph.arrange && app.graph.arrange(60); app.graph.setDirtyCanvas(true, true); return true;"
-
-
-def thumbnail(png: bytes, out: Path, width: int = 768) -> None:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as im:
-        im = im.convert("RGB")
-        h = round(im.height * width / im.width)
-        im.resize((width, h), Image.LANCZOS).save(out, "JPEG", quality=82, optimize=True)
-
-
-def main() -> int:
-    sys.path.insert(0, str(COMFYUI))
-    sys.path.append(str(PACK / "tests"))
+def build_graphs(selected: set[str] | None) -> int:
     from agg_testing.browser import Browser, ComfyServer, open_comfy
-    from agg_testing.fixtures import models_dir, write_extra_model_paths
 
     work = Path(tempfile.mkdtemp(prefix="agg-build-"))
-    models = models_dir(work / "models", kl=False)
-    names = fixture_names(models)
-    back = {v: k for k, v in names.items() if k != SDXL}
-    yaml = write_extra_model_paths(work / "extra_model_paths.yaml", models)
-    (PACK / "workflows" / "api").mkdir(parents=True, exist_ok=True)
-    with ComfyServer(COMFYUI, work / "server", yaml) as server, Browser() as browser:
-        open_comfy(browser, server)
-        browser.set_window_size(1920, 1080)
-        for name, (build, note) in WORKFLOWS.items():
-            api = build()
-            res = browser.execute_async(JS_BUILD, substitute(api, names), note, name)
-            browser.execute(arrange_js())
-            ui = browser.execute("return JSON.parse(JSON.stringify(app.graph.serialize()));")
-            real = dict(back)
-            if name == "agg_sdxl_img2img":
-                real[models.checkpoint] = SDXL
-            ui = substitute(ui, real)
-            api_out = substitute(res["api"], real)
-            for nid, node in api.items():  # keep the titles written above
-                if "_meta" in node and nid in api_out:
-                    api_out[nid]["_meta"] = node["_meta"]
-            (PACK / "workflows" / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
-            (PACK / "workflows" / "api" / f"{name}.json").write_text(json.dumps(api_out, indent=2) + "\n")
-            browser.execute_async(JS_LOAD_UI, substitute(ui, names), name)
-            thumbnail(browser.screenshot(), PACK / "workflows" / f"{name}.jpg")
-            print("wrote", name, len(api_out), "nodes")
+    yaml = fake_models_tree(work / "models")
+    (WORKFLOWS / "api").mkdir(parents=True, exist_ok=True)
+    with ComfyServer(COMFYUI, work / "server", yaml) as server:
+        for asset in (STYLE_IMAGE, EDIT_MASK):
+            (server.dirs["input"] / asset).write_bytes((ASSETS / asset).read_bytes())
+        available = set(json.loads(_get(server.url + "/object_info")))
+        with Browser() as browser:
+            open_comfy(browser, server)
+            browser.set_window_size(1920, 1080)
+            for wf in workflows(available):
+                if selected and wf.name not in selected:
+                    continue
+                models = {nid: [m.entry() for m in ms] for nid, ms in wf.api.models.items()}
+                res = browser.execute_async(JS_BUILD, wf.api.prompt, models, wf.note, wf.name)
+                api_out = res["api"]
+                for nid, node in wf.api.prompt.items():  # keep the titles written above
+                    if "_meta" in node and nid in api_out:
+                        api_out[nid]["_meta"] = node["_meta"]
+                (WORKFLOWS / f"{wf.name}.json").write_text(json.dumps(res["ui"], indent=2) + "\n")
+                (WORKFLOWS / "api" / f"{wf.name}.json").write_text(json.dumps(api_out, indent=2) + "\n")
+                thumbnail(wf.card, WORKFLOWS / f"{wf.name}.jpg")
+                print("wrote", wf.name, len(api_out), "nodes")
     return 0
 
 
-def api_prompts() -> dict[str, dict]:
-    """The API prompts as written here (model names real), for tests that want the source graphs."""
-    return {name: copy.deepcopy(build()) for name, (build, _note) in WORKFLOWS.items()}
+def _get(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return r.read()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images-only", action="store_true", help="write the assets and thumbnails, not the graphs")
+    ap.add_argument("names", nargs="*", help="workflows to rebuild (default: all)")
+    args = ap.parse_args(argv)
+    write_assets()
+    if args.images_only:
+        for wf in workflows():
+            if (WORKFLOWS / f"{wf.name}.json").exists() and (not args.names or wf.name in args.names):
+                thumbnail(wf.card, WORKFLOWS / f"{wf.name}.jpg")
+        return 0
+    return build_graphs(set(args.names) or None)
 
 
 if __name__ == "__main__":

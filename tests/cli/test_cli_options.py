@@ -165,12 +165,13 @@ def test_customise_sets_everything_and_without_agg_takes_agg_out():
     assert (ks["seed"], ks["steps"], ks["denoise"], ks["cfg"], ks["sampler_name"], ks["scheduler"]) == \
         (5, 9, 0.4, 3.5, "ddim", "karras")
     clip = p[G.nodes_of(p, "AGGCLIPDirectionLoss")[0]]["inputs"]
-    assert (clip["source_text"], clip["target_text"], clip["weight"], clip["decoder"]) == \
+    assert (G.text_value(p, clip["source_text"]), G.text_value(p, clip["target_text"]), clip["weight"],
+            clip["decoder"]) == \
         ("a photo of a cat", "a watercolor of a cat", 0.7, "taesd")
     assert p[G.nodes_of(p, "AGGStructureLoss")[0]]["inputs"]["weight"] == 0.2
     scale = p[G.nodes_of(p, "ImageScale")[0]]["inputs"]
     assert (scale["width"], scale["height"], scale["crop"]) == (512, 384, "disabled")  # no square crop
-    texts = {G.title(p[n]): p[n]["inputs"]["text"] for n in G.nodes_of(p, "CLIPTextEncode")}
+    texts = {G.title(p[n]): G.text_value(p, p[n]["inputs"]["text"]) for n in G.nodes_of(p, "CLIPTextEncode")}
     assert texts == {"Target prompt": "a watercolor of a cat", "Negative prompt": "ugly"}
     assert p[G.nodes_of(p, "CheckpointLoaderSimple")[0]]["inputs"]["ckpt_name"] == "real.safetensors"
     assert p[G.nodes_of(p, "LoadImage")[0]]["inputs"]["image"] == "agg_cli/x.png"

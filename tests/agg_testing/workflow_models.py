@@ -1,0 +1,153 @@
+"""The model files the example workflows (workflows/*.json) name, and the test fixtures that stand in for them.
+
+One mapping for every test that loads or runs the shipped workflows (tests/workflows, tests/browser) and for
+scripts/build_workflows.py:
+
+- ``fixture_names(models)``: real file name -> the name of the fixture file that stands in for it in a models
+  tree laid out by ``agg_testing.fixtures.models_dir`` and ``link_workflow_models``.
+- ``link_workflow_models(models)``: links the fixtures only the workflows need into that tree: an SD3 checkpoint
+  in the single-file form of ``sd3_medium_incl_clips_t5xxlfp8.safetensors`` (the SD3-shaped MMDiT, CLIP-L as its
+  only text encoder and the 16-channel TAESD as its VAE, all from the cached agg_testing.sd3 files) and the
+  Flux-shaped DiT.
+- ``runnable(prompt, names)``: an API prompt with the real names replaced, and the one loader the fixtures cannot
+  serve as the workflow has it replaced: Flux's DualCLIPLoader (CLIP-L + T5-XXL) becomes CLIPLoader type ``sd3``
+  with CLIP-L, the text path the Flux fixture is built for (T5-XXL's 4.7B parameters are out of reach of a CPU
+  test; agg_testing.sd3 explains the fixture).
+- ``copy_shipped_images(input_dir)``: the images the workflows load from ComfyUI's input folder and the pack
+  ships in web/assets/ (the style image, the edit mask).
+
+While the models tree has no CLIP-vision fixture (``models.clip_vision``), ``runnable`` also replaces CLIPVisionLoader
+by AGG CLIP Loader (open_clip): Image Style Loss's ``clip`` takes either.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+
+from agg_testing import fixtures as F
+
+PACK = Path(__file__).resolve().parents[2]
+ASSETS = PACK / "web" / "assets"
+
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+OPEN_CLIP = "open_clip_model.safetensors"
+CANNY = "control_v11p_sd15_canny_fp16.safetensors"
+SD3 = "sd3_medium_incl_clips_t5xxlfp8.safetensors"
+FLUX = "flux1-dev.safetensors"
+FLUX_CLIP_L = "clip_l.safetensors"
+FLUX_T5 = "t5xxl_fp8_e4m3fn.safetensors"
+FLUX_VAE = "ae.safetensors"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+
+SD3_CHECKPOINT = "agg-tiny-sd3-all-in-one.safetensors"  # the fixture in SD3's single-file checkpoint form
+
+
+def sd3_checkpoint(*, cache_dir: Path | None = None) -> Path:
+    """The SD3 fixture as one checkpoint (CheckpointLoaderSimple): ``model.diffusion_model.*`` (the tiny MMDiT),
+    ``text_encoders.clip_l.transformer.*`` (CLIP-L; SD3 loads with any subset of its three text encoders) and
+    ``first_stage_model.*`` (the 16-channel taesd3 pair with SD3's latent scale and shift)."""
+    from safetensors.torch import load_file
+
+    from agg_testing import sd3
+
+    parts = {"mmdit": sd3.sd3_tiny().name, "clip_l": sd3.clip_l().name,
+             **{k: v.name for k, v in sd3.taesd16("taesd3").items()}}
+
+    def build() -> dict[str, dict[str, torch.Tensor]]:
+        sd: dict[str, torch.Tensor] = {}
+        for k, v in load_file(str(sd3.sd3_tiny())).items():
+            sd["model.diffusion_model." + k] = v
+        for k, v in load_file(str(sd3.clip_l())).items():
+            sd["text_encoders.clip_l.transformer." + k] = v
+        for part, path in sd3.taesd16("taesd3").items():
+            for k, v in load_file(str(path)).items():
+                sd[f"first_stage_model.taesd_{part}.{k}"] = v
+        sd["first_stage_model.vae_scale"] = torch.tensor(1.5305)
+        sd["first_stage_model.vae_shift"] = torch.tensor(0.0609)
+        return {"": sd}
+
+    return F._cached_files("sd3-all-in-one", parts, build, cache_dir)[""]
+
+
+def link_workflow_models(models: F.ModelsTree, *, flux: bool = True) -> None:
+    """Link the SD3 single-file checkpoint (and, with `flux`, the Flux DiT) into the models tree."""
+    from agg_testing import sd3
+
+    F._link(sd3_checkpoint(), models.root / "checkpoints" / SD3_CHECKPOINT)
+    sd3.link_flow_models(models.root, flux=flux)
+
+
+def fixture_names(models: F.ModelsTree) -> dict[str, str]:
+    """Real model file name -> the fixture name that stands in for it (after link_workflow_models)."""
+    from agg_testing import sd3
+
+    names = {
+        SD15: models.checkpoint,
+        SDXL: models.checkpoint,  # the SD1.5 test checkpoint: no SDXL-architecture fixture
+        OPEN_CLIP: models.open_clip,
+        CANNY: models.controlnet,
+        SD3: SD3_CHECKPOINT,
+        FLUX: sd3.FLUX_DIFFUSION_MODEL,
+        FLUX_CLIP_L: sd3.CLIP_L,
+        FLUX_T5: sd3.CLIP_L,  # replaced by runnable(): see the module docstring
+        FLUX_VAE: "taef1",  # VAELoader's name for the 16-channel TAESD pair in vae_approx
+    }
+    clip_vision = getattr(models, "clip_vision", None)
+    if clip_vision:
+        names[CLIP_VISION] = clip_vision
+    return names
+
+
+def substitute(obj, names: dict[str, str]):
+    """Deep copy of a JSON value with every string equal to a key of `names` replaced."""
+    if isinstance(obj, dict):
+        return {k: substitute(v, names) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [substitute(v, names) for v in obj]
+    if isinstance(obj, str):
+        return names.get(obj, obj)
+    return obj
+
+
+def runnable(prompt: dict, names: dict[str, str]) -> dict:
+    """An API prompt that runs on the fixtures: names substituted, Flux's DualCLIPLoader as CLIPLoader sd3."""
+    from agg_testing import sd3
+
+    p = substitute(copy.deepcopy(prompt), names)
+    for node in p.values():
+        if node["class_type"] == "DualCLIPLoader" and node["inputs"].get("type") == "flux":
+            node["class_type"] = "CLIPLoader"
+            node["inputs"] = {"clip_name": sd3.CLIP_L, "type": "sd3"}
+        if node["class_type"] == "CLIPVisionLoader" and node["inputs"].get("clip_name") not in names.values():
+            # no CLIP-vision fixture in this models tree: Image Style Loss's `clip` also takes AGG CLIP Loader's
+            node["class_type"] = "AGGCLIPLoader"
+            node["inputs"] = {"clip_name": names[OPEN_CLIP], "architecture": "auto"}
+    return p
+
+
+def unserved(names: dict[str, str]) -> set[str]:
+    """Real model names the workflows use that have no fixture in this tree (runnable() replaces their loader)."""
+    return {CLIP_VISION} - set(names)
+
+
+SHIPPED_IMAGES = ("agg_style.png", "agg_edit_mask.png")  # generated by scripts/build_workflows.py
+
+
+def shipped_images() -> list[Path]:
+    return [ASSETS / name for name in SHIPPED_IMAGES]
+
+
+def copy_shipped_images(input_dir: Path) -> list[Path]:
+    """Copy the pack's shipped example images into a ComfyUI input folder (a test's own); returns the copies."""
+    out = []
+    for src in shipped_images():
+        dst = Path(input_dir) / src.name
+        if not dst.exists():
+            shutil.copyfile(src, dst)
+        out.append(dst)
+    return out
