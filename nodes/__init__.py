@@ -9,7 +9,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .apply import AGGApply, AGGGuider
 from .clip_model import AGGCLIPLoader, register_folder
 from .invert import AGGInvert
-from .losses import AGGCLIPDirectionLoss, AGGImageStyleLoss, AGGStructureLoss
+from .losses import AGGCLIPDirectionLoss, AGGColorLoss, AGGImageStyleLoss, AGGStructureLoss
 from .sampler import AGGSampler
 
 NODES: list[type[io.ComfyNode]] = [
@@ -18,6 +18,7 @@ NODES: list[type[io.ComfyNode]] = [
     AGGStructureLoss,
     AGGCLIPDirectionLoss,
     AGGImageStyleLoss,
+    AGGColorLoss,
     AGGInvert,
     AGGCLIPLoader,
     AGGSampler,

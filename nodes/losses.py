@@ -20,6 +20,7 @@ from ..agg_kernels.losses import (
     target_direction,
     template_text_embedding,
 )
+from ..agg_kernels.losses.color import DEFAULT_COLOR_WEIGHT, color_loss, image_stats
 from ..agg_kernels.mask import check_mask, focused, resize_mask, restrict
 from ..agg_kernels.objective import Loss, compose
 from ..agg_kernels.strength import DEFAULT_CLIP_WEIGHT, DEFAULT_STRUCTURE_WEIGHT, DEFAULT_STYLE_WEIGHT
@@ -275,6 +276,49 @@ class AGGImageStyleLoss(io.ComfyNode):
             c = clip_on(clip, run)
             judged = style_loss(weight, decode, c.encode_image, grad_constant(e_style, run.device),
                                 n_cuts=cutouts, cut_size=c.image_size, seed=seed)
+            return judged if region is None else restrict(judged, region)
+
+        return io.NodeOutput(chain(loss, LossSpec(node, build)))
+
+
+# -- Color Loss ----------------------------------------------------------------------------------
+
+
+class AGGColorLoss(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AGGColorLoss",
+            display_name="Color Loss",
+            category="AGG/losses",
+            description="Colour transfer: pulls the result's colour statistics (per-channel mean and spread in RGB) "
+            "toward those of a reference image. Needs no CLIP; chain it with Structure Loss to keep the layout.",
+            inputs=[
+                io.Image.Input("image", tooltip="The reference image whose colours (palette, brightness, contrast) the "
+                               "result should take."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE, to see the clean estimate as pixels."),
+                weight_input(DEFAULT_COLOR_WEIGHT, "pull toward the reference's colours"),
+                decoder_input(),
+                loss_input(),
+                mask_input("Only the white region's colours are judged and only it is pulled toward the reference."),
+            ],
+            outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
+        )
+
+    @classmethod
+    def execute(cls, image, vae, weight, decoder=DEFAULT_DECODER, loss=None, mask=None) -> io.NodeOutput:
+        node = "Color Loss"
+        try:
+            ref_mean, ref_std = image_stats(pixels_bchw(image))
+        except ValueError as e:
+            raise user_error(node, "image", e) from e
+        ref_mean, ref_std = ref_mean.cpu(), ref_std.cpu()
+
+        def build(run: RunInfo) -> Loss:
+            region = None if mask is None else latent_region(mask, run, node)
+            decode = make_decoder(decoder, vae, run, node)
+            judged = color_loss(weight, decode, grad_constant(ref_mean, run.device), grad_constant(ref_std, run.device),
+                                mask=None if mask is None else grad_constant(mask, run.device))
             return judged if region is None else restrict(judged, region)
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))
