@@ -461,7 +461,8 @@ class ModelsTree:
     taesd: str = "taesd"  # VAELoader's name for the vae_approx pair
 
     # diffusion_models, text_encoders: the flow-model fixtures (agg_testing.sd3)
-    FOLDERS = ("checkpoints", "controlnet", "vae_approx", "open_clip", "diffusion_models", "text_encoders", "vae")
+    FOLDERS = ("checkpoints", "controlnet", "vae_approx", "open_clip", "diffusion_models", "text_encoders", "vae",
+               "clip_vision")
 
     def folder(self, kind: str) -> Path:
         return self.root / kind
@@ -502,7 +503,8 @@ def models_dir(root: Path, *, kl: bool = True, full: bool = False, trained: bool
     _link(taesd["decoder"], root / "vae_approx" / TAESD_DECODER)
     _link(taesd["encoder"], root / "vae_approx" / TAESD_ENCODER)
     _link(open_clip_tiny(), root / "open_clip" / OPEN_CLIP_TINY)
-    (root / "vae").mkdir(parents=True, exist_ok=True)  # VAELoader files (agg_testing.workflow_models links one)
+    for kind in ("vae", "clip_vision"):  # VAELoader / CLIPVisionLoader files (agg_testing.workflow_models links)
+        (root / kind).mkdir(parents=True, exist_ok=True)
     from agg_testing import sd3  # the 16-channel flow fixtures (SD3-shaped MMDiT, CLIP-L, taesd3 / taef1)
 
     sd3.link_flow_models(root)
