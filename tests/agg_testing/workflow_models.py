@@ -8,7 +8,7 @@ scripts/build_workflows.py:
 - ``link_workflow_models(models)``: links the fixtures only the workflows need into that tree: an SD3 checkpoint
   in the single-file form of ``sd3_medium_incl_clips_t5xxlfp8.safetensors`` (the SD3-shaped MMDiT, CLIP-L as its
   only text encoder and the 16-channel TAESD as its VAE, all from the cached agg_testing.sd3 files) and the
-  Flux-shaped DiT.
+  Flux-shaped DiT, a CLIP vision encoder (ViT-L/14, random) in models/clip_vision and, in models/vae, the 16-channel taef1 pair as one VAE file standing in for Flux's VAE.
 - ``runnable(prompt, names)``: an API prompt with the real names replaced, and the one loader the fixtures cannot
   serve as the workflow has it replaced: Flux's DualCLIPLoader (CLIP-L + T5-XXL) becomes CLIPLoader type ``sd3``
   with CLIP-L, the text path the Flux fixture is built for (T5-XXL's 4.7B parameters are out of reach of a CPU
@@ -16,8 +16,8 @@ scripts/build_workflows.py:
 - ``copy_shipped_images(input_dir)``: the images the workflows load from ComfyUI's input folder and the pack
   ships in web/assets/ (the style image, the edit mask).
 
-While the models tree has no CLIP-vision fixture (``models.clip_vision``), ``runnable`` also replaces CLIPVisionLoader
-by AGG CLIP Loader (open_clip): Image Style Loss's ``clip`` takes either.
+Without the CLIP-vision fixture in the models tree, ``runnable`` replaces CLIPVisionLoader by AGG CLIP Loader
+(open_clip): Image Style Loss's ``clip`` takes either.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ FLUX_VAE = "ae.safetensors"
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 
 SD3_CHECKPOINT = "agg-tiny-sd3-all-in-one.safetensors"  # the fixture in SD3's single-file checkpoint form
+FLUX_VAE_FILE = "agg-tiny-flux-vae.safetensors"  # the taef1 pair as one VAELoader file in models/vae
+CLIP_VISION_FILE = "agg-clip-vision-vitl.safetensors"  # random CLIP ViT-L/14 vision tower (models/clip_vision)
+_SEED_CLIP_VISION = 31
 
 
 def sd3_checkpoint(*, cache_dir: Path | None = None) -> Path:
@@ -74,11 +77,46 @@ def sd3_checkpoint(*, cache_dir: Path | None = None) -> Path:
     return F._cached_files("sd3-all-in-one", parts, build, cache_dir)[""]
 
 
+def flux_vae(*, cache_dir: Path | None = None) -> Path:
+    """The 16-channel taef1 pair as one file for VAELoader (models/vae), with Flux's latent scale and shift, as
+    VAELoader builds it from the two vae_approx files: the stand-in for Flux's ae.safetensors."""
+    from safetensors.torch import load_file
+
+    from agg_testing import sd3
+
+    pair = sd3.taesd16("taef1")
+
+    def build() -> dict[str, dict[str, torch.Tensor]]:
+        sd = {f"taesd_{part}.{k}": v for part, path in pair.items() for k, v in load_file(str(path)).items()}
+        sd["vae_scale"] = torch.tensor(0.3611)
+        sd["vae_shift"] = torch.tensor(0.1159)
+        return {"": sd}
+
+    return F._cached_files("flux-vae", {k: v.name for k, v in pair.items()}, build, cache_dir)[""]
+
+
+def clip_vision(*, cache_dir: Path | None = None) -> Path:
+    """A CLIP vision encoder for CLIPVisionLoader: ComfyUI's ViT-L/14 (224 px) in its own key layout, random weights
+    in fp16 (304M parameters, ~600 MB). ComfyUI recognises CLIP vision files by their depth (ViT-L: 24 layers,
+    ViT-H: 32, ViT-bigG: 48), so ViT-L is the smallest it loads; it stands in for IPAdapter's ViT-H encoder."""
+
+    def build() -> dict[str, dict[str, torch.Tensor]]:
+        import comfy.clip_vision
+
+        config = Path(comfy.clip_vision.__file__).parent / "clip_vision_config_vitl.json"
+        shapes = F.meta_shapes(lambda: comfy.clip_vision.ClipVisionModel(str(config)).model)
+        return {"": F.random_state_dict(shapes, _SEED_CLIP_VISION, F.std_constant(0.02), torch.float16)}
+
+    return F._cached_files("clip-vision-vitl", {"config": "clip_vision_config_vitl"}, build, cache_dir)[""]
+
+
 def link_workflow_models(models: F.ModelsTree, *, flux: bool = True) -> None:
     """Link the SD3 single-file checkpoint (and, with `flux`, the Flux DiT) into the models tree."""
     from agg_testing import sd3
 
     F._link(sd3_checkpoint(), models.root / "checkpoints" / SD3_CHECKPOINT)
+    F._link(flux_vae(), models.root / "vae" / FLUX_VAE_FILE)
+    F._link(clip_vision(), models.root / "clip_vision" / CLIP_VISION_FILE)
     sd3.link_flow_models(models.root, flux=flux)
 
 
@@ -95,11 +133,10 @@ def fixture_names(models: F.ModelsTree) -> dict[str, str]:
         FLUX: sd3.FLUX_DIFFUSION_MODEL,
         FLUX_CLIP_L: sd3.CLIP_L,
         FLUX_T5: sd3.CLIP_L,  # replaced by runnable(): see the module docstring
-        FLUX_VAE: "taef1",  # VAELoader's name for the 16-channel TAESD pair in vae_approx
+        FLUX_VAE: FLUX_VAE_FILE,
     }
-    clip_vision = getattr(models, "clip_vision", None)
-    if clip_vision:
-        names[CLIP_VISION] = clip_vision
+    if (models.root / "clip_vision" / CLIP_VISION_FILE).exists():
+        names[CLIP_VISION] = CLIP_VISION_FILE
     return names
 
 

@@ -322,7 +322,8 @@ def test_source_graphs_match_the_api_twins():
 
 
 def small_prompt(api: dict, names: dict[str, str], seed: int = 1) -> dict:
-    """The API twin made cheap and runnable on the fixtures: 64 px images, 2 steps, 2 CLIP cut-outs."""
+    """The API twin made cheap and runnable on the fixtures: 64 px images, 2 steps, 2 CLIP cut-outs (1 for the
+    CLIP-vision encoder)."""
     p = W.runnable(api, names)
     for node in list(p.values()):
         inputs = node["inputs"]
@@ -333,8 +334,8 @@ def small_prompt(api: dict, names: dict[str, str], seed: int = 1) -> dict:
             inputs["steps"] = 2
         if ct == "KSampler":
             inputs["seed"] = seed
-        if "cutouts" in inputs:
-            inputs["cutouts"] = 2
+        if "cutouts" in inputs:  # the CLIP-vision fixture is a full-size ViT-L: one crop
+            inputs["cutouts"] = 1 if ct == "AGGImageStyleLoss" else 2
         for key in ("style_image", "image"):  # full-size reference pictures of the losses: scale them too
             if ct in ("AGGImageStyleLoss", "AGGColorLoss") and isinstance(inputs.get(key), list):
                 small = str(9000 + len(p))
@@ -394,7 +395,7 @@ def test_flow_twins_load_the_flow_fixtures(names):
     flux_p = W.runnable(load_api("agg_flux_text_guided"), names)
     loaders = {n["class_type"]: n["inputs"] for n in flux_p.values() if n["class_type"] in LOADERS}
     assert loaders["UNETLoader"]["unet_name"] == sd3.FLUX_DIFFUSION_MODEL
-    assert loaders["VAELoader"]["vae_name"] == "taef1"
+    assert loaders["VAELoader"]["vae_name"] == W.FLUX_VAE_FILE
     assert loaders["CLIPLoader"] == {"clip_name": sd3.CLIP_L, "type": "sd3"}
     ks = next(n["inputs"] for n in flux_p.values() if n["class_type"] == "KSampler")
     assert ks["cfg"] == 1.0 and flux_p[ks["positive"][0]]["class_type"] == "FluxGuidance"
