@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from agg_testing import workflow_models as W
 from agg_testing.browser import JS_VISIBLE_PROBLEMS, Browser, browser_available, open_comfy
 
 pytestmark = pytest.mark.browser
@@ -20,12 +21,6 @@ pytestmark = pytest.mark.browser
 PACK = Path(__file__).resolve().parents[2]
 WORKFLOWS = PACK / "workflows"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-REAL_MODELS = {
-    "v1-5-pruned-emaonly.safetensors": "checkpoint",
-    "sd_xl_base_1.0.safetensors": "checkpoint",
-    "open_clip_model.safetensors": "open_clip",
-    "control_v11p_sd15_canny.safetensors": "controlnet",
-}
 
 
 def substitute(obj, names: dict[str, str]):
@@ -38,7 +33,9 @@ def substitute(obj, names: dict[str, str]):
 
 @pytest.fixture(scope="module")
 def names(agg_models) -> dict[str, str]:
-    return {real: getattr(agg_models, attr) for real, attr in REAL_MODELS.items()}
+    """The workflows' model file names -> the test fixtures standing in for them (agg_testing.workflow_models)."""
+    W.link_workflow_models(agg_models)
+    return W.fixture_names(agg_models)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +159,8 @@ return null;
 def test_queue_text_guided_from_the_page(page, names, comfy_server, tmp_path):
     ui = substitute(json.loads((WORKFLOWS / "agg_text_guided.json").read_text()), names)
     load(page, ui, "agg_text_guided")
+    page.execute_async(JS_HOOK_EVENTS)
+    log0 = guided_log_lines(comfy_server, "AGG Guider")
     page.execute_async(JS_SMALL_AND_QUEUE)
     try:
         width, src = page.wait_for(JS_OUTPUT_SHOWN, timeout=300, what="output image on the SaveImage node")
@@ -175,6 +174,12 @@ def test_queue_text_guided_from_the_page(page, names, comfy_server, tmp_path):
     assert "browser_test" in urllib.parse.unquote(src)
     page.screenshot(tmp_path / "agg_text_guided_done.png")
     assert not page.execute(JS_VISIBLE_PROBLEMS)
+    # The guidance chart on AGG Guider: one point per guided step of this run.
+    page.wait_for("return window.__aggRuns.success > 0;", timeout=60, what="execution_success")
+    chart = page.execute_async(JS_CHART, "AGGGuider")
+    assert chart["events"] and all(e[0] == "AGG Guider" for e in chart["events"])
+    assert chart["points"] == [e[1:] for e in chart["events"]]
+    assert len(chart["points"]) == guided_log_lines(comfy_server, "AGG Guider") - log0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,6 +331,8 @@ def test_guidance_chart_one_point_per_guided_step(page, names, comfy_server, tmp
     out = tmp_path / "agg_chart.png"
     crop.save(out)
     print(f"\n[agg] screenshot of the guidance chart: {out}")
+    if os.environ.get("AGG_DOCS_SCREENSHOT"):  # for the README
+        crop.save(PACK / "docs" / "agg_chart.png", optimize=True)
     colours = crop.getcolors(maxcolors=1 << 20)
     near = lambda rgb: sum(c for c, px in colours if sum(abs(a - b) for a, b in zip(px, rgb, strict=True)) < 40)  # noqa: E731
     assert near((0x4F, 0xC3, 0xF7)) > 30 and near((0xFF, 0xB7, 0x4D)) > 30, "chart lines not on the node"
