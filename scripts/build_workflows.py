@@ -35,6 +35,7 @@ from agg_testing import workflow_models as M  # noqa: E402
 
 from agg_kernels.guidance import DEFAULT_DDS_LR as DDS_LR  # noqa: E402
 from agg_kernels.guidance import DEFAULT_DDS_STEPS as DDS_STEPS  # noqa: E402
+from agg_kernels.losses.color import DEFAULT_COLOR_WEIGHT as COLOR_WEIGHT  # noqa: E402
 from agg_kernels.schedule import REFERENCE_END_PERCENT  # noqa: E402
 from agg_kernels.strength import DEFAULT_CLIP_WEIGHT as CLIP_WEIGHT  # noqa: E402
 from agg_kernels.strength import DEFAULT_STRUCTURE_WEIGHT as STRUCTURE_WEIGHT  # noqa: E402
@@ -127,6 +128,7 @@ class Card:
     target_text: str | None = None
     target_image: str | None = None  # a shipped asset's file name
     mask: bool = False
+    label: str | None = None  # under the target; default: "style", "edit (in the mask)" or "target text"
 
 
 @dataclass
@@ -407,7 +409,8 @@ def color_transfer() -> Workflow:
     sigmas = api.add("BasicScheduler", model=model, scheduler="normal", steps=50, denoise=0.6)
     inv = api.add("AGGInvert", model=model, latent=latent, positive=[pos_src, 0], sigmas=[sigmas, 0])
     structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, trajectory=[inv, 1])
-    loss = api.add("AGGColorLoss", image=[palette, 0], vae=vae, loss=[structure, 0], decoder=DECODER)
+    loss = api.add("AGGColorLoss", image=[palette, 0], vae=vae, weight=COLOR_WEIGHT, loss=[structure, 0],
+                   decoder=DECODER)
     guider = api.add("AGGGuider", model=model, positive=[pos, 0], negative=[neg, 0], cfg=7.5, loss=[loss, 0],
                      **agg_settings())
     noise = api.add("DisableNoise")
@@ -426,7 +429,8 @@ def color_transfer() -> Workflow:
         "pick your photo in **Source image** and a picture with the colours you want in **Style image**; describe "
         "the photo in both prompts. Stronger colour change: raise the Color Loss weight or lower the Structure "
         "weight."),
-        Card("Colour transfer", "SD1.5 · Color Loss + AGG Invert", target_image=STYLE_IMAGE))
+        Card("Colour transfer", "SD1.5 · Color Loss + AGG Invert", target_image=STYLE_IMAGE,
+             label="palette"))
 
 
 BUILDERS = [text_guided, img2img_ksampler, image_style, controlnet, sdxl_img2img, sd3_text_guided, flux_text_guided,
@@ -565,7 +569,7 @@ def thumbnail(card: Card, out: Path, size: tuple[int, int] = (512, 384)) -> None
             draw.text((x1 + side // 2, y), line, font=font, fill=(40, 40, 52), anchor="mm")
             y += line_h
     draw.text((20, top + side + 18), "source", font=_font(16), fill=(170, 175, 195), anchor="lm")
-    what = "style" if card.target_image else ("edit (in the mask)" if card.mask else "target text")
+    what = card.label or ("style" if card.target_image else ("edit (in the mask)" if card.mask else "target text"))
     draw.text((x1, top + side + 18), what, font=_font(16), fill=(170, 175, 195), anchor="lm")
     font = _font(19, bold=True)
     for points in range(19, 11, -1):  # the largest size that fits the card's width

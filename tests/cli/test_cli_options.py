@@ -148,7 +148,8 @@ def test_text_roles_of_every_example(name):
     _, api = G.load_workflow(name)
     roles = G.text_roles(api)
     assert "target" in roles.values() and "negative" in roles.values()
-    assert ("source" in roles.values()) == (name == "text_guided")  # only AGG Invert takes a source prompt
+    # only AGG Invert takes a source prompt
+    assert ("source" in roles.values()) == any(n["class_type"] == "AGGInvert" for n in api.values())
     for nid, role in roles.items():  # the graph's use agrees with the node titles
         t = G.title(api[nid])
         assert {"source": "Source", "target": ("Target", "Prompt"), "negative": "Negative"}[role][0] in t or t == "Prompt"

@@ -43,7 +43,7 @@ def build_script():
 
 def test_pack_ships_the_workflows():
     expected = {"agg_text_guided", "agg_img2img_ksampler", "agg_image_style", "agg_controlnet", "agg_sdxl_img2img",
-                "agg_sd3_text_guided", "agg_flux_text_guided", "agg_local_edit"}
+                "agg_sd3_text_guided", "agg_flux_text_guided", "agg_local_edit", "agg_color_transfer"}
     assert expected <= set(NAMES)
     from PIL import Image
 
