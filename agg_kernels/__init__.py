@@ -9,11 +9,14 @@ from .dds import dds_refine
 from .guidance import GuidanceResult, guided_delta
 from .manifold import MANIFOLD_MODES, covariance_product, manifold_gradient
 from .objective import LossContext, WeightedLoss, anchors_of, compose, total, weights_of
+from .schedule import next_sigma
 from .step import (
+    SamplerSpec,
     asymmetric_step,
     compensated_denoised,
     compensation_target,
-    next_sigma,
+    ddim_step,
+    realise,
     symmetric_denoised,
     symmetric_step,
 )
@@ -24,6 +27,7 @@ __all__ = [
     "FAMILIES",
     "MANIFOLD_MODES",
     "GuidanceResult",
+    "SamplerSpec",
     "LossContext",
     "WeightedLoss",
     "alpha",
@@ -32,6 +36,7 @@ __all__ = [
     "compensated_denoised",
     "compensation_target",
     "compose",
+    "ddim_step",
     "dds_refine",
     "eps_from_denoised",
     "guided_delta",
@@ -40,6 +45,7 @@ __all__ = [
     "next_sigma",
     "noisy_from_clean",
     "posterior_variance",
+    "realise",
     "symmetric_denoised",
     "symmetric_step",
     "term_pull",

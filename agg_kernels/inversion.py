@@ -13,8 +13,10 @@ from collections.abc import Callable
 
 import torch
 
-from .coordinates import alpha, check_family, eps_from_denoised, expand_sigma
+from .coordinates import alpha, check_family, expand_sigma
 from .losses.trajectory import Trajectory, TrajectoryRecorder
+from .schedule import sigma_values
+from .step import ddim_step
 
 # denoise(x [B, C, H, W], sigma [B]) -> D [B, C, H, W]
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -23,7 +25,7 @@ Progress = Callable[[int, int], None]
 
 def _sigma_list(sigmas: torch.Tensor | list[float], ascending: bool, family: str) -> list[float]:
     check_family(family)
-    values = [float(s) for s in (sigmas.flatten().tolist() if torch.is_tensor(sigmas) else sigmas)]
+    values = sigma_values(sigmas)
     if len(values) < 2:
         raise ValueError(f"need at least two sigmas; got {values}")
     pairs = list(zip(values[:-1], values[1:], strict=True))
@@ -36,12 +38,6 @@ def _sigma_list(sigmas: torch.Tensor | list[float], ascending: bool, family: str
     if family == "const" and max(values) > 1:
         raise ValueError(f"flow (const) sigmas must lie in [0, 1]; got {values}")
     return values
-
-
-def ddim_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float, family: str) -> torch.Tensor:
-    """x' = alpha(sigma') D + sigma' eps_hat, eps_hat = (x - alpha(sigma) D) / sigma."""
-    eps = eps_from_denoised(x, denoised, sigma, family)
-    return alpha(sigma_next, family) * denoised + sigma_next * eps
 
 
 def _sigma_batch(sigma: float, x: torch.Tensor) -> torch.Tensor:

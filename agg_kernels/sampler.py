@@ -28,25 +28,9 @@ from .schedule import (
     window_edit_end,
     zone_eta,
 )
-from .step import ancestral_sigma_down
+from .step import ancestral_sigmas, ddim_step
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def ancestral_sigma_up(sigma: float, sigma_next: float, eta: float, family: str) -> float:
-    """The fresh-noise scale added after stepping to `ancestral_sigma_down`.
-
-    eps / v: sqrt(sigma_next^2 - sigma_down^2) (k-diffusion's sigma_up);
-    const: sqrt(sigma_next^2 - sigma_down^2 * alpha(sigma_next)^2 / alpha(sigma_down)^2) (the `_RF` renoise).
-    """
-    check_family(family)
-    if not eta or sigma_next == 0:
-        return 0.0
-    sigma_down = ancestral_sigma_down(sigma, sigma_next, eta, family)
-    if family == "const":
-        ratio = (1 - sigma_next) / (1 - sigma_down)
-        return max(sigma_next**2 - (sigma_down * ratio) ** 2, 0.0) ** 0.5
-    return max(sigma_next**2 - sigma_down**2, 0.0) ** 0.5
 
 
 def ancestral_step(
@@ -62,11 +46,8 @@ def ancestral_step(
     """One DDIM step with the given eta; `noise()` is only called when fresh noise is added."""
     if sigma_next == 0:
         return denoised
-    sigma_down = ancestral_sigma_down(sigma, sigma_next, eta, family)
-    sigma_up = ancestral_sigma_up(sigma, sigma_next, eta, family)
-    ratio = sigma_down / sigma
-    # Euler to sigma_down: the same form in every family, x's own coordinates do the work.
-    x = ratio * x + (1 - ratio) * denoised
+    sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, eta, family)
+    x = ddim_step(x, denoised, sigma, sigma_down, family)
     if family == "const" and eta:
         # Stepping down in flow coordinates also shrank the signal: restore alpha(sigma_next).
         x = x * ((1 - sigma_next) / (1 - sigma_down))

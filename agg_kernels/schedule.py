@@ -70,8 +70,15 @@ def in_window(sigma: torch.Tensor | float, window: Window) -> bool:
     return sigma_low * (1 - SIGMA_REL_TOL) <= s <= sigma_high * (1 + SIGMA_REL_TOL)
 
 
-def _values(schedule: torch.Tensor | Sequence[float]) -> list[float]:
+def sigma_values(schedule: torch.Tensor | Sequence[float]) -> list[float]:
+    """A schedule (tensor or sequence) as a list of floats: the one parser of sigma schedules."""
     return [float(v) for v in (schedule.flatten().tolist() if torch.is_tensor(schedule) else schedule)]
+
+
+def same_sigma(a: float, b: float) -> bool:
+    """Whether two sigmas are the same schedule point (relative tolerance SIGMA_REL_TOL)."""
+    return math.isclose(a, b, rel_tol=SIGMA_REL_TOL, abs_tol=1e-7)
+
 
 
 def step_index(schedule: torch.Tensor | Sequence[float], sigma: torch.Tensor | float) -> int | None:
@@ -81,16 +88,36 @@ def step_index(schedule: torch.Tensor | Sequence[float], sigma: torch.Tensor | f
     corrector, sde midpoints) give None.
     """
     s = float(torch.as_tensor(sigma).flatten()[0]) if torch.is_tensor(sigma) else float(sigma)
-    for i, v in enumerate(_values(schedule)[:-1]):
-        if math.isclose(v, s, rel_tol=SIGMA_REL_TOL, abs_tol=1e-7):
+    for i, v in enumerate(sigma_values(schedule)[:-1]):
+        if same_sigma(v, s):
             return i
     return None
+
+
+def next_sigma(schedule: torch.Tensor | Sequence[float] | None, sigma: float) -> float | None:
+    """The schedule entry after `sigma`, or None when `sigma` starts no step of the schedule.
+
+    Evaluations between schedule points (heun's corrector, dpm_2 and sde midpoints, s_churn) return None
+    rather than a guess.
+    """
+    if schedule is None:
+        return None
+    i = step_index(schedule, sigma)
+    return None if i is None else sigma_values(schedule)[i + 1]
+
+
+def following_sigma(schedule: torch.Tensor | Sequence[float] | None, sigma: float) -> float | None:
+    """The first schedule entry below `sigma` (where an off-schedule evaluation's step lands)."""
+    if schedule is None:
+        return None
+    below = [v for v in sigma_values(schedule) if v < sigma and not same_sigma(v, sigma)]
+    return max(below) if below else None
 
 
 def window_edit_end(schedule: torch.Tensor | Sequence[float], sigma_low: float) -> float:
     """The edit zone's end, as a step fraction, that covers exactly the steps a guidance window ending at
     sigma_low acts on: the leading steps that start at a sigma >= sigma_low (tolerance SIGMA_REL_TOL)."""
-    values = _values(schedule)
+    values = sigma_values(schedule)
     n_steps = len(values) - 1
     if n_steps <= 0:
         return 0.0

@@ -7,11 +7,29 @@ model's own. A stock sampler computes x_next from (x, R) where R is the denoised
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from .coordinates import alpha, check_family, eps_from_denoised, expand_sigma
+from .schedule import following_sigma, next_sigma
+
+
+def ddim_step(
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    family: str,
+    clean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The deterministic DDIM update in the family's coordinates: keep the model's noise estimate, rescale the
+    clean estimate. x_next = alpha(sigma_next) * C + sigma_next * eps_hat, eps_hat = (x - alpha(sigma) * D) / sigma,
+    with C = `clean` (default D)."""
+    eps = eps_from_denoised(x, denoised, sigma, family)
+    sn = expand_sigma(sigma_next, x)
+    return alpha(sn, family) * (denoised if clean is None else clean) + sn * eps
 
 
 def asymmetric_step(
@@ -22,10 +40,9 @@ def asymmetric_step(
     sigma_next: torch.Tensor | float,
     family: str,
 ) -> torch.Tensor:
-    """x_next = alpha(sigma_next) * (D + delta) + sigma_next * eps_hat, eps_hat = (x - alpha(sigma) * D) / sigma."""
-    eps = eps_from_denoised(x, denoised, sigma, family)
-    sn = expand_sigma(sigma_next, x)
-    return alpha(sn, family) * (denoised + delta) + sn * eps
+    """x_next = alpha(sigma_next) * (D + delta) + sigma_next * eps_hat: the DDIM step whose clean estimate
+    alone is guided (eps_hat is the model's own)."""
+    return ddim_step(x, denoised, sigma, sigma_next, family, clean=denoised + delta)
 
 
 def symmetric_step(
@@ -78,39 +95,34 @@ def symmetric_denoised(denoised: torch.Tensor, delta: torch.Tensor) -> torch.Ten
     return denoised + delta
 
 
-def next_sigma(schedule: torch.Tensor | list[float] | None, sigma: float, rel_tol: float = 1e-4) -> float | None:
-    """The schedule entry after `sigma`, or None when `sigma` is not in the schedule.
+def ancestral_sigmas(sigma: float, sigma_next: float, eta: float, family: str) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step: the sampler steps deterministically to sigma_down, then
+    adds fresh noise of scale sigma_up so the state is at sigma_next again.
 
-    Evaluations between schedule points (heun's corrector, dpm_2 and sde midpoints, s_churn) return None
-    rather than a guess.
-    """
-    if schedule is None:
-        return None
-    values = [float(v) for v in (schedule.flatten().tolist() if torch.is_tensor(schedule) else schedule)]
-    for i, v in enumerate(values[:-1]):
-        if math.isclose(v, sigma, rel_tol=rel_tol, abs_tol=1e-7):
-            return values[i + 1]
-    return None
-
-
-def ancestral_sigma_down(sigma: float, sigma_next: float, eta: float, family: str) -> float:
-    """The sigma a stock ancestral sampler steps down to before adding fresh noise.
-
-    Variance-exploding families use k-diffusion's `get_ancestral_step`; const uses the `_RF` form.
+    eps / v: k-diffusion's `get_ancestral_step`; const: the `_RF` form, whose renoise also restores
+    alpha(sigma_next): sigma_up = sqrt(sigma_next^2 - sigma_down^2 * alpha(sigma_next)^2 / alpha(sigma_down)^2).
     """
     check_family(family)
     if not eta or sigma_next == 0:
-        return sigma_next
+        return sigma_next, 0.0
     if family == "const":
-        return sigma_next * (1 + (sigma_next / sigma - 1) * eta)
-    sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
-    return (sigma_next**2 - sigma_up**2) ** 0.5
+        down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+        ratio = (1 - sigma_next) / (1 - down)
+        return down, max(sigma_next**2 - (down * ratio) ** 2, 0.0) ** 0.5
+    up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    down = (sigma_next**2 - up**2) ** 0.5
+    return down, max(sigma_next**2 - down**2, 0.0) ** 0.5
+
+
+def ancestral_sigma_down(sigma: float, sigma_next: float, eta: float, family: str) -> float:
+    """The sigma a stock ancestral sampler steps down to before adding fresh noise (see ancestral_sigmas)."""
+    return ancestral_sigmas(sigma, sigma_next, eta, family)[0]
 
 
 # Samplers whose step from a returned denoised is first order, so the compensation is exact.
 EXACT_SAMPLERS = frozenset({"euler", "ddim", "euler_ancestral", "lcm", "euler_cfg_pp", "agg", "euler_ancestral_cfg_pp"})
 # Samplers that step to sigma_down(eta) and add fresh noise; "agg" is the pack's three-zone DDIM
-# (agg_kernels.sampler), whose per-step eta comes from sampler.sampler_eta_at.
+# (agg_kernels.sampler), whose per-step eta comes from its zones (SamplerSpec.eta_at).
 ANCESTRAL_SAMPLERS = frozenset({"euler_ancestral", "agg"})
 # Samplers whose next state is alpha(sigma_next) * R plus a noise term built from the (uncond) model
 # estimate: R = D + delta is exact.
@@ -138,10 +150,77 @@ def compensation_target(
     return sigma_next, sampler in EXACT_SAMPLERS
 
 
-def following_sigma(schedule: torch.Tensor | list[float] | None, sigma: float) -> float | None:
-    """The first schedule entry strictly below `sigma` (where an off-schedule evaluation's step lands)."""
-    if schedule is None:
-        return None
-    values = [float(v) for v in (schedule.flatten().tolist() if torch.is_tensor(schedule) else schedule)]
-    below = [v for v in values if v < sigma * (1 - 1e-6)]
-    return max(below) if below else None
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What the guided step needs to know of the sampler that will step from the returned value.
+
+    name: the stepping rule ("euler", "euler_ancestral", "agg", ...; None when unknown); eta: its noise
+    fraction; eta_at: for samplers whose eta varies per step (the AGG sampler's zones), the eta of the step
+    starting at a sigma of the run's schedule.
+    """
+
+    name: str | None
+    eta: float = 0.0
+    eta_at: Callable[[float], float | None] | None = field(default=None, compare=False)
+
+    @property
+    def exact(self) -> bool:
+        return self.name in EXACT_SAMPLERS
+
+    @property
+    def ancestral(self) -> bool:
+        return self.name in ANCESTRAL_SAMPLERS
+
+    @property
+    def jump(self) -> bool:
+        return self.name in JUMP_SAMPLERS
+
+    def eta_for(self, sigma: float) -> float:
+        value = self.eta_at(sigma) if self.eta_at is not None else None
+        return self.eta if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class Realised:
+    """The guided step as handed to the sampler: `returned` is what the sampler steps with, `shown` what
+    previews and the run's denoised output show (D + delta); `reason` says why the step is not exact."""
+
+    returned: torch.Tensor
+    shown: torch.Tensor
+    exact: bool
+    reason: str | None = None
+
+
+def realise(
+    denoised: torch.Tensor,
+    delta: torch.Tensor,
+    sigma: float,
+    schedule: torch.Tensor | list[float] | None,
+    sampler: SamplerSpec,
+    family: str,
+    asymmetric: bool = True,
+) -> Realised:
+    """The value a stock sampler must receive at sigma so that its step realises the guided step.
+
+    Symmetric: D + delta. Asymmetric: compensated_denoised toward the sampler's target sigma (the next
+    schedule entry, its ancestral sigma_down, or 0 for the samplers that jump to R); exact for the samplers of
+    EXACT_SAMPLERS at schedule points, approximate elsewhere (the reason tells which case).
+    """
+    shown = denoised + delta
+    if not asymmetric:
+        return Realised(shown, shown, True)
+    sn = next_sigma(schedule, sigma)
+    if sn is None:
+        # Between schedule points (heun's corrector, dpm_2, sde midpoints): aim at the next entry below.
+        target, exact = following_sigma(schedule, sigma), False
+        reason = f"an evaluation at sigma {sigma:.4g} between schedule points is realised approximately"
+    else:
+        eta = sampler.eta_for(sigma) if sampler.name == "agg" else sampler.eta
+        target, exact = compensation_target(sampler.name, sigma, sn, family, eta)
+        reason = None if exact else (
+            f"sampler '{sampler.name}' is not first order; the asymmetric step is realised approximately (exact for "
+            "euler, ddim, euler_ancestral, lcm, the cfg_pp Euler forms and the AGG sampler)")
+    if target is None or target >= sigma:
+        return Realised(shown, shown, False, f"no next sigma after {sigma:.4g}; the symmetric update is used there")
+    returned = compensated_denoised(denoised.float(), delta.float(), sigma, target, family).to(denoised.dtype)
+    return Realised(returned, shown, exact, reason)

@@ -6,7 +6,8 @@ import comfy.samplers
 from comfy_api.v0_0_2 import io
 
 from ..agg_kernels.manifold import MANIFOLD_MODES
-from .runtime import AGGPatch, AGGSettings, require_family
+from .runtime import AGGPatch
+from .settings import AGGSettings, require_family
 from .types import AGGLossType
 
 DEFAULTS = AGGSettings()
@@ -95,7 +96,6 @@ class Guider_AGG(comfy.samplers.CFGGuider):
 
     def __init__(self, model_patcher, patch: AGGPatch):
         super().__init__(patch.install(model_patcher))
-        self.agg_patch = patch
 
 
 class AGGGuider(io.ComfyNode):

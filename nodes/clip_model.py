@@ -9,11 +9,12 @@ import re
 from collections import OrderedDict
 
 import comfy.model_management
+import comfy.model_patcher
 import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
-from .runtime import AGGError
+from .settings import AGGError
 from .types import AGGClipType
 
 FOLDER = "open_clip"
@@ -61,15 +62,69 @@ def infer_config(sd: dict) -> dict:
     }
 
 
-class AGGClip:
-    """An open_clip model with text-embedding cache; the encoders the CLIP losses call."""
+class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher for a plain torch module (open_clip's layers are not comfy.ops, which is what ComfyUI's
+    partial loading relies on): ComfyUI loads, counts and offloads it whole, never in part."""
 
-    def __init__(self, model: torch.nn.Module, name: str):
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        return super().load(device_to, lowvram_model_memory=lowvram_model_memory,
+                            force_patch_weights=force_patch_weights, full_load=True)
+
+    def partially_load(self, *args, **kwargs) -> int:
+        return 0
+
+    def partially_unload(self, *args, **kwargs) -> int:
+        return 0  # nothing freed in part: ComfyUI then offloads the whole model
+
+
+def models_in_use() -> list:
+    """The models ComfyUI loaded for the work under way (the sampler's UNet, ControlNets): kept loaded when
+    another model is loaded mid-run (ComfyUI's ControlNet does the same)."""
+    return list(comfy.model_management.loaded_models(only_currently_used=True))
+
+
+def text_dtype_for(device: torch.device) -> torch.dtype:
+    """The text tower's dtype: ComfyUI's text-encoder dtype on a GPU (fp16 unless told otherwise; the text
+    embeddings are inference only), float32 on the CPU."""
+    if comfy.model_management.is_device_cpu(device):
+        return torch.float32
+    dtype = comfy.model_management.text_encoder_dtype(device)
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+
+
+def gradient_capable(module: torch.nn.Module) -> None:
+    """Inference tensors cannot be saved for backward; ComfyUI moving a model inside a prompt makes them.
+    Re-make such weights as ordinary tensors, one at a time, in place."""
+    with torch.inference_mode(False):
+        for t in (*module.parameters(), *module.buffers()):
+            if t.is_inference():
+                t.data = t.data.clone()
+
+
+class AGGClip:
+    """An open_clip model with text-embedding cache; the encoders the CLIP losses call.
+
+    The model is under ComfyUI's model management (`patcher`: load device = ComfyUI's torch device, offload
+    device = its text-encoder offload device): loading it counts its memory, keeps the sampler's models loaded
+    and lets ComfyUI offload it under pressure. The text tower runs in ComfyUI's text-encoder dtype on a GPU;
+    the image tower, which the losses differentiate through, stays float32.
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str, load_device: torch.device | None = None,
+                 offload_device: torch.device | None = None, text_dtype: torch.dtype | None = None):
+        mm = comfy.model_management
         self.model = model.eval()
         self.name = name
         self.image_size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size)
         self.context_length = int(getattr(model, "context_length", 77))
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        load_device = load_device or mm.get_torch_device()
+        offload_device = offload_device or mm.text_encoder_offload_device()
+        with torch.inference_mode(False):
+            self.model.to(offload_device)
+            self.text_dtype = text_dtype or text_dtype_for(load_device)
+            cast_text_tower(self.model, self.text_dtype)
+        self.patcher = WholeModelPatcher(self.model, load_device=load_device, offload_device=offload_device)
 
     def __deepcopy__(self, memo):
         return self  # shared, read-only weights
@@ -78,19 +133,53 @@ class AGGClip:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: torch.device) -> AGGClip:
-        with torch.inference_mode(False):
-            self.model.to(device)
+    def load(self) -> AGGClip:
+        """On ComfyUI's torch device, through its model management, beside the models in use."""
+        with torch.inference_mode(False):  # weights moved here stay usable by autograd
+            comfy.model_management.load_models_gpu([*models_in_use(), self.patcher])
+        gradient_capable(self.model.visual)
         return self
 
+    def unload(self) -> AGGClip:
+        """Back to the offload device, through ComfyUI's model management (which forgets it as loaded)."""
+        mm = comfy.model_management
+        with torch.inference_mode(False):
+            for i, loaded in enumerate(mm.current_loaded_models):
+                if loaded.model is self.patcher:
+                    mm.current_loaded_models.pop(i).model_unload()
+                    break
+            else:
+                if self.device != self.patcher.offload_device:
+                    self.patcher.detach()
+        return self
+
+    def to(self, device: torch.device) -> AGGClip:
+        """The losses' API: `to(run device)` loads, `to(another device)` hands it back for offloading."""
+        device = torch.device(device)
+        if device.type == self.patcher.load_device.type:
+            return self.load()
+        if device.type == self.patcher.offload_device.type:
+            return self.unload()
+        raise ValueError(f"AGG CLIP: device {device} is neither ComfyUI's torch device {self.patcher.load_device} "
+                         f"nor its offload device {self.patcher.offload_device}")
+
+    def loaded(self) -> bool:
+        """On the load device and registered with ComfyUI's model management."""
+        return self.device == self.patcher.load_device and any(
+            m.model is self.patcher for m in comfy.model_management.current_loaded_models)
+
+    def on_load_device(self) -> AGGClip:
+        return self if self.loaded() else self.load()
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """[T, D] text embeddings (cached per prompt list; no gradient)."""
+        """[T, D] float32 text embeddings (cached per prompt list; no gradient)."""
         import open_clip
 
         key = tuple(texts)
         if key in self._text_cache:
             self._text_cache.move_to_end(key)
             return self._text_cache[key].to(self.device)
+        self.on_load_device()
         with torch.inference_mode(False), torch.no_grad():
             tokens = open_clip.tokenize(list(texts), context_length=self.context_length).to(self.device)
             emb = self.model.encode_text(tokens).float()
@@ -101,11 +190,25 @@ class AGGClip:
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP-normalized [N, 3, s, s] -> [N, D], differentiable w.r.t. the images."""
-        p = next(self.model.parameters())
+        self.on_load_device()
+        p = next(self.model.visual.parameters())
         return self.model.encode_image(images.to(device=p.device, dtype=p.dtype)).float()
 
     def clear_cache(self) -> None:
         self._text_cache.clear()
+
+
+IMAGE_ONLY = ("logit_scale", "logit_bias")  # root tensors of an open_clip CLIP that the text tower does not use
+
+
+def cast_text_tower(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Everything of an open_clip CLIP but `visual` (and the logit scale) to `dtype`."""
+    for name, child in model.named_children():
+        if name != "visual":
+            child.to(dtype)
+    for name, t in (*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)):
+        if name not in IMAGE_ONLY and t.is_floating_point():
+            t.data = t.data.to(dtype)
 
 
 # OpenAI CLIP's input statistics: what the losses' cut-outs are normalised with (agg_kernels.augment).
@@ -256,4 +359,4 @@ class AGGCLIPLoader(io.ComfyNode):
             clip = load_open_clip(path, architecture)
         except Exception as e:
             raise AGGError(f"{node}: input 'clip_name': could not load {clip_name!r} as open_clip {architecture}: {e}") from e
-        return io.NodeOutput(clip.to(comfy.model_management.text_encoder_offload_device()))
+        return io.NodeOutput(clip)  # on the offload device, loaded by ComfyUI's model management when used

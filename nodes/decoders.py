@@ -1,8 +1,15 @@
 """Differentiable latent -> pixel decoders for the pixel-space losses.
 
 ComfyUI's VAE.decode is not differentiable (inference tensors, clamping, preallocated output), so the
-losses decode through a per-run copy made outside inference mode, through TAESD from
-models/vae_approx, or through the latent format's linear RGB factors.
+losses decode through a per-run copy of the VAE's decoding half made outside inference mode, through
+TAESD from models/vae_approx, or through the latent format's linear RGB factors.
+
+Memory: the `vae` copy holds what `first_stage_model.decode` uses and nothing of the encoder (for
+AutoencoderKL: decoder + post_quant_conv; for SDXL / SD3 / Flux's AutoencodingEngine: decoder; for
+TAESD-as-VAE: taesd_decoder + its scale and shift). Its weights are copied straight to the run's device
+and dtype, once per run (RunInfo.cached), and dropped when the run ends (RunInfo.release), even if a
+closure outlives the run. On a GPU, room for the copy and its backward pass is first made through
+ComfyUI's model management, keeping the models the sampler is using loaded.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import folder_paths
 import torch
 import torch.nn.functional as F
 
-from .runtime import AGGError, RunInfo
+from .settings import AGGError, RunInfo
 
 DECODERS = ("taesd", "vae", "linear")
 DEFAULT_DECODER = "taesd"
@@ -36,23 +43,105 @@ def check_vae(vae, model, node: str) -> None:
                        "connect the VAE that belongs to the checkpoint.")
 
 
-def gradient_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of `module` whose weights are ordinary tensors, frozen, on `device`."""
+# Children of a first_stage_model that only encoding uses: left out of the gradient copy. Every VAE kind
+# ComfyUI builds for image models names them so (AutoencoderKL / AutoencodingEngine: encoder, quant_conv;
+# TAESD: taesd_encoder); a kind without them is copied whole.
+ENCODER_PARTS = ("encoder", "quant_conv", "taesd_encoder")
+# Backward through a decoder keeps its activations: a multiple of what ComfyUI budgets for an inference decode.
+GRAD_DECODE_MEMORY_FACTOR = 3
+
+
+def gradient_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                  leave_out: tuple[str, ...] = ()) -> torch.nn.Module:
+    """A copy of `module` whose weights are ordinary (non-inference) tensors, frozen, on `device`.
+
+    Each tensor is copied once, straight to `device` and (if floating point) `dtype`; the children named
+    in `leave_out` are None in the copy and cost nothing."""
     with torch.inference_mode(False):
-        m = copy.deepcopy(module)
-        for p in m.parameters():
-            p.requires_grad_(False)
-        return m.to(device=device, dtype=dtype).eval()
+        memo: dict[int, object] = {}
+        for name in leave_out:
+            part = module._modules.get(name)
+            if part is not None:
+                memo[id(part)] = None
+        left_out = {id(t) for name in leave_out if module._modules.get(name) is not None
+                    for t in (*module._modules[name].parameters(), *module._modules[name].buffers())}
+        for t in (*module.parameters(), *module.buffers()):
+            if id(t) in left_out or id(t) in memo:
+                continue
+            data = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True)
+            memo[id(t)] = torch.nn.Parameter(data, requires_grad=False) if isinstance(t, torch.nn.Parameter) else data
+        return copy.deepcopy(module, memo).eval()
+
+
+def decoder_copy(first_stage_model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The gradient copy of a VAE's first_stage_model without its encoder: what `.decode` uses, its blocks
+    recomputed in the backward pass instead of keeping their activations (see checkpoint_blocks)."""
+    return checkpoint_blocks(gradient_copy(first_stage_model, device, dtype, ENCODER_PARTS))
+
+
+def checkpointed_block_types() -> tuple[type, ...]:
+    from comfy.ldm.modules.diffusionmodules import model as blocks
+
+    return tuple(getattr(blocks, name) for name in ("ResnetBlock", "AttnBlock", "Upsample") if hasattr(blocks, name))
+
+
+def checkpoint_blocks(net: torch.nn.Module) -> torch.nn.Module:
+    """Activation checkpointing of the VAE decoder's resnet, attention and upsampling blocks when a gradient is
+    taken: the backward pass keeps only each block's input and recomputes its inside (one more decoder forward
+    per guided step), instead of every activation at full resolution (1.5 GB for SD1.5's decoder at 256 px)."""
+    from torch.utils.checkpoint import checkpoint
+
+    kinds = checkpointed_block_types()
+    for m in net.modules():
+        if isinstance(m, kinds):
+            forward = m.forward
+
+            def recomputed(*args, _forward=forward, **kwargs):
+                if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                return _forward(*args, **kwargs)
+
+            m.forward = recomputed
+    return net
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def make_room(nbytes: int, device: torch.device) -> None:
+    """Ask ComfyUI to free `nbytes` on a GPU for memory it does not manage (a gradient copy and its backward
+    pass), unloading idle models first and keeping those the running sampler uses."""
+    if device.type == "cpu":
+        return
+    import comfy.model_management as mm
+
+    in_use = [m for m in mm.current_loaded_models if getattr(m, "currently_used", False)]
+    mm.free_memory(nbytes + mm.minimum_inference_memory(), device, keep_loaded=in_use)
 
 
 def vae_decoder(vae, run: RunInfo) -> Decoder:
     dtype = torch.float32 if run.device.type == "cpu" else getattr(vae, "vae_dtype", torch.float32)
-    net = run.cached(("vae", id(vae)), lambda: gradient_copy(vae.first_stage_model, run.device, dtype))
+    source = vae.first_stage_model
+
+    def make() -> list[torch.nn.Module]:
+        if run.device.type != "cpu":
+            decoding = sum(module_bytes(c) for n, c in source.named_children() if n not in ENCODER_PARTS)
+            activations = GRAD_DECODE_MEMORY_FACTOR * vae.memory_used_decode(run.latent_shape, dtype) \
+                if hasattr(vae, "memory_used_decode") else 0
+            make_room(decoding + int(activations), run.device)
+        holder = [decoder_copy(source, run.device, dtype)]
+        run.release.append(holder.clear)  # the copy goes with the run, whoever still holds `decode`
+        return holder
+
+    holder = run.cached(("vae", id(vae)), make)
     model = run.model
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
+        if not holder:
+            raise RuntimeError("the VAE decoder copy was released with its sampling run")
         z = model.process_latent_out(x0)
-        return net.decode(z.to(device=run.device, dtype=dtype)).float()
+        return holder[0].decode(z.to(device=run.device, dtype=dtype)).float()
 
     return decode
 
@@ -76,9 +165,12 @@ def taesd_decoder(run: RunInfo, node: str) -> Decoder:
         raise AGGError(f"{node}: input 'decoder' is 'taesd' but {e}. Put the TAESD decoder there, or choose 'vae' or 'linear'.") from e
 
     def make() -> torch.nn.Module:
-        with torch.inference_mode(False):
+        with torch.inference_mode(False):  # ordinary tensors from the start: no second copy needed
             net = TAESD(decoder_path=path, latent_channels=latent_channels(run.model))
-        return gradient_copy(net, run.device, torch.float32)
+            net.taesd_encoder = None  # built (randomly initialised) by TAESD, never used for decoding
+            for p in net.parameters():
+                p.requires_grad_(False)
+            return net.to(device=run.device, dtype=torch.float32).eval()
 
     net = run.cached(("taesd", path), make)
 

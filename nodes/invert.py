@@ -8,13 +8,14 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..agg_kernels.inversion import ddim_invert
-from .runtime import AGGError, require_family
+from .sampler import PackSampler
+from .settings import AGGError, require_family
 from .types import AGGTrajectoryType
 
 NODE = "AGG Invert"
 
 
-def inversion_sampler(holder: dict) -> comfy.samplers.KSAMPLER:
+def inversion_sampler(holder: dict) -> PackSampler:
     """A KSAMPLER that runs the inversion on ascending sigmas (AGG guidance skips it)."""
 
     @torch.no_grad()
@@ -32,8 +33,7 @@ def inversion_sampler(holder: dict) -> comfy.samplers.KSAMPLER:
         x_top, holder["trajectory"] = ddim_invert(denoise, x, sigmas, family, trajectory_device="cpu")
         return x_top
 
-    sample_agg_inversion.agg_skip_guidance = True
-    return comfy.samplers.KSAMPLER(sample_agg_inversion)
+    return PackSampler(sample_agg_inversion, stepping=None)
 
 
 class AGGInvert(io.ComfyNode):

@@ -26,7 +26,7 @@ from ..agg_kernels.objective import Loss, compose
 from ..agg_kernels.strength import DEFAULT_CLIP_WEIGHT, DEFAULT_STRUCTURE_WEIGHT, DEFAULT_STYLE_WEIGHT
 from .clip_model import AGGClip, VisionClip, image_encoder
 from .decoders import DECODERS, DEFAULT_DECODER, make_decoder
-from .runtime import AGGError, RunInfo
+from .settings import AGGError, RunInfo
 from .types import AGGClipType, AGGLossType, AGGTrajectoryType
 
 DEFAULT_CUTOUTS = 8

@@ -1,13 +1,58 @@
-"""AGG Sampler: the paper's three-zone DDIM (edit, unguided, stochastic boost) as a SAMPLER."""
+"""AGG Sampler: the paper's three-zone DDIM (edit, unguided, stochastic boost) as a SAMPLER, and the one place
+that describes a ComfyUI sampler object to the guided step (SamplerSpec)."""
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import comfy.samplers
+import torch
 from comfy_api.v0_0_2 import io
 
 from ..agg_kernels import schedule
-from ..agg_kernels.sampler import resolve_zones, sample_agg
-from .runtime import RUNS_KEY, AGGError, require_family
+from ..agg_kernels.sampler import resolve_zones, sample_agg, sampler_eta_at
+from ..agg_kernels.step import SamplerSpec
+from .settings import RUNS_KEY, AGGError, require_family
+
+
+class PackSampler(comfy.samplers.KSAMPLER):
+    """A KSAMPLER of this pack. `stepping` names its stepping rule for the guided step ("agg"), or is None for
+    a sampler AGG guidance must leave alone (AGG Invert's inversion)."""
+
+    def __init__(self, sampler_function, stepping: str | None, extra_options: dict | None = None):
+        super().__init__(sampler_function, extra_options=extra_options or {})
+        self.stepping = stepping
+
+
+def is_guided(sampler: Any) -> bool:
+    return not (isinstance(sampler, PackSampler) and sampler.stepping is None)
+
+
+def default_eta(fn: Any) -> float:
+    """A k-diffusion sampler function's default eta (0 when it has none)."""
+    try:
+        eta = inspect.signature(fn).parameters["eta"].default
+    except (KeyError, ValueError, TypeError):
+        return 0.0
+    return float(eta) if isinstance(eta, (int, float)) else 0.0
+
+
+def sampler_spec(sampler: Any, sigmas: torch.Tensor, window_low: float | None) -> SamplerSpec:
+    """What the guided step needs to know of a ComfyUI sampler object (see agg_kernels.step.SamplerSpec).
+
+    The AGG sampler's zones are resolved here exactly as it resolves them (its edit zone may follow the
+    guidance window ending at sigma `window_low`)."""
+    options = dict(getattr(sampler, "extra_options", {}) or {})
+    if isinstance(sampler, PackSampler) and sampler.stepping == "agg":
+        zones = resolve_zones(options, sigmas, window_low)
+        return SamplerSpec("agg", 0.0, eta_at=lambda sigma: sampler_eta_at(sigmas, sigma, **zones))
+    fn = getattr(sampler, "sampler_function", None)
+    if fn is None:
+        return SamplerSpec(None)
+    name = fn.__name__.removeprefix("sample_").removesuffix("_function")
+    eta = options.get("eta")
+    return SamplerSpec(name, float(eta) if isinstance(eta, (int, float)) else default_eta(fn))
 
 
 def sample_agg_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, follow_guidance=False,
@@ -16,10 +61,8 @@ def sample_agg_comfy(model, x, sigmas, extra_args=None, callback=None, disable=N
     runs = (extra_args or {}).get("model_options", {}).get("transformer_options", {}).get(RUNS_KEY, {})
     lows = [run.window[1] for run in runs.values()]
     zones = resolve_zones({**options, "follow_guidance": follow_guidance}, sigmas, min(lows) if lows else None)
-    return sample_agg(model, x, sigmas, extra_args, callback, disable, family=family, s_noise=s_noise, **zones)
-
-
-sample_agg_comfy.agg_sampler_name = "agg"  # read by the guidance hook to realise the step exactly
+    return sample_agg(model, x, sigmas, extra_args, callback, disable, family=family, s_noise=s_noise,
+                      **{**options, **zones})
 
 
 class AGGSampler(io.ComfyNode):
@@ -61,4 +104,4 @@ class AGGSampler(io.ComfyNode):
             raise AGGError(f"AGG Sampler: inputs 'edit_end' / 'boost_start': {e}") from e
         options = {"eta_edit": eta_edit, "eta": eta, "eta_boost": eta_boost, "edit_end": edit_end,
                    "boost_start": boost_start, "s_noise": s_noise, "follow_guidance": bool(follow_guidance)}
-        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_agg_comfy, extra_options=options))
+        return io.NodeOutput(PackSampler(sample_agg_comfy, "agg", extra_options=options))

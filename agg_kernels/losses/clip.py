@@ -183,16 +183,13 @@ class AdaptiveWeight:
         else:
             self.multiplier = 1.0
 
-    def reset(self) -> None:
-        self.multiplier = 1.0
-
 
 class CLIPDirectionLoss:
     """Term "clip_direction" = -mean over cut-outs of cos(E_I(cut), v), per sample; its weight (`weights`) is
     `weight`, or the AdaptiveWeight's current value. The adaptive state advances when a call
     carries a larger ctx.step than the last one (with the unweighted loss of the first evaluation of
-    the previous step, i.e. at the model's own clean estimate), and resets when ctx.step goes back
-    (a new run reusing this object). Calls with the same step share one weight.
+    the previous step, i.e. at the model's own clean estimate). Calls with the same step share one weight;
+    the state is per run: build a new loss for each run.
     """
 
     def __init__(
@@ -216,18 +213,10 @@ class CLIPDirectionLoss:
         self._step_loss: float | None = None
 
     def _observe(self, step: int) -> None:
-        if self._step is not None and step < self._step and self.adaptive is not None:
-            self.adaptive.reset()
-        elif self._step is not None and step > self._step and self.adaptive is not None:
-            if self._step_loss is not None:
-                self.adaptive.update(self._step_loss)
+        if self._step is not None and step > self._step and self.adaptive is not None and self._step_loss is not None:
+            self.adaptive.update(self._step_loss)
         if step != self._step:
             self._step, self._step_loss = step, None
-
-    def __deepcopy__(self, memo: dict) -> CLIPDirectionLoss:
-        # ComfyUI deep-copies model_options on every ModelPatcher.clone(): keep one object (and one
-        # copy of the encoders) per loss. Reuse by a later run is handled by the step reset above.
-        return self
 
     def current_weight(self) -> float:
         return self.adaptive.current(self.weight) if self.adaptive is not None else self.weight
@@ -248,19 +237,8 @@ class CLIPDirectionLoss:
         return {"clip_direction": -cos}
 
 
-def clip_direction_loss(
-    weight: float,
-    decode: Decoder,
-    encode_image: ImageEncoder,
-    direction: torch.Tensor,
-    n_cuts: int = 16,
-    cut_size: int = 224,
-    seed: int = 0,
-    adaptive: bool = True,
-    noisy_aug: bool = True,
-) -> CLIPDirectionLoss:
-    """Text-guided loss toward the CLIP direction v (see target_direction). Make a new one per run."""
-    return CLIPDirectionLoss(weight, decode, encode_image, direction, n_cuts, cut_size, seed, adaptive, noisy_aug)
+# The kernel's functional name: make a new one per run (its adaptive weight is per-run state).
+clip_direction_loss = CLIPDirectionLoss
 
 
 STYLE_METRICS = ("cosine", "mse")

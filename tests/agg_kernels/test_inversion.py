@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from agg_kernels.inversion import ddim_invert, ddim_reconstruct, ddim_step, latent_for_sampler
+from agg_kernels.inversion import ddim_invert, ddim_reconstruct, latent_for_sampler
 from agg_kernels.losses import trajectory_at
+from agg_kernels.step import ddim_step
 
 MU, S = 0.3, 0.5
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -347,8 +346,6 @@ def test_adaptive_weight_is_set_afresh_each_step():
     for _ in range(10):
         w.update(0.0)
     assert w.current(0.1) == 0.2
-    w.reset()
-    assert w.current(1.0) == 1.0
 
 
 def constant_encoder(vec: torch.Tensor):
@@ -372,8 +369,6 @@ def test_clip_direction_adaptive_weight_follows_previous_step():
     assert aligned.current_weight() == 5.0
     aligned(x0, ctx_for(x0, step=2))
     assert aligned.current_weight() == 5.0 and aligned.weights == {"clip_direction": 5.0}
-    aligned(x0, ctx_for(x0, step=0))  # a new run: back to the base weight
-    assert aligned.current_weight() == 10.0
 
     orthogonal = torch.tensor([0.0, 1.0, 0.0])
     lagging = clip_direction_loss(10.0, toy_decoder(), constant_encoder(orthogonal), v, n_cuts=1, cut_size=8)
@@ -388,12 +383,6 @@ def test_clip_direction_adaptive_weight_follows_previous_step():
     for step in range(3):
         fixed(x0, ctx_for(x0, step=step))
     assert fixed.current_weight() == 10.0
-
-
-def test_clip_direction_loss_survives_deepcopy_as_the_same_object():
-    decode, encode, x0, v = direction_setup()
-    loss = clip_direction_loss(1.0, decode, encode, v)
-    assert copy.deepcopy({"loss": loss})["loss"] is loss
 
 
 def test_clip_direction_loss_rejects_bad_direction_batch():

@@ -16,12 +16,13 @@ from agg_testing.analytic import KModel, alpha64, mixture
 from agg_testing.analytic import ancestral_expected as expected_ancestral
 from agg_testing.analytic import asymmetric_closed_form as closed_form
 
+from agg_kernels.schedule import next_sigma
 from agg_kernels.step import (
     ancestral_sigma_down,
+    ancestral_sigmas,
     asymmetric_step,
     compensated_denoised,
     compensation_target,
-    next_sigma,
     symmetric_denoised,
     symmetric_step,
 )
@@ -344,3 +345,64 @@ def test_comfy_sampler_multistep_trajectory(family, sampler, fn, kw):
     err = maxerr(out, x) / scale
     record(f"b multistep {sampler} {family} (relative)", err)
     assert math.isfinite(err) and err <= 1e-4, (family, sampler, err)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sigma_up_matches_comfyui(family):
+    for s, sn in ((14.6, 10.0), (2.0, 1.5), (0.9, 0.8), (0.5, 0.2)):
+        if family == "const" and s > 1:
+            continue
+        for eta in (0.0, 0.5, 1.0):
+            down, up = ancestral_sigmas(s, sn, eta, family)
+            assert down == ancestral_sigma_down(s, sn, eta, family)
+            if family == "const":
+                sd = ancestral_sigma_down(s, sn, eta, family)
+                expected = (sn**2 - sd**2 * (1 - sn) ** 2 / (1 - sd) ** 2) ** 0.5 if eta else 0.0
+            else:
+                expected = kds.get_ancestral_step(s, sn, eta)[1]
+            assert up == pytest.approx(expected, abs=1e-12)
+
+
+# -- the guided step as the sampler receives it (realise) ------------------------------------------------
+
+
+def test_realise_is_exact_for_euler_and_lands_on_the_asymmetric_step():
+    from agg_kernels.step import SamplerSpec, realise
+
+    sigmas = [10.0, 5.0, 2.0, 0.0]
+    x, d, delta = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4), 0.1 * torch.randn(1, 4, 4, 4)
+    step = realise(d, delta, 5.0, sigmas, SamplerSpec("euler"), "eps")
+    assert step.exact and step.reason is None and torch.equal(step.shown, d + delta)
+    euler = x + (2.0 - 5.0) * (x - step.returned) / 5.0  # what k-diffusion's Euler step does with the value
+    assert torch.allclose(euler, asymmetric_step(x, d, delta, 5.0, 2.0, "eps"), atol=1e-5)
+
+
+def test_realise_symmetric_off_schedule_and_unknown_samplers():
+    from agg_kernels.step import SamplerSpec, realise
+
+    sigmas = [10.0, 5.0, 2.0, 0.0]
+    d, delta = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    sym = realise(d, delta, 5.0, sigmas, SamplerSpec("heun"), "eps", asymmetric=False)
+    assert sym.exact and torch.equal(sym.returned, d + delta)
+    heun = realise(d, delta, 5.0, sigmas, SamplerSpec("heun"), "eps")
+    assert not heun.exact and "not first order" in heun.reason
+    assert torch.allclose(heun.returned, d + compensated_denoised(d, delta, 5.0, 2.0, "eps") - d)
+    between = realise(d, delta, 3.0, sigmas, SamplerSpec("euler"), "eps")  # heun's corrector point
+    assert not between.exact and "between schedule points" in between.reason
+    assert torch.allclose(between.returned, compensated_denoised(d, delta, 3.0, 2.0, "eps"))
+    last = realise(d, delta, 0.0, sigmas, SamplerSpec("euler"), "eps")
+    assert not last.exact and "symmetric" in last.reason and torch.equal(last.returned, d + delta)
+
+
+def test_realise_uses_the_agg_samplers_per_step_eta():
+    from agg_kernels.step import SamplerSpec, realise
+
+    sigmas = [10.0, 5.0, 2.0, 0.0]
+    d, delta = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    spec = SamplerSpec("agg", eta_at=lambda s: 1.0 if s == 5.0 else 0.0)
+    assert spec.ancestral and spec.exact and not spec.jump
+    step = realise(d, delta, 5.0, sigmas, spec, "eps")
+    down = ancestral_sigma_down(5.0, 2.0, 1.0, "eps")
+    assert step.exact and torch.allclose(step.returned, compensated_denoised(d, delta, 5.0, down, "eps"))
+    plain = realise(d, delta, 10.0, sigmas, spec, "eps")  # eta 0 at this step: aims at the next sigma
+    assert torch.allclose(plain.returned, compensated_denoised(d, delta, 10.0, 5.0, "eps"))

@@ -256,31 +256,35 @@ def guided_steps() -> Iterator[list[dict]]:
     Each record: node (the AGG node's display name), family, sigma, x (the sampler state), D (the guider's
     denoised), returned (what the sampler got), guided (inside the window and not skipped), delta (the
     step on the clean estimate, D + delta is what previews show; None when not guided), terms (that step's
-    history entry). Observation only: the hook's result is returned unchanged.
+    reported figures: step, sigma, the loss terms, skipped). Observation only: the hook's result is returned unchanged.
     """
     runtime = pack_module("nodes.runtime")
-    original = runtime.AGGRun.guide
+    original, original_report = runtime.AGGRun.guide, runtime.report
     calls: list[dict] = []
+    reported: list[dict] = []
+
+    def report(node_name, step, sigma, result):
+        reported.append({"step": step, "sigma": sigma, **result.terms, "skipped": result.skipped})
+        return original_report(node_name, step, sigma, result)
 
     def guide(self, executor, x, timestep, model_options, seed, denoised):
-        before = len(self.history)
+        before = len(reported)
         out = original(self, executor, x, timestep, model_options, seed, denoised)
-        stepped = len(self.history) > before
-        entry = self.history[-1] if stepped else None
-        guided = stepped and not entry["skipped"] and self.pending is not None
+        entry = reported[-1] if len(reported) > before else None
+        guided = entry is not None and not entry["skipped"] and self.pending is not None
         calls.append({
-            "node": self.patch.node_name, "family": self.family, "sigma": float(timestep.flatten()[0]),
+            "node": self.node_name, "family": self.family, "sigma": float(timestep.flatten()[0]),
             "x": x.detach().float().clone(), "D": denoised.detach().float().clone(),
             "returned": out.detach().float().clone(), "guided": guided, "terms": entry,
             "delta": (self.pending[1].float() - denoised.float()).clone() if guided else None,
         })
         return out
 
-    runtime.AGGRun.guide = guide
+    runtime.AGGRun.guide, runtime.report = guide, report
     try:
         yield calls
     finally:
-        runtime.AGGRun.guide = original
+        runtime.AGGRun.guide, runtime.report = original, original_report
 
 
 def percent_for_sigma(percent_to_sigma: Callable[[float], float], sigma: float) -> float:

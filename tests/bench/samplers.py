@@ -140,7 +140,7 @@ def run_sampler(name: str, family: str, sigmas, x0, noise, mixtures, guide_step:
     inner = SimpleNamespace(model_sampling=model.model_sampling, process_latent_in=identity,
                             process_latent_out=identity, latent_format=None, diffusion_model=torch.nn.Identity())
     guider.inner_model = inner
-    run = runtime.AGGRun(patch, guider, sigmas.float(), sampler, tuple(noise.shape))
+    run = runtime.AGGRun(patch.node_name, settings, loss, guider, sigmas.float(), sampler, tuple(noise.shape))
     model.run = run
     if guide_step is None:
         run.window = (-2.0, -1.0)  # holds no sigma: the hook runs and guides nothing
@@ -151,9 +151,9 @@ def run_sampler(name: str, family: str, sigmas, x0, noise, mixtures, guide_step:
     guide = run.guide
 
     def recording_guide(executor, x, timestep, model_options, seed, denoised):
-        before = len(run.history)
+        before = run.step
         out = guide(executor, x, timestep, model_options, seed, denoised)
-        if guide_step is not None and len(run.history) > before and run.pending is not None:
+        if guide_step is not None and run.step > before and run.pending is not None:
             deltas.setdefault(guide_step, (run.pending[1] - denoised).clone())
         return out
 
@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         devs = [row[f]["max_deviation"] for f in families]
         finite = [d for d in devs if math.isfinite(d)]
         kind = "n/a" if not finite else ("exact" if max(finite) < EXACT_TOL else "approximate")
-        sampler_name, _ = runtime.sampler_identity(comfy.samplers.sampler_object(name))
+        spec_of = importlib.import_module(f"{runtime.__package__}.sampler").sampler_spec
+        sampler_name = spec_of(comfy.samplers.sampler_object(name), [1.0, 0.0], None).name
         results[name] = {"families": row, "realised": kind, "hook_name": sampler_name}
         cells = "".join(f"{d:>16.2e}" if math.isfinite(d) else f"{'error':>16}" for d in devs)
         print(f"{name:<28}{cells}  {kind}", flush=True)

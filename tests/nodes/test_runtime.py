@@ -62,7 +62,7 @@ class Harness:
     """A fake guider / model around the real AGGPatch and AGGRun, recording every step."""
 
     def __init__(self, family, sampler_fn, extra_options=None, manifold="finite_difference", asymmetric=True,
-                 weight=2.0):
+                 weight=2.0, sampler_obj=None):
         runtime = pack_module("nodes.runtime")
         losses = pack_module("nodes.losses")
         self.family = family
@@ -77,8 +77,8 @@ class Harness:
         inner = SimpleNamespace(model_sampling=self.sampling, process_latent_in=identity, process_latent_out=identity,
                                 latent_format=None, diffusion_model=torch.nn.Identity())
         self.guider = SimpleNamespace(inner_model=inner)
-        self.sampler_obj = SimpleNamespace(sampler_function=sampler_fn, extra_options=dict(extra_options or {}))
-        self.run = runtime.AGGRun(self.patch, self.guider, self.sigmas, self.sampler_obj, SHAPE)
+        self.sampler_obj = sampler_obj or SimpleNamespace(sampler_function=sampler_fn, extra_options=dict(extra_options or {}))
+        self.run = runtime.AGGRun(self.patch.node_name, settings, loss, self.guider, self.sigmas, self.sampler_obj, SHAPE)
         self.model_options = {"transformer_options": {runtime.RUNS_KEY: {self.patch.key: self.run}}}
         self.mix = data()
         self.executor_calls: list[torch.Tensor] = []
@@ -140,7 +140,7 @@ def realised(h: Harness, out: torch.Tensor) -> list[torch.Tensor]:
 def assert_guided(h: Harness):
     assert len(h.steps) == len(h.sigmas) - 1
     assert all(st["delta"].abs().max() > 1e-3 for st in h.steps), "guidance did nothing"
-    assert [e["step"] for e in h.run.history] == list(range(1, len(h.steps) + 1))
+    assert h.run.step == len(h.steps)
 
 
 def k():
@@ -205,7 +205,7 @@ def test_agg_sampler_realises_the_asymmetric_step(family):
 
     sampler = pack_module("nodes.sampler")
     options = {"eta_edit": 0.0, "eta": 0.5, "eta_boost": 1.0, "edit_end": 0.4, "boost_start": 0.6}
-    h = Harness(family, sampler.sample_agg_comfy, extra_options=options)
+    h = Harness(family, sampler.sample_agg_comfy, sampler_obj=sampler.PackSampler(sampler.sample_agg_comfy, "agg", options))
     noise = FixedNoise()
     out = sampler.sample_agg_comfy(h, h.start(), h.sigmas, {}, h.callback(), True, noise_sampler=noise, **options)
     assert_guided(h)
@@ -245,7 +245,7 @@ def test_outside_the_window_or_without_a_run_the_model_output_is_untouched():
     low = float(h.sigmas[-2])
     h.run.window = (low, low / 2)
     out = h.patch.predict_noise(h.executor, x, sig, h.model_options, 0)
-    assert out is h.executor_calls[-1] and h.run.history == [] and h.run.pending is None
+    assert out is h.executor_calls[-1] and h.run.step == 0 and h.run.pending is None
 
 
 # -- cfg_pp samplers: a guider with cond != uncond, finite differences on ----------------------------

@@ -1,0 +1,100 @@
+"""What the nodes share besides the hook: user errors, the model family check, the guidance settings and the
+per-run information a loss builds itself from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import comfy.model_sampling
+import torch
+
+from ..agg_kernels.guidance import DEFAULT_DDS_LR, DEFAULT_DDS_STEPS
+from ..agg_kernels.manifold import MANIFOLD_MODES
+from ..agg_kernels.schedule import REFERENCE_END_PERCENT
+from ..agg_kernels.strength import DEFAULT_TRUST
+
+RUNS_KEY = "agg_runs"  # transformer_options entry holding the open runs of this sampling call
+
+
+class AGGError(ValueError):
+    """A user-facing error; the message names the node and the input."""
+
+
+def model_family(model_sampling: Any) -> str | None:
+    """The pack's coordinate family for a ComfyUI model_sampling object, None when unsupported.
+
+    Only the relation between x, x0 and sigma matters, not the prediction type: EPS, V_PREDICTION,
+    EDM and X0 all use x = x0 + sigma * eps; CONST (SD3, Flux) uses x = (1 - sigma) x0 + sigma * eps.
+    """
+    ms = comfy.model_sampling
+    if isinstance(model_sampling, ms.CONST):
+        return "const"
+    if isinstance(model_sampling, ms.V_PREDICTION):
+        return "v_prediction"
+    if isinstance(model_sampling, ms.EPS):
+        return "eps"
+    return None
+
+
+def require_family(model_sampling: Any, node: str, input_name: str = "model") -> str:
+    family = model_family(model_sampling)
+    if family is None:
+        kinds = ", ".join(c.__name__ for c in type(model_sampling).__mro__[:-1])
+        raise AGGError(
+            f"{node}: input '{input_name}' samples with {kinds}, which AGG does not support "
+            "(supported: EPS and V_PREDICTION models such as SD1.x/SD2.x/SDXL, and CONST flow models such as SD3/Flux)."
+        )
+    return family
+
+
+@dataclass(frozen=True)
+class AGGSettings:
+    start_percent: float = 0.0
+    end_percent: float = round(REFERENCE_END_PERCENT, 4)
+    manifold: str = "finite_difference"
+    dds_steps: int = DEFAULT_DDS_STEPS
+    dds_lr: float = DEFAULT_DDS_LR
+    asymmetric: bool = True
+    trust: float = DEFAULT_TRUST
+    fd_rel_step: float | None = None  # None: by the model's precision (see fd_step_for)
+
+    def validate(self, node: str) -> AGGSettings:
+        if not 0.0 <= self.start_percent < self.end_percent <= 1.0:
+            raise AGGError(
+                f"{node}: input 'start_percent' ({self.start_percent}) must be below 'end_percent' "
+                f"({self.end_percent}), both within 0..1."
+            )
+        if self.manifold not in MANIFOLD_MODES:
+            raise AGGError(f"{node}: input 'manifold' must be one of {', '.join(MANIFOLD_MODES)}, got {self.manifold!r}.")
+        if self.dds_steps < 0 or not 0.0 <= self.dds_lr <= 1.0:
+            raise AGGError(f"{node}: input 'dds_steps' must not be negative and 'dds_lr' must lie in 0..1 "
+                           f"(got {self.dds_steps}, {self.dds_lr}).")
+        if not self.trust > 0:
+            raise AGGError(f"{node}: input 'trust_region' must be above 0 (got {self.trust}).")
+        return self
+
+
+@dataclass
+class RunInfo:
+    """What a loss may need to build itself for one sampling run; `cache` and `release` are per run."""
+
+    model: Any  # comfy BaseModel: process_latent_in/out, latent_format, model_sampling
+    family: str
+    device: torch.device
+    latent_shape: tuple[int, ...]
+    sigmas: torch.Tensor
+    cache: dict = field(default_factory=dict)
+    release: list[Callable[[], None]] = field(default_factory=list)
+
+    def cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def close(self) -> None:
+        for fn in reversed(self.release):
+            fn()
+        self.release.clear()
+        self.cache.clear()
