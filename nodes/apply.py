@@ -56,12 +56,12 @@ def settings_inputs() -> list:
     ]
 
 
-def make_patch(model, loss, node_name: str, **settings) -> AGGPatch:
+def make_patch(model, loss, node_name: str, node_id: str | None = None, **settings) -> AGGPatch:
     patch_settings = AGGSettings(**settings).validate(node_name)
     require_family(model.get_model_object("model_sampling"), node_name)
     if loss is None:
         raise ValueError(f"{node_name}: input 'loss' is required (connect a Structure Loss, CLIP Direction Loss or Image Style Loss).")
-    return AGGPatch(loss, patch_settings, node_name)
+    return AGGPatch(loss, patch_settings, node_name, node_id=node_id)
 
 
 class AGGApply(io.ComfyNode):
@@ -79,13 +79,14 @@ class AGGApply(io.ComfyNode):
                 *settings_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with AGG guidance attached.")],
+            hidden=[io.Hidden.unique_id],  # names this node in the per-step 'agg.terms' events
         )
 
     @classmethod
     def execute(cls, model, loss, start_percent, end_percent, manifold, dds_steps, dds_lr, asymmetric,
                 trust_region=DEFAULTS.trust) -> io.NodeOutput:
         patch = make_patch(
-            model, loss, "Apply AGG", start_percent=start_percent, end_percent=end_percent, manifold=manifold,
+            model, loss, "Apply AGG", node_id=cls.hidden.unique_id, start_percent=start_percent, end_percent=end_percent, manifold=manifold,
             dds_steps=dds_steps, dds_lr=dds_lr, asymmetric=asymmetric, trust=trust_region,
         )
         return io.NodeOutput(patch.install(model))
@@ -116,13 +117,14 @@ class AGGGuider(io.ComfyNode):
                 *settings_inputs(),
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced's guider input.")],
+            hidden=[io.Hidden.unique_id],  # names this node in the per-step 'agg.terms' events
         )
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, loss, start_percent, end_percent, manifold, dds_steps, dds_lr,
                 asymmetric, trust_region=DEFAULTS.trust) -> io.NodeOutput:
         patch = make_patch(
-            model, loss, "AGG Guider", start_percent=start_percent, end_percent=end_percent, manifold=manifold,
+            model, loss, "AGG Guider", node_id=cls.hidden.unique_id, start_percent=start_percent, end_percent=end_percent, manifold=manifold,
             dds_steps=dds_steps, dds_lr=dds_lr, asymmetric=asymmetric, trust=trust_region,
         )
         guider = Guider_AGG(model, patch)

@@ -78,6 +78,7 @@ class AGGRun:
     def __init__(self, node_name: str, settings: AGGSettings, loss: Any, guider: Any, sigmas: torch.Tensor,
                  sampler: Any, latent_shape: tuple[int, ...]):
         self.node_name = node_name
+        self.node_id: str | None = None
         self.settings = settings
         self.guider = guider
         model = guider.inner_model
@@ -192,7 +193,7 @@ class AGGRun:
             self.settings = replace(self.settings, manifold="finite_difference")
             result = delta()
         self.step += 1
-        report(self.node_name, self.step, sigma, result)
+        report(self.node_name, self.step, sigma, result, self.node_id)
         if result.fallback:
             self.warn_once("fallback", f"{result.fallback} (sigma {sigma:.4g}; reported per step in 'agg.terms').")
         if result.delta is None:
@@ -213,10 +214,12 @@ class AGGRun:
 class AGGPatch:
     """What Apply AGG / AGG Guider install on a cloned model: settings, loss spec, two wrappers."""
 
-    def __init__(self, loss: Any, settings: AGGSettings, node_name: str, key: str | None = None):
+    def __init__(self, loss: Any, settings: AGGSettings, node_name: str, key: str | None = None,
+                 node_id: str | None = None):
         self.loss = loss
         self.settings = settings
         self.node_name = node_name
+        self.node_id = node_id  # the prompt's id of the node that made the patch, for the UI
         self.key = key or f"agg_{uuid.uuid4().hex[:12]}"
 
     def __deepcopy__(self, memo):
@@ -243,6 +246,7 @@ class AGGPatch:
         if not is_guided(sampler):  # a sampler guidance must leave alone (AGG Invert's inversion)
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         run = AGGRun(self.node_name, self.settings, self.loss, guider, sigmas, sampler, tuple(noise.shape))
+        run.node_id = self.node_id
         topts = extra_args["model_options"].setdefault("transformer_options", {})
         topts[RUNS_KEY] = {**topts.get(RUNS_KEY, {}), self.key: run}
         try:
@@ -261,10 +265,11 @@ class AGGPatch:
         return run.guide(executor, x, timestep, model_options, seed, denoised)
 
 
-def report(node_name: str, step: int, sigma: float, result: GuidanceResult) -> None:
+def report(node_name: str, step: int, sigma: float, result: GuidanceResult, node_id: str | None = None) -> None:
     """Each guided step's figures to the log and, when a server runs, to its clients as an 'agg.terms' event:
-    per term its value, raw gradient RMS and step RMS; the step's RMS; trust-region and fallback flags."""
-    event = {"node": node_name, "step": step, "sigma": sigma, **result.report()}
+    the node (display name and prompt id), per term its value, raw gradient RMS and step RMS; the step's RMS;
+    trust-region and fallback flags."""
+    event = {"node": node_name, "node_id": node_id, "step": step, "sigma": sigma, **result.report()}
     log.info(
         "%s step %d sigma %.4g: %s; step rms %.4g%s%s", node_name, step, sigma,
         ", ".join(f"{k} {v:.4g} (grad rms {result.grad_rms.get(k, 0):.3g}, step rms {result.step_rms.get(k, 0):.3g})"

@@ -263,9 +263,9 @@ def guided_steps() -> Iterator[list[dict]]:
     calls: list[dict] = []
     reported: list[dict] = []
 
-    def report(node_name, step, sigma, result):
+    def report(node_name, step, sigma, result, node_id=None):
         reported.append({"step": step, "sigma": sigma, **result.terms, "skipped": result.skipped})
-        return original_report(node_name, step, sigma, result)
+        return original_report(node_name, step, sigma, result, node_id)
 
     def guide(self, executor, x, timestep, model_options, seed, denoised):
         before = len(reported)

@@ -297,3 +297,13 @@ def test_symmetric_switch_moves_less(session):
     sym = distance_to_source(session, w, asymmetric=False)
     print(f"L1 distance to source at weight {w}: unguided {base:.4f} symmetric {sym:.4f} asymmetric {asym:.4f}")
     assert asym < sym < base
+
+
+def test_each_guided_step_names_its_node_for_the_ui(session):
+    """The 'agg.terms' events carry the guiding node's prompt id, so the frontend's chart finds the right node."""
+    g = probed("node_id", seed=331, manifold="none")
+    r, _ = run_latent(session, g)
+    events = r.events("agg.terms")
+    assert len(events) == STEPS
+    assert {e["node_id"] for e in events} == {g["apply"].id} and {e["node"] for e in events} == {"Apply AGG"}
+    assert [e["step"] for e in events] == list(range(1, STEPS + 1))
