@@ -597,7 +597,14 @@ for (const [id, list] of Object.entries(models)) {
   n.properties.models = list;
 }
 const LG = window.LiteGraph || (window.comfyAPI && window.comfyAPI.litegraph && window.comfyAPI.litegraph.LiteGraph);
-app.graph.arrange && app.graph.arrange(60);
+// room for the LoadImage previews (drawn below the widgets), then lay out again
+for (const n of app.graph._nodes)
+  if (n.type === 'LoadImage') n.size = [Math.max(n.size[0], 300), Math.max(n.size[1], 360)];
+for (let i = 0; i < 2; i++) {  // the second pass uses the sizes the nodes took when drawn
+  app.graph.arrange && app.graph.arrange(60);
+  app.graph.setDirtyCanvas(true, true);
+  await new Promise(r => setTimeout(r, 600));
+}
 const nn = LG.createNode('MarkdownNote');
 nn.title = 'Read me: models and use';
 nn.widgets[0].value = note;
