@@ -76,7 +76,7 @@ SD15 = Model(M.SD15, f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main
 SDXL = Model(M.SDXL, f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/{M.SDXL}", "checkpoints",
              "SDXL base 1.0")
 OPEN_CLIP = Model(M.OPEN_CLIP, f"{HF}/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/{M.OPEN_CLIP}", "open_clip",
-                  "open_clip ViT-B-32 (laion2B), the CLIP that judges the text and style losses")
+                  "open_clip ViT-B-32 (laion2B), the CLIP that judges CLIP Direction Loss")
 CANNY = Model(M.CANNY, f"{HF}/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/{M.CANNY}", "controlnet",
               "ControlNet 1.1 canny for SD1.5 (fp16)")
 SD3 = Model(M.SD3, f"{HF}/stabilityai/stable-diffusion-3-medium/resolve/main/{M.SD3}", "checkpoints",
