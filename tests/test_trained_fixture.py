@@ -1,6 +1,8 @@
 """The trained test model (agg_testing.trained) is a denoiser, measured through ComfyUI's own loader and
 model_sampling on held-back latents: well below the trivial denoisers at low, mid and high noise, a
-nearly symmetric Jacobian, and finite-difference manifold gradients that agree with autograd."""
+nearly symmetric Jacobian, and finite-difference manifold gradients that agree with autograd. Its VAE
+decoder reconstructs held-back crops far better than their mean colour, and decodes a latent to the same
+pixels as the checkpoint's VAE, through the pack's `vae` decoder path and as a models/vae_approx TAESD pair."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ pytestmark = pytest.mark.slow
 # trivial denoisers, but not yet 0.7; the bound there says what is measured, not the goal.
 MAX_ERROR_RATIO = {0.5: 0.7, 2.0: 0.7, 8.0: 0.85}
 MIN_COSINE = 0.95
+# The decoder's reconstruction error (VAE round trip of held-back crops) at most this share of the trivial
+# one (every pixel at the training crops' mean colour)
+MAX_DECODER_RATIO = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +107,7 @@ def test_same_arguments_give_the_same_bytes(tmp_path):
     tiny = T.TrainConfig(n_train=16, n_test=8, steps=3, batch=4, warmup=1)
     a = T.sd15_trained_files(tiny, cache_dir=tmp_path / "a")
     b = T.sd15_trained_files(tiny, cache_dir=tmp_path / "b")
-    for key in ("checkpoint", "data"):
+    for key in ("checkpoint", "data", "taesd_encoder", "taesd_decoder"):
         assert a[key].name == b[key].name
         assert sha256(a[key]) == sha256(b[key]), key
     # and the training changed the UNet
@@ -112,3 +117,29 @@ def test_same_arguments_give_the_same_bytes(tmp_path):
     with safe_open(str(a["checkpoint"]), "pt") as f:
         out_weight = f.get_tensor(key)
     assert out_weight.abs().max() > 0  # zero at initialisation, trained since
+
+
+def test_decoder_reconstructs_held_back_crops_far_better_than_their_mean_colour(files):
+    d = T.decoder_figures(files["checkpoint"])
+    print(f"\nVAE round trip of {d.count} held-back crops, MSE per pixel value (0..1): decoder {d.model:.4f}, training "
+          f"mean colour {d.data_mean:.4f} (ratio {d.ratio:.2f}), each crop's own mean colour {d.own_mean:.4f}")
+    assert d.model <= MAX_DECODER_RATIO * d.data_mean
+    assert d.model < d.own_mean  # it sees more than the colour: the crop's layout too
+
+
+def test_checkpoint_vae_pack_decoder_and_taesd_pair_decode_alike(files):
+    import comfy.sd
+    from comfy.taesd.taesd import TAESD
+
+    _, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(files["checkpoint"]), output_clip=False)
+    pair = TAESD(encoder_path=str(files["taesd_encoder"]), decoder_path=str(files["taesd_decoder"]))
+    images = T.crops(T.TrainConfig(), "test", 4, seed=3)
+    with torch.inference_mode():
+        z = vae.encode(images) * fixtures.SD15_LATENT_SCALE  # model-space latents (process_latent_in)
+        decoded = vae.decode(z / fixtures.SD15_LATENT_SCALE).movedim(-1, 1)  # VAEDecode
+        pack = vae.first_stage_model.decode(z / fixtures.SD15_LATENT_SCALE)  # nodes.decoders.vae_decoder's path
+        taesd = pair.decode(z)  # nodes.decoders.taesd_decoder's path: the model-space latent
+        z_pair = pair.encode(images.movedim(-1, 1) * 2 - 1)  # VAELoader "taesd": encode to model space too
+    assert torch.allclose(pack, taesd, atol=1e-5)
+    assert torch.allclose(decoded, ((taesd + 1) / 2).clamp(0, 1), atol=1e-5)
+    assert torch.allclose(z_pair, z, atol=1e-4)

@@ -19,6 +19,17 @@ latents so that model-space latents (``VAEEncode`` then ``process_latent_in``) h
 mean per-element variance. The SD1.5 noise schedule (sigma up to 14.6) then means what it means for
 real SD latents.
 
+Decoder. The random encoder keeps the photo's colours and coarse layout in its latents; its TAESD
+decoder (random too) would show noise. The decoder is trained to reconstruct the training crops from
+their latents (pixel MSE, Adam, the encoder fixed so the UNet's latents stay what it learned on): it
+starts as SD-style zero-residual blocks with identity upsampling convolutions and a least-squares linear
+read-out of each latent cell's 3x3 neighbourhood (the crop's blurred colours), then learns the rest.
+The encoder's last (linear) convolution is re-expressed so that it gives the calibrated model-space
+latents directly; the checkpoint then carries SD1.5's own TAESD constants (scale 0.18215, shift 0), and
+the same decoder works as the checkpoint's VAE (VAEDecode, the pack's `vae` decoder) and as a
+models/vae_approx TAESD pair (the pack's `taesd` decoder, VAELoader "taesd"): all three decode a latent
+to the same pixels. The reconstructions are blurry but recognisably the photo (``evidence()``).
+
 Text conditioning. The cross-attention output projections (``attn2.to_out``) are zero and stay zero:
 the model is unconditional, so any prompt (and any CFG scale) gives the same denoiser.
 
@@ -32,7 +43,9 @@ SD's own initialisation; every other tensor starts from the random fixture UNet
 
 The checkpoint is cached under ``$AGG_HOME/fixtures`` keyed by the arguments (``TrainConfig``), the
 torch and ComfyUI versions, next to a ``-data`` file with the held-back latents, the training
-latents' mean and the loss curve, which ``evidence()`` uses.
+latents' mean and the loss curves, which ``evidence()`` uses, and the VAE as a TAESD pair
+(``-taesd_encoder`` / ``-taesd_decoder``). The UNet has its own cache entry (``sd15-trained-unet``, keyed
+by every argument but the decoder's ``dec_*``), so a decoder setting can change without retraining it.
 """
 
 from __future__ import annotations
@@ -51,7 +64,8 @@ import torch
 
 from agg_testing import fixtures
 
-TRAINED_VERSION = "1"
+TRAINED_VERSION = "2"  # 2: trained TAESD decoder, encoder giving model-space latents
+UNET_VERSION = "1"  # the UNet's own cache entry (the decoder can change without retraining it)
 CHECKPOINT_TRAINED = fixtures.CHECKPOINT_TRAINED
 
 # Natural photographs bundled in scikit-image's wheel (skimage/data). Grey ones are used as RGB.
@@ -92,6 +106,12 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     photos: tuple[str, ...] = PHOTOS
+    # the VAE decoder (fields named dec_*; the UNet does not depend on them): Adam steps on full crops
+    # (pixel MSE), batch, peak learning rate, warm-up steps
+    dec_steps: int = 150
+    dec_batch: int = 16
+    dec_lr: float = 1e-3
+    dec_warmup: int = 10
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,6 +240,7 @@ class TrainResult:
     test_latents: torch.Tensor  # model-space held-back latents
     losses: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    train_latents: torch.Tensor | None = None  # model-space training latents (the decoder learns from them)
 
 
 def train(config: TrainConfig, *, log=None) -> TrainResult:
@@ -287,8 +308,89 @@ def train(config: TrainConfig, *, log=None) -> TrainResult:
         state = {k: v.detach().clone().float().contiguous() for k, v in unet.state_dict().items()}
     return TrainResult(
         unet=state, scale=scale, shift=shift, train_mean=z_train.mean(0), test_latents=z_test,
-        losses=losses, seconds=seconds,
+        losses=losses, seconds=seconds, train_latents=z_train,
     )
+
+
+def model_space_encoder(encoder: dict[str, torch.Tensor], scale: float, shift: float) -> dict[str, torch.Tensor]:
+    """The TAESD encoder's state dict with its last (linear) convolution re-expressed so that it outputs
+    (raw - shift) / scale, the calibrated model-space latents, instead of the raw ones."""
+    out = {k: v.detach().float().clone().contiguous() for k, v in encoder.items()}
+    last = max(int(k.split(".")[0]) for k in out)
+    w, b = f"{last}.weight", f"{last}.bias"
+    out[w] = (out[w].double() / scale).float().contiguous()
+    out[b] = ((out[b].double() - shift) / scale).float().contiguous()
+    return out
+
+
+def init_decoder(decoder: torch.nn.Sequential, z: torch.Tensor, pixels: torch.Tensor, ridge: float = 1e-3) -> None:
+    """SD-style start for the TAESD decoder (see the module docstring): residual branches output zero, the
+    convolutions after each upsampling pass their input through, and the first and last convolutions hold
+    the least-squares linear map from a latent cell's 3x3 neighbourhood (as the decoder's input clamp sees
+    it) to the mean colour of the cell's pixels, in channels 0-2 and, negated, 3-5 (the ReLU between them
+    then passes the linear map unchanged). pixels: [N, 3, H, W] in 0..1; z: model-space latents."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if ".conv.4." in name:  # each Block's last convolution
+                p.zero_()
+        for i, m in enumerate(decoder):
+            if isinstance(m, torch.nn.Upsample):
+                conv = decoder[i + 1]
+                conv.weight.zero_()
+                conv.weight[:, :, 1, 1] = torch.eye(conv.weight.shape[0])
+        zc = torch.tanh(z / 3) * 3  # the decoder's Clamp
+        x = F.unfold(zc, 3, padding=1).transpose(1, 2).reshape(-1, 9 * z.shape[1]).double()
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        factor = pixels.shape[-1] // z.shape[-1]
+        y = F.avg_pool2d(pixels, factor).flatten(2).transpose(1, 2).reshape(-1, 3).double()
+        a = torch.linalg.solve(x.T @ x / len(x) + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y / len(x))
+        a = a.float()
+        first, last = decoder[1], decoder[-1]
+        w = a[:-1].T.reshape(3, z.shape[1], 3, 3)
+        first.weight[0:3], first.bias[0:3] = w, a[-1]
+        first.weight[3:6], first.bias[3:6] = -w, -a[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        for c in range(3):
+            last.weight[c, c, 1, 1] = 1.0
+            last.weight[c, c + 3, 1, 1] = -1.0
+
+
+def train_decoder(config: TrainConfig, decoder: dict[str, torch.Tensor], z: torch.Tensor, images: torch.Tensor,
+                  *, log=None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train the TAESD decoder (its starting state dict) to map model-space latents z to the crops `images`
+    (a ComfyUI IMAGE batch); returns its state dict and the loss curve."""
+    from comfy.taesd.taesd import Decoder
+
+    dec = Decoder(z.shape[1])
+    dec.load_state_dict({k: v.float() for k, v in decoder.items()})
+    dec.train()
+    pixels = images.movedim(-1, 1).contiguous().float()
+    init_decoder(dec, z, pixels)
+    params = list(dec.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=config.dec_lr, betas=(0.9, 0.99), fused=True)
+    g = torch.Generator().manual_seed(config.seed + 1)
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(config.dec_steps):
+        lr = config.dec_lr * min(1.0, (step + 1) / config.dec_warmup)
+        lr *= 0.5 * (1 + math.cos(math.pi * step / config.dec_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(z), (config.dec_batch,), generator=g)
+        loss = (dec(z[idx]) - pixels[idx]).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log is not None and (step % 25 == 0 or step == config.dec_steps - 1):
+            log(f"decoder step {step:4d}/{config.dec_steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+    dec.eval()
+    return {k: v.detach().clone().float().contiguous() for k, v in dec.state_dict().items()}, losses
 
 
 def stable_target(x: torch.Tensor, sigma: torch.Tensor, train: torch.Tensor, sq_train: torch.Tensor) -> torch.Tensor:
@@ -300,25 +402,53 @@ def stable_target(x: torch.Tensor, sigma: torch.Tensor, train: torch.Tensor, sq_
     return (w @ train).view_as(x)
 
 
-def _build(config: TrainConfig) -> dict[str, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+def _log(msg: str) -> None:
+    print(f"[trained fixture] {msg}", flush=True)
 
-    result = train(config, log=lambda msg: print(f"[trained fixture] {msg}", flush=True))
-    ckpt = load_file(str(fixtures.sd15_tiny_checkpoint("taesd")))
-    for key, value in result.unet.items():
-        ckpt[f"model.diffusion_model.{key}"] = value
-    # VAE space -> model space multiplies by 0.18215 (SD15 latent format); TAESD.encode divides its raw
-    # output by vae_scale and adds vae_shift: together model = (raw - shift) / scale.
-    lat = fixtures.SD15_LATENT_SCALE
-    ckpt["first_stage_model.vae_scale"] = torch.tensor(lat * result.scale, dtype=torch.float32)
-    ckpt["first_stage_model.vae_shift"] = torch.tensor(-result.shift / (lat * result.scale), dtype=torch.float32)
+
+def _build_unet(config: TrainConfig) -> dict[str, dict[str, torch.Tensor]]:
+    result = train(config, log=_log)
     data = {
         "test_latents": result.test_latents.contiguous(),
         "train_mean": result.train_mean.contiguous(),
+        "train_latents": result.train_latents.contiguous(),
         "losses": torch.tensor(result.losses, dtype=torch.float32),
+        "scale_shift": torch.tensor([result.scale, result.shift], dtype=torch.float64),
     }
     _LAST_TIMES.update(result.seconds)  # times vary between runs: kept out of the (byte-identical) files
-    return {"": ckpt, "-data": data}
+    return {"-unet": {f"model.diffusion_model.{k}": v for k, v in result.unet.items()}, "-unetdata": data}
+
+
+def _build(config: TrainConfig, unet_files: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    unet_data = load_data(unet_files["-unetdata"])
+    scale, shift = (float(v) for v in unet_data["scale_shift"])
+    ckpt = load_file(str(fixtures.sd15_tiny_checkpoint("taesd")))
+    ckpt.update(load_file(str(unet_files["-unet"])))
+    vae = {name: {k[len(f"first_stage_model.{name}."):]: v for k, v in ckpt.items()
+                  if k.startswith(f"first_stage_model.{name}.")} for name in ("taesd_encoder", "taesd_decoder")}
+    with deterministic(config.threads), torch.inference_mode(False):
+        t0 = time.perf_counter()
+        encoder = model_space_encoder(vae["taesd_encoder"], scale, shift)
+        images = crops(config, "train", config.n_train, config.seed)
+        decoder, decoder_losses = train_decoder(config, vae["taesd_decoder"], unet_data["train_latents"], images, log=_log)
+        _LAST_TIMES["decoder"] = time.perf_counter() - t0
+    # The encoder outputs model-space latents; with SD1.5's TAESD constants (VAE space = model space /
+    # 0.18215; TAESD.encode divides by vae_scale, decode multiplies by it) VAEEncode + process_latent_in
+    # gives them back, and the decoder sees the model-space latent, as a models/vae_approx TAESD does.
+    for name, part in (("taesd_encoder.", encoder), ("taesd_decoder.", decoder)):
+        for key, value in part.items():
+            ckpt[f"first_stage_model.{name}{key}"] = value
+    ckpt["first_stage_model.vae_scale"] = torch.tensor(fixtures.SD15_LATENT_SCALE, dtype=torch.float32)
+    ckpt["first_stage_model.vae_shift"] = torch.tensor(0.0, dtype=torch.float32)
+    data = {
+        "test_latents": unet_data["test_latents"],
+        "train_mean": unet_data["train_mean"],
+        "losses": unet_data["losses"],
+        "decoder_losses": torch.tensor(decoder_losses, dtype=torch.float32),
+    }
+    return {"": ckpt, "-data": data, "-taesd_encoder": encoder, "-taesd_decoder": decoder}
 
 
 _LAST_TIMES: dict[str, float] = {}
@@ -334,13 +464,67 @@ def _params(config: TrainConfig) -> dict:
             **asdict(config)}
 
 
-def sd15_trained_files(config: TrainConfig = TrainConfig(), *, cache_dir: Path | None = None) -> dict[str, Path]:
-    """{"checkpoint": path, "data": path}: the trained checkpoint and its evidence data (cached)."""
+def _unet_params(config: TrainConfig) -> dict:
+    fields = {k: v for k, v in asdict(config).items() if not k.startswith("dec_")}
+    return {"trained_unet": UNET_VERSION, "torch": torch.__version__, "unet": fixtures.TINY_UNET_CONFIG, **fields}
+
+
+def unet_files(config: TrainConfig = TrainConfig(), *, cache_dir: Path | None = None) -> dict[str, Path]:
+    """The trained UNet's own cache entry ({"-unet", "-unetdata": path}), shared by every decoder setting."""
     _LAST_TIMES.clear()
-    paths = fixtures._cached_files("sd15-trained", _params(config), lambda: _build(config), cache_dir)
+    paths = fixtures._cached_files("sd15-trained-unet", _unet_params(config), lambda: _build_unet(config), cache_dir)
     if _LAST_TIMES:
-        timing_path(paths["-data"]).write_text(json.dumps(_LAST_TIMES) + "\n")
-    return {"checkpoint": paths[""], "data": paths["-data"]}
+        timing_path(paths["-unetdata"]).write_text(json.dumps(_LAST_TIMES) + "\n")
+    return paths
+
+
+def sd15_trained_files(config: TrainConfig = TrainConfig(), *, cache_dir: Path | None = None) -> dict[str, Path]:
+    """{"checkpoint", "data", "taesd_encoder", "taesd_decoder": path}: the trained checkpoint, its evidence
+    data and its VAE as a models/vae_approx TAESD pair (cached)."""
+    unet = unet_files(config, cache_dir=cache_dir)
+    _LAST_TIMES.clear()
+    paths = fixtures._cached_files("sd15-trained", _params(config), lambda: _build(config, unet), cache_dir)
+    if _LAST_TIMES:
+        unet_times = timing_path(unet["-unetdata"])
+        times = json.loads(unet_times.read_text()) if unet_times.exists() else {}
+        timing_path(paths["-data"]).write_text(json.dumps({**times, **_LAST_TIMES}) + "\n")
+    return {"checkpoint": paths[""], "data": paths["-data"], "taesd_encoder": paths["-taesd_encoder"],
+            "taesd_decoder": paths["-taesd_decoder"]}
+
+
+DEMO_REFERENCE_PHOTO = "coffee.png"  # warm browns and a red cup: a palette far from a blue-sky-and-green-hill picture
+
+
+def demo_reference(path: Path, size: int = 256) -> Path:
+    """Write the colour reference of the command-line demo: scikit-image's bundled coffee photo, centre
+    square, `size` px (PNG)."""
+    from PIL import Image
+
+    photo = load_photo(DEMO_REFERENCE_PHOTO)
+    h, w = photo.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    square = np.round(photo[top : top + s, left : left + s] * 255).astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(square).resize((size, size), Image.LANCZOS).save(path)
+    return path
+
+
+VAE_APPROX_TRAINED = "vae_approx_trained"  # folder of a models tree holding the trained model's TAESD pair
+
+
+def link_trained(root: Path, config: TrainConfig = TrainConfig()) -> dict[str, Path]:
+    """Link the trained checkpoint into root/checkpoints (as CHECKPOINT_TRAINED) and its TAESD pair into
+    root/vae_approx_trained (taesd_encoder / taesd_decoder.safetensors, for --vae-approx or a
+    `vae_approx:` entry of extra_model_paths.yaml); returns {"checkpoint": link, "vae_approx": folder}."""
+    files = sd15_trained_files(config)
+    root = Path(root)
+    fixtures._link(files["checkpoint"], root / "checkpoints" / CHECKPOINT_TRAINED)
+    folder = root / VAE_APPROX_TRAINED
+    fixtures._link(files["taesd_encoder"], folder / fixtures.TAESD_ENCODER)
+    fixtures._link(files["taesd_decoder"], folder / fixtures.TAESD_DECODER)
+    return {"checkpoint": root / "checkpoints" / CHECKPOINT_TRAINED, "vae_approx": folder}
 
 
 def sd15_trained_checkpoint(config: TrainConfig = TrainConfig(), *, cache_dir: Path | None = None) -> Path:
@@ -488,6 +672,55 @@ def manifold_gradient_cosines(model, latents: torch.Tensor, sigmas: Sequence[flo
 
 
 @dataclass
+class DecoderFigures:
+    """Reconstruction MSE per pixel value (0..1 units) of held-back crops through the checkpoint's VAE
+    (VAEEncode then VAEDecode, ComfyUI's own code), against trivial reconstructions."""
+
+    model: float
+    data_mean: float  # every pixel at the training crops' mean colour
+    own_mean: float  # every pixel at the crop's own mean colour (an oracle for the colour)
+    count: int
+
+    @property
+    def ratio(self) -> float:
+        return self.model / self.data_mean
+
+
+def vae_round_trip(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
+    """VAE.decode(VAE.encode(images)) of a checkpoint through ComfyUI's loader (IMAGE in, IMAGE out)."""
+    import comfy.sd
+
+    _, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=True, output_clip=False)
+    with torch.inference_mode():
+        return vae.decode(vae.encode(images)).float().reshape(images.shape).clone()
+
+
+def decoder_figures(checkpoint: Path, config: TrainConfig = TrainConfig(), count: int = 64) -> DecoderFigures:
+    test = crops(config, "test", count, config.seed)  # the first `count` held-back crops of the evidence data
+    train_mean = crops(config, "train", 256, config.seed).mean(dim=(0, 1, 2))
+    out = vae_round_trip(checkpoint, test)
+    return DecoderFigures(
+        model=float((out - test).square().mean()),
+        data_mean=float((test - train_mean).square().mean()),
+        own_mean=float((test - test.mean(dim=(1, 2), keepdim=True)).square().mean()),
+        count=count,
+    )
+
+
+def decoder_preview(checkpoint: Path, path: Path, config: TrainConfig = TrainConfig(), count: int = 8) -> Path:
+    """A PNG: held-back crops (top row) and their VAE round trips (bottom row), 2x enlarged."""
+    from PIL import Image
+
+    test = crops(config, "test", count, config.seed)
+    out = vae_round_trip(checkpoint, test).clamp(0, 1)
+    grid = torch.cat([torch.cat(list(test), 1), torch.cat(list(out), 1)], 0)
+    img = Image.fromarray(np.round(grid.numpy() * 255).astype(np.uint8))
+    img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
+    img.save(path)
+    return Path(path)
+
+
+@dataclass
 class Evidence:
     table: list[DenoisingRow]
     asymmetry: float  # |<u,Jv> - <Ju,v>| / (|Jv||u|), finite differences
@@ -497,11 +730,14 @@ class Evidence:
     train_seconds: float
     encode_seconds: float
     final_loss: float
+    decoder: DecoderFigures | None = None
+    decoder_seconds: float = float("nan")
 
     def format(self) -> str:
         lines = [
-            f"trained tiny SD1.5: data encoding {self.encode_seconds:.0f} s, training {self.train_seconds:.0f} s, "
-            f"final loss {self.final_loss:.3f}",
+            f"trained tiny SD1.5: data encoding {self.encode_seconds:.0f} s, UNet training {self.train_seconds:.0f} s, "
+            f"decoder training {self.decoder_seconds:.0f} s, total "
+            f"{self.encode_seconds + self.train_seconds + self.decoder_seconds:.0f} s; final loss {self.final_loss:.3f}",
             "denoising MSE per latent element on held-back latents (unit-variance latents):",
             "  sigma   model    mean   shrink  linear  model/best trivial",
         ]
@@ -514,6 +750,11 @@ class Evidence:
                      f"{self.jacobian_random.asymmetry:.4f}, {self.jacobian_random.off_identity:.3f})")
         cos = ", ".join(f"sigma {s:g}: {c:.4f}" for s, c in self.cosines.items())
         lines.append(f"finite-difference vs autograd manifold gradient cosine (min of 8): {cos}")
+        if self.decoder is not None:
+            d = self.decoder
+            lines.append(f"VAE round trip of {d.count} held-back crops, MSE per pixel value (0..1): decoder {d.model:.4f}, "
+                         f"training mean colour {d.data_mean:.4f} (ratio {d.ratio:.2f}), each crop's own mean colour "
+                         f"{d.own_mean:.4f}")
         return "\n".join(lines)
 
 
@@ -535,4 +776,6 @@ def evidence(files: dict[str, Path]) -> Evidence:
             encode_seconds=times.get("encode", float("nan")),
             train_seconds=times.get("train", float("nan")),
             final_loss=float(data["losses"][-8:].mean()),
+            decoder=decoder_figures(files["checkpoint"]),
+            decoder_seconds=times.get("decoder", float("nan")),
         )
