@@ -96,9 +96,13 @@ def gradient_capable(module: torch.nn.Module) -> None:
     """Inference tensors cannot be saved for backward; ComfyUI moving a model inside a prompt makes them.
     Re-make such weights as ordinary tensors, one at a time, in place."""
     with torch.inference_mode(False):
-        for t in (*module.parameters(), *module.buffers()):
-            if t.is_inference():
-                t.data = t.data.clone()
+        for m in module.modules():
+            for name, t in list(m._parameters.items()):
+                if t is not None and t.is_inference():  # a new Parameter: an inference one cannot take new data
+                    m._parameters[name] = torch.nn.Parameter(t.detach().clone(), requires_grad=False)
+            for name, t in list(m._buffers.items()):
+                if t is not None and t.is_inference():
+                    m._buffers[name] = t.detach().clone()
 
 
 class AGGClip:

@@ -40,11 +40,31 @@ def check_report(report: dict) -> None:
     assert report["guided_fraction"] == expected / report["steps"]
     # peak RSS (a fresh process per mode): the targets run.py checks, and no mode below the plain run's
     rss = {name: t for name, t in report["targets"].items() if name.startswith("peak RSS")}
-    assert set(rss) == {f"peak RSS {m} <= 1.25" for m in ("structure_none", "structure_fd", "clip_taesd")}
+    limits = {"structure_none": 1.05, "structure_fd": 1.05, "clip_taesd": 1.05, "clip_vae": 1.3}
+    assert {f"peak RSS {m} <= {lim}" for m, lim in limits.items()} < set(rss)
+    autograd = [t for name, t in rss.items() if name.startswith("peak RSS structure_autograd <= 1.05 + one UNet weight copy")]
+    assert len(autograd) == 1 and 1.05 < autograd[0]["limit"] < 1.05 + 1, autograd  # the copy is a real, bounded cost
     print("peak RSS ratios:", report["peak_rss_ratio"])
     for name, t in rss.items():
-        assert t["met"] and t["measured"] <= t["limit"] == 1.25, (name, t)
+        assert t["met"] and t["measured"] <= t["limit"], (name, t)
     assert all(0.95 < value for value in report["peak_rss_ratio"].values()), report["peak_rss_ratio"]
+
+
+def test_vram_script_runs_its_cpu_smoke_mode(tmp_path):
+    """tests/bench/vram.py (peak VRAM per mode, for a machine with a GPU) runs end to end in its CPU smoke mode."""
+    out = tmp_path / "vram.json"
+    proc = subprocess.run([sys.executable, str(RUN.parent / "vram.py"), "--smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu"
+    (smoke,) = report["configs"].values()
+    assert set(smoke["peak_bytes"]) == {"plain", "clip_vae", "structure_fd"}
+    assert all(b > 0 for b in smoke["peak_bytes"].values())
+    for mode, ratio in smoke["ratio"].items():
+        assert math.isfinite(ratio) and 0.95 < ratio < 1.3, (mode, ratio)
+    assert "clip_vae" in proc.stdout and "x plain" in proc.stdout
 
 
 def expected_guided_steps(steps: int, end_percent: float) -> int:

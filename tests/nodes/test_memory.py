@@ -67,9 +67,14 @@ def test_encoders_load_the_model_themselves(clip):
 def test_the_image_tower_stays_differentiable_after_comfyui_moved_it_in_inference_mode(clip):
     """ComfyUI moves models inside a prompt (inference mode), which makes inference tensors that autograd cannot
     save; loading re-makes them as ordinary tensors, in place, so the image loss's backward works."""
-    with torch.inference_mode():  # what an offload inside a prompt does to the weights
-        for p in clip.model.visual.parameters():
-            p.data = p.data.clone()
+    with torch.inference_mode():  # what moves inside a prompt do to the weights: new data, or new Parameters
+        slots = [(mod, n) for mod in clip.model.visual.modules() for n, t in mod._parameters.items() if t is not None]
+        for i, (m, name) in enumerate(slots):
+            p = m._parameters[name]
+            if i % 2:
+                p.data = p.data.clone()
+            else:
+                m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
     assert all(p.is_inference() for p in clip.model.visual.parameters())
     before = module_bytes(clip.model)
     with torch.inference_mode():
