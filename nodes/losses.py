@@ -20,10 +20,15 @@ from ..agg_kernels.losses import (
     target_direction,
     template_text_embedding,
 )
-from ..agg_kernels.losses.color import DEFAULT_COLOR_WEIGHT, color_loss, image_stats
+from ..agg_kernels.losses.color import color_loss, image_stats
 from ..agg_kernels.mask import check_mask, focused, resize_mask, restrict
 from ..agg_kernels.objective import Loss, compose
-from ..agg_kernels.strength import DEFAULT_CLIP_WEIGHT, DEFAULT_STRUCTURE_WEIGHT, DEFAULT_STYLE_WEIGHT
+from ..agg_kernels.strength import (
+    DEFAULT_CLIP_WEIGHT,
+    DEFAULT_COLOR_WEIGHT,
+    DEFAULT_STRUCTURE_WEIGHT,
+    DEFAULT_STYLE_WEIGHT,
+)
 from .clip_model import AGGClip, VisionClip, image_encoder
 from .decoders import DECODERS, DEFAULT_DECODER, make_decoder
 from .settings import AGGError, RunInfo
@@ -104,6 +109,20 @@ def latent_region(mask: torch.Tensor, run: RunInfo, node: str) -> torch.Tensor:
     return resize_mask(mask, tuple(run.latent_shape[-2:])).to(run.device)
 
 
+def on_region(loss: Loss, mask: torch.Tensor | None, run: RunInfo, node: str, *, outside: bool = False) -> Loss:
+    """The loss acting only inside the node's mask (or only outside it); unchanged without a mask."""
+    if mask is None:
+        return loss
+    region = latent_region(mask, run, node)
+    return restrict(loss, 1 - region if outside else region)
+
+
+def pixels_of(decoder: str, vae, mask: torch.Tensor | None, run: RunInfo, node: str):
+    """The decoder an image loss sees through: only the mask's region when there is a mask (agg_kernels.mask)."""
+    decode = make_decoder(decoder, vae, run, node)
+    return decode if mask is None else focused(decode, mask)
+
+
 # -- Structure Loss ------------------------------------------------------------------------------
 
 
@@ -148,7 +167,7 @@ class AGGStructureLoss(io.ComfyNode):
             except ValueError as e:
                 raise user_error(node, input_name, e) from e
             held = structure_loss(weight, reference)
-            return held if mask is None else restrict(held, 1 - latent_region(mask, run, node))
+            return on_region(held, mask, run, node, outside=True)
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))
 
@@ -219,17 +238,14 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
         direction = target_direction(e_target, e_source, e_image).cpu()
 
         def build(run: RunInfo) -> Loss:
-            region = None if mask is None else latent_region(mask, run, node)
-            decode = make_decoder(decoder, vae, run, node)
-            if mask is not None:
-                decode = focused(decode, mask)
+            decode = pixels_of(decoder, vae, mask, run, node)
             c = clip_on(clip, run)
             parts = [clip_direction_loss(weight, decode, c.encode_image, grad_constant(direction, run.device),
                                          n_cuts=cutouts, cut_size=c.image_size, seed=seed)]
             if range_weight > 0:
                 parts.append(range_loss(range_weight, decode))
             judged = compose(*parts)
-            return judged if region is None else restrict(judged, region)
+            return on_region(judged, mask, run, node)
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))
 
@@ -269,14 +285,11 @@ class AGGImageStyleLoss(io.ComfyNode):
                                   n_cuts=cutouts, seed=seed).mean(0, keepdim=True).cpu()
 
         def build(run: RunInfo) -> Loss:
-            region = None if mask is None else latent_region(mask, run, node)
-            decode = make_decoder(decoder, vae, run, node)
-            if mask is not None:
-                decode = focused(decode, mask)
+            decode = pixels_of(decoder, vae, mask, run, node)
             c = clip_on(clip, run)
             judged = style_loss(weight, decode, c.encode_image, grad_constant(e_style, run.device),
                                 n_cuts=cutouts, cut_size=c.image_size, seed=seed)
-            return judged if region is None else restrict(judged, region)
+            return on_region(judged, mask, run, node)
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))
 
@@ -315,10 +328,9 @@ class AGGColorLoss(io.ComfyNode):
         ref_mean, ref_std = ref_mean.cpu(), ref_std.cpu()
 
         def build(run: RunInfo) -> Loss:
-            region = None if mask is None else latent_region(mask, run, node)
             decode = make_decoder(decoder, vae, run, node)
             judged = color_loss(weight, decode, grad_constant(ref_mean, run.device), grad_constant(ref_std, run.device),
                                 mask=None if mask is None else grad_constant(mask, run.device))
-            return judged if region is None else restrict(judged, region)
+            return on_region(judged, mask, run, node)
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))

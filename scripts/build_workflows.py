@@ -35,9 +35,9 @@ from agg_testing import workflow_models as M  # noqa: E402
 
 from agg_kernels.guidance import DEFAULT_DDS_LR as DDS_LR  # noqa: E402
 from agg_kernels.guidance import DEFAULT_DDS_STEPS as DDS_STEPS  # noqa: E402
-from agg_kernels.losses.color import DEFAULT_COLOR_WEIGHT as COLOR_WEIGHT  # noqa: E402
 from agg_kernels.schedule import REFERENCE_END_PERCENT  # noqa: E402
 from agg_kernels.strength import DEFAULT_CLIP_WEIGHT as CLIP_WEIGHT  # noqa: E402
+from agg_kernels.strength import DEFAULT_COLOR_WEIGHT as COLOR_WEIGHT  # noqa: E402
 from agg_kernels.strength import DEFAULT_STRUCTURE_WEIGHT as STRUCTURE_WEIGHT  # noqa: E402
 from agg_kernels.strength import DEFAULT_STYLE_WEIGHT as STYLE_WEIGHT  # noqa: E402
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from ..mask import check_mask, resize_mask
 from ..objective import Loss, LossContext, WeightedLoss
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
-# Default strength, in the pack's units (an RMS pull in latent units per guided step; agg_kernels.strength).
-DEFAULT_COLOR_WEIGHT = 0.1
 # Added to the variance before the square root: keeps the gradient finite on a flat (one-colour) image.
 STD_EPS = 1e-6
 
@@ -32,26 +30,11 @@ STD_EPS = 1e-6
 def mask_weights(mask: torch.Tensor | None, size: tuple[int, int], batch: int, like: torch.Tensor) -> torch.Tensor | None:
     """A mask ([H, W], [B, H, W] or [B, 1, H, W], values 0..1) as [B or 1, 1, h, w] weights on a (h, w) grid,
     on like's device and dtype (None stays None). Raises ValueError for a batch that does not fit or an
-    empty (all-black) mask."""
+    empty (all-black) mask (agg_kernels.mask)."""
     if mask is None:
         return None
-    m = mask.detach().float()
-    if m.ndim == 2:
-        m = m[None]
-    if m.ndim == 3:
-        m = m[:, None]
-    if m.ndim != 4 or m.shape[1] != 1:
-        raise ValueError(f"a mask must be [H, W], [B, H, W] or [B, 1, H, W]; got shape {tuple(mask.shape)}")
-    if m.shape[0] not in (1, batch):
-        raise ValueError(f"mask batch {m.shape[0]} does not match the run's batch {batch} (expected {batch} or 1)")
-    m = m.clamp(0, 1)
-    if tuple(m.shape[-2:]) != tuple(size):
-        shrinking = m.shape[-2] >= size[0] and m.shape[-1] >= size[1]
-        m = F.adaptive_avg_pool2d(m, size) if shrinking else F.interpolate(m, size=size, mode="bilinear",
-                                                                             align_corners=False).clamp(0, 1)
-    if not bool((m.flatten(1).sum(1) > 0).all()):
-        raise ValueError("the mask is empty (all black): there is no region to judge; paint the region in white")
-    return m.to(device=like.device, dtype=like.dtype)
+    check_mask(mask, batch)
+    return resize_mask(mask, size).to(device=like.device, dtype=like.dtype)
 
 
 def color_stats(pixels: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
