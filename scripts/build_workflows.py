@@ -209,6 +209,23 @@ STRENGTH_USE = ("Stronger edit: raise the CLIP weight (0.02 – 0.5) or lower th
 # -- the workflows ------------------------------------------------------------------------------------
 
 
+def inverted_and_guided(api: Api, model, vae, latent, pos_src: str, pos: str, neg: str, prefix: str,
+                        target_loss) -> None:
+    """The paper's graph after the loaders: AGG Invert (denoise 0.6) -> Structure Loss on its trajectory ->
+    `target_loss(structure)` -> AGG Guider + AGG Sampler in SamplerCustomAdvanced with noise disabled -> save."""
+    sigmas = api.add("BasicScheduler", model=model, scheduler="normal", steps=50, denoise=0.6)
+    inv = api.add("AGGInvert", model=model, latent=latent, positive=[pos_src, 0], sigmas=[sigmas, 0])
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, trajectory=[inv, 1])
+    guider = api.add("AGGGuider", model=model, positive=[pos, 0], negative=[neg, 0], cfg=7.5,
+                     loss=target_loss(structure), **agg_settings())
+    noise = api.add("DisableNoise")
+    sampler = api.add("AGGSampler", eta_edit=0.0, eta=0.0, eta_boost=1.0)
+    out = api.add("SamplerCustomAdvanced", noise=[noise, 0], guider=[guider, 0], sampler=[sampler, 0],
+                  sigmas=[sigmas, 0], latent_image=[inv, 0])
+    dec = api.add("VAEDecode", samples=[out, 0], vae=vae)
+    api.add("SaveImage", filename_prefix=prefix, images=[dec, 0])
+
+
 def text_guided() -> Workflow:
     api = Api()
     model, clip, vae = sd_loaders(api, SD15)
@@ -217,18 +234,9 @@ def text_guided() -> Workflow:
     pos_src = api.add("CLIPTextEncode", "Source prompt", text=[src, 0], clip=clip)
     pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
     neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
-    sigmas = api.add("BasicScheduler", model=model, scheduler="normal", steps=50, denoise=0.6)
-    inv = api.add("AGGInvert", model=model, latent=latent, positive=[pos_src, 0], sigmas=[sigmas, 0])
-    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, trajectory=[inv, 1])
-    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0])
-    guider = api.add("AGGGuider", model=model, positive=[pos, 0], negative=[neg, 0], cfg=7.5, loss=loss,
-                     **agg_settings())
-    noise = api.add("DisableNoise")
-    sampler = api.add("AGGSampler", eta_edit=0.0, eta=0.0, eta_boost=1.0)
-    out = api.add("SamplerCustomAdvanced", noise=[noise, 0], guider=[guider, 0], sampler=[sampler, 0],
-                  sigmas=[sigmas, 0], latent_image=[inv, 0])
-    dec = api.add("VAEDecode", samples=[out, 0], vae=vae)
-    api.add("SaveImage", filename_prefix="agg/text_guided", images=[dec, 0])
+    inverted_and_guided(api, model, vae, latent, pos_src, pos, neg, "agg/text_guided",
+                        lambda structure: clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image,
+                                                         [structure, 0]))
     return Workflow("agg_text_guided", api, note(
         "AGG: text-guided translation (SD1.5, the paper's method)",
         "DDIM inversion of the source (AGG Invert, denoise 0.6), then AGG Guider + AGG Sampler with noise disabled. "
@@ -406,19 +414,9 @@ def color_transfer() -> Workflow:
     pos = api.add("CLIPTextEncode", "Target prompt", text=SOURCE, clip=clip)
     neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
     palette = api.add("LoadImage", "Style image", image=STYLE_IMAGE)
-    sigmas = api.add("BasicScheduler", model=model, scheduler="normal", steps=50, denoise=0.6)
-    inv = api.add("AGGInvert", model=model, latent=latent, positive=[pos_src, 0], sigmas=[sigmas, 0])
-    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, trajectory=[inv, 1])
-    loss = api.add("AGGColorLoss", image=[palette, 0], vae=vae, weight=COLOR_WEIGHT, loss=[structure, 0],
-                   decoder=DECODER)
-    guider = api.add("AGGGuider", model=model, positive=[pos, 0], negative=[neg, 0], cfg=7.5, loss=[loss, 0],
-                     **agg_settings())
-    noise = api.add("DisableNoise")
-    sampler = api.add("AGGSampler", eta_edit=0.0, eta=0.0, eta_boost=1.0)
-    out = api.add("SamplerCustomAdvanced", noise=[noise, 0], guider=[guider, 0], sampler=[sampler, 0],
-                  sigmas=[sigmas, 0], latent_image=[inv, 0])
-    dec = api.add("VAEDecode", samples=[out, 0], vae=vae)
-    api.add("SaveImage", filename_prefix="agg/color_transfer", images=[dec, 0])
+    inverted_and_guided(api, model, vae, latent, pos_src, pos, neg, "agg/color_transfer",
+                        lambda structure: [api.add("AGGColorLoss", image=[palette, 0], vae=vae, weight=COLOR_WEIGHT,
+                                                   loss=[structure, 0], decoder=DECODER), 0])
     return Workflow("agg_color_transfer", api, note(
         "AGG: colour transfer from a palette picture (SD1.5)",
         "Color Loss pulls the decoded picture's colour statistics toward those of the picture in **Style image** "
