@@ -28,10 +28,11 @@ OVERRIDES: dict[str, list[tuple[str, str]]] = {
             ("SamplerCustom", "cfg")],
     "sampler": [("KSampler", "sampler_name"), ("KSamplerAdvanced", "sampler_name"), ("KSamplerSelect", "sampler_name")],
     "scheduler": [("KSampler", "scheduler"), ("KSamplerAdvanced", "scheduler"), ("BasicScheduler", "scheduler")],
-    "decoder": [("AGGCLIPDirectionLoss", "decoder"), ("AGGImageStyleLoss", "decoder")],
+    "decoder": [("AGGCLIPDirectionLoss", "decoder"), ("AGGImageStyleLoss", "decoder"), ("AGGColorLoss", "decoder")],
     "structure_weight": [("AGGStructureLoss", "weight")],
     "clip_weight": [("AGGCLIPDirectionLoss", "weight")],
     "style_weight": [("AGGImageStyleLoss", "weight")],
+    "color_weight": [("AGGColorLoss", "weight")],
 }
 # Model loaders: command-line argument -> (class_type, input, ComfyUI models folder)
 MODEL_INPUTS: dict[str, tuple[str, str, str]] = {
@@ -39,7 +40,7 @@ MODEL_INPUTS: dict[str, tuple[str, str, str]] = {
     "clip": ("AGGCLIPLoader", "clip_name", "open_clip"),
     "controlnet": ("ControlNetLoader", "control_net_name", "controlnet"),
 }
-SOURCE_TITLES, STYLE_TITLES = ("Source image",), ("Style image",)
+SOURCE_TITLES, STYLE_TITLES = ("Source image",), ("Style image", "Reference image", "Color reference")
 
 
 def flag(name: str) -> str:
@@ -222,6 +223,7 @@ class Settings:
     structure_weight: float | None = None
     clip_weight: float | None = None
     style_weight: float | None = None
+    color_weight: float | None = None
     checkpoint: str | None = None  # model names as the server lists them
     clip: str | None = None
     controlnet: str | None = None

@@ -38,7 +38,7 @@ from .report import Display, plot_terms, side_by_side, terms_summary
 PACK = G.PACK
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 CHECKPOINT_EXT = {".safetensors", ".ckpt", ".pt", ".pth"}
-TEST_MODEL_DEFAULTS = {"steps": 8, "size": 128}
+TEST_MODEL_DEFAULTS = {"steps": 20, "size": 128}
 
 
 class UsageError(ValueError):
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--target", help="what the result should show, e.g. 'a watercolor painting of a cat' "
                                       "(required with --image / --images-dir)")
     io_.add_argument("--negative", help="negative prompt (default: the workflow's)")
-    io_.add_argument("--style-image", type=Path, metavar="FILE", help="style image for the image_style workflow")
+    io_.add_argument("--style-image", type=Path, metavar="FILE",
+                     help="style image (image_style workflow) or colour reference (Color Loss workflows)")
     io_.add_argument("--output-dir", type=Path, metavar="DIR",
                      help="where results go (default: ./agg-output/DATE-TIME); must not hold an earlier run")
     wf = ap.add_argument_group("workflow and settings (default: the workflow's own values)")
@@ -75,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     wf.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     wf.add_argument("--sampler", help="sampler name for KSampler workflows (e.g. euler, ddim, dpmpp_2m)")
     wf.add_argument("--scheduler", help="scheduler name (e.g. normal, karras)")
-    wf.add_argument("--decoder", help="decoder of the CLIP losses: vae, taesd or linear")
+    wf.add_argument("--decoder", help="decoder of the image losses (CLIP, style, colour): vae, taesd or linear")
     wf.add_argument("--structure-weight", type=float, help="weight of Structure Loss")
     wf.add_argument("--clip-weight", type=float, help="weight of CLIP Direction Loss")
     wf.add_argument("--style-weight", type=float, help="weight of Image Style Loss")
+    wf.add_argument("--color-weight", type=float, help="weight of Color Loss")
     wf.add_argument("--no-unguided", action="store_true", help="skip the run without AGG (no side-by-side)")
     md = ap.add_argument_group("models and servers")
     md.add_argument("--checkpoint", help="Stable Diffusion checkpoint: a file (own server) or a name the --server lists")
@@ -87,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--vae-approx", type=Path, metavar="DIR",
                     help="folder with TAESD decoders (taesd_decoder.safetensors ...) for --decoder taesd (own server)")
     md.add_argument("--test-models", action="store_true",
-                    help="the models are generated test models: label the outputs so, and default to "
-                         f"{TEST_MODEL_DEFAULTS['steps']} steps at {TEST_MODEL_DEFAULTS['size']} px")
+                    help="the models are generated test models: label the outputs so, default to "
+                         f"{TEST_MODEL_DEFAULTS['steps']} steps at {TEST_MODEL_DEFAULTS['size']} px, and leave out "
+                         "--clip / --style-image where the workflow has no place for them")
     md.add_argument("--server", action="append", default=[], metavar="URL",
                     help="a running ComfyUI with the pack (e.g. http://127.0.0.1:8188); give it several times "
                          "to spread the images over several servers")
@@ -185,7 +188,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--denoise {args.denoise}: must be in (0, 1]")
     if args.cfg is not None and not 0 < args.cfg <= 100:
         raise UsageError(f"--cfg {args.cfg}: must be in (0, 100]")
-    for name in ("structure_weight", "clip_weight", "style_weight"):
+    for name in ("structure_weight", "clip_weight", "style_weight", "color_weight"):
         v = getattr(args, name)
         if v is not None and not 0 <= v < 1e6:
             raise UsageError(f"{G.flag(name)} {v}: must be 0 or more")
@@ -234,6 +237,11 @@ class Plan:
         if args.test_models:
             args.steps = args.steps or TEST_MODEL_DEFAULTS["steps"]
             args.size = args.size or TEST_MODEL_DEFAULTS["size"]
+            # one set of test models serves every workflow: what this one has no place for is left out
+            if args.clip is not None and not G.nodes_of(self.api, G.MODEL_INPUTS["clip"][0]):
+                args.clip = None
+            if self.style is not None and not G.style_image_nodes(self.api):
+                self.style = None
 
         # Texts: the workflow's own describe ComfyUI's example picture, not the user's photo.
         if self.own_images:
@@ -274,6 +282,7 @@ class Plan:
             source=args.source, target=args.target, negative=args.negative, seed=args.seed, steps=args.steps,
             denoise=args.denoise, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, decoder=args.decoder,
             structure_weight=args.structure_weight, clip_weight=args.clip_weight, style_weight=args.style_weight,
+            color_weight=args.color_weight,
             checkpoint=(self.local_files["checkpoint"].name if "checkpoint" in self.local_files else args.checkpoint),
             clip=(self.local_files["clip"].name if "clip" in self.local_files else args.clip),
             controlnet=(self.local_files["controlnet"].name if "controlnet" in self.local_files else args.controlnet),
@@ -432,7 +441,7 @@ class Runner:
                 "size": list(size) if size else None, "settings": asdict(s), "events": terms}
         atomic_write(out / f"{job.stem}_terms.json", json.dumps(meta, indent=1).encode())
         files["terms_json"] = str(out / f"{job.stem}_terms.json")
-        label = " (test model)" if plan.args.test_models else ""
+        label = " (toy test model)" if plan.args.test_models else ""
         if plot_terms(terms, out / f"{job.stem}_terms.png", f"AGG per step: {job.stem}{label}"):
             files["terms_plot"] = str(out / f"{job.stem}_terms.png")
         shown, labels = [job.path], ["source"]
@@ -524,8 +533,8 @@ def run(plan: Plan) -> int:
         if log_path:
             print(f"server log: {log_path}")
         if args.test_models:
-            print("NOTE: these images come from generated test models, not real weights: they only show that "
-                  "everything runs.")
+            print("NOTE: these images come from generated test models, not real weights: a toy model's blurry "
+                  "pictures, which show what it can follow (colours, coarse layout), not what a real model does.")
         return 0 if done == len(jobs) else 1
     finally:
         if server is not None:

@@ -1,7 +1,9 @@
 """README's first command: `bash scripts/translate.sh` sets up (already done here), generates the
-demo's test models, says so, starts its own headless ComfyUI and writes the result, the side-by-side
-comparison, the per-step report and its plot into the output folder it prints, with the server log's
-path."""
+demo's test models (the trained toy SD1.5, agg_testing.trained), says so, starts its own headless ComfyUI,
+runs the colour-transfer demo (Structure + Color Loss toward a reference photo) and writes the result, the
+side-by-side comparison, the per-step report and its plot into the output folder it prints, with the
+server log's path. The toy's result has colours measurably closer to the reference's than the unguided
+run's."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import pytest
 from PIL import Image
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+NAME = "color_source"  # the demo's photo (agg_testing.trained.DEMO_SOURCE)
 
 
 @pytest.mark.server
@@ -23,8 +27,8 @@ def test_translate_sh_demo_end_to_end(tmp_path):
     env = {**os.environ}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(
-        ["bash", str(PACK_ROOT / "scripts" / "translate.sh"), "--steps", "3", "--size", "64", "--seed", "7"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env,
+        ["bash", str(PACK_ROOT / "scripts" / "translate.sh"), "--steps", str(STEPS), "--size", "64"],
+        capture_output=True, text=True, timeout=1800, cwd=tmp_path, env=env,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -35,10 +39,10 @@ def test_translate_sh_demo_end_to_end(tmp_path):
     assert folder.parent == tmp_path / "agg-output"  # under the current folder, not deep in a cache
     log = re.search(r"^server log: (.+)$", out, re.M)
     assert log and Path(log.group(1)).is_file() and "Starting server" in Path(log.group(1)).read_text()
-    for name in ("example_agg.png", "example_unguided.png", "example_side_by_side.png", "example_terms.json",
-                 "example_terms.png", "summary.json"):
+    for name in (f"{NAME}_agg.png", f"{NAME}_unguided.png", f"{NAME}_side_by_side.png", f"{NAME}_terms.json",
+                 f"{NAME}_terms.png", "summary.json"):
         assert (folder / name).is_file(), sorted(p.name for p in folder.iterdir())
-    with Image.open(folder / "example_side_by_side.png") as im:
+    with Image.open(folder / f"{NAME}_side_by_side.png") as im:
         assert im.width > 2 * im.height  # source | unguided | AGG
         # square panels below a 24 px label band, 8 px apart: the AGG panel is not the unguided one
         import numpy as np
@@ -46,13 +50,31 @@ def test_translate_sh_demo_end_to_end(tmp_path):
         side, panel = np.asarray(im.convert("RGB"), dtype=np.float32), im.height - 24
         unguided_panel, agg_panel = (side[24:, k * (panel + 8):k * (panel + 8) + panel] for k in (1, 2))
         assert np.abs(agg_panel - unguided_panel).mean() > 1.0, "the AGG panel equals the unguided one"
-    with Image.open(folder / "example_agg.png") as im, Image.open(folder / "example_unguided.png") as un:
+    with Image.open(folder / f"{NAME}_agg.png") as im, Image.open(folder / f"{NAME}_unguided.png") as un:
         assert np.abs(np.asarray(im, dtype=np.float32) - np.asarray(un, dtype=np.float32)).mean() > 1.0
-    with Image.open(folder / "example_agg.png") as im:
-        assert im.size == (64, 64)  # ComfyUI's example.png is square
-    report = json.loads((folder / "example_terms.json").read_text())
+    with Image.open(folder / f"{NAME}_agg.png") as im:
+        assert im.size == (64, 64)  # the demo photo is square
+    report = json.loads((folder / f"{NAME}_terms.json").read_text())
     assert report["events"], "no per-step AGG report arrived"
     assert all(isinstance(e.get("terms"), dict) and e["terms"] for e in report["events"])
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["test_models"] is True and summary["images"][0]["status"] == "done"
-    assert "[AGG" in out and "step 3/3" in out  # per-image progress bars were shown
+    assert "[AGG" in out and f"step {STEPS}/{STEPS}" in out  # per-image progress bars were shown
+    # the demo is a colour transfer: the AGG image's colours are closer to the reference's than the unguided one's
+    import torch
+
+    from agg_kernels.losses.color import color_distance, image_stats
+
+    assert summary["workflow"] in ("color_transfer", "agg_color_transfer.json")
+    reference = Path(os.environ.get("AGG_HOME", Path.home() / ".cache" / "agg-comfyui")) / "fixtures" / "demo-models" \
+        / "demo" / "color_reference.png"
+
+    def pixels(path: Path) -> torch.Tensor:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).movedim(-1, 0)[None]
+
+    ref_mean, ref_std = image_stats(pixels(reference))
+    d_agg, d_plain = (float(color_distance(pixels(folder / f"{NAME}_{k}.png"), ref_mean, ref_std))
+                      for k in ("agg", "unguided"))
+    print(f"\ncolour distance to the reference: unguided {d_plain:.4f}, AGG {d_agg:.4f}")
+    assert d_agg < 0.8 * d_plain
