@@ -8,7 +8,7 @@ DEST gets checkpoints/, controlnet/, vae_approx/ and open_clip/ with links to th
 target. --full adds the ~2 GiB full-size SD1.5 checkpoint (benchmarks). --trained adds the tiny SD1.5
 that learned to denoise, with a VAE decoder trained to reconstruct its photos (trained on first use,
 about 5 minutes on 2 cores): the checkpoint in checkpoints/, its TAESD pair in vae_approx_trained/, and
-the demo's colour reference photo in demo/color_reference.png; it prints the figures that show it is a
+the demo's photos in demo/ (color_source.png, color_reference.png); it prints the figures that show it is a
 denoiser (error table on held-back latents, Jacobian symmetry, finite-difference vs autograd manifold
 gradients, the decoder's reconstruction error) unless --no-evidence. --yaml writes an
 extra_model_paths.yaml for `main.py --extra-model-paths-config` naming those folders and ComfyUI's
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
         trained.link_trained(args.dest)
         kinds.append(trained.VAE_APPROX_TRAINED)
-        reference = trained.demo_reference(Path(args.dest) / "demo" / "color_reference.png")
-        print(f"demo\t{reference.name}\t{reference.stat().st_size / 2**20:.1f} MiB\t{reference}")
+        for image in trained.demo_images(Path(args.dest) / "demo").values():
+            print(f"demo\t{image.name}\t{image.stat().st_size / 2**20:.1f} MiB\t{image}")
     for kind in kinds:
         for link in sorted(tree.folder(kind).iterdir()):
             target = link.resolve()

@@ -492,15 +492,18 @@ def sd15_trained_files(config: TrainConfig = TrainConfig(), *, cache_dir: Path |
             "taesd_decoder": paths["-taesd_decoder"]}
 
 
-DEMO_REFERENCE_PHOTO = "coffee.png"  # warm browns and a red cup: a palette far from a blue-sky-and-green-hill picture
+# The command-line demo's colour transfer: a warm photo toward a night-blue one (both bundled with scikit-image;
+# the toy model was trained on crops of them, so its blurry reconstructions are recognisable)
+DEMO_SOURCE_PHOTO = "coffee.png"  # a red cup of coffee on a wooden table
+DEMO_REFERENCE_PHOTO = "rocket.jpg"  # a rocket on its launch pad at dusk: dark blues
+DEMO_SOURCE, DEMO_REFERENCE = "color_source.png", "color_reference.png"
 
 
-def demo_reference(path: Path, size: int = 256) -> Path:
-    """Write the colour reference of the command-line demo: scikit-image's bundled coffee photo, centre
-    square, `size` px (PNG)."""
+def square_photo(name: str, path: Path, size: int = 256) -> Path:
+    """A bundled photo's centre square at `size` px, as a PNG at `path`."""
     from PIL import Image
 
-    photo = load_photo(DEMO_REFERENCE_PHOTO)
+    photo = load_photo(name)
     h, w = photo.shape[:2]
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
@@ -509,6 +512,12 @@ def demo_reference(path: Path, size: int = 256) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(square).resize((size, size), Image.LANCZOS).save(path)
     return path
+
+
+def demo_images(folder: Path) -> dict[str, Path]:
+    """Write the demo's source photo and colour reference into `folder`: {"source": path, "reference": path}."""
+    return {"source": square_photo(DEMO_SOURCE_PHOTO, Path(folder) / DEMO_SOURCE),
+            "reference": square_photo(DEMO_REFERENCE_PHOTO, Path(folder) / DEMO_REFERENCE)}
 
 
 VAE_APPROX_TRAINED = "vae_approx_trained"  # folder of a models tree holding the trained model's TAESD pair
