@@ -104,7 +104,7 @@ def test_finite_difference_and_autograd_manifold_gradients_agree(model, data):
 
 
 def test_same_arguments_give_the_same_bytes(tmp_path):
-    tiny = T.TrainConfig(n_train=16, n_test=8, steps=3, batch=4, warmup=1)
+    tiny = T.TrainConfig(n_train=16, n_test=8, steps=3, batch=4, warmup=1, dec_steps=3, dec_batch=4, dec_warmup=1)
     a = T.sd15_trained_files(tiny, cache_dir=tmp_path / "a")
     b = T.sd15_trained_files(tiny, cache_dir=tmp_path / "b")
     for key in ("checkpoint", "data", "taesd_encoder", "taesd_decoder"):
