@@ -6,10 +6,12 @@ TAESD from models/vae_approx, or through the latent format's linear RGB factors.
 
 Memory: the `vae` copy holds what `first_stage_model.decode` uses and nothing of the encoder (for
 AutoencoderKL: decoder + post_quant_conv; for SDXL / SD3 / Flux's AutoencodingEngine: decoder; for
-TAESD-as-VAE: taesd_decoder + its scale and shift). Its weights are copied straight to the run's device
-and dtype, once per run (RunInfo.cached), and dropped when the run ends (RunInfo.release), even if a
-closure outlives the run. On a GPU, room for the copy and its backward pass is first made through
-ComfyUI's model management, keeping the models the sampler is using loaded.
+TAESD-as-VAE: taesd_decoder + its scale and shift). Weights already on the run's device in its dtype are
+shared with the VAE (ordinary tensors on the same memory, which autograd accepts), others are copied
+straight there; once per run (RunInfo.cached), dropped when the run ends (RunInfo.release), even if a
+closure outlives the run. Its blocks are recomputed in the backward pass rather than keeping their
+activations. On a GPU, room for the copy and its backward pass is first made through ComfyUI's model
+management, keeping the models the sampler is using loaded.
 """
 
 from __future__ import annotations
@@ -51,12 +53,19 @@ ENCODER_PARTS = ("encoder", "quant_conv", "taesd_encoder")
 GRAD_DECODE_MEMORY_FACTOR = 3
 
 
+def ordinary(t: torch.Tensor) -> torch.Tensor:
+    """An ordinary (non-inference) tensor on the same memory as `t`: autograd may save it, and it costs nothing.
+    Call outside inference mode; the weights are frozen, so the shared memory is never written."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
 def gradient_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
                   leave_out: tuple[str, ...] = ()) -> torch.nn.Module:
     """A copy of `module` whose weights are ordinary (non-inference) tensors, frozen, on `device`.
 
-    Each tensor is copied once, straight to `device` and (if floating point) `dtype`; the children named
-    in `leave_out` are None in the copy and cost nothing."""
+    A weight already on `device` in `dtype` is shared, not copied (`ordinary`); any other is copied once,
+    straight to `device` and (if floating point) `dtype`. The children named in `leave_out` are None in the
+    copy and cost nothing."""
     with torch.inference_mode(False):
         memo: dict[int, object] = {}
         for name in leave_out:
@@ -68,7 +77,11 @@ def gradient_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dt
         for t in (*module.parameters(), *module.buffers()):
             if id(t) in left_out or id(t) in memo:
                 continue
-            data = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True)
+            want = dtype if t.is_floating_point() else t.dtype
+            if t.device == torch.device(device) and t.dtype == want:
+                data = ordinary(t.detach())
+            else:
+                data = t.detach().to(device=device, dtype=want, copy=True)
             memo[id(t)] = torch.nn.Parameter(data, requires_grad=False) if isinstance(t, torch.nn.Parameter) else data
         return copy.deepcopy(module, memo).eval()
 
