@@ -41,6 +41,9 @@ MODEL_INPUTS: dict[str, tuple[str, str, str]] = {
     "controlnet": ("ControlNetLoader", "control_net_name", "controlnet"),
 }
 SOURCE_TITLES, STYLE_TITLES = ("Source image",), ("Style image", "Reference image", "Color reference")
+MASK_TITLES = ("Edit mask",)
+# Pictures the example workflows load that ship with the pack (ComfyUI's input folder may lack them).
+ASSETS = PACK / "web" / "assets"
 
 
 def flag(name: str) -> str:
@@ -123,6 +126,20 @@ def source_image_nodes(api: dict) -> list[str]:
 
 def style_image_nodes(api: dict) -> list[str]:
     return [nid for nid in nodes_of(api, "LoadImage") if title(api[nid]) in STYLE_TITLES]
+
+
+def mask_image_nodes(api: dict) -> list[str]:
+    return [nid for nid in nodes_of(api, "LoadImage") if title(api[nid]) in MASK_TITLES]
+
+
+def shipped_images(api: dict) -> dict[str, Path]:
+    """LoadImage nodes that name a picture shipped in web/assets/ -> that file (to upload before running)."""
+    out = {}
+    for nid in nodes_of(api, "LoadImage"):
+        value = api[nid]["inputs"].get("image")
+        if isinstance(value, str) and "/" not in value and (ASSETS / value).is_file():
+            out[nid] = ASSETS / value
+    return out
 
 
 def resize_nodes(api: dict, sources: list[str]) -> list[str]:
@@ -257,9 +274,9 @@ def check_applicable(api: dict, s: Settings, name: str, style_image: bool, size:
 
 
 def customise(api: dict, s: Settings, image: str, size: tuple[int, int] | None, prefix: str,
-              style: str | None = None) -> dict:
+              style: str | None = None, mask: str | None = None) -> dict:
     """A copy of `api` with the settings, the uploaded image names, the working size and the
-    SaveImage prefix filled in."""
+    SaveImage prefix filled in (a style or mask picture not given keeps the workflow's own)."""
     p = copy.deepcopy(api)
     for key, targets in OVERRIDES.items():
         value = getattr(s, key)
@@ -284,8 +301,10 @@ def customise(api: dict, s: Settings, image: str, size: tuple[int, int] | None, 
     sources = source_image_nodes(p)
     for nid in sources:
         p[nid]["inputs"]["image"] = image
-    for nid in style_image_nodes(p):
-        p[nid]["inputs"]["image"] = style or image
+    for nids, value in ((style_image_nodes(p), style), (mask_image_nodes(p), mask)):
+        for nid in nids:
+            if value is not None:
+                p[nid]["inputs"]["image"] = value
     if size is not None:
         for nid in resize_nodes(p, sources):
             p[nid]["inputs"].update(width=size[0], height=size[1], crop="disabled")

@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(required with --image / --images-dir)")
     io_.add_argument("--negative", help="negative prompt (default: the workflow's)")
     io_.add_argument("--style-image", type=Path, metavar="FILE",
-                     help="style image (image_style workflow) or colour reference (Color Loss workflows)")
+                     help="style image (image_style workflow) or colour reference (Color Loss workflows); default: "
+                          "the workflow's own (shipped with the pack)")
+    io_.add_argument("--mask", type=Path, metavar="FILE",
+                     help="edit mask for the local_edit workflow, white = the region to change (required there "
+                          "with --image / --images-dir)")
     io_.add_argument("--output-dir", type=Path, metavar="DIR",
                      help="where results go (default: ./agg-output/DATE-TIME); must not hold an earlier run")
     wf = ap.add_argument_group("workflow and settings (default: the workflow's own values)")
@@ -225,6 +229,12 @@ class Plan:
         if args.style_image is not None:
             check_image(args.style_image, "--style-image")
             self.style = args.style_image
+        self.mask = None
+        if args.mask is not None:
+            check_image(args.mask, "--mask")
+            if not G.mask_image_nodes(self.api):
+                raise UsageError(f"--mask: the workflow {self.workflow_name} has no LoadImage titled 'Edit mask'")
+            self.mask = args.mask
         self.servers = []
         for url in args.server:
             try:
@@ -252,8 +262,9 @@ class Plan:
                         f"--{role} is required with --image / --images-dir: describe "
                         + ("what your photo shows" if role == "source" else "the result you want")
                         + f", e.g. --{role} \"{example}\" (the workflow's own text, {own!r}, describes its example picture)")
-            if G.style_image_nodes(self.api) and self.style is None:
-                raise UsageError(f"--style-image is required with --image / --images-dir for the workflow {self.workflow_name}")
+            if G.mask_image_nodes(self.api) and self.mask is None:
+                raise UsageError(f"--mask is required with --image / --images-dir for the workflow {self.workflow_name}: "
+                                 "the workflow's own mask marks a region of its example picture")
 
         self.local_files: dict[str, Path] = {}
         for key in G.MODEL_INPUTS:
@@ -390,7 +401,19 @@ class Runner:
 
     def __init__(self, plan: Plan, run_id: str, display: Display) -> None:
         self.plan, self.run_id, self.display = plan, run_id, display
-        self.uploaded_style: dict[str, str] = {}
+        self.uploaded: dict[tuple[str, str], str] = {}  # (server, local file) -> LoadImage value there
+
+    def upload_once(self, client: Client, path: Path, role: str) -> str:
+        key = (client.url, str(path))
+        if key not in self.uploaded:
+            self.uploaded[key] = client.upload_image(path, f"{self.run_id}_{role}_{path.name}")
+        return self.uploaded[key]
+
+    def with_shipped(self, client: Client, prompt: dict) -> dict:
+        """The prompt with the pictures it names from the pack's web/assets uploaded to the server."""
+        for nid, path in G.shipped_images(prompt).items():
+            prompt[nid]["inputs"]["image"] = self.upload_once(client, path, "shipped")
+        return prompt
 
     def __call__(self, client: Client, job: Job) -> None:
         plan, s = self.plan, self.plan.settings
@@ -402,16 +425,14 @@ class Runner:
         self.display.say(f"[{job.index + 1}/{len(plan.images)}] {job.path} on {client.url}"
                          + (f": {plan.sizes[job.path][0]}x{plan.sizes[job.path][1]} -> {size[0]}x{size[1]}" if size else ""))
         image = client.upload_image(job.path, name)
-        style = None
-        if plan.style is not None:
-            if client.url not in self.uploaded_style:
-                self.uploaded_style[client.url] = client.upload_image(plan.style, f"{self.run_id}_style{plan.style.suffix.lower()}")
-            style = self.uploaded_style[client.url]
+        style = None if plan.style is None else self.upload_once(client, plan.style, "style")
+        mask = None if plan.mask is None else self.upload_once(client, plan.mask, "mask")
         prefix = f"agg_cli/{self.run_id}/{job.stem}"
-        guided = G.customise(plan.api, s, image, size, prefix + "_agg", style)
+        guided = self.with_shipped(client, G.customise(plan.api, s, image, size, prefix + "_agg", style, mask))
         runs = [("AGG", guided)]
         if not plan.args.no_unguided:
-            runs.append(("unguided", G.without_agg(G.customise(plan.api, s, image, size, prefix + "_unguided", style))))
+            unguided = G.customise(plan.api, s, image, size, prefix + "_unguided", style, mask)
+            runs.append(("unguided", G.without_agg(self.with_shipped(client, unguided))))
         results: dict[str, list[bytes]] = {}
         terms: list[dict] = []
         for phase, prompt in runs:

@@ -331,3 +331,54 @@ def test_plots_from_several_server_threads_at_once(tmp_path):
         t.join()
     assert not errors, errors
     assert len(list(tmp_path.glob("t*.png"))) == 12
+
+
+# --- pictures the workflows ship with -----------------------------------------------------------------
+
+
+def test_shipped_pictures_are_found_and_a_given_style_or_mask_replaces_them():
+    _, style_api = G.load_workflow("image_style")
+    shipped = G.shipped_images(style_api)
+    assert {p.name for p in shipped.values()} == {"agg_style.png"} and all(p.is_file() for p in shipped.values())
+    s = G.Settings()
+    kept = G.customise(style_api, s, "agg_cli/x.png", None, "p")
+    assert {p.name for p in G.shipped_images(kept).values()} == {"agg_style.png"}  # the workflow's own style
+    given = G.customise(style_api, s, "agg_cli/x.png", None, "p", style="agg_cli/mine.png")
+    assert not G.shipped_images(given)
+    assert [given[n]["inputs"]["image"] for n in G.style_image_nodes(given)] == ["agg_cli/mine.png"]
+    _, edit_api = G.load_workflow("local_edit")
+    assert {p.name for p in G.shipped_images(edit_api).values()} == {"agg_edit_mask.png"}
+    masked = G.customise(edit_api, s, "agg_cli/x.png", None, "p", mask="agg_cli/m.png")
+    assert [masked[n]["inputs"]["image"] for n in G.mask_image_nodes(masked)] == ["agg_cli/m.png"]
+
+
+def test_local_edit_with_an_own_photo_needs_a_mask(capsys, photo, tmp_path):
+    rc, out = run_cli(capsys, "--workflow", "local_edit", "--image", str(photo), "--source", "a photo",
+                      "--target", "a red dress", "--output-dir", str(tmp_path / "o"))
+    assert rc == 2 and "--mask is required" in out and "local_edit" in out
+    rc, out = run_cli(capsys, "--workflow", "img2img_ksampler", "--mask", str(photo), "--output-dir", str(tmp_path / "p"))
+    assert rc == 2 and "no LoadImage titled 'Edit mask'" in out
+
+
+def test_runner_uploads_each_shipped_picture_once_per_server(tmp_path):
+    from agg_cli.main import Runner
+
+    class Uploads:
+        url = "http://a"
+
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def upload_image(self, path, name):
+            self.names.append(name)
+            return f"agg_cli/{name}"
+
+    _, api = G.load_workflow("color_transfer")
+    runner = Runner.__new__(Runner)
+    runner.run_id, runner.uploaded = "r1", {}
+    client = Uploads()
+    first = runner.with_shipped(client, G.customise(api, G.Settings(), "agg_cli/x.png", None, "p"))
+    second = runner.with_shipped(client, G.customise(api, G.Settings(), "agg_cli/y.png", None, "q"))
+    assert client.names == ["r1_shipped_agg_style.png"]  # once, then reused
+    for p in (first, second):
+        assert [p[n]["inputs"]["image"] for n in G.style_image_nodes(p)] == ["agg_cli/r1_shipped_agg_style.png"]
