@@ -29,13 +29,19 @@ log = logging.getLogger("AGG")
 
 
 class GradientWeights:
-    """A gradient-capable copy of a diffusion model's weights, swapped in only around autograd passes."""
+    """Gradient-capable views of a diffusion model's weights, swapped in only around autograd passes.
+
+    ComfyUI loads weights inside a prompt's inference mode, and autograd cannot save inference tensors for
+    backward; each view is an ordinary tensor on the same memory as its weight (decoders.ordinary), so the run
+    holds no second copy of the weights and ComfyUI's own parameters are never changed."""
 
     def __init__(self, module: torch.nn.Module):
+        from .decoders import ordinary
+
         self.module = module
         with torch.inference_mode(False):
             self.copies = {
-                (mod_name, p_name): torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                (mod_name, p_name): torch.nn.Parameter(ordinary(p.detach()), requires_grad=False)
                 for mod_name, mod in module.named_modules()
                 for p_name, p in mod._parameters.items()
                 if p is not None
