@@ -363,7 +363,7 @@ def exact_graph(sampler: str, *, flux: bool, cfg: float, seed: int, steps: int, 
         ks = g.prompt.pop(g["sampler"].id)["inputs"]
         sigmas = g.node("BasicScheduler", name="sigmas", model=unet[0], scheduler=ks["scheduler"], steps=steps,
                         denoise=ks["denoise"])
-        select = g.node("AGGSampler", name="select", **AGG_ZONES)
+        select = g.node("AGGSampler", name="select", follow_guidance=False, **AGG_ZONES)  # zones as given
         custom = g.node("SamplerCustom", name="custom", model=inner[0], add_noise=True, noise_seed=seed, cfg=cfg,
                         positive=ks["positive"], negative=ks["negative"], sampler=select[0], sigmas=sigmas[0],
                         latent_image=g["encode"][0])
