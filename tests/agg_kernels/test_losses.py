@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from agg_testing.analytic import toy_decoder
 
 from agg_kernels.losses import (
     AdaptiveWeight,
@@ -32,18 +33,6 @@ from agg_kernels.objective import LossContext, compose, total
 def ctx_for(x0: torch.Tensor, sigma: float = 1.0, family: str = "eps", step: int = 0, x=None) -> LossContext:
     s = torch.full((x0.shape[0],), sigma)
     return LossContext(sigma=s, x=x if x is not None else x0.detach().clone(), family=family, step=step)
-
-
-def toy_decoder(channels: int = 4, seed: int = 0):
-    """Linear latent -> RGB map, upsampled x4: a differentiable stand-in for a VAE decoder."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(3, channels, generator=g) * 0.5
-
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        rgb = torch.einsum("oc,bchw->bohw", w.to(z.dtype), z)
-        return F.interpolate(rgb, scale_factor=4, mode="bilinear", align_corners=False)
-
-    return decode
 
 
 def toy_encoder(dim: int = 16, seed: int = 1):

@@ -222,3 +222,16 @@ def ancestral_expected(
     if family == "const" and eta:
         det = det * ((1 - sigma_next) / (1 - sd))
     return det + up * z.double()
+
+
+def toy_decoder(channels: int = 4, seed: int = 0, scale: float = 0.5) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A differentiable stand-in for a VAE decoder: a seeded linear latent -> RGB map (weights ~ N(0, scale^2)),
+    upsampled x4."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, channels, generator=g) * scale
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        rgb = torch.einsum("oc,bchw->bohw", w.to(z.dtype), z)
+        return torch.nn.functional.interpolate(rgb, scale_factor=4, mode="bilinear", align_corners=False)
+
+    return decode

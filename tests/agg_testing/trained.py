@@ -215,6 +215,17 @@ def load_base(path: Path):
     return patcher.model, vae
 
 
+def warmup_cosine(step: int, steps: int, warmup: int, peak: float) -> float:
+    """Learning rate at `step`: linear warm-up over `warmup` steps, then cosine decay to 0 over `steps`."""
+    lr = peak * min(1.0, (step + 1) / warmup)
+    return lr * (0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def null_context(batch: int) -> torch.Tensor:
     """Cross-attention context for the unconditional model (ignored: attn2's output is zero)."""
     return torch.zeros(batch, 1, 768)
@@ -279,10 +290,7 @@ def train(config: TrainConfig, *, log=None) -> TrainResult:
         losses = []
         t0 = time.perf_counter()
         for step in range(config.steps):
-            lr = config.lr * min(1.0, (step + 1) / config.warmup)
-            lr *= 0.5 * (1 + math.cos(math.pi * step / config.steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_lr(opt, warmup_cosine(step, config.steps, config.warmup, config.lr))
             idx = torch.randint(len(z_train), (config.batch,), generator=g)
             z = z_train[idx]
             lo = log_lo
@@ -377,10 +385,7 @@ def train_decoder(config: TrainConfig, decoder: dict[str, torch.Tensor], z: torc
     losses = []
     t0 = time.perf_counter()
     for step in range(config.dec_steps):
-        lr = config.dec_lr * min(1.0, (step + 1) / config.dec_warmup)
-        lr *= 0.5 * (1 + math.cos(math.pi * step / config.dec_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, warmup_cosine(step, config.dec_steps, config.dec_warmup, config.dec_lr))
         idx = torch.randint(len(z), (config.dec_batch,), generator=g)
         loss = (dec(z[idx]) - pixels[idx]).square().mean()
         opt.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from agg_testing import analytic
 
 from agg_kernels.losses.color import color_distance, color_loss, color_stats, image_stats, mask_weights
 from agg_kernels.objective import LossContext, weights_of
@@ -15,17 +15,8 @@ def ctx_for(x0: torch.Tensor) -> LossContext:
     return LossContext(sigma=torch.ones(x0.shape[0]), x=x0.detach().clone(), family="eps")
 
 
-def toy_decoder(channels: int = 4, seed: int = 0):
-    """Linear latent -> RGB map plus a bias, upsampled x4, in [-1, 1] units: a differentiable VAE stand-in."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(3, channels, generator=g) * 0.3
-
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        rgb = torch.einsum("oc,bchw->bohw", w.to(z.dtype), z)
-        return F.interpolate(rgb, scale_factor=4, mode="bilinear", align_corners=False)
-
-    return decode
-
+def toy_decoder():
+    return analytic.toy_decoder(scale=0.3)
 
 def test_stats_match_numpy_style_definitions_and_masks_weigh_pixels():
     g = torch.Generator().manual_seed(0)
