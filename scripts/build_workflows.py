@@ -32,6 +32,7 @@ PACK = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK))
 sys.path.append(str(PACK / "tests"))
 from agg_testing import workflow_models as M  # noqa: E402
+from agg_testing.graphs import Graph  # noqa: E402
 
 from agg_kernels.guidance import DEFAULT_DDS_LR as DDS_LR  # noqa: E402
 from agg_kernels.guidance import DEFAULT_DDS_STEPS as DDS_STEPS  # noqa: E402
@@ -101,19 +102,18 @@ TAESD = {"sd15": "taesd_decoder.pth", "sdxl": "taesdxl_decoder.pth", "sd3": "tae
 # API prompts
 
 
-class Api:
-    """An API prompt under construction: add() returns the node id; outputs are [id, slot]."""
+class Api(Graph):
+    """An API prompt under construction, on the tests' own graph builder (agg_testing.graphs.Graph), with node
+    titles and the model files each loader needs: add() returns the node id; outputs are [id, slot]."""
 
     def __init__(self) -> None:
-        self.prompt: dict[str, dict] = {}
+        super().__init__()
         self.models: dict[str, list[Model]] = {}
 
     def add(self, class_type: str, title: str | None = None, *, models: list[Model] | None = None, **inputs) -> str:
-        nid = str(len(self.prompt) + 1)
-        node: dict = {"class_type": class_type, "inputs": inputs}
+        nid = self.node(class_type, **inputs).id
         if title:
-            node["_meta"] = {"title": title}
-        self.prompt[nid] = node
+            self.prompt[nid]["_meta"] = {"title": title}
         if models:
             self.models[nid] = list(models)
         return nid
