@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -222,9 +221,13 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class VisionClip:
     """ComfyUI's CLIP_VISION (CLIPVisionLoader: the image encoders IPAdapter users keep in models/clip_vision)
-    as the image encoder the style loss calls. ComfyUI's encode_image is not differentiable, so the network
-    is copied once, outside inference mode, on first use; its projected image embedding (what IPAdapter
-    reads as image_embeds) is the embedding."""
+    as the image encoder the style loss calls; its projected image embedding (what IPAdapter reads as
+    image_embeds) is the embedding.
+
+    The weights stay ComfyUI's: its model management loads the CLIP vision model (beside the models in use),
+    and the loss differentiates through ordinary tensors on the same memory (decoders.gradient_copy), made when
+    the loss needs them and dropped when it hands the model back. On the CPU the network runs in float32 (a copy
+    only where ComfyUI keeps half precision)."""
 
     def __init__(self, clip_vision) -> None:
         self.source = clip_vision
@@ -239,11 +242,15 @@ class VisionClip:
 
     def _network(self) -> torch.nn.Module:
         if self._net is None:
-            with torch.inference_mode(False):
-                net = copy.deepcopy(self.source.model)
-                for p in net.parameters():
-                    p.requires_grad_(False)
-                self._net = net.float().eval()
+            from .decoders import gradient_copy
+
+            patcher = getattr(self.source, "patcher", None)
+            if patcher is not None:
+                with torch.inference_mode(False):
+                    comfy.model_management.load_models_gpu([*models_in_use(), patcher])
+            p = next(self.source.model.parameters())
+            dtype = torch.float32 if p.device.type == "cpu" else p.dtype
+            self._net = gradient_copy(self.source.model, p.device, dtype)
         return self._net
 
     @property
@@ -251,8 +258,12 @@ class VisionClip:
         return next(self._network().parameters()).device
 
     def to(self, device: torch.device) -> VisionClip:
-        with torch.inference_mode(False):
-            self._network().to(device)
+        """The losses' API: to the run's device makes the network ready; to the CPU after a GPU run lets go of
+        it (ComfyUI offloads the model itself)."""
+        if torch.device(device).type == "cpu" and self._net is not None and self.device.type != "cpu":
+            self._net = None
+        else:
+            self._network()
         return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

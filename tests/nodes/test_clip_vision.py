@@ -143,3 +143,26 @@ def test_a_wrong_clip_input_is_named(session):
     runtime = pack_module("nodes.runtime")
     with pytest.raises(runtime.AGGError, match="Image Style Loss: input 'clip'"):
         clip_model.image_encoder(object(), "Image Style Loss")
+
+
+def test_the_loss_differentiates_through_comfyuis_own_weights(session):
+    """The network the loss uses holds ordinary tensors on the same memory as ComfyUI's weights wherever those are
+    already what it runs in (float32 on the CPU); only weights ComfyUI keeps in half precision on the CPU are
+    copied (to float32)."""
+    g = style_graph(next(SEEDS), guided=True)
+    r = session.run(g.prompt)
+    assert r.ok, r.error_text()[:3000]
+    cv = r.output(g["clip_vision"].id)
+    encoder = pack_module_clip(r, g)
+    theirs = dict(cv.model.named_parameters())
+    ours = dict(encoder._network().named_parameters())
+    assert ours.keys() == theirs.keys()
+    for k, p in ours.items():
+        if theirs[k].dtype == torch.float32:
+            assert p.data_ptr() == theirs[k].data_ptr(), k  # shared, not copied
+        else:
+            assert p.dtype == torch.float32 and torch.equal(p, theirs[k].float()), k
+    assert not any(p.is_inference() for p in ours.values())
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    (g_x,) = torch.autograd.grad(encoder.encode_image(x).square().sum(), x)
+    assert torch.isfinite(g_x).all() and g_x.abs().sum() > 0
