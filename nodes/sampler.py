@@ -75,20 +75,20 @@ class AGGSampler(io.ComfyNode):
             description="DDIM with a separate eta in three zones of the run: the guided edit zone, an unguided "
             "middle and a stochastic boost at the end (the paper's schedule). For SamplerCustom / SamplerCustomAdvanced.",
             inputs=[
-                io.Float.Input("eta_edit", default=schedule.DEFAULT_ETA_EDIT, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("eta_edit", display_name="noise in the edit zone (eta)", default=schedule.DEFAULT_ETA_EDIT, min=0.0, max=1.0, step=0.01,
                                tooltip="Noise (eta) in the edit zone; 0 = deterministic DDIM."),
-                io.Float.Input("eta", default=schedule.DEFAULT_ETA, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("eta", display_name="noise in the middle zone (eta)", default=schedule.DEFAULT_ETA, min=0.0, max=1.0, step=0.01,
                                tooltip="Noise (eta) in the middle zone."),
-                io.Float.Input("eta_boost", default=schedule.DEFAULT_ETA_BOOST, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("eta_boost", display_name="noise in the boost zone (eta)", default=schedule.DEFAULT_ETA_BOOST, min=0.0, max=1.0, step=0.01,
                                tooltip="Noise (eta) in the boost zone; 1 = ancestral, which restores detail."),
-                io.Float.Input("edit_end", default=schedule.DEFAULT_EDIT_END, min=0.0, max=1.0, step=0.0001,
+                io.Float.Input("edit_end", display_name="edit zone end (fraction of steps)", default=schedule.DEFAULT_EDIT_END, min=0.0, max=1.0, step=0.0001,
                                tooltip="End of the edit zone, as a fraction of the run's steps. Used only when "
                                "'follow_guidance' is off."),
-                io.Float.Input("boost_start", default=schedule.DEFAULT_BOOST_START, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("boost_start", display_name="boost zone start (fraction of steps)", default=schedule.DEFAULT_BOOST_START, min=0.0, max=1.0, step=0.01,
                                tooltip="Start of the boost zone, as a fraction of the run's steps."),
                 io.Float.Input("s_noise", default=1.0, min=0.0, max=100.0, step=0.01, optional=True,
                                tooltip="Scale of the added noise."),
-                io.Boolean.Input("follow_guidance", default=True, optional=True,
+                io.Boolean.Input("follow_guidance", display_name="edit zone = guidance window", default=True, optional=True,
                                  tooltip="On: the edit zone is exactly the steps the guidance acts on (the start / end "
                                  "percent of Apply AGG or AGG Guider), so the window is set in one place. Off: the "
                                  "edit zone ends at 'edit_end'. Without AGG guidance 'edit_end' is used."),

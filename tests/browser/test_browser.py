@@ -313,6 +313,12 @@ def test_guidance_chart_one_point_per_guided_step(page, names, comfy_server, tmp
     assert all(p[2] == ["clip_direction", "structure"] for p in first["points"])
     assert first["widget"] == 1
 
+    # The widgets carry the labels of locales/en/nodeDefs.json (what the input does), not the input ids.
+    labels = page.execute_async(
+        "return app.graph._nodes.find(n => n.type === 'AGGApply').widgets.map(w => [w.name, w.label || w.name]);")
+    labels = dict(labels)
+    assert labels["end_percent"] == "guidance end" and labels["manifold"] == "covariance step (expert)", labels
+
     # The chart is drawn on the canvas only: the node saves and queues as before.
     after = page.execute_async("return app.graph._nodes.find(n => n.type === 'AGGApply').serialize();")
     assert after["widgets_values"] == before["widgets_values"]
