@@ -326,19 +326,28 @@ def controlnet() -> Workflow:
         Card("AGG + ControlNet", "SD1.5 · canny ControlNet + Apply AGG", target_text=TARGET))
 
 
+def text_guided_img2img(api: Api, model: list, clip: list, vae: list, negative: str, prefix: str, *,
+                        positive=None, **sampling) -> None:
+    """A 1024 px img2img with Apply AGG (Structure Loss on the source latent + CLIP Direction Loss) under a
+    KSampler, after the loaders: the shared texts, the prompts (`positive` may wrap the target prompt's
+    conditioning, e.g. in FluxGuidance), the losses and the sampler."""
+    src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
+    image, latent = source_latent(api, vae, 1024)
+    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
+    conditioning = [pos, 0] if positive is None else positive(pos)
+    neg = api.add("CLIPTextEncode", "Negative prompt", text=negative, clip=clip)
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent)
+    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0])
+    agg = api.add("AGGApply", model=model, loss=loss, **agg_settings())
+    ksampler_tail(api, [agg, 0], conditioning, [neg, 0], latent, vae, prefix, **sampling)
+
+
 def sd3_text_guided() -> Workflow:
     api = Api()
     model, clip, vae = sd_loaders(api, SD3)
     shifted = api.add("ModelSamplingSD3", model=model, shift=3.0)
-    src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
-    image, latent = source_latent(api, vae, 1024)
-    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
-    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
-    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent)
-    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0])
-    agg = api.add("AGGApply", model=[shifted, 0], loss=loss, **agg_settings())
-    ksampler_tail(api, [agg, 0], [pos, 0], [neg, 0], latent, vae, "agg/sd3_text_guided", steps=28, cfg=4.5,
-                  scheduler="sgm_uniform")
+    text_guided_img2img(api, [shifted, 0], clip, vae, NEGATIVE, "agg/sd3_text_guided", steps=28, cfg=4.5,
+                        scheduler="sgm_uniform")
     return Workflow("agg_sd3_text_guided", api, note(
         "AGG: text-guided translation (SD3 medium)",
         "SD3's img2img as ComfyUI's own SD3 examples set it up (ModelSamplingSD3 shift 3, cfg 4.5, 28 steps, "
@@ -356,16 +365,8 @@ def flux_text_guided() -> Workflow:
                     clip_name2=FLUX_T5.name, type="flux")
     vae_node = api.add("VAELoader", models=[FLUX_VAE], vae_name=FLUX_VAE.name)
     clip, vae = [clips, 0], [vae_node, 0]
-    src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
-    image, latent = source_latent(api, vae, 1024)
-    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
-    guided = api.add("FluxGuidance", conditioning=[pos, 0], guidance=3.5)
-    neg = api.add("CLIPTextEncode", "Negative prompt", text="", clip=clip)
-    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent)
-    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0])
-    agg = api.add("AGGApply", model=[unet, 0], loss=loss, **agg_settings())
-    ksampler_tail(api, [agg, 0], [guided, 0], [neg, 0], latent, vae, "agg/flux_text_guided", steps=20, cfg=1.0,
-                  scheduler="simple")
+    text_guided_img2img(api, [unet, 0], clip, vae, "", "agg/flux_text_guided", steps=20, cfg=1.0, scheduler="simple",
+                        positive=lambda pos: [api.add("FluxGuidance", conditioning=[pos, 0], guidance=3.5), 0])
     return Workflow("agg_flux_text_guided", api, note(
         "AGG: text-guided translation (FLUX.1 dev)",
         "Flux dev is guidance-distilled: FluxGuidance 3.5 on the prompt and cfg 1 (the negative prompt is then "
