@@ -80,7 +80,6 @@ def same_sigma(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=SIGMA_REL_TOL, abs_tol=1e-7)
 
 
-
 def step_index(schedule: torch.Tensor | Sequence[float], sigma: torch.Tensor | float) -> int | None:
     """Index i of the step that starts at `sigma` (schedule[i] == sigma, i < len - 1), else None.
 

@@ -110,8 +110,7 @@ def ancestral_sigmas(sigma: float, sigma_next: float, eta: float, family: str) -
         ratio = (1 - sigma_next) / (1 - down)
         return down, max(sigma_next**2 - (down * ratio) ** 2, 0.0) ** 0.5
     up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
-    down = (sigma_next**2 - up**2) ** 0.5
-    return down, max(sigma_next**2 - down**2, 0.0) ** 0.5
+    return (sigma_next**2 - up**2) ** 0.5, up
 
 
 def ancestral_sigma_down(sigma: float, sigma_next: float, eta: float, family: str) -> float:
@@ -215,8 +214,7 @@ def realise(
         target, exact = following_sigma(schedule, sigma), False
         reason = f"an evaluation at sigma {sigma:.4g} between schedule points is realised approximately"
     else:
-        eta = sampler.eta_for(sigma) if sampler.name == "agg" else sampler.eta
-        target, exact = compensation_target(sampler.name, sigma, sn, family, eta)
+        target, exact = compensation_target(sampler.name, sigma, sn, family, sampler.eta_for(sigma))
         reason = None if exact else (
             f"sampler '{sampler.name}' is not first order; the asymmetric step is realised approximately (exact for "
             "euler, ddim, euler_ancestral, lcm, the cfg_pp Euler forms and the AGG sampler)")

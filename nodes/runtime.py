@@ -82,9 +82,9 @@ class AGGRun:
     """State of one sampling run: built loss, schedule, sampler description, logs. Never shared between runs."""
 
     def __init__(self, node_name: str, settings: AGGSettings, loss: Any, guider: Any, sigmas: torch.Tensor,
-                 sampler: Any, latent_shape: tuple[int, ...]):
+                 sampler: Any, latent_shape: tuple[int, ...], node_id: str | None = None):
         self.node_name = node_name
-        self.node_id: str | None = None
+        self.node_id = node_id
         self.settings = settings
         self.guider = guider
         model = guider.inner_model
@@ -251,8 +251,7 @@ class AGGPatch:
         sampler = executor.class_obj
         if not is_guided(sampler):  # a sampler guidance must leave alone (AGG Invert's inversion)
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
-        run = AGGRun(self.node_name, self.settings, self.loss, guider, sigmas, sampler, tuple(noise.shape))
-        run.node_id = self.node_id
+        run = AGGRun(self.node_name, self.settings, self.loss, guider, sigmas, sampler, tuple(noise.shape), self.node_id)
         topts = extra_args["model_options"].setdefault("transformer_options", {})
         topts[RUNS_KEY] = {**topts.get(RUNS_KEY, {}), self.key: run}
         try:
