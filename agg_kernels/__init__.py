@@ -2,6 +2,10 @@
 
 See docs/DESIGN.md: coordinates, the asymmetric step and its sampler compensation, manifold gradients,
 DDS refinement, schedules, losses and inversion.
+
+Input checks are `check_*` functions beside the maths they protect (check_family, check_window, check_zones,
+check_sigmas, check_reference, check_mask). Callers run them once, before sampling; the per-step functions
+assume input that passed and do not check it again (docs/DESIGN.md §2).
 """
 
 from .coordinates import FAMILIES, alpha, eps_from_denoised, noisy_from_clean

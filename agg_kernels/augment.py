@@ -83,12 +83,8 @@ def random_cutouts(
     (area 80-100% of the largest square), rotated by up to +-10 degrees, mirrored with p = 0.5,
     resampled bilinearly (reflection at the borders, so rotated corners show no black wedges).
     Parameters come from `generator` only: the same seed gives the same cut-outs. Differentiable
-    w.r.t. `images`.
+    w.r.t. `images`. n >= 1 and size >= 1 (the nodes' inputs are bounded so).
     """
-    if images.ndim != 4:
-        raise ValueError(f"random_cutouts expects [B, C, H, W] images; got shape {tuple(images.shape)}")
-    if n < 1 or size < 1:
-        raise ValueError(f"random_cutouts needs n >= 1 and size >= 1; got n={n}, size={size}")
     b, c = images.shape[:2]
     src = prescale(images, size)
     h, w = src.shape[-2:]

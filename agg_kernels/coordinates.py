@@ -4,6 +4,9 @@ A sampler state is x at noise level sigma:
   eps / v_prediction:  x = x0 + sigma * eps            alpha(sigma) = 1
   const (flow):        x = (1 - sigma) * x0 + sigma * eps   alpha(sigma) = 1 - sigma
 The denoiser output D is the Tweedie estimate of x0.
+
+Every function here takes `family` as one of FAMILIES; callers check it once per run (check_family, or
+the nodes' model-family check) and the per-step maths does not check it again.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ FAMILIES = ("eps", "v_prediction", "const")
 
 
 def check_family(family: str) -> str:
+    """The family itself, or a ValueError naming the families this module knows."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     return family
@@ -29,7 +33,6 @@ def expand_sigma(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tenso
 
 def alpha(sigma: torch.Tensor | float, family: str) -> torch.Tensor | float:
     """Signal scale alpha(sigma) of the family."""
-    check_family(family)
     return 1 - sigma if family == "const" else sigma * 0 + 1
 
 
@@ -55,7 +58,6 @@ def vp_noise_fraction(sigma: torch.Tensor | float, family: str) -> torch.Tensor 
 
     eps / v: sigma / sqrt(1 + sigma^2); const: sigma itself.
     """
-    check_family(family)
     if family == "const":
         return sigma
     return sigma / (1 + sigma**2) ** 0.5
@@ -63,7 +65,6 @@ def vp_noise_fraction(sigma: torch.Tensor | float, family: str) -> torch.Tensor 
 
 def vp_state(x: torch.Tensor, sigma: torch.Tensor | float, family: str) -> torch.Tensor:
     """The variance-preserving x_t of a sampler state (x / sqrt(1 + sigma^2); const states already are)."""
-    check_family(family)
     if family == "const":
         return x
     return x / (1 + expand_sigma(sigma, x) ** 2) ** 0.5

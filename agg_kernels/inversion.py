@@ -23,7 +23,9 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
 
 
-def _sigma_list(sigmas: torch.Tensor | list[float], ascending: bool, family: str) -> list[float]:
+def check_sigmas(sigmas: torch.Tensor | list[float], ascending: bool, family: str) -> list[float]:
+    """The schedule as floats, or a ValueError unless it has two or more strictly ascending (or descending)
+    sigmas, all >= 0 (and <= 1 for a flow model): the rule ddim_invert and ddim_reconstruct assume."""
     check_family(family)
     values = sigma_values(sigmas)
     if len(values) < 2:
@@ -55,7 +57,7 @@ def ddim_invert(
 ) -> tuple[torch.Tensor, Trajectory]:
     """Invert a clean latent x0 to the top sigma; returns (state at the top, trajectory of D).
 
-    sigmas_ascending: s_0 < s_1 < ... < s_n (s_0 may be 0). The state starts at alpha(s_0) * x0 (no noise)
+    sigmas_ascending: s_0 < s_1 < ... < s_n (s_0 may be 0), as check_sigmas(..., ascending=True) accepts. The state starts at alpha(s_0) * x0 (no noise)
     and each step s_i -> s_{i+1} evaluates D at s_i; from s_0 = 0 the step is alpha(s_1) * x0 with no model
     call (the noise estimate of a clean latent is zero).
 
@@ -68,7 +70,7 @@ def ddim_invert(
     callback(done, total) is called after each denoiser call (total = the number of calls).
     The returned state is in k-diffusion coordinates; see latent_for_sampler for what to hand a sampler.
     """
-    s = _sigma_list(sigmas_ascending, ascending=True, family=family)
+    s = sigma_values(sigmas_ascending)
     n = len(s) - 1
     total = n - int(s[0] == 0) + int(record_top)
     rec = TrajectoryRecorder(device=trajectory_device)
@@ -118,13 +120,12 @@ def ddim_reconstruct(
     family: str,
     callback: Progress | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM / Euler sampling from x_top at sigmas[0] down to sigmas[-1] (usually 0).
+    """Deterministic DDIM / Euler sampling from x_top at sigmas[0] down to sigmas[-1] (usually 0); the sigmas
+    are as check_sigmas(..., ascending=False) accepts.
 
     Returns the final state (the clean latent when the last sigma is 0).
     """
-    s = _sigma_list(sigmas_descending, ascending=False, family=family)
-    if s[0] <= 0:
-        raise ValueError(f"the first sigma must be > 0; got {s[0]}")
+    s = sigma_values(sigmas_descending)
     x = x_top
     n = len(s) - 1
     for i in range(n):

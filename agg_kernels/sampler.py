@@ -16,14 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .coordinates import check_family
 from .schedule import (
     DEFAULT_BOOST_START,
     DEFAULT_EDIT_END,
     DEFAULT_ETA,
     DEFAULT_ETA_BOOST,
     DEFAULT_ETA_EDIT,
-    check_zones,
     step_index,
     window_edit_end,
     zone_eta,
@@ -94,9 +92,11 @@ def sample_agg(
     noise_sampler: NoiseSampler | None = None,
     family: str = "eps",
 ) -> torch.Tensor:
-    """Three-zone DDIM: eta_edit on steps [0, edit_end), eta on [edit_end, boost_start), eta_boost after."""
-    check_family(family)
-    check_zones(edit_end, boost_start)
+    """Three-zone DDIM: eta_edit on steps [0, edit_end), eta on [edit_end, boost_start), eta_boost after.
+
+    family is one of coordinates.FAMILIES and the zones satisfy schedule.check_zones: the caller checks both
+    once (the AGG Sampler node does, before sampling starts).
+    """
     extra_args = {} if extra_args is None else extra_args
     if noise_sampler is None:
         noise_sampler = default_noise(x, extra_args.get("seed", None))

@@ -41,18 +41,20 @@ SIGMA_REL_TOL = 1e-4
 Window = tuple[float, float]
 
 
+def check_window(start_percent: float, end_percent: float) -> None:
+    """Raise a ValueError unless 0 <= start_percent < end_percent <= 1 (the rule edit_window assumes)."""
+    if not 0.0 <= start_percent < end_percent <= 1.0:
+        raise ValueError(
+            f"the guidance window needs 0 <= start_percent < end_percent <= 1 (0 = first step, 1 = last); "
+            f"got start_percent={start_percent}, end_percent={end_percent}"
+        )
+
+
 def edit_window(percent_to_sigma: Callable[[float], float], start_percent: float, end_percent: float) -> Window:
     """(sigma_high, sigma_low) of the guidance window, from ComfyUI's start / end percent.
 
-    Percent 0 is the highest sigma (the start of sampling), 1 is sigma 0, so start < end.
+    Percent 0 is the highest sigma (the start of sampling), 1 is sigma 0; the percents satisfy check_window.
     """
-    if not (0.0 <= start_percent <= 1.0 and 0.0 <= end_percent <= 1.0):
-        raise ValueError(f"start_percent and end_percent must lie in [0, 1]; got {start_percent}, {end_percent}")
-    if not start_percent < end_percent:
-        raise ValueError(
-            f"the edit window needs start_percent < end_percent (0 = first step, 1 = last); "
-            f"got start_percent={start_percent}, end_percent={end_percent}"
-        )
     sigma_high = float(percent_to_sigma(start_percent))
     sigma_low = float(percent_to_sigma(end_percent))
     return sigma_high, sigma_low
@@ -125,6 +127,7 @@ def window_edit_end(schedule: torch.Tensor | Sequence[float], sigma_low: float) 
 
 
 def check_zones(edit_end: float, boost_start: float) -> None:
+    """Raise a ValueError unless 0 <= edit_end <= boost_start <= 1 (the rule zone_eta assumes)."""
     if not 0.0 <= edit_end <= boost_start <= 1.0:
         raise ValueError(
             f"eta zones need 0 <= edit_end <= boost_start <= 1; got edit_end={edit_end}, boost_start={boost_start}"
@@ -140,10 +143,7 @@ def zone_eta(
     edit_end: float = DEFAULT_EDIT_END,
     boost_start: float = DEFAULT_BOOST_START,
 ) -> float:
-    """Eta of step i of n_steps: the zone is chosen by the step fraction i / n_steps."""
-    check_zones(edit_end, boost_start)
-    if n_steps <= 0 or not 0 <= i < n_steps:
-        raise ValueError(f"step {i} is outside a run of {n_steps} steps")
+    """Eta of step i (0 <= i < n_steps): the zone is chosen by the step fraction i / n_steps (zones as check_zones)."""
     frac = i / n_steps
     if frac < edit_end:
         return float(eta_edit)

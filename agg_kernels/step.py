@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .coordinates import alpha, check_family, eps_from_denoised, expand_sigma
+from .coordinates import alpha, eps_from_denoised, expand_sigma
 from .schedule import following_sigma, next_sigma
 
 
@@ -57,7 +57,6 @@ def symmetric_step(
 
     x moves by (1 - sigma_next / sigma) * delta relative to the unguided step.
     """
-    check_family(family)
     s, sn = expand_sigma(sigma, x), expand_sigma(sigma_next, x)
     ratio = sn / s
     return ratio * x + (1 - ratio) * (denoised + delta)
@@ -82,11 +81,9 @@ def compensated_denoised(
 ) -> torch.Tensor:
     """The denoised value R that makes a first-order step sigma -> sigma_next land on `asymmetric_step`.
 
-    For ancestral samplers pass sigma_down as `sigma_next`.
+    For ancestral samplers pass sigma_down as `sigma_next`. Needs sigma_next < sigma (realise only calls it so).
     """
     s, sn = expand_sigma(sigma, denoised), expand_sigma(sigma_next, denoised)
-    if bool(torch.any(torch.as_tensor(s <= sn))):
-        raise ValueError("compensated_denoised needs sigma_next < sigma")
     return denoised + compensation_factor(s, sn, family) * delta
 
 
@@ -102,7 +99,6 @@ def ancestral_sigmas(sigma: float, sigma_next: float, eta: float, family: str) -
     eps / v: k-diffusion's `get_ancestral_step`; const: the `_RF` form, whose renoise also restores
     alpha(sigma_next): sigma_up = sqrt(sigma_next^2 - sigma_down^2 * alpha(sigma_next)^2 / alpha(sigma_down)^2).
     """
-    check_family(family)
     if not eta or sigma_next == 0:
         return sigma_next, 0.0
     if family == "const":

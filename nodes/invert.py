@@ -7,9 +7,9 @@ import latent_preview
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..agg_kernels.inversion import ddim_invert
+from ..agg_kernels.inversion import check_sigmas, ddim_invert
 from .sampler import PackSampler
-from .settings import AGGError, require_family
+from .settings import checked, require_family
 from .types import AGGTrajectoryType
 
 NODE = "AGG Invert"
@@ -62,13 +62,10 @@ class AGGInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, positive, sigmas) -> io.NodeOutput:
-        require_family(model.get_model_object("model_sampling"), NODE)
+        family = require_family(model.get_model_object("model_sampling"), NODE)
         s = sigmas.flatten().float().cpu()
-        if s.numel() < 2:
-            raise AGGError(f"{NODE}: input 'sigmas' needs at least two values (got {s.numel()}).")
         ascending = torch.sort(s).values
-        if bool((ascending[1:] <= ascending[:-1]).any()):
-            raise AGGError(f"{NODE}: input 'sigmas' has repeated values; use a scheduler's output.")
+        checked(NODE, "sigmas", check_sigmas, ascending, ascending=True, family=family)
         samples = latent["samples"]
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, [])

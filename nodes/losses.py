@@ -31,7 +31,7 @@ from ..agg_kernels.strength import (
 )
 from .clip_model import AGGClip, VisionClip, image_encoder
 from .decoders import DECODERS, DEFAULT_DECODER, make_decoder
-from .settings import AGGError, RunInfo
+from .settings import AGGError, RunInfo, checked
 from .types import AGGClipType, AGGLossType, AGGTrajectoryType
 
 DEFAULT_CUTOUTS = 8
@@ -71,10 +71,6 @@ def grad_constant(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         return t.detach().to(device=device, dtype=torch.float32).clone()
 
 
-def user_error(node: str, input_name: str, e: Exception) -> AGGError:
-    return AGGError(f"{node}: input '{input_name}': {e}")
-
-
 def loss_input() -> io.Input:
     return AGGLossType.Input("loss", optional=True, tooltip="An upstream AGG loss to add this one to (chaining).")
 
@@ -102,10 +98,7 @@ def mask_input(role: str) -> io.Input:
 
 def latent_region(mask: torch.Tensor, run: RunInfo, node: str) -> torch.Tensor:
     """The node's mask on the run's latent grid, [B or 1, 1, h, w] on the run's device."""
-    try:
-        check_mask(mask, run.latent_shape[0])
-    except ValueError as e:
-        raise user_error(node, "mask", e) from e
+    checked(node, "mask", check_mask, mask, run.latent_shape[0])
     return resize_mask(mask, tuple(run.latent_shape[-2:])).to(run.device)
 
 
@@ -162,10 +155,7 @@ class AGGStructureLoss(io.ComfyNode):
                 reference = Trajectory(trajectory.sigmas.float().clone(), grad_constant(trajectory.denoised, run.device))
             else:
                 reference = grad_constant(run.model.process_latent_in(source_samples.to(run.device)), run.device)
-            try:
-                check_reference(reference, probe, f"the {input_name} latent")
-            except ValueError as e:
-                raise user_error(node, input_name, e) from e
+            checked(node, input_name, check_reference, reference, probe, f"the {input_name} latent")
             held = structure_loss(weight, reference)
             return on_region(held, mask, run, node, outside=True)
 
@@ -321,10 +311,9 @@ class AGGColorLoss(io.ComfyNode):
     @classmethod
     def execute(cls, image, vae, weight, decoder=DEFAULT_DECODER, loss=None, mask=None) -> io.NodeOutput:
         node = "Color Loss"
-        try:
-            ref_mean, ref_std = image_stats(pixels_bchw(image))
-        except ValueError as e:
-            raise user_error(node, "image", e) from e
+        if image.ndim != 4 or image.shape[-1] < 3:
+            raise AGGError(f"{node}: input 'image' must be an RGB IMAGE [B, H, W, 3]; got shape {tuple(image.shape)}.")
+        ref_mean, ref_std = image_stats(pixels_bchw(image))
         ref_mean, ref_std = ref_mean.cpu(), ref_std.cpu()
 
         def build(run: RunInfo) -> Loss:

@@ -13,7 +13,7 @@ from comfy_api.v0_0_2 import io
 from ..agg_kernels import schedule
 from ..agg_kernels.sampler import resolve_zones, sample_agg, sampler_eta_at
 from ..agg_kernels.step import SamplerSpec
-from .settings import RUNS_KEY, AGGError, require_family
+from .settings import RUNS_KEY, checked, require_family
 
 
 class PackSampler(comfy.samplers.KSAMPLER):
@@ -98,10 +98,7 @@ class AGGSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, eta_edit, eta, eta_boost, edit_end, boost_start, s_noise=1.0, follow_guidance=True) -> io.NodeOutput:
-        try:
-            schedule.check_zones(edit_end, boost_start)
-        except ValueError as e:
-            raise AGGError(f"AGG Sampler: inputs 'edit_end' / 'boost_start': {e}") from e
+        checked("AGG Sampler", ("edit_end", "boost_start"), schedule.check_zones, edit_end, boost_start)
         options = {"eta_edit": eta_edit, "eta": eta, "eta_boost": eta_boost, "edit_end": edit_end,
                    "boost_start": boost_start, "s_noise": s_noise, "follow_guidance": bool(follow_guidance)}
         return io.NodeOutput(PackSampler(sample_agg_comfy, "agg", extra_options=options))

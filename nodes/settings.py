@@ -5,21 +5,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import comfy.model_sampling
 import torch
 
 from ..agg_kernels.guidance import DEFAULT_DDS_LR, DEFAULT_DDS_STEPS
 from ..agg_kernels.manifold import MANIFOLD_MODES
-from ..agg_kernels.schedule import REFERENCE_END_PERCENT
+from ..agg_kernels.schedule import REFERENCE_END_PERCENT, check_window
 from ..agg_kernels.strength import DEFAULT_TRUST
+
+T = TypeVar("T")
 
 RUNS_KEY = "agg_runs"  # transformer_options entry holding the open runs of this sampling call
 
 
 class AGGError(ValueError):
     """A user-facing error; the message names the node and the input."""
+
+
+def checked(node: str, inputs: str | tuple[str, ...], check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """check(*args, **kwargs): a kernel's input rule, applied once at the node boundary; its ValueError comes
+    back as an AGGError naming the node and the input(s)."""
+    try:
+        return check(*args, **kwargs)
+    except ValueError as e:
+        names = (inputs,) if isinstance(inputs, str) else inputs
+        label = ("input " if len(names) == 1 else "inputs ") + " / ".join(f"'{n}'" for n in names)
+        raise AGGError(f"{node}: {label}: {e}") from e
 
 
 def model_family(model_sampling: Any) -> str | None:
@@ -61,11 +74,7 @@ class AGGSettings:
     fd_rel_step: float | None = None  # None: by the model's precision (see fd_step_for)
 
     def validate(self, node: str) -> AGGSettings:
-        if not 0.0 <= self.start_percent < self.end_percent <= 1.0:
-            raise AGGError(
-                f"{node}: input 'start_percent' ({self.start_percent}) must be below 'end_percent' "
-                f"({self.end_percent}), both within 0..1."
-            )
+        checked(node, ("start_percent", "end_percent"), check_window, self.start_percent, self.end_percent)
         if self.manifold not in MANIFOLD_MODES:
             raise AGGError(f"{node}: input 'manifold' must be one of {', '.join(MANIFOLD_MODES)}, got {self.manifold!r}.")
         if self.dds_steps < 0 or not 0.0 <= self.dds_lr <= 1.0:

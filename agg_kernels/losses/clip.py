@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import clip_normalize, random_cutouts
-from ..coordinates import check_family, expand_sigma, vp_noise_fraction, vp_state
+from ..coordinates import expand_sigma, vp_noise_fraction, vp_state
 from ..objective import Loss, LossContext, WeightedLoss
 
 TextEncoder = Callable[[list[str]], torch.Tensor]
@@ -106,12 +106,6 @@ def noisy_mix(x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float, fa
     pixel noise); its role, a noise-level dependent augmentation that keeps CLIP off adversarial
     detail, is unchanged.
     """
-    check_family(family)
-    if x.shape != x0.shape:
-        raise ValueError(
-            f"noisy_mix: sampler state shape {tuple(x.shape)} does not match the clean estimate "
-            f"{tuple(x0.shape)} (expected {tuple(x0.shape)}, got {tuple(x.shape)})"
-        )
     x = x.detach().to(device=x0.device, dtype=x0.dtype).clone()  # clone: inference tensors stay out of autograd
     s = expand_sigma(torch.as_tensor(sigma, device=x0.device), x0)
     w = vp_noise_fraction(s, family)
@@ -135,25 +129,19 @@ def cut_embeddings(
     """
     latent = noisy_mix(x0, ctx.x, ctx.sigma, ctx.family) if noisy_aug else x0
     pixels = decode(latent)
-    if pixels.ndim != 4 or pixels.shape[0] != x0.shape[0]:
-        raise ValueError(
-            f"decode must return [B, 3, H, W] pixels for a batch of {x0.shape[0]}; got shape {tuple(pixels.shape)}"
-        )
     gen = torch.Generator().manual_seed(int(seed) + int(ctx.step))
     cuts = random_cutouts((pixels + 1) / 2, n_cuts, cut_size, gen)
     emb = encode_image(clip_normalize(cuts))
     return emb.reshape(x0.shape[0], n_cuts, -1)
 
 
-def as_rows(e: torch.Tensor, batch: int, what: str, like: torch.Tensor) -> torch.Tensor:
+def as_rows(e: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A constant [D], [1, D] or [B, D] embedding as [1 or B, D] on like's device and dtype.
 
-    Checked against the run's batch; cloned so that a tensor made under inference_mode (every ComfyUI
-    prompt) becomes an ordinary tensor autograd may save.
+    Its batch is 1 or the run's; cloned so that a tensor made under inference_mode (every ComfyUI prompt)
+    becomes an ordinary tensor autograd may save.
     """
     e = e.reshape(-1, e.shape[-1])
-    if e.shape[0] not in (1, batch):
-        raise ValueError(f"{what} batch {e.shape[0]} does not match the run's batch {batch} (expected {batch} or 1)")
     return e.detach().to(device=like.device, dtype=like.dtype).clone()
 
 
@@ -230,7 +218,7 @@ class CLIPDirectionLoss:
         emb = cut_embeddings(
             x0, ctx, self.decode, self.encode_image, self.n_cuts, self.cut_size, self.seed, self.noisy_aug
         )
-        v = as_rows(self.direction, x0.shape[0], "direction", emb)
+        v = as_rows(self.direction, emb)
         cos = (F.normalize(emb, dim=-1) * v[:, None, :]).sum(-1).mean(1)
         if self._step_loss is None:
             self._step_loss = float(-cos.detach().mean())
@@ -244,16 +232,8 @@ clip_direction_loss = CLIPDirectionLoss
 STYLE_METRICS = ("cosine", "mse")
 
 
-def match_latent(reference: torch.Tensor, x0: torch.Tensor, what: str) -> torch.Tensor:
-    """A [B or 1, C, h, w] latent on x0's device and dtype, resized to x0's spatial size."""
-    if reference.ndim != 4 or reference.shape[1] != x0.shape[1]:
-        raise ValueError(
-            f"{what} must be a [B, {x0.shape[1]}, H, W] latent like the run's; got shape {tuple(reference.shape)}"
-        )
-    if reference.shape[0] not in (1, x0.shape[0]):
-        raise ValueError(
-            f"{what} batch {reference.shape[0]} does not match the run's batch {x0.shape[0]} (expected {x0.shape[0]} or 1)"
-        )
+def match_latent(reference: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """A [B or 1, C, h, w] latent (x0's channels) on x0's device and dtype, resized to x0's spatial size."""
     ref = reference.detach().to(device=x0.device, dtype=x0.dtype).clone()
     if ref.shape[2:] != x0.shape[2:]:
         ref = F.interpolate(ref, size=x0.shape[2:], mode="bilinear", align_corners=False, antialias=True)
@@ -291,14 +271,14 @@ def style_loss(
 
     def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
         emb = cut_embeddings(x0, ctx, decode, encode_image, n_cuts, cut_size, seed, noisy_aug)
-        e = as_rows(target, x0.shape[0], "style embedding", emb)[:, None, :]
+        e = as_rows(target, emb)[:, None, :]
         if metric == "cosine":
             value = 1 - (F.normalize(emb, dim=-1) * F.normalize(e, dim=-1)).sum(-1).mean(1)
         else:
             value = (emb - e).square().mean(-1).mean(1)
         terms = {"style": value}
         if style_latent is not None and latent_mse_weight:
-            ref = match_latent(style_latent, x0, "style latent")
+            ref = match_latent(style_latent, x0)
             terms["style_latent"] = (x0 - ref).square().flatten(1).mean(1)
         return terms
 

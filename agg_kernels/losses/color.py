@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..mask import check_mask, resize_mask
+from ..mask import resize_mask
 from ..objective import Loss, LossContext, WeightedLoss
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
@@ -27,22 +27,18 @@ Decoder = Callable[[torch.Tensor], torch.Tensor]
 STD_EPS = 1e-6
 
 
-def mask_weights(mask: torch.Tensor | None, size: tuple[int, int], batch: int, like: torch.Tensor) -> torch.Tensor | None:
-    """A mask ([H, W], [B, H, W] or [B, 1, H, W], values 0..1) as [B or 1, 1, h, w] weights on a (h, w) grid,
-    on like's device and dtype (None stays None). Raises ValueError for a batch that does not fit or an
-    empty (all-black) mask (agg_kernels.mask)."""
+def mask_weights(mask: torch.Tensor | None, size: tuple[int, int], like: torch.Tensor) -> torch.Tensor | None:
+    """A mask ([H, W], [B, H, W] or [B, 1, H, W], values 0..1, passing mask.check_mask for the run's batch) as
+    [B or 1, 1, h, w] weights on a (h, w) grid, on like's device and dtype (None stays None)."""
     if mask is None:
         return None
-    check_mask(mask, batch)
     return resize_mask(mask, size).to(device=like.device, dtype=like.dtype)
 
 
 def color_stats(pixels: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each [B, 3]: per-channel statistics of pixels [B, 3, H, W], weighted by `mask` if given
     (any shape mask_weights takes; resized to the pixels). Differentiable."""
-    if pixels.ndim != 4 or pixels.shape[1] != 3:
-        raise ValueError(f"pixels must be [B, 3, H, W]; got shape {tuple(pixels.shape)}")
-    w = mask_weights(mask, tuple(pixels.shape[-2:]), pixels.shape[0], pixels)
+    w = mask_weights(mask, tuple(pixels.shape[-2:]), pixels)
     if w is None:
         mean = pixels.mean(dim=(2, 3))
         var = (pixels - mean[..., None, None]).square().mean(dim=(2, 3))
@@ -60,7 +56,7 @@ def image_stats(image: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[
     with torch.no_grad():
         pixels = image.detach().float()
         if mask is not None:
-            w = mask_weights(mask, tuple(pixels.shape[-2:]), pixels.shape[0], pixels)
+            w = mask_weights(mask, tuple(pixels.shape[-2:]), pixels)
             w = w.expand(pixels.shape[0], 1, *pixels.shape[-2:])
             flat_w = w.movedim(0, 1).reshape(1, 1, 1, -1)
         else:
@@ -76,8 +72,6 @@ def color_distance(pixels: torch.Tensor, ref_mean: torch.Tensor, ref_std: torch.
     mean, std = color_stats(pixels, mask)
     rm = ref_mean.detach().to(device=mean.device, dtype=mean.dtype).reshape(-1, 3)
     rs = ref_std.detach().to(device=std.device, dtype=std.dtype).reshape(-1, 3)
-    if rm.shape[0] not in (1, mean.shape[0]) or rs.shape[0] not in (1, mean.shape[0]):
-        raise ValueError(f"reference statistics batch {rm.shape[0]} does not match the run's batch {mean.shape[0]}")
     return ((mean - rm).square() + (std - rs).square()).mean(1)
 
 
@@ -91,9 +85,6 @@ def color_loss(weight: float, decode: Decoder, ref_mean: torch.Tensor, ref_std: 
 
     def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
         pixels = decode(x0)
-        if pixels.ndim != 4 or pixels.shape[0] != x0.shape[0] or pixels.shape[1] != 3:
-            raise ValueError(f"decode must return [B, 3, H, W] pixels for a batch of {x0.shape[0]}; "
-                             f"got shape {tuple(pixels.shape)}")
         return {"color": color_distance((pixels.float() + 1) / 2, rm, rs, m)}
 
     return WeightedLoss(loss, {"color": weight})

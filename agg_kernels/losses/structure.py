@@ -29,7 +29,8 @@ def reference_shape(reference: Reference) -> tuple[int, ...]:
 
 
 def check_reference(reference: Reference, x0: torch.Tensor, what: str = "structure reference") -> None:
-    """Raise a ValueError naming expected vs got when the reference cannot be compared with x0."""
+    """Raise a ValueError naming expected vs got when the reference cannot be compared with x0 (any tensor of
+    the run's latent shape, e.g. on the meta device). The losses below assume a reference that passes."""
     shape = reference_shape(reference)
     if len(shape) != 4:
         raise ValueError(f"{what} must be a [B, C, H, W] latent; got shape {shape}")
@@ -54,7 +55,6 @@ def check_reference(reference: Reference, x0: torch.Tensor, what: str = "structu
 
 def reference_at(reference: Reference, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The reference clean estimate for this step, on x0's device and dtype, broadcastable to x0."""
-    check_reference(reference, x0)
     if isinstance(reference, Trajectory):
         ref = trajectory_at(reference, sigma.reshape(-1).expand(x0.shape[0]))
     else:
@@ -72,7 +72,8 @@ def structure_loss(weight: float, reference: Reference) -> Loss:
     """Term "structure" = mean|x0_hat - x0_ref(sigma)| per sample, in the model's latent space.
 
     reference: a source latent [B or 1, C, H, W] (model latent space, i.e. after process_latent_in)
-    or a Trajectory from the inversion; a batch of 1 is shared by every sample of the run.
+    or a Trajectory from the inversion; a batch of 1 is shared by every sample of the run. Check it against
+    the run's latent shape once with check_reference.
     The term is anchored at the reference: each element moves toward it by at most `weight` per step
     (the L1 proximal step), so a larger weight never carries the estimate past its reference.
     """

@@ -43,7 +43,8 @@ def trajectory_at(traj: Trajectory, sigma: torch.Tensor | float) -> torch.Tensor
 
     sigma: a scalar or a per-sample [B] tensor. Outside the recorded range the nearest end is used.
     Exact at recorded sigmas. Returns [B, C, H, W]: B is the trajectory's batch, or len(sigma) when the
-    trajectory's batch is 1 (one source image broadcast over the run); otherwise the two must agree.
+    trajectory's batch is 1 (one source image broadcast over the run); otherwise the two agree
+    (structure.check_reference checks a trajectory against the run once).
     """
     d = traj.denoised
     s_rec = traj.sigmas.to(device=d.device, dtype=torch.float64)
@@ -52,8 +53,6 @@ def trajectory_at(traj: Trajectory, sigma: torch.Tensor | float) -> torch.Tensor
     if s.shape[0] == 1 and tb > 1:
         s = s.expand(tb)
     b = s.shape[0]
-    if tb not in (1, b):
-        raise ValueError(f"trajectory batch {tb} does not match {b} sigmas (expected batch {b} or 1, got {tb})")
     rows = torch.arange(b, device=d.device) if tb == b else torch.zeros(b, dtype=torch.long, device=d.device)
     if s_rec.shape[0] == 1:
         return d[0, rows]

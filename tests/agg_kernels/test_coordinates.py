@@ -12,7 +12,8 @@ FAMILIES = ("eps", "v_prediction", "const")
 
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="unknown model family"):
-        co.alpha(0.5, "x0")
+        co.check_family("x0")
+    assert [co.check_family(f) for f in FAMILIES] == list(FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

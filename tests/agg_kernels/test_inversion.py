@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from agg_kernels.inversion import ddim_invert, ddim_reconstruct, latent_for_sampler
+from agg_kernels.inversion import check_sigmas, ddim_invert, ddim_reconstruct, latent_for_sampler
 from agg_kernels.losses import trajectory_at
 from agg_kernels.step import ddim_step
 
@@ -148,15 +148,18 @@ def test_latent_for_sampler_refuses_flow_sigma_one():
 
 
 def test_sigma_validation():
-    den = gaussian_denoiser("eps")
-    x0 = source()
     with pytest.raises(ValueError, match="strictly ascending"):
-        ddim_invert(den, x0, [0.0, 1.0, 0.5], "eps")
+        check_sigmas([0.0, 1.0, 0.5], ascending=True, family="eps")
+    with pytest.raises(ValueError, match="strictly ascending"):
+        check_sigmas([0.0, 1.0, 1.0], ascending=True, family="eps")
     with pytest.raises(ValueError, match="at least two"):
-        ddim_invert(den, x0, [1.0], "eps")
+        check_sigmas([1.0], ascending=True, family="eps")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        ddim_invert(den, x0, [0.0, 1.5], "const")
+        check_sigmas([0.0, 1.5], ascending=True, family="const")
     with pytest.raises(ValueError, match="strictly descending"):
-        ddim_reconstruct(den, x0, [0.0, 1.0], "eps")
+        check_sigmas([0.0, 1.0], ascending=False, family="eps")
+    with pytest.raises(ValueError, match=">= 0"):
+        check_sigmas([1.0, -0.5], ascending=False, family="eps")
     with pytest.raises(ValueError, match="unknown model family"):
-        ddim_invert(den, x0, [0.0, 1.0], "flow")
+        check_sigmas([0.0, 1.0], ascending=True, family="flow")
+    assert check_sigmas(torch.tensor([0.0, 0.5, 1.0]), ascending=True, family="const") == [0.0, 0.5, 1.0]

@@ -206,13 +206,6 @@ def test_compensation_whole_run(family):
     assert err <= 1e-4, err
 
 
-def test_unknown_family_and_bad_zones():
-    sigmas = schedule("eps", 3)
-    x = torch.zeros(SHAPE)
-    with pytest.raises(ValueError, match="family"):
-        sample_agg(lambda a, b: a, x, sigmas, family="x0")
-    with pytest.raises(ValueError, match="edit_end"):
-        sample_agg(lambda a, b: a, x, sigmas, edit_end=0.9, boost_start=0.1)
 
 
 def test_sampler_module_does_not_import_comfyui():

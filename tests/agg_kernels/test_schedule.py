@@ -19,9 +19,10 @@ def test_edit_window_orders_high_then_low():
 
 
 @pytest.mark.parametrize("start,end", [(0.5, 0.5), (0.7, 0.2), (-0.1, 0.5), (0.2, 1.5)])
-def test_edit_window_rejects_bad_percents(start, end):
+def test_window_check_rejects_bad_percents(start, end):
     with pytest.raises(ValueError, match="start_percent"):
-        sc.edit_window(linear_percent, start, end)
+        sc.check_window(start, end)
+    sc.check_window(0.0, 1.0)
 
 
 def test_edit_window_with_comfyui_model_sampling():
@@ -81,12 +82,8 @@ def test_zone_eta_edge_zones():
 @pytest.mark.parametrize("edit_end,boost_start", [(0.6, 0.4), (-0.1, 0.5), (0.5, 1.2)])
 def test_zone_bounds_are_checked(edit_end, boost_start):
     with pytest.raises(ValueError, match="edit_end"):
-        sc.zone_eta(0, 10, 0, 0, 1, edit_end, boost_start)
-
-
-def test_zone_eta_step_range():
-    with pytest.raises(ValueError):
-        sc.zone_eta(10, 10)
+        sc.check_zones(edit_end, boost_start)
+    sc.check_zones(boost_start=1.0, edit_end=0.0)
 
 
 def test_paper_defaults():

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from agg_testing.graphs import Graph, img2img
+from agg_testing.graphs import Graph, NodeRef, img2img
 from agg_testing.probes_errors import register
 
 SEEDS = iter(range(1000, 2000))
@@ -174,6 +174,37 @@ def test_empty_target_text(comfy, agg_models):
 def test_start_percent_not_below_end_percent(comfy, start, end):
     g = guided(start_percent=start, end_percent=end)
     assert_error(comfy.run(g.prompt), "Apply AGG", "'start_percent'", "'end_percent'")
+    assert_next_runs(comfy)
+
+
+def custom_sampling(g: Graph, sampler: list, sigmas: list) -> NodeRef:
+    """SamplerCustomAdvanced on g's checkpoint and encoded source, with the given SAMPLER and SIGMAS."""
+    guider = g.node("CFGGuider", model=g["ckpt"][0], positive=g["positive"][0], negative=g["negative"][0], cfg=5.0)
+    noise = g.node("RandomNoise", noise_seed=1)
+    out = g.node("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler, sigmas=sigmas,
+                 latent_image=g["encode"][0])
+    return g.node("SaveLatent", samples=out[0], filename_prefix="agg_err")
+
+
+def test_agg_sampler_zones_out_of_order(comfy):
+    g = img2img(seed=next(SEEDS), steps=3)
+    sampler = g.node("AGGSampler", eta_edit=0.0, eta=0.0, eta_boost=1.0, edit_end=0.9, boost_start=0.1,
+                     follow_guidance=False)
+    custom_sampling(g, sampler[0], g.node("BasicScheduler", model=g["ckpt"][0], scheduler="normal", steps=3,
+                                          denoise=0.6)[0])
+    text = assert_error(comfy.run(g.prompt), "AGG Sampler", "'edit_end'", "'boost_start'")
+    assert "edit_end=0.9" in text and "boost_start=0.1" in text
+    assert_next_runs(comfy)
+
+
+def test_invert_needs_two_sigmas(comfy):
+    g = img2img(seed=next(SEEDS), steps=3)
+    sigmas = g.node("BasicScheduler", model=g["ckpt"][0], scheduler="normal", steps=3, denoise=0.6)
+    one = g.node("SplitSigmas", sigmas=sigmas[0], step=0)  # output 0: the first sigma alone
+    inv = g.node("AGGInvert", model=g["ckpt"][0], latent=g["encode"][0], positive=g["positive"][0], sigmas=one[0])
+    g.node("SaveLatent", samples=inv[0], filename_prefix="agg_err")
+    text = assert_error(comfy.run(g.prompt), "AGG Invert", "'sigmas'")
+    assert "at least two sigmas" in text
     assert_next_runs(comfy)
 
 

@@ -3,7 +3,6 @@ toward a reference image's; zero at the reference, descent toward it, masks judg
 
 from __future__ import annotations
 
-import pytest
 import torch
 from agg_testing import analytic
 
@@ -110,12 +109,8 @@ def test_a_mask_judges_only_its_region():
     assert float(grad[..., :2].abs().max()) > 0.0
 
 
-def test_bad_inputs_say_what_is_wrong():
+def test_mask_weights_resize_and_pass_no_mask_through():
     p = torch.rand(2, 3, 4, 4)
-    with pytest.raises(ValueError, match="mask batch 3"):
-        color_stats(p, torch.ones(3, 4, 4))
-    with pytest.raises(ValueError, match="empty"):
-        color_stats(p, torch.zeros(4, 4))
-    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
-        color_stats(torch.rand(2, 4, 4, 4))
-    assert mask_weights(None, (4, 4), 2, p) is None
+    assert mask_weights(None, (4, 4), p) is None
+    w = mask_weights(torch.ones(1, 8, 8), (4, 4), p)
+    assert w.shape == (1, 1, 4, 4) and w.dtype == p.dtype and torch.equal(w, torch.ones(1, 1, 4, 4))
