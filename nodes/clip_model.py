@@ -15,6 +15,7 @@ from comfy_api.v0_0_2 import io
 
 from .settings import AGGError
 from .types import AGGClipType
+from .weights import gradient_capable, gradient_copy
 
 FOLDER = "open_clip"
 LISTED_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}  # listed so a wrong format gets a clear error
@@ -89,19 +90,6 @@ def text_dtype_for(device: torch.device) -> torch.dtype:
         return torch.float32
     dtype = comfy.model_management.text_encoder_dtype(device)
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
-
-
-def gradient_capable(module: torch.nn.Module) -> None:
-    """Inference tensors cannot be saved for backward; ComfyUI moving a model inside a prompt makes them.
-    Re-make such weights as ordinary tensors, one at a time, in place."""
-    with torch.inference_mode(False):
-        for m in module.modules():
-            for name, t in list(m._parameters.items()):
-                if t is not None and t.is_inference():  # a new Parameter: an inference one cannot take new data
-                    m._parameters[name] = torch.nn.Parameter(t.detach().clone(), requires_grad=False)
-            for name, t in list(m._buffers.items()):
-                if t is not None and t.is_inference():
-                    m._buffers[name] = t.detach().clone()
 
 
 class AGGClip:
@@ -225,7 +213,7 @@ class VisionClip:
     image_embeds) is the embedding.
 
     The weights stay ComfyUI's: its model management loads the CLIP vision model (beside the models in use),
-    and the loss differentiates through ordinary tensors on the same memory (decoders.gradient_copy), made when
+    and the loss differentiates through ordinary tensors on the same memory (weights.gradient_copy), made when
     the loss needs them and dropped when it hands the model back. On the CPU the network runs in float32 (a copy
     only where ComfyUI keeps half precision)."""
 
@@ -242,8 +230,6 @@ class VisionClip:
 
     def _network(self) -> torch.nn.Module:
         if self._net is None:
-            from .decoders import gradient_copy
-
             patcher = getattr(self.source, "patcher", None)
             if patcher is not None:
                 with torch.inference_mode(False):

@@ -7,7 +7,7 @@ TAESD from models/vae_approx, or through the latent format's linear RGB factors.
 Memory: the `vae` copy holds what `first_stage_model.decode` uses and nothing of the encoder (for
 AutoencoderKL: decoder + post_quant_conv; for SDXL / SD3 / Flux's AutoencodingEngine: decoder; for
 TAESD-as-VAE: taesd_decoder + its scale and shift). Weights already on the run's device in its dtype are
-shared with the VAE (ordinary tensors on the same memory, which autograd accepts), others are copied
+shared with the VAE (`weights.ordinary` views, which autograd accepts), others are copied
 straight there; once per run (RunInfo.cached), dropped when the run ends (RunInfo.release), even if a
 closure outlives the run. Its blocks are recomputed in the backward pass rather than keeping their
 activations. On a GPU, room for the copy and its backward pass is first made through ComfyUI's model
@@ -16,7 +16,6 @@ management, keeping the models the sampler is using loaded.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .settings import AGGError, RunInfo
+from .weights import gradient_copy
 
 DECODERS = ("taesd", "vae", "linear")
 DEFAULT_DECODER = "taesd"
@@ -51,39 +51,6 @@ def check_vae(vae, model, node: str) -> None:
 ENCODER_PARTS = ("encoder", "quant_conv", "taesd_encoder")
 # Backward through a decoder keeps its activations: a multiple of what ComfyUI budgets for an inference decode.
 GRAD_DECODE_MEMORY_FACTOR = 3
-
-
-def ordinary(t: torch.Tensor) -> torch.Tensor:
-    """An ordinary (non-inference) tensor on the same memory as `t`: autograd may save it, and it costs nothing.
-    Call outside inference mode; the weights are frozen, so the shared memory is never written."""
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
-
-
-def gradient_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                  leave_out: tuple[str, ...] = ()) -> torch.nn.Module:
-    """A copy of `module` whose weights are ordinary (non-inference) tensors, frozen, on `device`.
-
-    A weight already on `device` in `dtype` is shared, not copied (`ordinary`); any other is copied once,
-    straight to `device` and (if floating point) `dtype`. The children named in `leave_out` are None in the
-    copy and cost nothing."""
-    with torch.inference_mode(False):
-        memo: dict[int, object] = {}
-        for name in leave_out:
-            part = module._modules.get(name)
-            if part is not None:
-                memo[id(part)] = None
-        left_out = {id(t) for name in leave_out if module._modules.get(name) is not None
-                    for t in (*module._modules[name].parameters(), *module._modules[name].buffers())}
-        for t in (*module.parameters(), *module.buffers()):
-            if id(t) in left_out or id(t) in memo:
-                continue
-            want = dtype if t.is_floating_point() else t.dtype
-            if t.device == torch.device(device) and t.dtype == want:
-                data = ordinary(t.detach())
-            else:
-                data = t.detach().to(device=device, dtype=want, copy=True)
-            memo[id(t)] = torch.nn.Parameter(data, requires_grad=False) if isinstance(t, torch.nn.Parameter) else data
-        return copy.deepcopy(module, memo).eval()
 
 
 def decoder_copy(first_stage_model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -24,44 +24,9 @@ from ..agg_kernels.schedule import edit_window, in_window
 from ..agg_kernels.step import SamplerSpec, realise
 from .sampler import is_guided, sampler_spec
 from .settings import RUNS_KEY, AGGError, AGGSettings, RunInfo, model_family, require_family
+from .weights import GradientWeights
 
 log = logging.getLogger("AGG")
-
-
-class GradientWeights:
-    """Gradient-capable views of a diffusion model's weights, swapped in only around autograd passes.
-
-    ComfyUI loads weights inside a prompt's inference mode, and autograd cannot save inference tensors for
-    backward; each view is an ordinary tensor on the same memory as its weight (decoders.ordinary), so the run
-    holds no second copy of the weights and ComfyUI's own parameters are never changed."""
-
-    def __init__(self, module: torch.nn.Module):
-        from .decoders import ordinary
-
-        self.module = module
-        with torch.inference_mode(False):
-            self.copies = {
-                (mod_name, p_name): torch.nn.Parameter(ordinary(p.detach()), requires_grad=False)
-                for mod_name, mod in module.named_modules()
-                for p_name, p in mod._parameters.items()
-                if p is not None
-            }
-
-    def __enter__(self):
-        self.saved = {}
-        mods = dict(self.module.named_modules())
-        for (mod_name, p_name), copy in self.copies.items():
-            mod = mods[mod_name]
-            self.saved[(mod_name, p_name)] = mod._parameters[p_name]
-            mod._parameters[p_name] = copy
-        return self
-
-    def __exit__(self, *exc):
-        mods = dict(self.module.named_modules())
-        for (mod_name, p_name), orig in self.saved.items():
-            mods[mod_name]._parameters[p_name] = orig
-        self.saved = {}
-        return False
 
 
 # RuntimeError messages of the model paths autograd cannot go back through.

@@ -66,7 +66,8 @@ def test_encoders_load_the_model_themselves(clip):
 
 def test_the_image_tower_stays_differentiable_after_comfyui_moved_it_in_inference_mode(clip):
     """ComfyUI moves models inside a prompt (inference mode), which makes inference tensors that autograd cannot
-    save; loading re-makes them as ordinary tensors, in place, so the image loss's backward works."""
+    save; loading re-makes them as ordinary views of the same memory, so the image loss's backward works and no
+    weight is copied."""
     with torch.inference_mode():  # what moves inside a prompt do to the weights: new data, or new Parameters
         slots = [(mod, n) for mod in clip.model.visual.modules() for n, t in mod._parameters.items() if t is not None]
         for i, (m, name) in enumerate(slots):
@@ -77,10 +78,12 @@ def test_the_image_tower_stays_differentiable_after_comfyui_moved_it_in_inferenc
                 m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
     assert all(p.is_inference() for p in clip.model.visual.parameters())
     before = module_bytes(clip.model)
+    memory = [p.data_ptr() for p in clip.model.visual.parameters()]
     with torch.inference_mode():
         clip.to(clip.patcher.load_device)
     assert not any(p.is_inference() for p in clip.model.visual.parameters())
-    assert module_bytes(clip.model) == before  # in place: no second copy
+    assert module_bytes(clip.model) == before
+    assert [p.data_ptr() for p in clip.model.visual.parameters()] == memory  # views: no weight was copied
     with torch.inference_mode(False), torch.enable_grad():
         images = torch.rand(2, 3, clip.image_size, clip.image_size, requires_grad=True)
         (g,) = torch.autograd.grad(clip.encode_image(images).square().sum(), images)
