@@ -59,33 +59,36 @@ def gradient_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dt
 
 
 class GradientWeights:
-    """Gradient-capable views of a diffusion model's weights, swapped in only around autograd passes.
+    """Gradient-capable views of a diffusion model's weights and buffers, swapped in only around autograd passes.
 
-    Each view is `ordinary` on its weight's memory, so a run holds no second copy of the weights and
-    ComfyUI's own parameters are never changed."""
+    Each view is `ordinary` on its tensor's memory, so a run holds no second copy of the weights and
+    ComfyUI's own parameters and buffers are never changed."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
         with torch.inference_mode(False):
-            self.copies = {
-                (mod_name, p_name): torch.nn.Parameter(ordinary(p.detach()), requires_grad=False)
+            self.views = {
+                (mod_name, slot, name): (torch.nn.Parameter(ordinary(t.detach()), requires_grad=False)
+                                         if slot == "_parameters" else ordinary(t.detach()))
                 for mod_name, mod in module.named_modules()
-                for p_name, p in mod._parameters.items()
-                if p is not None
+                for slot in ("_parameters", "_buffers")
+                for name, t in getattr(mod, slot).items()
+                if t is not None
             }
+        self.saved: dict[tuple[str, str, str], torch.Tensor] = {}
 
-    def __enter__(self):
-        self.saved = {}
+    def _put(self, tensors: dict[tuple[str, str, str], torch.Tensor]) -> None:
         mods = dict(self.module.named_modules())
-        for (mod_name, p_name), view in self.copies.items():
-            mod = mods[mod_name]
-            self.saved[(mod_name, p_name)] = mod._parameters[p_name]
-            mod._parameters[p_name] = view
+        for (mod_name, slot, name), t in tensors.items():
+            getattr(mods[mod_name], slot)[name] = t
+
+    def __enter__(self) -> GradientWeights:
+        mods = dict(self.module.named_modules())
+        self.saved = {key: getattr(mods[key[0]], key[1])[key[2]] for key in self.views}
+        self._put(self.views)
         return self
 
-    def __exit__(self, *exc):
-        mods = dict(self.module.named_modules())
-        for (mod_name, p_name), orig in self.saved.items():
-            mods[mod_name]._parameters[p_name] = orig
+    def __exit__(self, *exc: object) -> bool:
+        self._put(self.saved)
         self.saved = {}
         return False
