@@ -8,6 +8,7 @@ another server; a prompt the server rejects or fails raises ``JobFailed``.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import json
@@ -23,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,12 +356,14 @@ def _prompt_error(raw: bytes) -> str:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def has_cuda(python: str) -> bool:
+    """Whether torch under `python` sees a CUDA device (asked in a subprocess: that python may not be ours)."""
     try:
         r = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
                            capture_output=True, text=True, timeout=180)
@@ -370,68 +373,100 @@ def has_cuda(python: str) -> bool:
 
 
 class LocalServer:
-    """``main.py`` of a ComfyUI folder on a free loopback port, with its own input/output/temp/user
-    folders under `work`, the models named in `extra_model_paths`, and its log at `log_path`."""
+    """``main.py`` of a ComfyUI folder on a free loopback port: offline, no API nodes, an in-memory
+    database, ``--cpu`` unless torch sees CUDA, its input/output/temp/user folders under `work` (or as
+    `dirs` overrides them), the models named in `extra_model_paths`, its log at `log_path`
+    (default ``work/server.log``). ``extra_args`` go last on the command line.
 
-    def __init__(self, comfyui: Path, work: Path, log_path: Path, extra_model_paths: Path | None,
-                 python: str = sys.executable, cpu: bool | None = None) -> None:
-        self.comfyui, self.work, self.log_path = Path(comfyui), Path(work), Path(log_path)
+    ``start()`` returns once the server answers (``startup_seconds`` says how long that took) or raises
+    RuntimeError with the log's tail; ``stop()`` may be called any number of times, and runs at exit
+    if nobody called it."""
+
+    DIRS = ("input", "output", "temp", "user")
+
+    def __init__(self, comfyui: Path, work: Path, log_path: Path | None = None, extra_model_paths: Path | None = None,
+                 python: str = sys.executable, cpu: bool | None = None, *, extra_args: Iterable[str] = (),
+                 dirs: Mapping[str, Path] | None = None, port: int | None = None) -> None:
+        self.comfyui, self.work = Path(comfyui), Path(work)
+        self.log_path = Path(log_path) if log_path is not None else self.work / "server.log"
         self.extra_model_paths, self.python = extra_model_paths, python
         self.cpu = (not has_cuda(python)) if cpu is None else cpu
-        self.port = free_port()
+        self.extra_args = list(extra_args)
+        self.dirs = {k: self.work / k for k in self.DIRS}
+        self.dirs.update({k: Path(v) for k, v in (dirs or {}).items()})
+        if set(self.dirs) != set(self.DIRS):
+            raise ValueError(f"dirs: only {', '.join(self.DIRS)} can be set, not {sorted(set(self.dirs) - set(self.DIRS))}")
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self.startup_seconds: float | None = None
 
-    def start(self, timeout: float = 300.0) -> LocalServer:
-        dirs = {k: self.work / k for k in ("input", "output", "temp", "user")}
-        for d in dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
+    def command(self) -> list[str]:
+        """The ``main.py`` command line (run with the ComfyUI folder as working directory)."""
+        d = self.dirs
         cmd = [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
                "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
-               "--input-directory", str(dirs["input"]), "--output-directory", str(dirs["output"]),
-               "--temp-directory", str(dirs["temp"]), "--user-directory", str(dirs["user"])]
+               "--input-directory", str(d["input"]), "--output-directory", str(d["output"]),
+               "--temp-directory", str(d["temp"]), "--user-directory", str(d["user"])]
         if self.cpu:
             cmd.append("--cpu")
         if self.extra_model_paths:
             cmd += ["--extra-model-paths-config", str(self.extra_model_paths)]
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 300.0) -> LocalServer:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"ComfyUI at {self.url} is already running")
+        for d in self.dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", DO_NOT_TRACK="1")
-        self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+        t0 = time.monotonic()
+        with open(self.log_path, "wb") as log:  # the child keeps its own handle; ours closes here
+            self.proc = subprocess.Popen(self.command(), cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env)
+        atexit.register(self.stop)  # no orphan server when the caller dies without stopping it
         client = Client(self.url, timeout=5)
-        deadline = time.monotonic() + timeout
+        deadline = t0 + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode} while starting; "
+                code = self.proc.returncode
+                self.stop()
+                raise RuntimeError(f"ComfyUI exited with code {code} while starting; "
                                    f"its log: {self.log_path}\n{self.log_tail()}")
             try:
+                # ComfyUI listens only once its nodes are loaded, so any answer means ready.
                 client.get_json("/system_stats", timeout=5)
-                return self
+                break
             except (ServerLost, JobFailed):
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s; its log: {self.log_path}") from None
-                time.sleep(0.5)
+                    raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s; "
+                                       f"its log: {self.log_path}\n{self.log_tail()}") from None
+                time.sleep(0.25)
+        self.startup_seconds = time.monotonic() - t0
+        return self
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, chars: int = 3000) -> str:
+    def stop(self, timeout: float = 20.0) -> None:
+        atexit.unregister(self.stop)
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
         try:
-            return self.log_path.read_text(errors="replace")[-chars:]
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def __enter__(self) -> LocalServer:
         return self.start()

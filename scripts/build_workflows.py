@@ -645,7 +645,7 @@ def build_graphs(selected: set[str] | None) -> int:
     work = Path(tempfile.mkdtemp(prefix="agg-build-"))
     yaml = fake_models_tree(work / "models")
     (WORKFLOWS / "api").mkdir(parents=True, exist_ok=True)
-    with ComfyServer(COMFYUI, work / "server", yaml) as server:
+    with ComfyServer(COMFYUI, None, work / "server", extra_model_paths=yaml, cpu=None) as server:
         for asset in (STYLE_IMAGE, EDIT_MASK):
             (server.dirs["input"] / asset).write_bytes((ASSETS / asset).read_bytes())
         available = set(json.loads(_get(server.url + "/object_info")))

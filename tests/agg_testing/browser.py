@@ -1,10 +1,9 @@
-"""A real ComfyUI server with the pack, and a minimal WebDriver client for headless Chromium.
+"""A minimal WebDriver client for headless Chromium, and helpers for the ComfyUI page.
 
-``ComfyServer`` starts ``main.py`` (CPU unless a GPU is present) on a free loopback port with a
-models tree, its own output/temp/input/user folders, and talks to it over HTTP (urllib) and
-websocket (aiohttp, already a ComfyUI dependency). ``Browser`` drives Debian's ``chromedriver``
-through the W3C WebDriver HTTP protocol with urllib only: new session, navigate, execute (async)
-script, screenshot. ``scripts/setup_browser.sh`` installs chromium and chromium-driver.
+``Browser`` drives Debian's ``chromedriver`` through the W3C WebDriver HTTP protocol with urllib
+only: new session, navigate, execute (async) script, screenshot. ``scripts/setup_browser.sh``
+installs chromium and chromium-driver. The page's server is ``agg_testing.server.ComfyServer``
+(re-exported here).
 """
 
 from __future__ import annotations
@@ -13,18 +12,18 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from agg_cli.comfy import free_port
+from agg_testing.server import ComfyServer  # the page's server; importable from here too
 
 CHROMIUM = os.environ.get("AGG_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("AGG_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -41,12 +40,6 @@ CHROMIUM_FLAGS = (
 )
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_json(url: str, data: Any = None, method: str | None = None, timeout: float = 60.0) -> Any:
     body = None if data is None else json.dumps(data).encode()
     req = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"))
@@ -59,159 +52,6 @@ def http_json(url: str, data: Any = None, method: str | None = None, timeout: fl
 
 def browser_available() -> bool:
     return Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()
-
-
-# ---------------------------------------------------------------------------------------------------
-# ComfyUI server
-
-
-class ComfyServer:
-    """A ComfyUI ``main.py`` subprocess. Use as a context manager or call start()/stop()."""
-
-    def __init__(
-        self,
-        comfyui_dir: Path,
-        work: Path,
-        extra_model_paths: Path | None = None,
-        *,
-        python: str = sys.executable,
-        cpu: bool | None = None,
-        extra_args: Iterable[str] = (),
-        log_path: Path | None = None,
-        output_dir: Path | None = None,
-    ) -> None:
-        self.comfyui_dir = Path(comfyui_dir)
-        self.work = Path(work)
-        self.extra_model_paths = extra_model_paths
-        self.python = python
-        if cpu is None:
-            cpu = not _has_cuda(python)
-        self.cpu = cpu
-        self.extra_args = list(extra_args)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.dirs = {k: self.work / k for k in ("output", "temp", "input", "user")}
-        if output_dir is not None:
-            self.dirs["output"] = Path(output_dir)
-        self.log_path = log_path or (self.work / "server.log")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 180.0) -> ComfyServer:
-        for d in self.dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
-        example = self.dirs["input"] / "example.png"
-        if not example.exists():
-            shutil.copyfile(self.comfyui_dir / "input" / "example.png", example)
-        cmd = [
-            self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--disable-api-nodes", "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
-            "--output-directory", str(self.dirs["output"]), "--temp-directory", str(self.dirs["temp"]),
-            "--input-directory", str(self.dirs["input"]), "--user-directory", str(self.dirs["user"]),
-        ]
-        if self.cpu:
-            cmd.append("--cpu")
-        if self.extra_model_paths is not None:
-            cmd += ["--extra-model-paths-config", str(self.extra_model_paths)]
-        cmd += self.extra_args
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=self.comfyui_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                http_json(self.url + "/object_info/KSampler", timeout=5)
-                return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> ComfyServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    # --- HTTP API
-    def get(self, path: str, timeout: float = 60.0) -> Any:
-        return http_json(self.url + path, timeout=timeout)
-
-    def post(self, path: str, data: Any, timeout: float = 60.0) -> Any:
-        return http_json(self.url + path, data=data, timeout=timeout)
-
-    def object_info(self) -> dict:
-        return self.get("/object_info")
-
-    def set_setting(self, key: str, value: Any) -> None:
-        self.post(f"/settings/{urllib.parse.quote(key)}", value)
-
-    def queue(self, prompt: dict, client_id: str | None = None) -> dict:
-        req = urllib.request.Request(
-            self.url + "/prompt",
-            data=json.dumps({"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}).encode(),
-            method="POST",
-        )
-        req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:  # validation errors come back as 400 with a JSON body
-            return json.loads(e.read() or b"{}")
-
-    def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
-        """Poll /history until the prompt is done; returns its history entry."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            h = self.get(f"/history/{prompt_id}")
-            if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
-                entry = h[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            time.sleep(0.3)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f}s")
-
-    def run(self, prompt: dict, timeout: float = 300.0) -> dict:
-        res = self.queue(prompt)
-        if "prompt_id" not in res:
-            raise RuntimeError(f"prompt rejected: {json.dumps(res)[:3000]}")
-        return self.wait(res["prompt_id"], timeout)
-
-    def output_images(self, entry: dict) -> list[Path]:
-        out = []
-        for node_out in entry.get("outputs", {}).values():
-            for im in node_out.get("images", []):
-                base = self.dirs["output" if im.get("type") == "output" else "temp"]
-                out.append(base / im.get("subfolder", "") / im["filename"])
-        return out
-
-
-def _has_cuda(python: str) -> bool:
-    try:
-        r = subprocess.run([python, "-c", "import torch;print(torch.cuda.is_available())"],
-                           capture_output=True, text=True, timeout=120)
-        return r.stdout.strip().endswith("True")
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------

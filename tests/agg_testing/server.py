@@ -5,32 +5,29 @@
         entry = srv.wait(pid)              # the /history entry
         srv.images(entry)                  # output image paths
 
-The server runs ``main.py --cpu`` with the fixture models and the custom_nodes folder named in an
-extra_model_paths.yaml, offline (HF_HUB_OFFLINE=1, no API nodes, in-memory database), with output,
-temp and input folders in `work` (input holds ComfyUI's example.png). Its log goes to
-``work/server.log``; ``log_tail()`` returns the end of it for failure reports. Only stdlib HTTP.
+The process itself is ``agg_cli.comfy.LocalServer`` (offline, no API nodes, in-memory database, its
+input/output/temp/user folders in `work`, log in ``work/server.log``, stopped at exit at the latest).
+This adds what tests want: ``--cpu`` by default, an extra_model_paths.yaml written from a ModelsTree
+(with ComfyUI's custom_nodes folder), ComfyUI's example.png in the input folder, and small stdlib
+HTTP helpers that hand back status codes and bodies as they came.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from agg_cli.comfy import LocalServer
 from agg_testing.fixtures import ModelsTree, write_extra_model_paths
-
-HOST = "127.0.0.1"
 
 
 class ServerError(RuntimeError):
@@ -45,127 +42,58 @@ class PromptRejected(ServerError):
         self.body = body
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+class ComfyServer(LocalServer):
+    """`models` (a ModelsTree) is written to ``work/extra_model_paths.yaml`` at start; pass None and
+    `extra_model_paths` to use a ready yaml instead. `cpu` defaults to True (the tests' models are
+    CPU-sized and their numbers CPU-made); None asks torch."""
 
-
-class ComfyServer:
     def __init__(
         self,
         comfyui_dir: Path,
-        models: ModelsTree,
+        models: ModelsTree | None,
         work: Path,
         *,
-        python: str | None = None,
-        extra_args: list[str] | None = None,
+        extra_model_paths: Path | None = None,
+        python: str = sys.executable,
+        cpu: bool | None = True,
+        extra_args: Iterable[str] = (),
+        dirs: Mapping[str, Path] | None = None,
+        log_path: Path | None = None,
         port: int | None = None,
     ) -> None:
-        self.comfyui_dir = Path(comfyui_dir)
+        if (models is None) == (extra_model_paths is None):
+            raise ValueError("give either models or extra_model_paths")
+        work = Path(work)
         self.models = models
-        self.work = Path(work)
-        self.python = python or sys.executable
-        self.extra_args = list(extra_args or [])
-        self.port = port or free_port()
-        self.url = f"http://{HOST}:{self.port}"
+        self.yaml_path = work / "extra_model_paths.yaml" if models is not None else Path(extra_model_paths)
+        super().__init__(comfyui_dir, work, log_path, self.yaml_path, python, cpu,
+                         extra_args=extra_args, dirs=dirs, port=port)
         self.client_id = f"agg-tests-{uuid.uuid4().hex[:8]}"
-        self.proc: subprocess.Popen | None = None
-        self.startup_seconds: float | None = None
-        self.log_path = self.work / "server.log"
-        self.output_dir = self.work / "output"
-        self.input_dir = self.work / "input"
-        self.temp_root = self.work / "temp-root"
-        self.yaml_path = self.work / "extra_model_paths.yaml"
 
-    # -- process ------------------------------------------------------------------------------------
+    @property
+    def input_dir(self) -> Path:
+        return self.dirs["input"]
 
-    def command(self) -> list[str]:
-        return [
-            self.python,
-            str(self.comfyui_dir / "main.py"),
-            "--cpu",
-            "--listen",
-            HOST,
-            "--port",
-            str(self.port),
-            "--disable-api-nodes",
-            "--disable-auto-launch",
-            "--database-url",
-            "sqlite:///:memory:",
-            "--extra-model-paths-config",
-            str(self.yaml_path),
-            "--output-directory",
-            str(self.output_dir),
-            "--temp-directory",
-            str(self.temp_root),
-            "--input-directory",
-            str(self.input_dir),
-            *self.extra_args,
-        ]
+    @property
+    def output_dir(self) -> Path:
+        return self.dirs["output"]
 
-    def start(self, timeout: float = 180.0) -> ComfyServer:
-        for d in (self.output_dir, self.input_dir, self.temp_root):
-            d.mkdir(parents=True, exist_ok=True)
-        example = self.input_dir / "example.png"
+    def start(self, timeout: float = 300.0) -> ComfyServer:
+        self.input_dir.mkdir(parents=True, exist_ok=True)
+        example = self.input_dir / "example.png"  # the stock graphs' LoadImage default
         if not example.exists():
-            shutil.copyfile(self.comfyui_dir / "input" / "example.png", example)
-        write_extra_model_paths(self.yaml_path, self.models, custom_nodes=self.comfyui_dir / "custom_nodes")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1"}
-        t0 = time.perf_counter()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.command(),
-                cwd=str(self.comfyui_dir),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        atexit.register(self.stop)  # no orphan server if the session dies without teardown
-        deadline = t0 + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise ServerError(f"ComfyUI exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
-            try:
-                self.get("/object_info", timeout=10)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                if time.perf_counter() > deadline:
-                    self.stop()
-                    raise ServerError(f"ComfyUI did not answer within {timeout} s:\n{self.log_tail()}") from None
-                time.sleep(0.25)
-        self.startup_seconds = time.perf_counter() - t0
+            shutil.copyfile(self.comfyui / "input" / "example.png", example)
+        if self.models is not None:
+            write_extra_model_paths(self.yaml_path, self.models, custom_nodes=self.comfyui / "custom_nodes")
+        super().start(timeout)
         return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        atexit.unregister(self.stop)
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout)
 
     def __enter__(self) -> ComfyServer:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 80) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
     # -- HTTP ---------------------------------------------------------------------------------------
+    # Not agg_cli.comfy.Client: tests look at status codes and error bodies, which Client folds into
+    # exceptions.
 
     def _request(self, method: str, path: str, data: Any = None, timeout: float = 30.0) -> tuple[int, bytes]:
         body = None if data is None else json.dumps(data).encode()
@@ -189,6 +117,7 @@ class ComfyServer:
             return raw
 
     def post(self, path: str, data: Any, timeout: float = 30.0) -> tuple[int, Any]:
+        """POST `data` as JSON; returns (status, decoded body), HTTP errors included."""
         status, raw = self._request("POST", path, data, timeout=timeout)
         try:
             return status, json.loads(raw) if raw else None
@@ -229,10 +158,12 @@ class ComfyServer:
 
     def images(self, entry: dict) -> list[Path]:
         """Paths of the output images a history entry lists (type "output" or "temp")."""
+        # ComfyUI puts its temp files in a "temp" folder inside --temp-directory.
+        bases = {"output": self.output_dir, "temp": self.dirs["temp"] / "temp"}
         out = []
         for node_output in entry.get("outputs", {}).values():
             for img in node_output.get("images", []) or []:
-                base = {"output": self.output_dir, "temp": self.temp_root / "temp"}.get(img.get("type"))
+                base = bases.get(img.get("type"))
                 if base is not None:
                     out.append(base / img.get("subfolder", "") / img["filename"])
         return out
