@@ -260,8 +260,9 @@ def worker_profile(config: tuple[str, int, int], mode: str, device: str, top: in
     return {"mode": mode, "seconds": timer.seconds[-1], "profile": buf.getvalue()}
 
 
-def spawn(args: list[str], timeout: float | None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+def spawn(args: list[str], timeout: float | None, script: str = __file__) -> dict:
+    """Run `script` (this file by default) with `args` in a fresh process; its AGG_BENCH_RESULT line as data."""
+    cmd = [sys.executable, str(Path(script).resolve()), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -105,3 +105,16 @@ def test_sampler_bench_finds_exactly_the_readme_samplers_exact(tmp_path):
                 assert dev["max_deviation"] < tol, (name, family, dev)
             else:
                 assert dev["max_deviation"] > 0.05, (name, family, dev)
+
+
+def test_decoder_checkpointing_bench_prints_its_ratios():
+    """tests/bench/decoder.py at 64 px: the three variants run and the cost / saving ratios print as numbers."""
+    import re
+
+    proc = subprocess.run([sys.executable, str(RUN.parent / "decoder.py"), "--size", "64", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| forward", "| plain", "| checkpointed"))]
+    assert len(rows) == 3, proc.stdout
+    m = re.search(r"costs ([0-9.]+)x the time .* peaks at ([0-9.]+)x its memory", proc.stdout)
+    assert m and all(float(v) > 0 for v in m.groups()), proc.stdout
