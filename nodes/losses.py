@@ -30,7 +30,7 @@ from ..agg_kernels.strength import (
     DEFAULT_STYLE_WEIGHT,
 )
 from .clip_model import AGGClip, VisionClip, image_encoder
-from .decoders import DECODERS, DEFAULT_DECODER, make_decoder
+from .decoders import DECODERS, DEFAULT_DECODER, Decoder, make_decoder
 from .settings import AGGError, RunInfo, checked
 from .types import AGGClipType, AGGLossType, AGGTrajectoryType
 
@@ -176,6 +176,28 @@ def clip_on(clip: AGGClip | VisionClip, run: RunInfo) -> AGGClip | VisionClip:
     return clip
 
 
+def clip_loss_spec(node: str, clip: AGGClip | VisionClip, vae, decoder: str, mask: torch.Tensor | None,
+                   judged: Callable[[RunInfo, Decoder, AGGClip | VisionClip], Loss]) -> LossSpec:
+    """A CLIP loss for each run: `judged` built on the run's decoder (seeing only the mask's region) and the
+    CLIP model on the run's device, acting only inside the mask."""
+
+    def build(run: RunInfo) -> Loss:
+        decode = pixels_of(decoder, vae, mask, run, node)
+        return on_region(judged(run, decode, clip_on(clip, run)), mask, run, node)
+
+    return LossSpec(node, build)
+
+
+def cutouts_input() -> io.Input:
+    return io.Int.Input("cutouts", default=DEFAULT_CUTOUTS, min=1, max=64, optional=True,
+                        tooltip="Augmented crops CLIP sees per step; more is steadier and slower.")
+
+
+def seed_input() -> io.Input:
+    return io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
+                        tooltip="Seed of the crops' random augmentation.")
+
+
 class AGGCLIPDirectionLoss(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -197,12 +219,10 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
                                tooltip="The source photo; adds its CLIP embedding to the direction (0.2 weight), as in the paper."),
                 loss_input(),
                 decoder_input(),
-                io.Int.Input("cutouts", default=DEFAULT_CUTOUTS, min=1, max=64, optional=True,
-                             tooltip="Augmented crops CLIP sees per step; more is steadier and slower."),
+                cutouts_input(),
                 io.Float.Input("range_weight", default=0.0, min=0.0, max=1000.0, step=0.01, optional=True,
                                tooltip="Penalty on decoded pixels outside the valid range (0 = off)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
-                             tooltip="Seed of the crops' random augmentation."),
+                seed_input(),
                 mask_input("CLIP judges only the white region and only it is pulled toward the target text."),
             ],
             outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
@@ -227,17 +247,14 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
             e_image = image_embedding(clip.encode_image, pixels_bchw(source_image).to(clip.device), clip.image_size)
         direction = target_direction(e_target, e_source, e_image).cpu()
 
-        def build(run: RunInfo) -> Loss:
-            decode = pixels_of(decoder, vae, mask, run, node)
-            c = clip_on(clip, run)
+        def judged(run: RunInfo, decode: Decoder, c: AGGClip) -> Loss:
             parts = [clip_direction_loss(weight, decode, c.encode_image, grad_constant(direction, run.device),
                                          n_cuts=cutouts, cut_size=c.image_size, seed=seed)]
             if range_weight > 0:
                 parts.append(range_loss(range_weight, decode))
-            judged = compose(*parts)
-            return on_region(judged, mask, run, node)
+            return compose(*parts)
 
-        return io.NodeOutput(chain(loss, LossSpec(node, build)))
+        return io.NodeOutput(chain(loss, clip_loss_spec(node, clip, vae, decoder, mask, judged)))
 
 
 class AGGImageStyleLoss(io.ComfyNode):
@@ -257,10 +274,8 @@ class AGGImageStyleLoss(io.ComfyNode):
                 weight_input(DEFAULT_STYLE_WEIGHT, "style guidance"),
                 loss_input(),
                 decoder_input(),
-                io.Int.Input("cutouts", default=DEFAULT_CUTOUTS, min=1, max=64, optional=True,
-                             tooltip="Augmented crops CLIP sees per step; more is steadier and slower."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
-                             tooltip="Seed of the crops' random augmentation."),
+                cutouts_input(),
+                seed_input(),
                 mask_input("CLIP judges only the white region and only it takes the style."),
             ],
             outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
@@ -274,14 +289,11 @@ class AGGImageStyleLoss(io.ComfyNode):
         e_style = image_embedding(clip.encode_image, pixels_bchw(style_image).to(clip.device), clip.image_size,
                                   n_cuts=cutouts, seed=seed).mean(0, keepdim=True).cpu()
 
-        def build(run: RunInfo) -> Loss:
-            decode = pixels_of(decoder, vae, mask, run, node)
-            c = clip_on(clip, run)
-            judged = style_loss(weight, decode, c.encode_image, grad_constant(e_style, run.device),
-                                n_cuts=cutouts, cut_size=c.image_size, seed=seed)
-            return on_region(judged, mask, run, node)
+        def judged(run: RunInfo, decode: Decoder, c: VisionClip | AGGClip) -> Loss:
+            return style_loss(weight, decode, c.encode_image, grad_constant(e_style, run.device),
+                              n_cuts=cutouts, cut_size=c.image_size, seed=seed)
 
-        return io.NodeOutput(chain(loss, LossSpec(node, build)))
+        return io.NodeOutput(chain(loss, clip_loss_spec(node, clip, vae, decoder, mask, judged)))
 
 
 # -- Color Loss ----------------------------------------------------------------------------------
