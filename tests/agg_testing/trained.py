@@ -221,6 +221,14 @@ def warmup_cosine(step: int, steps: int, warmup: int, peak: float) -> float:
     return lr * (0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
+def adam_step(opt: torch.optim.Optimizer, loss: torch.Tensor, losses: list[float]) -> None:
+    """One optimiser step on `loss`, its value appended to `losses`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    losses.append(float(loss.detach()))
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
@@ -304,11 +312,7 @@ def train(config: TrainConfig, *, log=None) -> TrainResult:
                 z = stable_target(x, sigma, flat_train, sq_train)
             d = denoise(model, x, sigma)
             weight = (s4**2 + 1) / s4**2
-            loss = (weight * (d - z) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            adam_step(opt, (weight * (d - z) ** 2).mean(), losses)
             if log is not None and (step % 20 == 0 or step == config.steps - 1):
                 log(f"step {step:4d}/{config.steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
         seconds["train"] = time.perf_counter() - t0
@@ -387,11 +391,7 @@ def train_decoder(config: TrainConfig, decoder: dict[str, torch.Tensor], z: torc
     for step in range(config.dec_steps):
         set_lr(opt, warmup_cosine(step, config.dec_steps, config.dec_warmup, config.dec_lr))
         idx = torch.randint(len(z), (config.dec_batch,), generator=g)
-        loss = (dec(z[idx]) - pixels[idx]).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        adam_step(opt, (dec(z[idx]) - pixels[idx]).square().mean(), losses)
         if log is not None and (step % 25 == 0 or step == config.dec_steps - 1):
             log(f"decoder step {step:4d}/{config.dec_steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
     dec.eval()
