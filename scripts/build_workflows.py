@@ -158,6 +158,12 @@ def source_latent(api: Api, vae: list, size: int) -> tuple[list, list]:
     return [scale, 0], [enc, 0]
 
 
+def prompts(api: Api, clip: list, target: list | str) -> tuple[str, str]:
+    """The "Target prompt" and the shared "Negative prompt" encoders, in that order."""
+    pos = api.add("CLIPTextEncode", "Target prompt", text=target, clip=clip)
+    return pos, api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+
+
 def open_clip(api: Api) -> list:
     return [api.add("AGGCLIPLoader", models=[OPEN_CLIP], clip_name=OPEN_CLIP.name, architecture="auto"), 0]
 
@@ -232,8 +238,7 @@ def text_guided() -> Workflow:
     src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
     image, latent = source_latent(api, vae, 512)
     pos_src = api.add("CLIPTextEncode", "Source prompt", text=[src, 0], clip=clip)
-    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
-    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    pos, neg = prompts(api, clip, [tgt, 0])
     inverted_and_guided(api, model, vae, latent, pos_src, pos, neg, "agg/text_guided",
                         lambda structure: clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image,
                                                          [structure, 0]))
@@ -251,8 +256,7 @@ def img2img(name: str, ckpt: Model, size: int, prefix: str, family: str, title: 
     model, clip, vae = sd_loaders(api, ckpt)
     src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
     image, latent = source_latent(api, vae, size)
-    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
-    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    pos, neg = prompts(api, clip, [tgt, 0])
     structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent)
     loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0])
     agg = api.add("AGGApply", model=model, loss=loss, **agg_settings())
@@ -308,8 +312,7 @@ def controlnet() -> Workflow:
     model, clip, vae = sd_loaders(api, SD15)
     src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
     image, latent = source_latent(api, vae, 512)
-    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
-    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    pos, neg = prompts(api, clip, [tgt, 0])
     edges = api.add("Canny", image=image, low_threshold=0.4, high_threshold=0.8)
     cn = api.add("ControlNetLoader", models=[CANNY], control_net_name=CANNY.name)
     cond = api.add("ControlNetApplyAdvanced", positive=[pos, 0], negative=[neg, 0], control_net=[cn, 0],
@@ -388,8 +391,7 @@ def local_edit() -> Workflow:
                          height=512, crop="center")
     mask = [api.add("ImageToMask", "Mask (white = edit)", image=[mask_scale, 0], channel="red"), 0]
     noised = api.add("SetLatentNoiseMask", samples=latent, mask=mask)
-    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
-    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    pos, neg = prompts(api, clip, [tgt, 0])
     structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, source=latent, mask=mask)
     loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image, [structure, 0], mask=mask)
     agg = api.add("AGGApply", model=model, loss=loss, **agg_settings())
@@ -412,8 +414,7 @@ def color_transfer() -> Workflow:
     model, clip, vae = sd_loaders(api, SD15)
     image, latent = source_latent(api, vae, 512)
     pos_src = api.add("CLIPTextEncode", "Source prompt", text=SOURCE, clip=clip)
-    pos = api.add("CLIPTextEncode", "Target prompt", text=SOURCE, clip=clip)
-    neg = api.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=clip)
+    pos, neg = prompts(api, clip, SOURCE)
     palette = api.add("LoadImage", "Style image", image=STYLE_IMAGE)
     inverted_and_guided(api, model, vae, latent, pos_src, pos, neg, "agg/color_transfer",
                         lambda structure: [api.add("AGGColorLoss", image=[palette, 0], vae=vae, weight=COLOR_WEIGHT,
