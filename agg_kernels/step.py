@@ -178,7 +178,8 @@ class SamplerSpec:
 @dataclass(frozen=True)
 class Realised:
     """The guided step as handed to the sampler: `returned` is what the sampler steps with, `shown` what
-    previews and the run's denoised output show (D + delta); `reason` says why the step is not exact."""
+    previews and the run's denoised output show (D + delta); `reason` says why the step is not exact, in words
+    that do not depend on sigma (one warning per reason and run)."""
 
     returned: torch.Tensor
     shown: torch.Tensor
@@ -208,13 +209,13 @@ def realise(
     if sn is None:
         # Between schedule points (heun's corrector, dpm_2, sde midpoints): aim at the next entry below.
         target, exact = following_sigma(schedule, sigma), False
-        reason = f"an evaluation at sigma {sigma:.4g} between schedule points is realised approximately"
+        reason = "evaluations between schedule points are realised approximately"
     else:
         target, exact = compensation_target(sampler.name, sigma, sn, family, sampler.eta_for(sigma))
         reason = None if exact else (
             f"sampler '{sampler.name}' is not first order; the asymmetric step is realised approximately (exact for "
             "euler, ddim, euler_ancestral, lcm, the cfg_pp Euler forms and the AGG sampler)")
     if target is None or target >= sigma:
-        return Realised(shown, shown, False, f"no next sigma after {sigma:.4g}; the symmetric update is used there")
+        return Realised(shown, shown, False, "where no schedule point follows, the symmetric update is used")
     returned = compensated_denoised(denoised.float(), delta.float(), sigma, target, family).to(denoised.dtype)
     return Realised(returned, shown, exact, reason)
