@@ -158,18 +158,6 @@ class SamplerSpec:
     eta: float = 0.0
     eta_at: Callable[[float], float | None] | None = field(default=None, compare=False)
 
-    @property
-    def exact(self) -> bool:
-        return self.name in EXACT_SAMPLERS
-
-    @property
-    def ancestral(self) -> bool:
-        return self.name in ANCESTRAL_SAMPLERS
-
-    @property
-    def jump(self) -> bool:
-        return self.name in JUMP_SAMPLERS
-
     def eta_for(self, sigma: float) -> float:
         value = self.eta_at(sigma) if self.eta_at is not None else None
         return self.eta if value is None else float(value)

@@ -392,9 +392,9 @@ def test_realise_uses_the_agg_samplers_per_step_eta():
     sigmas = [10.0, 5.0, 2.0, 0.0]
     d, delta = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
     spec = SamplerSpec("agg", eta_at=lambda s: 1.0 if s == 5.0 else 0.0)
-    assert spec.ancestral and spec.exact and not spec.jump
     step = realise(d, delta, 5.0, sigmas, spec, "eps")
     down = ancestral_sigma_down(5.0, 2.0, 1.0, "eps")
+    assert compensation_target("agg", 5.0, 2.0, "eps", 1.0) == (down, True)  # ancestral and exact
     assert step.exact and torch.allclose(step.returned, compensated_denoised(d, delta, 5.0, down, "eps"))
     plain = realise(d, delta, 10.0, sigmas, spec, "eps")  # eta 0 at this step: aims at the next sigma
     assert torch.allclose(plain.returned, compensated_denoised(d, delta, 10.0, 5.0, "eps"))
