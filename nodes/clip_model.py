@@ -214,8 +214,10 @@ class VisionClip:
 
     The weights stay ComfyUI's: its model management loads the CLIP vision model (beside the models in use),
     and the loss differentiates through ordinary tensors on the same memory (weights.gradient_copy), made when
-    the loss needs them and dropped when it hands the model back. On the CPU the network runs in float32 (a copy
-    only where ComfyUI keeps half precision)."""
+    the loss needs them and dropped when it hands the model back. The network runs on ComfyUI's load device;
+    weights ComfyUI left elsewhere (a partial load, or Dynamic VRAM, which streams them from the offload device
+    per layer) are copied there once. On the CPU the network runs in float32 (a copy only where ComfyUI keeps
+    half precision)."""
 
     def __init__(self, clip_vision) -> None:
         self.source = clip_vision
@@ -235,8 +237,11 @@ class VisionClip:
                 with torch.inference_mode(False):
                     comfy.model_management.load_models_gpu([*models_in_use(), patcher])
             p = next(self.source.model.parameters())
-            dtype = torch.float32 if p.device.type == "cpu" else p.dtype
-            self._net = gradient_copy(self.source.model, p.device, dtype)
+            # ComfyUI's load device, not where the first weight happens to lie: a partial (lowvram) load, or
+            # Dynamic VRAM's streaming, leaves weights on the offload device, which the copy must not run on.
+            device = torch.device(getattr(patcher, "load_device", None) or p.device)
+            dtype = torch.float32 if device.type == "cpu" else getattr(self.source, "dtype", p.dtype)
+            self._net = gradient_copy(self.source.model, device, dtype)
         return self._net
 
     @property

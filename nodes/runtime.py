@@ -37,6 +37,17 @@ AUTOGRAD_LIMITS = ("Inference tensors cannot be saved for backward", "modified b
 FD_REL_STEP_HALF = 1e-1
 
 
+# model_options entries of ComfyUI's multi-GPU sampling (0.33 on): the per-device model clones and their threads.
+MULTIGPU_KEYS = ("multigpu_clones", "multigpu_thread_pool")
+
+
+def single_device_options(model_options: dict) -> dict:
+    """`model_options` without the multi-GPU entries: calc_cond_batch then runs on the model it is given."""
+    if not any(k in model_options for k in MULTIGPU_KEYS):
+        return model_options
+    return {k: v for k, v in model_options.items() if k not in MULTIGPU_KEYS}
+
+
 def fd_step_for(dtype: torch.dtype, requested: float | None) -> float:
     if requested is not None:
         return requested
@@ -108,6 +119,11 @@ class AGGRun:
             return None
         cond = (getattr(self.guider, "conds", None) or {}).get("positive")
         self.probe_is_conditional = cond is not None
+        if mode == "autograd":
+            # ComfyUI's multi-GPU sampling runs the conds on each device's clone of the model in worker threads,
+            # under no_grad: the autograd pass runs on the main device's model (the one whose weights are swapped
+            # for gradient-capable views below), as a single-device calc_cond_batch.
+            model_options = single_device_options(model_options)
         probe_options = {**model_options, "sampler_post_cfg_function": []}
 
         def forward(xp: torch.Tensor) -> torch.Tensor:

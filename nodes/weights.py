@@ -4,13 +4,31 @@ ComfyUI runs a prompt under torch.inference_mode, so the weights it loads or mov
 inference tensors, which autograd cannot save for backward. The pack never copies a model's weights to get
 around that where a view will do: `ordinary` makes a non-inference tensor on the same memory (the weights are
 frozen, so that memory is never written through it).
+
+ComfyUI's model management also hangs its own loading state on the modules it loads: with Dynamic VRAM
+(ComfyUI 0.33's default on NVIDIA GPUs) each layer holds a handle on its slot of the streamed weight
+arena, its pinned host buffers and the weights last streamed to the GPU (an inference tensor on that slot),
+which its forward uses in place of the module's own parameters. That state belongs to the model it was made
+for: a copy never duplicates it (a duplicated handle frees ComfyUI's arena when the copy dies) and the
+autograd passes see the streamed weights through ordinary views too.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+from collections.abc import Callable, Iterator
 
 import torch
+
+# A module's own torch state; everything else in its __dict__ is an attribute the model's code or ComfyUI set.
+TORCH_SLOTS = frozenset({"_parameters", "_buffers", "_modules", "training"})
+
+
+def plain(t: object) -> bool:
+    """A plain tensor (or Parameter) whose memory a view may share; tensor subclasses (ComfyUI's quantized
+    weights) are left as they are."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
 def ordinary(t: torch.Tensor) -> torch.Tensor:
@@ -19,15 +37,47 @@ def ordinary(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
+def _holds(value: object, kind: Callable[[object], bool], depth: int = 0) -> bool:
+    """`kind(value)` for `value` or anything inside the tuples, lists, sets and dicts ComfyUI keeps it in, or in
+    the attributes of the plain objects it hangs on a layer (a LoRA patch of a streamed layer keeps the pin state)."""
+    if kind(value):
+        return True
+    if depth >= 4 or isinstance(value, (torch.Tensor, torch.nn.Module, type)) or inspect.isroutine(value):
+        return False
+    if isinstance(value, dict):
+        return any(_holds(v, kind, depth + 1) for v in value.values())
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return any(_holds(v, kind, depth + 1) for v in value)
+    attrs = getattr(value, "__dict__", None)
+    return isinstance(attrs, dict) and any(_holds(v, kind, depth + 1) for v in attrs.values())
+
+
+def _is_handle(value: object) -> bool:
+    """A handle of ComfyUI's Dynamic VRAM allocator (comfy_aimdo's weight arenas and pinned host buffers)."""
+    return type(value).__module__.split(".")[0] == "comfy_aimdo"
+
+
+def loading_state(module: torch.nn.Module) -> list[str]:
+    """The attributes ComfyUI's Dynamic VRAM loading put on `module` itself (not its children): those holding an
+    allocator handle and, on a module that has one, those holding tensors (the weights it streamed to the GPU,
+    its pinned host copies). A module without a handle has none. The layers compute without them once their
+    weights are in place (they then cast their own parameters)."""
+    names = [n for n, v in vars(module).items() if n not in TORCH_SLOTS and _holds(v, _is_handle)]
+    if not names:
+        return []
+    return [n for n, v in vars(module).items()
+            if n not in TORCH_SLOTS and (n in names or _holds(v, lambda t: isinstance(t, torch.Tensor)))]
+
+
 def gradient_capable(module: torch.nn.Module) -> None:
     """Replace, in place, each inference-tensor weight of `module` by an ordinary view of the same memory."""
     with torch.inference_mode(False):
         for m in module.modules():
             for name, t in list(m._parameters.items()):
-                if t is not None and t.is_inference():  # a new Parameter: an inference one cannot take new data
+                if t is not None and plain(t) and t.is_inference():  # a new Parameter: an inference one cannot take new data
                     m._parameters[name] = torch.nn.Parameter(ordinary(t.detach()), requires_grad=False)
             for name, t in list(m._buffers.items()):
-                if t is not None and t.is_inference():
+                if t is not None and plain(t) and t.is_inference():
                     m._buffers[name] = ordinary(t.detach())
 
 
@@ -37,7 +87,8 @@ def gradient_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dt
 
     A weight already on `device` in `dtype` is shared, not copied (`ordinary`); any other is copied once,
     straight to `device` and (if floating point) `dtype`. The children named in `leave_out` are None in the
-    copy and cost nothing."""
+    copy and cost nothing. ComfyUI's loading state (`loading_state`) is neither copied nor kept: the copy's
+    layers compute from their own parameters."""
     with torch.inference_mode(False):
         memo: dict[int, object] = {}
         for name in leave_out:
@@ -50,45 +101,64 @@ def gradient_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dt
             if id(t) in left_out or id(t) in memo:
                 continue
             want = dtype if t.is_floating_point() else t.dtype
-            if t.device == torch.device(device) and t.dtype == want:
+            if plain(t) and t.device == torch.device(device) and t.dtype == want:
                 data = ordinary(t.detach())
             else:
                 data = t.detach().to(device=device, dtype=want, copy=True)
             memo[id(t)] = torch.nn.Parameter(data, requires_grad=False) if isinstance(t, torch.nn.Parameter) else data
-        return copy.deepcopy(module, memo).eval()
+        dropped: dict[str, list[str]] = {}
+        for mod_name, m in module.named_modules():
+            for name in loading_state(m):
+                value = vars(m)[name]
+                memo[id(value)] = value  # shared while copying (never duplicated), removed from the copy below
+                dropped.setdefault(mod_name, []).append(name)
+        out = copy.deepcopy(module, memo).eval()
+        for mod_name, m in out.named_modules():
+            for name in dropped.get(mod_name, ()):
+                m.__dict__.pop(name, None)
+        return out
 
 
 class GradientWeights:
     """Gradient-capable views of a diffusion model's weights and buffers, swapped in only around autograd passes.
 
-    Each view is `ordinary` on its tensor's memory, so a run holds no second copy of the weights and
-    ComfyUI's own parameters and buffers are never changed."""
+    The views are made afresh on each entry, on the memory the model holds at that moment (ComfyUI may have
+    moved, offloaded or re-streamed its weights since the last pass), so a run never keeps ComfyUI's freed
+    memory alive and ComfyUI's own parameters and buffers are never changed. Inference tensors the layers hold
+    as plain attributes (the weights Dynamic VRAM streamed to the GPU, which their forward uses instead of the
+    parameters) get ordinary views too. On exit each slot gets its own tensor back, unless ComfyUI replaced
+    the view during the pass (a weight it streamed or patched anew), which stays."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
-        with torch.inference_mode(False):
-            self.views = {
-                (mod_name, slot, name): (torch.nn.Parameter(ordinary(t.detach()), requires_grad=False)
-                                         if slot == "_parameters" else ordinary(t.detach()))
-                for mod_name, mod in module.named_modules()
-                for slot in ("_parameters", "_buffers")
-                for name, t in getattr(mod, slot).items()
-                if t is not None
-            }
-        self.saved: dict[tuple[str, str, str], torch.Tensor] = {}
-
-    def _put(self, tensors: dict[tuple[str, str, str], torch.Tensor]) -> None:
-        mods = dict(self.module.named_modules())
-        for (mod_name, slot, name), t in tensors.items():
-            getattr(mods[mod_name], slot)[name] = t
+        self.swapped: list[tuple[dict, str, torch.Tensor, torch.Tensor]] = []  # (slot dict, name, original, view)
 
     def __enter__(self) -> GradientWeights:
-        mods = dict(self.module.named_modules())
-        self.saved = {key: getattr(mods[key[0]], key[1])[key[2]] for key in self.views}
-        self._put(self.views)
+        swapped = []
+        with torch.inference_mode(False):
+            for m in self.module.modules():
+                for slot, name, t in self._slots(m):
+                    view = ordinary(t.detach())
+                    if slot is m._parameters:
+                        view = torch.nn.Parameter(view, requires_grad=False)
+                    slot[name] = view
+                    swapped.append((slot, name, t, view))
+        self.swapped = swapped
         return self
 
+    @staticmethod
+    def _slots(m: torch.nn.Module) -> Iterator[tuple[dict, str, torch.Tensor]]:
+        for slot in (m._parameters, m._buffers):
+            for name, t in slot.items():
+                if t is not None and plain(t):
+                    yield slot, name, t
+        for name, t in vars(m).items():
+            if name not in TORCH_SLOTS and plain(t) and t.is_inference():
+                yield vars(m), name, t
+
     def __exit__(self, *exc: object) -> bool:
-        self._put(self.saved)
-        self.saved = {}
+        for slot, name, original, view in reversed(self.swapped):
+            if slot.get(name) is view:
+                slot[name] = original
+        self.swapped = []
         return False
