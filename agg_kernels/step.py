@@ -114,7 +114,11 @@ def ancestral_sigma_down(sigma: float, sigma_next: float, eta: float, family: st
     return ancestral_sigmas(sigma, sigma_next, eta, family)[0]
 
 
-# Samplers whose step from a returned denoised is first order, so the compensation is exact.
+# The classification of every sampler ComfyUI lists (comfy.samplers.KSampler.SAMPLERS, 0.3.52 to 0.33), by the
+# name nodes.sampler.sampler_spec gives it (ComfyUI's own name), plus the pack's "agg". docs/DESIGN.md §1.3.
+#
+# Exact in every family: one model evaluation per schedule step and an x_next that is a fixed linear
+# function of the returned R, whose guided part the compensation makes alpha(sigma_next) * delta.
 EXACT_SAMPLERS = frozenset({"euler", "ddim", "euler_ancestral", "lcm", "euler_cfg_pp", "agg", "euler_ancestral_cfg_pp"})
 # Samplers that step to sigma_down(eta) and add fresh noise; "agg" is the pack's three-zone DDIM
 # (agg_kernels.sampler), whose per-step eta comes from its zones (SamplerSpec.eta_at).
@@ -122,6 +126,75 @@ ANCESTRAL_SAMPLERS = frozenset({"euler_ancestral", "agg"})
 # Samplers whose next state is alpha(sigma_next) * R plus a noise term built from the (uncond) model
 # estimate: R = D + delta is exact.
 JUMP_SAMPLERS = frozenset({"lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp"})
+# ComfyUI's ddpm runs the DDPM posterior step in variance-exploding coordinates in every family. For eps / v
+# that is exactly euler_ancestral at eta 1 (same mean, same sigma_up), so aiming at its sigma_down is exact.
+# On a flow (const) state it is an Euler step to sigma_next^2 / sigma without the flow form's alpha rescale.
+DDPM_SAMPLERS = frozenset({"ddpm"})
+DDPM_CONST_REASON = ("runs the variance-exploding DDPM step on a flow state, an Euler step to sigma_next^2 / sigma "
+                     "without the alpha rescale of the flow ancestral form")
+
+_SECOND_ORDER = "is second order: its step averages in an estimate at the next schedule point"
+_MIDPOINT = "steps from an estimate made at a midpoint between schedule points"
+_MULTISTEP = "is multistep: its step mixes earlier steps' estimates into the current one"
+# Why the compensation is approximate for each of the other stock samplers (a sentence completing
+# "sampler 'NAME' ...").
+APPROXIMATE_SAMPLERS: dict[str, str] = {
+    "heun": _SECOND_ORDER,
+    "heunpp2": _SECOND_ORDER,
+    "exp_heun_2_x0": "is second order in x0 and logSNR: its step mixes in the estimate at the next schedule point "
+                     "(phi_2 weights)",
+    "exp_heun_2_x0_sde": "is second order in x0 and logSNR with SDE noise: its step mixes in the estimate at the "
+                         "next schedule point (phi_2 weights)",
+    "dpm_2": _MIDPOINT,
+    "dpm_2_ancestral": _MIDPOINT,
+    "lms": _MULTISTEP,
+    "dpm_fast": "is DPM-Solver on its own steps, not the run's schedule",
+    "dpm_adaptive": "is DPM-Solver with adaptive steps, not the run's schedule",
+    "dpmpp_2s_ancestral": _MIDPOINT,
+    "dpmpp_2s_ancestral_cfg_pp": _MIDPOINT,
+    "dpmpp_sde": _MIDPOINT,
+    "dpmpp_sde_gpu": _MIDPOINT,
+    "dpmpp_2m": _MULTISTEP,
+    "dpmpp_2m_cfg_pp": _MULTISTEP,
+    "dpmpp_2m_sde": _MULTISTEP,
+    "dpmpp_2m_sde_gpu": _MULTISTEP,
+    "dpmpp_2m_sde_heun": _MULTISTEP,
+    "dpmpp_2m_sde_heun_gpu": _MULTISTEP,
+    "dpmpp_3m_sde": _MULTISTEP,
+    "dpmpp_3m_sde_gpu": _MULTISTEP,
+    "ipndm": _MULTISTEP,
+    "ipndm_v": _MULTISTEP,
+    "deis": _MULTISTEP,
+    "res_multistep": _MULTISTEP,
+    "res_multistep_cfg_pp": _MULTISTEP,
+    "res_multistep_ancestral": _MULTISTEP,
+    "res_multistep_ancestral_cfg_pp": _MULTISTEP,
+    "gradient_estimation": "extrapolates with the previous step's estimate",
+    "gradient_estimation_cfg_pp": "extrapolates with the previous step's estimate",
+    "er_sde": _MULTISTEP,
+    "seeds_2": "steps from estimates made between schedule points",
+    "seeds_3": "steps from estimates made between schedule points",
+    "sa_solver": "is a multistep predictor-corrector (stochastic Adams)",
+    "sa_solver_pece": "is a multistep predictor-corrector (stochastic Adams)",
+    "uni_pc": "is a multistep predictor-corrector (UniPC)",
+    "uni_pc_bh2": "is a multistep predictor-corrector (UniPC)",
+}
+UNKNOWN_REASON = "is not one the pack classifies; it is assumed to take an Euler step"
+
+
+def is_classified(sampler: str | None) -> bool:
+    """Whether the pack knows how `sampler` steps from the returned value (exact or approximate, with its reason)."""
+    return sampler in EXACT_SAMPLERS or sampler in DDPM_SAMPLERS or sampler in APPROXIMATE_SAMPLERS
+
+
+def approximation_reason(sampler: str | None, family: str) -> str | None:
+    """Why the compensation does not make `sampler`'s step the asymmetric step in `family` (None: it does), as
+    the end of a sentence starting "sampler 'NAME' "."""
+    if sampler in EXACT_SAMPLERS or (sampler in DDPM_SAMPLERS and family != "const"):
+        return None
+    if sampler in DDPM_SAMPLERS:
+        return DDPM_CONST_REASON
+    return APPROXIMATE_SAMPLERS.get(sampler or "", UNKNOWN_REASON)
 
 
 def compensation_target(
@@ -137,12 +210,16 @@ def compensation_target(
     """
     if sigma_next is None:
         return None, False
+    exact = approximation_reason(sampler, family) is None
     if sampler in JUMP_SAMPLERS:
         # lcm jumps to R and draws fresh noise; euler_cfg_pp re-noises R with the uncond estimate.
-        return 0.0, True
+        return 0.0, exact
     if sampler in ANCESTRAL_SAMPLERS:
-        return ancestral_sigma_down(sigma, sigma_next, eta, family), True
-    return sigma_next, sampler in EXACT_SAMPLERS
+        return ancestral_sigma_down(sigma, sigma_next, eta, family), exact
+    if sampler in DDPM_SAMPLERS:
+        # the variance-exploding ancestral step at eta 1 in every family (sigma_next^2 / sigma)
+        return ancestral_sigma_down(sigma, sigma_next, 1.0, "eps"), exact
+    return sigma_next, exact
 
 
 @dataclass(frozen=True)
@@ -187,8 +264,8 @@ def realise(
     """The value a stock sampler must receive at sigma so that its step realises the guided step.
 
     Symmetric: D + delta. Asymmetric: compensated_denoised toward the sampler's target sigma (the next
-    schedule entry, its ancestral sigma_down, or 0 for the samplers that jump to R); exact for the samplers of
-    EXACT_SAMPLERS at schedule points, approximate elsewhere (the reason tells which case).
+    schedule entry, its ancestral sigma_down, or 0 for the samplers that jump to R); exact at schedule points for
+    the samplers approximation_reason finds none for, approximate elsewhere (the reason tells which case).
     """
     shown = denoised + delta
     if not asymmetric:
@@ -201,8 +278,9 @@ def realise(
     else:
         target, exact = compensation_target(sampler.name, sigma, sn, family, sampler.eta_for(sigma))
         reason = None if exact else (
-            f"sampler '{sampler.name}' is not first order; the asymmetric step is realised approximately (exact for "
-            "euler, ddim, euler_ancestral, lcm, the cfg_pp Euler forms and the AGG sampler)")
+            f"sampler '{sampler.name}' {approximation_reason(sampler.name, family)}, so the asymmetric step is "
+            "realised approximately (exact for euler, ddim, euler_ancestral, lcm, the cfg_pp Euler forms, ddpm "
+            "outside flow models and the AGG sampler)")
     if target is None or target >= sigma:
         return Realised(shown, shown, False, "where no schedule point follows, the symmetric update is used")
     returned = compensated_denoised(denoised.float(), delta.float(), sigma, target, family).to(denoised.dtype)

@@ -38,6 +38,21 @@ def default_eta(fn: Any) -> float:
     return float(eta) if isinstance(eta, (int, float)) else 0.0
 
 
+# k-diffusion function names that differ from the name ComfyUI lists the sampler under.
+FUNCTION_NAMES = {"unipc": "uni_pc", "unipc_bh2": "uni_pc_bh2"}
+
+
+def stepping_name(fn: Any, inpaint_options: dict | None = None) -> str:
+    """The name ComfyUI lists a KSAMPLER's function under (comfy.samplers.KSampler.SAMPLERS): the function's
+    name without k-diffusion's "sample_" / ComfyUI's "_function" affixes. "ddim" is euler's function with
+    random-noise inpainting. The one place the pack identifies a sampler: agg_kernels.step classifies these names."""
+    name = getattr(fn, "__name__", "").removeprefix("sample_").removesuffix("_function")
+    name = FUNCTION_NAMES.get(name, name)
+    if name == "euler" and (inpaint_options or {}).get("random"):
+        return "ddim"
+    return name
+
+
 def sampler_spec(sampler: Any, sigmas: torch.Tensor, window_low: float | None) -> SamplerSpec:
     """What the guided step needs to know of a ComfyUI sampler object (see agg_kernels.step.SamplerSpec).
 
@@ -50,7 +65,7 @@ def sampler_spec(sampler: Any, sigmas: torch.Tensor, window_low: float | None) -
     fn = getattr(sampler, "sampler_function", None)
     if fn is None:
         return SamplerSpec(None)
-    name = fn.__name__.removeprefix("sample_").removesuffix("_function")
+    name = stepping_name(fn, getattr(sampler, "inpaint_options", None))
     eta = options.get("eta")
     return SamplerSpec(name, float(eta) if isinstance(eta, (int, float)) else default_eta(fn))
 

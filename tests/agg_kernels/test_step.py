@@ -18,11 +18,16 @@ from agg_testing.analytic import asymmetric_closed_form as closed_form
 
 from agg_kernels.schedule import next_sigma
 from agg_kernels.step import (
+    APPROXIMATE_SAMPLERS,
+    DDPM_SAMPLERS,
+    EXACT_SAMPLERS,
     ancestral_sigma_down,
     ancestral_sigmas,
+    approximation_reason,
     asymmetric_step,
     compensated_denoised,
     compensation_target,
+    is_classified,
     symmetric_denoised,
     symmetric_step,
 )
@@ -177,9 +182,29 @@ def test_compensation_target_per_sampler(family):
             assert exact and target == pytest.approx(ancestral_sigma_down(s, sn, eta, family))
         assert compensation_target(name, s, sn, family, 0.0)[0] == sn
         assert compensation_target(name, s, sn, family, 1.0)[0] < sn
-    for approx in ("dpmpp_2m", "heun", "uni_pc", "dpm_2", None):
+    for approx in ("dpmpp_2m", "heun", "uni_pc", "dpm_2", "exp_heun_2_x0", "exp_heun_2_x0_sde", "not_a_sampler", None):
         assert compensation_target(approx, s, sn, family) == (sn, False)
     assert compensation_target("euler", s, None, family) == (None, False)
+    # ddpm: the variance-exploding ancestral step at eta 1, to sn^2 / s; exact except on a flow state
+    assert compensation_target("ddpm", s, sn, family) == (pytest.approx(sn * sn / s), family != "const")
+
+
+def test_every_stock_sampler_is_classified_with_a_reason():
+    """Each sampler ComfyUI lists is exact or approximate with its own reason; unknown names are neither."""
+    import comfy.samplers
+
+    listed = set(comfy.samplers.KSampler.SAMPLERS)
+    assert listed <= {*EXACT_SAMPLERS, *DDPM_SAMPLERS, *APPROXIMATE_SAMPLERS}, listed - {*EXACT_SAMPLERS,
+                                                                                        *APPROXIMATE_SAMPLERS}
+    assert all(is_classified(name) for name in listed)
+    for name in ("euler", "ddim", "euler_ancestral", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp", "agg"):
+        assert all(approximation_reason(name, f) is None for f in FAMILIES)
+    assert approximation_reason("ddpm", "eps") is None and approximation_reason("ddpm", "v_prediction") is None
+    assert "flow state" in approximation_reason("ddpm", "const")
+    assert "second order" in approximation_reason("exp_heun_2_x0", "eps")
+    assert "multistep" in approximation_reason("dpmpp_2m", "const")
+    assert not is_classified("res_2m") and not is_classified(None)
+    assert "not one the pack classifies" in approximation_reason("res_2m", "eps")
 
 
 def test_ancestral_sigma_down_matches_comfyui():
@@ -273,6 +298,48 @@ def test_comfy_lcm_lands_on_asymmetric_step(family):
         err = maxerr(out, expected)
         record(f"b lcm {family}", err)
         assert err <= TOL, (family, s, sn, err)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_comfy_ddpm_is_the_eta_1_ancestral_step(family):
+    """ComfyUI's ddpm, given R aimed at sigma_next^2 / sigma, lands on the asymmetric ancestral step at eta 1 for
+    eps / v; on a flow state (the same variance-exploding formula) its guided part misses alpha(sn) * delta."""
+    for s, sn in STEPS[family]:
+        x, d, delta = state(s, family)
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+        out = run(kds.sample_ddpm, compensated_model(d, delta, family, "ddpm"), x, s, sn, noise_sampler=fixed_noise(z))
+        base = run(kds.sample_ddpm, compensated_model(d, torch.zeros_like(delta), family, "ddpm"), x, s, sn,
+                   noise_sampler=fixed_noise(z))
+        guided = maxerr(out - base, alpha64(sn, family) * delta.double()) / delta.abs().max().item()
+        if family == "const" and 0 < sn:
+            record(f"b ddpm guided part {family} (relative, approximate)", guided)
+            # an Euler step to sn^2 / s moves x by alpha(sn^2 / s) delta: sn - sn^2 / s more than the asymmetric step
+            assert guided == pytest.approx(sn * (s - sn) / s, abs=1e-4) and guided > 0.01, (s, sn, guided)
+            continue
+        err = maxerr(out, expected_ancestral(x, d, delta, s, sn, 1.0, family, z))
+        record(f"b ddpm {family}", err)
+        assert err <= TOL and guided <= TOL, (family, s, sn, err, guided)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_noise_scale_leaves_the_guided_part_exact(family):
+    """A model whose sampling scales fresh noise (ComfyUI 0.33's noise_scale, HiDream-O1 sets 8): the exact
+    samplers' guided part is still alpha(sn) * delta, the noise being drawn independently of R."""
+    cases = [("euler_ancestral", kds.sample_euler_ancestral, {"eta": 1.0}), ("lcm", kds.sample_lcm, {})]
+    if family != "const":
+        cases.append(("ddpm", kds.sample_ddpm, {}))
+    for sampler, fn, kw in cases:
+        for s, sn in STEPS[family][:4]:
+            x, d, delta = state(s, family)
+            z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+            outs = []
+            for dl in (delta, torch.zeros_like(delta)):
+                model = compensated_model(d, dl, family, sampler, kw.get("eta", 1.0))
+                model.inner_model.inner_model.model_sampling.noise_scale = 8.0
+                outs.append(run(fn, model, x, s, sn, noise_sampler=fixed_noise(z), **kw))
+            err = maxerr(outs[0] - outs[1], alpha64(sn, family) * delta.double())
+            record(f"b noise_scale 8 {sampler} {family}", err)
+            assert err <= TOL * 8, (sampler, s, sn, err)
 
 
 def schedule(family: str, n: int) -> torch.Tensor:
@@ -377,7 +444,13 @@ def test_realise_symmetric_off_schedule_and_unknown_samplers():
     sym = realise(d, delta, 5.0, sigmas, SamplerSpec("heun"), "eps", asymmetric=False)
     assert sym.exact and torch.equal(sym.returned, d + delta)
     heun = realise(d, delta, 5.0, sigmas, SamplerSpec("heun"), "eps")
-    assert not heun.exact and "not first order" in heun.reason
+    assert not heun.exact and "sampler 'heun' is second order" in heun.reason and "approximately" in heun.reason
+    unknown = realise(d, delta, 5.0, sigmas, SamplerSpec("res_2m"), "eps")
+    assert not unknown.exact and "'res_2m' is not one the pack classifies" in unknown.reason
+    assert torch.allclose(unknown.returned, compensated_denoised(d, delta, 5.0, 2.0, "eps"))
+    ddpm = realise(d, delta, 5.0, sigmas, SamplerSpec("ddpm"), "const")
+    assert not ddpm.exact and "flow state" in ddpm.reason
+    assert realise(d, delta, 5.0, sigmas, SamplerSpec("ddpm"), "eps").exact
     assert torch.allclose(heun.returned, d + compensated_denoised(d, delta, 5.0, 2.0, "eps") - d)
     between = realise(d, delta, 3.0, sigmas, SamplerSpec("euler"), "eps")  # heun's corrector point
     assert not between.exact and "between schedule points" in between.reason

@@ -16,7 +16,9 @@ Each schedule step i is measured on its own: a run whose guidance window holds o
 asymmetric step moves x_{i+1} by alpha(sigma_{i+1}) * delta_i (docs/DESIGN.md §1.2 step 4), delta_i being
 what the hook applied at sigma_i; the deviation is |realised shift - alpha(sigma_{i+1}) delta_i| /
 |alpha(sigma_{i+1}) delta_i|, and the table shows its maximum over the steps. Effects a guided step leaves
-on later steps of multistep samplers are not counted (they are zero for first-order samplers).
+on later steps of multistep samplers are not counted (they are zero for first-order samplers). Beside the
+measurement the table gives the pack's classification per family (agg_kernels.step.approximation_reason) and
+flags a sampler whose measurement disagrees with it.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ class ModelWrap:
         self.model_sampling = ms
         self.inner_model = SimpleNamespace(
             model_sampling=ms,
-            model_patcher=SimpleNamespace(get_model_object=lambda name: ms if name == "model_sampling" else None),
+            # `model`: ComfyUI 0.33's KSAMPLER names the model's class in its first-step log line
+            model_patcher=SimpleNamespace(get_model_object=lambda name: ms if name == "model_sampling" else None,
+                                          model=SimpleNamespace()),
         )
         self.model_patcher = self.inner_model.model_patcher
         self.cond, self.uncond, self.family, self.cfg = cond, uncond, family, cfg
@@ -229,11 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("AGG").setLevel(logging.ERROR)  # each measured run would repeat the hook's warnings
     import comfy.samplers
 
+    from agg_kernels.step import approximation_reason
+
     runtime = pack_runtime()
     names = [s for s in args.samplers.split(",") if s] or list(comfy.samplers.KSampler.SAMPLERS)
     families = [f for f in args.families.split(",") if f]
     results: dict = {}
-    header = f"{'sampler':<28}" + "".join(f"{f + ' max dev':>16}" for f in families) + "  realised"
+    header = f"{'sampler':<28}" + "".join(f"{f + ' max dev':>16}" for f in families) + "  realised    pack says"
     print(header)
     for name in names:
         row = {}
@@ -247,9 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         kind = "n/a" if not finite else ("exact" if max(finite) < EXACT_TOL else "approximate")
         spec_of = importlib.import_module(f"{runtime.__package__}.sampler").sampler_spec
         sampler_name = spec_of(comfy.samplers.sampler_object(name), [1.0, 0.0], None).name
-        results[name] = {"families": row, "realised": kind, "hook_name": sampler_name}
+        # the pack's classification per family, and whether the measurement agrees with it
+        pack = {f: approximation_reason(sampler_name, f) or "exact" for f in families}
+        agree = all((pack[f] == "exact") == (row[f]["max_deviation"] < EXACT_TOL) for f in families
+                    if math.isfinite(row[f]["max_deviation"]))
+        results[name] = {"families": row, "realised": kind, "hook_name": sampler_name, "pack": pack,
+                         "agrees": agree}
         cells = "".join(f"{d:>16.2e}" if math.isfinite(d) else f"{'error':>16}" for d in devs)
-        print(f"{name:<28}{cells}  {kind}", flush=True)
+        said = "/".join("exact" if pack[f] == "exact" else "approx" for f in families)
+        print(f"{name:<28}{cells}  {kind:<12}{said}{'' if agree else '  DISAGREES with the pack'}", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "samplers.json").write_text(json.dumps({"steps": args.steps, "exact_tol": EXACT_TOL,

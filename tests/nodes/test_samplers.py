@@ -12,13 +12,14 @@ import torch
 from agg_testing import graphs, probes
 from agg_testing.graphs import Graph
 
-from agg_kernels.step import EXACT_SAMPLERS
+from agg_kernels.step import approximation_reason, is_classified
 
 SAMPLERS = list(comfy.samplers.KSampler.SAMPLERS)
 
-# The stock samplers README promises realise the asymmetric step exactly, written out here rather than read
-# from the pack's own table (agg_kernels.step.EXACT_SAMPLERS), so a sampler the pack wrongly marks exact fails.
-README_EXACT = ("euler", "ddim", "euler_ancestral", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp")
+# The stock samplers README promises realise the asymmetric step exactly on the test models (SD1.5, eps),
+# written out here rather than read from the pack's own table (agg_kernels.step), so a sampler the pack wrongly
+# marks exact fails. ddpm is ComfyUI's eta-1 ancestral step in disguise (exact outside flow models).
+README_EXACT = ("euler", "ddim", "euler_ancestral", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp", "ddpm")
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +87,15 @@ def check_sampler(session, sampler_name: str, analytic: bool):
     # Structure Loss on the source: the guided result ends closer to the source than the unguided one
     source = r.output(guided["encode"].id)["samples"]
     assert l1(out, source) < l1(base, source), (sampler_name, l1(out, source), l1(base, source))
-    approx = [w for w in warnings if "not first order" in w]
-    between = [w for w in warnings if "between schedule points" in w]
+    approx = [w for w in warnings if "sampler '" in w and "realised approximately" in w]
+    between = [w for w in warnings if "evaluations between schedule points" in w]
     assert len(between) <= 1, warnings  # heun's and dpm_2's midpoints: one warning per run, not one per step
     if sampler_name in README_EXACT:
         assert not approx, warnings
     else:
-        assert len(approx) == 1, warnings  # once per run, naming the approximation
-        assert "approximately" in approx[0] and "Apply AGG" in approx[0]
+        assert len(approx) == 1, warnings  # once per run, naming the sampler and why
+        assert approx[0].startswith("Apply AGG: sampler '" + sampler_name + "' "), approx
+        assert "not one the pack classifies" not in approx[0], approx
 
 
 @pytest.mark.parametrize("sampler_name", SAMPLERS)
@@ -108,9 +110,18 @@ def test_readme_names_the_exact_samplers():
     assert set(re.findall(r"`([a-z_0-9]+)`", sentence.group(0))) == set(README_EXACT)
 
 
+def test_every_listed_sampler_is_classified():
+    """Every sampler this ComfyUI lists reaches the hook under its own name, and the pack classifies that name
+    (exact, or approximate with its reason): no sampler falls through as unknown."""
+    names = {name: stepping_name(name) for name in SAMPLERS}
+    assert names == {name: name for name in SAMPLERS}
+    assert [name for name in SAMPLERS if not is_classified(name)] == []
+    assert len(SAMPLERS) >= 40  # the whole list (0.3.52 lists 40)
+
+
 def test_the_pack_treats_exactly_the_readme_samplers_as_exact():
     """The pack's own table, seen through the names its hook gives ComfyUI's sampler objects."""
-    exact = {name for name in SAMPLERS if stepping_name(name) in EXACT_SAMPLERS}
+    exact = {name for name in SAMPLERS if approximation_reason(stepping_name(name), "eps") is None}
     assert exact == set(README_EXACT)
 
 
@@ -282,7 +293,7 @@ def test_agg_sampler_with_sampler_custom_and_apply_agg(session):
     agg_sampler(guided)
     with agg_log() as warnings:
         assert_changes(session, plain, guided, "custom")
-    assert not [w for w in warnings if "not first order" in w]  # the AGG sampler's step is exact
+    assert not [w for w in warnings if "realised approximately" in w]  # the AGG sampler's step is exact
 
 
 def test_agg_sampler_with_agg_guider(session):
