@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
-import os
 import sys
 import tempfile
 import textwrap
@@ -32,6 +32,7 @@ PACK = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK))
 sys.path.append(str(PACK / "tests"))
 from agg_testing import workflow_models as M  # noqa: E402
+from agg_testing.comfy_env import COMFYUI_DIR as COMFYUI  # noqa: E402
 from agg_testing.graphs import Graph  # noqa: E402
 
 from agg_kernels.guidance import DEFAULT_DDS_LR as DDS_LR  # noqa: E402
@@ -43,7 +44,6 @@ from agg_kernels.strength import DEFAULT_STRUCTURE_WEIGHT as STRUCTURE_WEIGHT  #
 from agg_kernels.strength import DEFAULT_STYLE_WEIGHT as STYLE_WEIGHT  # noqa: E402
 
 END_PERCENT = round(REFERENCE_END_PERCENT, 4)  # the nodes' default (nodes.runtime.AGGSettings)
-COMFYUI = Path(os.environ.get("AGG_COMFYUI", Path.home() / ".cache" / "agg-comfyui" / "ComfyUI"))
 WORKFLOWS = PACK / "workflows"
 ASSETS = PACK / "web" / "assets"
 STYLE_IMAGE = "agg_style.png"
@@ -581,38 +581,248 @@ def thumbnail(card: Card, out: Path, size: tuple[int, int] = (512, 384)) -> None
 
 
 # ---------------------------------------------------------------------------------------------------
+# Layout: titled groups in columns, framed by the saved view
+
+# ComfyUI's frontend (1.48) in a 1600 x 1000 browser window: the canvas fills the page (1600 x 857 in headless
+# Chromium at that window size); the side toolbar (left, 59 px), the workflow tabs (top, 38 px) and the row of
+# floating controls under them (to 94 px) cover its edges. The saved view frames the graph in what is left.
+VIEW = (72.0, 104.0, 1588.0, 845.0)  # left, top, right, bottom in page pixels
+CANVAS = (1600.0, 857.0)
+FIT_ZOOM = 0.75  # the frontend's fitView (Templates opens a workflow fitted): 75 % of the canvas
+MIN_SCALE = 0.5  # both views must show the graph at least this large (tests/browser checks it)
+
+NODE_TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
+GROUP_FONT = 24
+GROUP_HEADER = 34  # a group's title bar at GROUP_FONT (font size * 1.4)
+PAD = 14  # inside a group, around its nodes
+NODE_GAP = 18  # between one node's bottom and the next one's title bar
+COLUMN_GAP = 44
+GROUP_GAP = 36
+CHART_ROOM = 124  # below Apply AGG / AGG Guider: the guidance chart the pack's extension adds during a run
+
+# The smallest sizes the nodes get (the frontend's computeSize wins where larger).
+NOTE_SIZE = (470, 500)
+PREFERRED = {"PrimitiveStringMultiline": (400, 150), "LoadImage": (300, 340), "SaveImage": (360, 360)}
+TEXT_BOX = (400, 150)  # a CLIPTextEncode whose text is typed in it (not linked from a String node)
+
+AGG_COLOR = "#b58b2a"  # LiteGraph's "yellow" group colour: the pack's part of the graph
+GROUP_COLOR = "#3f789e"  # the colour ComfyUI's own templates give their groups
+
+# The groups, in the order they are laid out (columns left to right, each column top to bottom).
+GROUPS = ["Load models", "Source image", "Edit mask", "Style image", "ControlNet", "Prompts", "Inversion",
+          "AGG guidance", "Sample and save"]
+GROUP_BY_TITLE = {"Source image": "Source image", "Resize source": "Source image", "Edit mask": "Edit mask",
+                  "Resize mask": "Edit mask", "Mask (white = edit)": "Edit mask", "Style image": "Style image"}
+GROUP_BY_TYPE = {
+    "CheckpointLoaderSimple": "Load models", "UNETLoader": "Load models", "DualCLIPLoader": "Load models",
+    "VAELoader": "Load models", "AGGCLIPLoader": "Load models", "CLIPVisionLoader": "Load models",
+    "ControlNetLoader": "Load models", "ModelSamplingSD3": "Load models",
+    "VAEEncode": "Source image", "SetLatentNoiseMask": "Edit mask",
+    "Canny": "ControlNet", "ControlNetApplyAdvanced": "ControlNet",
+    "PrimitiveStringMultiline": "Prompts", "CLIPTextEncode": "Prompts", "FluxGuidance": "Prompts",
+    "BasicScheduler": "Inversion", "AGGInvert": "Inversion",
+    "AGGStructureLoss": "AGG guidance", "AGGCLIPDirectionLoss": "AGG guidance", "AGGImageStyleLoss": "AGG guidance",
+    "AGGColorLoss": "AGG guidance", "AGGApply": "AGG guidance", "AGGGuider": "AGG guidance",
+    "KSampler": "Sample and save", "DisableNoise": "Sample and save", "AGGSampler": "Sample and save",
+    "SamplerCustomAdvanced": "Sample and save", "VAEDecode": "Sample and save", "SaveImage": "Sample and save",
+}
+GROUP_COLORS = {"Inversion": AGG_COLOR, "AGG guidance": AGG_COLOR}
+GUIDING = {"AGGApply", "AGGGuider"}
+
+
+@dataclass
+class Block:
+    """A column's unit: the Read me note, or a group's nodes in one or two sub-columns."""
+
+    title: str | None  # the group's title; None for the note
+    columns: list[list[str]]  # node ids, top to bottom, per sub-column
+
+    def size(self, sizes: dict[str, tuple[float, float]], extra: dict[str, float]) -> tuple[float, float]:
+        widths = [max(sizes[n][0] for n in col) for col in self.columns]
+        heights = [sum(NODE_TITLE + sizes[n][1] + extra.get(n, 0) for n in col) + NODE_GAP * (len(col) - 1)
+                   for col in self.columns]
+        if self.title is None:
+            return widths[0], heights[0]
+        return sum(widths) + COLUMN_GAP // 2 * (len(widths) - 1) + 2 * PAD, max(heights) + GROUP_HEADER + 2 * PAD
+
+
+@dataclass
+class Layout:
+    places: dict[str, list[float]]  # node id -> [x, y, width, height] (y: below the title bar)
+    groups: list[tuple[str, list[float], str]]  # title, [x, y, width, height], colour
+    ds: dict  # the saved view: {"scale", "offset"}
+    fit_scale: float  # the scale the frontend's fitView gives (Templates opens workflows fitted)
+
+
+def node_group(node: dict) -> str | None:
+    if node["type"] == "MarkdownNote":
+        return None
+    return GROUP_BY_TITLE.get(node["title"]) or GROUP_BY_TYPE[node["type"]]
+
+
+def node_size(node: dict, linked_text: bool) -> tuple[float, float]:
+    w, h = node["min"]
+    pw, ph = NOTE_SIZE if node["type"] == "MarkdownNote" else PREFERRED.get(node["type"], (0, 0))
+    if node["type"] == "CLIPTextEncode" and not linked_text:
+        pw, ph = TEXT_BOX
+    return math.ceil(max(w, pw)), math.ceil(max(h, ph))
+
+
+def _splits(ids: list[str]) -> list[list[list[str]]]:
+    """A group's nodes in one sub-column, or (four nodes and more) cut in two after any of them."""
+    options = [[ids]]
+    if len(ids) >= 4:
+        options += [[ids[:k], ids[k:]] for k in range(2, len(ids) - 1)]
+    return options
+
+
+def _place(blocks: list[Block], cut: list[int], sizes: dict, extra: dict):
+    """Columns of blocks (a new column at each index in `cut`); each column's blocks as wide as the widest."""
+    columns, start = [], 0
+    for end in [*cut, len(blocks)]:
+        columns.append(blocks[start:end])
+        start = end
+    places: dict[str, list[float]] = {}
+    groups: list[tuple[str, list[float], str]] = []
+    x = 0.0
+    bottom = 0.0
+    for column in columns:
+        width = max(b.size(sizes, extra)[0] for b in column)
+        y = 0.0
+        for b in column:
+            bw, bh = b.size(sizes, extra)
+            inner = [max(sizes[n][0] for n in col) for col in b.columns]
+            if b.title is None:
+                inner = [width]
+            else:  # the group's sub-columns share the column's width
+                spare = (width - bw) / len(inner)
+                inner = [w + spare for w in inner]
+                groups.append((b.title, [x, y, width, bh], GROUP_COLORS.get(b.title, GROUP_COLOR)))
+            cx = x if b.title is None else x + PAD
+            for col, cw in zip(b.columns, inner, strict=True):
+                cy = y if b.title is None else y + GROUP_HEADER + PAD
+                for n in col:
+                    places[n] = [cx, cy + NODE_TITLE, cw, sizes[n][1]]
+                    cy += NODE_TITLE + sizes[n][1] + extra.get(n, 0) + NODE_GAP
+                cx += cw + COLUMN_GAP // 2
+            y += bh + GROUP_GAP
+        bottom = max(bottom, y - GROUP_GAP)
+        x += width + COLUMN_GAP
+    return places, groups, x - COLUMN_GAP, bottom
+
+
+def frame(width: float, height: float, x0: float = 0.0, y0: float = 0.0) -> dict:
+    """The saved view (LiteGraph's DragAndScale: page = (canvas + offset) * scale) that centres the box
+    [x0, y0, width, height] in VIEW, at scale 1 at most."""
+    left, top, right, bottom = VIEW
+    scale = math.floor(min(1.0, (right - left) / width, (bottom - top) / height) * 1000) / 1000
+    offset = [round((left + right) / 2 / scale - (x0 + width / 2), 1), round((top + bottom) / 2 / scale - (y0 + height / 2), 1)]
+    return {"scale": scale, "offset": offset}
+
+
+def fit_scale(places: dict[str, list[float]]) -> float:
+    """The scale the frontend's fitView picks for these nodes (LGraphCanvas.ds.fitToBounds, zoom 0.75, the
+    nodes' bounding rectangles with their title bars, 10 px around)."""
+    x0 = min(p[0] for p in places.values())
+    y0 = min(p[1] - NODE_TITLE for p in places.values())
+    x1 = max(p[0] + p[2] for p in places.values())
+    y1 = max(p[1] + p[3] for p in places.values())
+    return FIT_ZOOM * min(CANVAS[0] / max(x1 - x0 + 20, 300), CANVAS[1] / max(y1 - y0 + 20, 300))
+
+
+def layout(nodes: dict[str, dict], prompt: dict) -> Layout:
+    """Lay the built graph out: the Read me note, then the groups of GROUPS in that order, flowed into columns;
+    of all the ways to cut the sequence into columns and the bigger groups into two sub-columns, the one whose
+    view (saved, and as fitView frames it) is largest."""
+    linked = {nid for nid, n in prompt.items() if isinstance(n["inputs"].get("text"), list)}
+    sizes = {nid: node_size(n, nid in linked) for nid, n in nodes.items()}
+    extra = {nid: CHART_ROOM for nid, n in nodes.items() if n["type"] in GUIDING}
+    members: dict[str, list[str]] = {}
+    for nid in sorted(nodes, key=int):
+        g = node_group(nodes[nid])
+        if g is not None:
+            members.setdefault(g, []).append(nid)
+    unknown = set(members) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"no place for the groups {unknown}")
+    note = [nid for nid, n in nodes.items() if n["type"] == "MarkdownNote"]
+    titles = [g for g in GROUPS if g in members]
+    best = None
+    for split in itertools.product(*(_splits(members[g]) for g in titles)):
+        blocks = [Block(None, [note]), *(Block(t, cols) for t, cols in zip(titles, split, strict=True))]
+        for mask in range(1 << (len(blocks) - 1)):
+            cut = [i for i in range(1, len(blocks)) if mask >> (i - 1) & 1]
+            places, groups, width, height = _place(blocks, cut, sizes, extra)
+            ds = frame(width, height)
+            score = min(ds["scale"], fit_scale(places))
+            if best is None or score > best[0] + 1e-9:
+                best = (score, Layout(places, groups, ds, fit_scale(places)))
+    return best[1]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Building the graphs in the real frontend
 
 
-# JS: load an API prompt, fix seeds, set the loaders' models, add the Note; returns {ui, api}.
-JS_BUILD = """
+# JS: load an API prompt, fix seeds, set the loaders' models, add the Read me note; returns each node's type,
+# title and the smallest size the frontend gives it (computeSize).
+JS_LOAD = """
 const [api, models, note, name] = __args;
-app.graph.clear();
+app.clean();  // the graph, and the previews and outputs the frontend keeps per node id
 await app.loadApiJson(JSON.parse(JSON.stringify(api)), name + '.json');
-for (const n of app.graph._nodes)
-  for (const w of (n.widgets || [])) if (w.name === 'control_after_generate') w.value = 'fixed';
+// The frontend keeps widget values per node id across graphs (the root graph's id does not change): an input
+// the prompt leaves out would take the value a node of the same id had in the workflow built before. Such
+// inputs get the node definition's default.
+for (const n of app.graph._nodes) {
+  const def = n.constructor.nodeData?.input ?? {};
+  const given = api[String(n.id)]?.inputs ?? {};
+  for (const w of (n.widgets || [])) {
+    if (w.name === 'control_after_generate') { w.value = 'fixed'; continue; }
+    const spec = def.required?.[w.name] ?? def.optional?.[w.name];
+    if (!spec || w.name in given) continue;
+    const [kind, opts] = [spec[0], spec[1] ?? {}];
+    const options = Array.isArray(kind) ? kind : (kind === 'COMBO' ? opts.options : null);
+    if ('default' in opts) w.value = opts.default;
+    else if (options && options.length) w.value = options[0];
+  }
+}
 for (const [id, list] of Object.entries(models)) {
   const n = app.graph.getNodeById(+id);
   n.properties = n.properties || {};
   n.properties.models = list;
 }
-const LG = window.LiteGraph || (window.comfyAPI && window.comfyAPI.litegraph && window.comfyAPI.litegraph.LiteGraph);
-// room for the LoadImage previews (drawn below the widgets), then lay out again
-for (const n of app.graph._nodes)
-  if (n.type === 'LoadImage') n.size = [Math.max(n.size[0], 300), Math.max(n.size[1], 360)];
-for (let i = 0; i < 2; i++) {  // the second pass uses the sizes the nodes took when drawn
-  app.graph.arrange && app.graph.arrange(60);
-  app.graph.setDirtyCanvas(true, true);
-  await new Promise(r => setTimeout(r, 600));
-}
+const LG = window.LiteGraph;
 const nn = LG.createNode('MarkdownNote');
 nn.title = 'Read me: models and use';
 nn.widgets[0].value = note;
-nn.size = [520, 420];
 app.graph.add(nn);
-nn.pos = [20, -460];
 app.graph.setDirtyCanvas(true, true);
-await new Promise(r => setTimeout(r, 300));
+await new Promise(r => setTimeout(r, 600));
+const out = {};
+for (const n of app.graph._nodes) out[String(n.id)] = {type: n.type, title: n.title, min: Array.from(n.computeSize())};
+return out;
+"""
+
+# JS: place the nodes, add the groups; returns the page's own serialisation {ui, api}.
+JS_PLACE = """
+const [places, groups, font] = __args;
+const LG = window.LiteGraph;
+for (const [id, [x, y, w, h]] of Object.entries(places)) {
+  const n = app.graph.getNodeById(+id);
+  n.pos = [x, y];
+  n.setSize([w, h]);
+}
+for (const g of [...(app.graph._groups || app.graph.groups || [])]) app.graph.remove(g);
+for (const [title, [x, y, w, h], color] of groups) {
+  const g = new LG.LGraphGroup(title);
+  g.color = color;
+  g.font_size = font;
+  app.graph.add(g);
+  g.pos = [x, y];
+  g.size = [w, h];
+}
+app.graph.setDirtyCanvas(true, true);
+await new Promise(r => setTimeout(r, 400));
 const ui = JSON.parse(JSON.stringify(app.graph.serialize()));
 const p = await app.graphToPrompt();
 return {ui, api: p.output};
@@ -652,12 +862,15 @@ def build_graphs(selected: set[str] | None) -> int:
         available = set(json.loads(_get(server.url + "/object_info")))
         with Browser() as browser:
             open_comfy(browser, server)
-            browser.set_window_size(1920, 1080)
+            browser.set_window_size(1600, 1000)
             for wf in workflows(available):
                 if selected and wf.name not in selected:
                     continue
                 models = {nid: [m.entry() for m in ms] for nid, ms in wf.api.models.items()}
-                res = browser.execute_async(JS_BUILD, wf.api.prompt, models, wf.note, wf.name)
+                nodes = browser.execute_async(JS_LOAD, wf.api.prompt, models, wf.note, wf.name)
+                plan = layout(nodes, wf.api.prompt)
+                res = browser.execute_async(JS_PLACE, plan.places, plan.groups, GROUP_FONT)
+                res["ui"].setdefault("extra", {})["ds"] = plan.ds
                 api_out = res["api"]
                 for nid, node in wf.api.prompt.items():  # keep the titles written above
                     if "_meta" in node and nid in api_out:
@@ -665,7 +878,8 @@ def build_graphs(selected: set[str] | None) -> int:
                 (WORKFLOWS / f"{wf.name}.json").write_text(json.dumps(res["ui"], indent=2) + "\n")
                 (WORKFLOWS / "api" / f"{wf.name}.json").write_text(json.dumps(api_out, indent=2) + "\n")
                 thumbnail(wf.card, WORKFLOWS / f"{wf.name}.jpg")
-                print("wrote", wf.name, len(api_out), "nodes")
+                print(f"wrote {wf.name}: {len(api_out)} nodes, {len(plan.groups)} groups, view scale "
+                      f"{plan.ds['scale']}, fitted {plan.fit_scale:.3f}")
     return 0
 
 

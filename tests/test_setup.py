@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
+MAIN = "ComfyUI-0.33.0"  # where the script puts the ComfyUI everything runs on
 PACK_FILES = ["scripts/setup.sh", "requirements.txt", "requirements-dev.txt", "pyproject.toml", "__init__.py"]
 
 
@@ -153,20 +154,20 @@ def test_own_link_to_an_older_checkout_is_replaced_and_the_checkout_kept(env, tm
 
 
 def test_unpack_refuses_a_foreign_comfyui_folder(tmp_path):
-    """Without AGG_COMFYUI the script unpacks into $AGG_HOME/ComfyUI; a folder it did not unpack
+    """Without AGG_COMFYUI the script unpacks into $AGG_HOME/ComfyUI-0.33.0; a folder it did not unpack
     there is refused before any download."""
     pack = make_pack(tmp_path / "checkout")
     home = tmp_path / "home"
-    (home / "ComfyUI").mkdir(parents=True)
-    (home / "ComfyUI" / "notes.txt").write_text("mine\n")
+    (home / MAIN).mkdir(parents=True)
+    (home / MAIN / "notes.txt").write_text("mine\n")
     env = {k: v for k, v in os.environ.items() if k != "AGG_COMFYUI"}
     env.update(AGG_HOME=str(home), AGG_PYTHON=sys.executable, PIP_NO_INDEX="1")
     r = subprocess.run(["bash", str(pack / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0
-    assert str(home / "ComfyUI") in r.stderr and "not unpacked by this script" in r.stderr
-    assert (home / "ComfyUI" / "notes.txt").read_text() == "mine\n"
-    assert sorted(p.name for p in home.iterdir()) == ["ComfyUI"]
+    assert str(home / MAIN) in r.stderr and "not unpacked by this script" in r.stderr
+    assert (home / MAIN / "notes.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in home.iterdir()) == [MAIN]
 
 
 def test_unknown_option_is_named(tmp_path):
@@ -179,8 +180,8 @@ def test_old_unrecorded_link_in_the_comfyui_it_unpacked_is_replaced(tmp_path):
     """Earlier set-ups kept no record of their link; in the ComfyUI the set-up unpacked itself the link name is
     its own, so a link there to another checkout is replaced (the link only, never the checkout)."""
     home = tmp_path / "home"
-    comfy = make_comfy(home / "ComfyUI")
-    (comfy / ".agg-unpacked").write_text("0.3.75\n")
+    comfy = make_comfy(home / MAIN)
+    (comfy / ".agg-unpacked").write_text("0.33.0\n")
     old = make_pack(tmp_path / "old-checkout", edit="old = True\n")
     link = comfy / "custom_nodes" / "agg-comfyui"
     link.symlink_to(old)

@@ -93,7 +93,8 @@ def test_constant_eta_is_comfy_euler_ancestral(family, eta):
 
 
 @pytest.mark.parametrize("family", ["eps", "const"])
-def test_default_noise_is_seeded_like_comfyui(family):
+def test_default_noise_is_seeded(family):
+    # (Inside ComfyUI the AGG Sampler passes ComfyUI's own noise sampler: tests/nodes/test_runtime.py.)
     sigmas = schedule(family, 6)
     mix, x = start(family, sigmas)
     kw = {"disable": True, "eta_edit": 1.0, "eta": 1.0, "eta_boost": 1.0, "family": family}
@@ -101,8 +102,6 @@ def test_default_noise_is_seeded_like_comfyui(family):
     b = sample_agg(exact_model(mix, family), x, sigmas, extra_args={"seed": 11}, **kw)
     c = sample_agg(exact_model(mix, family), x, sigmas, extra_args={"seed": 12}, **kw)
     assert torch.equal(a, b) and not torch.allclose(a, c)
-    ref = kds.sample_euler_ancestral(exact_model(mix, family), x, sigmas, extra_args={"seed": 11}, disable=True)
-    assert relerr(a, ref) <= TOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)

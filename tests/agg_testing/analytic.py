@@ -126,7 +126,8 @@ class KModel:
     """A stand-in for ComfyUI's sampler-facing model: `model(x, sigma * s_in, **extra)` returns denoised.
 
     It carries `inner_model.inner_model.model_sampling` (a real comfy.model_sampling object of the family),
-    which euler_ancestral (CONST dispatch to `_RF`) and lcm (noise_scaling) read. ComfyUI is imported
+    which euler_ancestral (CONST dispatch to `_RF`) and lcm (noise_scaling) read, also through
+    `inner_model.model_patcher` as ComfyUI 0.33 reads it. ComfyUI is imported
     lazily so the analytic data above stays usable without it.
     """
 
@@ -136,7 +137,10 @@ class KModel:
         sampling = getattr(comfy.model_sampling, COMFY_SAMPLING[check_family(family)])()
         self.fn = fn
         self.family = family
-        self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling))
+        # ComfyUI 0.33's ancestral samplers read model_sampling through the patcher (its noise_scale).
+        patcher = SimpleNamespace(get_model_object=lambda name: {"model_sampling": sampling}[name])
+        self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling),
+                                           model_patcher=patcher)
         self.calls: list[float] = []
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:

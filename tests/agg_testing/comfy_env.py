@@ -12,7 +12,8 @@ from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 AGG_HOME = Path(os.environ.get("AGG_HOME", Path.home() / ".cache" / "agg-comfyui"))
-COMFYUI_DIR = Path(os.environ.get("AGG_COMFYUI", AGG_HOME / "ComfyUI"))
+# The ComfyUI scripts/setup.sh builds (its MAIN_VERSION); AGG_COMFYUI selects another (the older ones).
+COMFYUI_DIR = Path(os.environ.get("AGG_COMFYUI", AGG_HOME / "ComfyUI-0.33.0"))
 
 
 def make_importable() -> None:

@@ -66,6 +66,12 @@ class ServerStub:
         self.messages: list[tuple[Any, Any]] = []
         self.routes = web.RouteTableDef()  # packs may register routes at import time
         self.prompt_queue = None
+        try:  # ComfyUI 0.33: built-in nodes register their replacements with the server at start-up
+            from app.node_replace_manager import NodeReplaceManager
+        except ImportError:
+            pass
+        else:
+            self.node_replace_manager = NodeReplaceManager()
 
     def send_sync(self, event: Any, data: Any, sid: str | None = None) -> None:
         self.messages.append((event, data))
@@ -237,7 +243,7 @@ class ComfySession:
             raise ValueError(f"cache_type {cache_type!r} needs a newer ComfyUI")
         kind = getattr(execution.CacheType, names[cache_type])
         if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
-            return execution.PromptExecutor(_INITIALISED["stub"], cache_type=kind, cache_args={"lru": 10, "ram": 0})
+            return execution.PromptExecutor(_INITIALISED["stub"], cache_type=kind, cache_args={"lru": 10, "ram": 0, "ram_inactive": 0})
         return execution.PromptExecutor(_INITIALISED["stub"], cache_type=kind, cache_size=10)
 
     def _install_progress_hook(self) -> None:
@@ -312,6 +318,8 @@ class ComfySession:
                                 result.images.append(path)
         for node_id in prompt:
             entry = self.executor.caches.outputs.get(node_id)
+            if inspect.iscoroutine(entry):  # ComfyUI 0.33's caches are read asynchronously
+                entry = asyncio.run(entry)
             outputs = getattr(entry, "outputs", entry)  # a CacheEntry; ComfyUI 0.3.52 keeps the list itself
             if outputs is not None:
                 result.node_outputs[node_id] = outputs

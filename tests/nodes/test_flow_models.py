@@ -409,10 +409,9 @@ def check_exact(session, sampler: str, *, flux: bool, cfg: float, seed: int, ste
         eta_at = probes.pack_module("agg_kernels.sampler").sampler_eta_at
         etas = [eta_at(sigmas, st["sigma"], **AGG_ZONES) for st in taken]
         assert {0.0, 1.0} <= set(etas), etas  # the edit and boost zones are both exercised
-        draw = probes.pack_module("agg_kernels.sampler").default_noise(taken[0]["x"], seed)
     else:
         etas = [1.0 if sampler == "euler_ancestral" else 0.0] * steps
-        draw = kds.default_noise_sampler(taken[0]["x"], seed=seed)
+    draw = kds.default_noise_sampler(taken[0]["x"], seed=seed)  # the AGG Sampler draws ComfyUI's noise too
     noise = lambda: draw(None, None)  # noqa: E731 - the samplers' own generator, drawn in the same order
     worst = 0.0
     for st, eta in zip(taken, etas, strict=True):

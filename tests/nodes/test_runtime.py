@@ -84,8 +84,10 @@ class Harness:
         self.executor_calls: list[torch.Tensor] = []
         self.steps: list[dict] = []
         self.callbacks: list[dict] = []
-        # the attribute chain the samplers read for their CONST dispatch and lcm's noise_scaling
-        self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=self.sampling))
+        # the attribute chains the samplers read for their CONST dispatch and lcm's noise_scaling (ComfyUI 0.33
+        # also reads model_sampling through the patcher)
+        self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=self.sampling),
+                                           model_patcher=SimpleNamespace(get_model_object=lambda name: self.sampling))
 
     def executor(self, x, timestep, model_options, seed):
         d = self.mix.denoise(x.float(), timestep.float(), self.family)
@@ -217,6 +219,25 @@ def test_agg_sampler_realises_the_asymmetric_step(family):
         want = ancestral_expected(st["x"], st["D"], st["delta"], st["sigma"], sn, eta, family, z).float()
         assert torch.allclose(x_next, want, atol=TOL), (st["sigma"], eta, (x_next - want).abs().max())
     h.check_callbacks()
+
+
+@pytest.mark.parametrize("family", ["eps", "const"])
+def test_agg_sampler_draws_comfyuis_own_noise(family):
+    """At eta 1 in every zone and without guidance the AGG Sampler is ComfyUI's euler_ancestral, seed for seed
+    (ComfyUI 0.33 offsets the CPU seed of its noise sampler: the pack follows whatever ComfyUI does)."""
+    from agg_testing.analytic import KModel
+
+    sampler = pack_module("nodes.sampler")
+    mix = data()
+    model = KModel(lambda x, s: mix.denoise(x, s, family), family)
+    sigmas = schedule(model_sampling(family))
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * sigmas[0]
+    options = {"eta_edit": 1.0, "eta": 1.0, "eta_boost": 1.0, "edit_end": 0.4, "boost_start": 0.6}
+    ours = sampler.sample_agg_comfy(model, x, sigmas, {"seed": 11}, None, True, **options)
+    again = sampler.sample_agg_comfy(model, x, sigmas, {"seed": 12}, None, True, **options)
+    ref = k().sample_euler_ancestral(model, x, sigmas, extra_args={"seed": 11}, disable=True)
+    assert (ours - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
+    assert (again - ref).abs().max() > 0.1  # another seed draws other noise
 
 
 @pytest.mark.parametrize("family", FAMILIES)
