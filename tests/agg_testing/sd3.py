@@ -104,8 +104,11 @@ def mmdit_shapes(config: Mapping = MMDIT_CONFIG) -> dict[str, tuple[int, ...]]:
 
 def flux_shapes(config: Mapping = FLUX_CONFIG) -> dict[str, tuple[int, ...]]:
     import comfy.ops
-    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.flux.model import Flux, FluxParams
 
+    # ComfyUI 0.33 added FluxParams.txt_ids_dims (no default; empty for FLUX.1, as its model detection sets it)
+    if "txt_ids_dims" in FluxParams.__dataclass_fields__ and "txt_ids_dims" not in config:
+        config = {**config, "txt_ids_dims": []}
     return F.meta_shapes(lambda: Flux(**config, operations=comfy.ops.disable_weight_init))
 
 
