@@ -4,9 +4,11 @@
         --checkpoint /models/v1-5-pruned-emaonly.safetensors --clip /models/open_clip_model.safetensors
 
 It either starts a headless ComfyUI of its own (with the given model files) or uses servers that are
-already running (``--server URL``, several to spread a folder over them). Standard library only,
-plus Pillow (image sizes, side-by-side) and matplotlib (loss plots, optional). ComfyUI does not import
-this package: it is not part of the nodes.
+already running (``--server URL``), and runs the images in order; on a Ray cluster (``--ray``, or
+several ``--server``) each worker owns one ComfyUI (agg_cli.cluster, the only module that imports
+Ray). Needs Pillow (image sizes, side-by-side), websocket-client (ComfyUI's event stream), tqdm
+(progress bars), matplotlib (loss plots, optional) and Ray for clusters. ComfyUI does not import this
+package: it is not part of the nodes.
 """
 
 __all__ = ["main"]

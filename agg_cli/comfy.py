@@ -1,4 +1,5 @@
-"""ComfyUI over HTTP and websocket (standard library only), and a headless ComfyUI process of our own.
+"""ComfyUI over HTTP (urllib) and its websocket event stream (websocket-client), and a headless
+ComfyUI process of our own.
 
 ``Client`` speaks the server API a browser uses: ``/object_info``, ``/upload/image``, ``/prompt``,
 ``/history/{id}``, ``/view`` and the ``/ws?clientId=`` event stream. Any failure to reach the server
@@ -9,14 +10,9 @@ another server; a prompt the server rejects or fails raises ``JobFailed``.
 from __future__ import annotations
 
 import atexit
-import base64
-import hashlib
 import json
 import os
-import select
 import socket
-import ssl
-import struct
 import subprocess
 import sys
 import time
@@ -53,139 +49,6 @@ def normalise_url(url: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Websocket (RFC 6455 client: text, binary, ping/pong, close, fragmented messages)
-
-
-class WebSocket:
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
-        u = urllib.parse.urlparse(url)
-        secure = u.scheme in ("wss", "https")
-        host, port = u.hostname or "127.0.0.1", u.port or (443 if secure else 80)
-        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-            if secure:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-            key = base64.b64encode(os.urandom(16)).decode()
-            sock.sendall(
-                (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
-            )
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    raise ServerLost(f"{url}: connection closed during the websocket handshake")
-                head += chunk
-        except OSError as e:
-            raise ServerLost(f"{url}: {e}") from None
-        head, self.buf = head.split(b"\r\n\r\n", 1)
-        status = head.split(b"\r\n", 1)[0]
-        if b" 101 " not in status + b" ":
-            sock.close()
-            raise ServerLost(f"{url}: websocket refused ({status.decode(errors='replace')})")
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-        if accept not in head:
-            sock.close()
-            raise ServerLost(f"{url}: bad websocket handshake")
-        sock.setblocking(False)
-        self.sock = sock
-        self._parts: list[bytes] = []
-        self._opcode = 0
-
-    def _send(self, opcode: int, payload: bytes = b"") -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        header = bytes([0x80 | opcode])
-        if n < 126:
-            header += bytes([0x80 | n])
-        elif n < 1 << 16:
-            header += bytes([0x80 | 126]) + struct.pack("!H", n)
-        else:
-            header += bytes([0x80 | 127]) + struct.pack("!Q", n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        try:
-            self.sock.setblocking(True)
-            self.sock.sendall(header + mask + masked)
-        except OSError as e:
-            raise ServerLost(f"websocket send: {e}") from None
-        finally:
-            self.sock.setblocking(False)
-
-    def _frame(self) -> tuple[bool, int, bytes] | None:
-        b = self.buf
-        if len(b) < 2:
-            return None
-        fin, opcode, masked, n = b[0] & 0x80, b[0] & 0x0F, b[1] & 0x80, b[1] & 0x7F
-        pos = 2
-        if n == 126:
-            if len(b) < 4:
-                return None
-            n, pos = struct.unpack("!H", b[2:4])[0], 4
-        elif n == 127:
-            if len(b) < 10:
-                return None
-            n, pos = struct.unpack("!Q", b[2:10])[0], 10
-        mask = b""
-        if masked:
-            mask, pos = b[pos:pos + 4], pos + 4
-        if len(b) < pos + n:
-            return None
-        payload = b[pos:pos + n]
-        if masked:
-            payload = bytes(x ^ mask[i % 4] for i, x in enumerate(payload))
-        self.buf = b[pos + n:]
-        return bool(fin), opcode, payload
-
-    def recv(self, timeout: float) -> str | bytes | None:
-        """The next text (str) or binary (bytes) message, or None when none came within `timeout`.
-        Raises ServerLost when the connection closes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            frame = self._frame()
-            while frame is not None:
-                fin, opcode, payload = frame
-                if opcode == 8:
-                    raise ServerLost("websocket closed by the server")
-                if opcode == 9:
-                    self._send(10, payload)
-                elif opcode in (0, 1, 2):
-                    if opcode:
-                        self._opcode, self._parts = opcode, []
-                    self._parts.append(payload)
-                    if fin:
-                        data = b"".join(self._parts)
-                        self._parts = []
-                        return data.decode("utf-8", errors="replace") if self._opcode == 1 else data
-                frame = self._frame()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                ready, _, _ = select.select([self.sock], [], [], left)
-                if not ready:
-                    return None
-                chunk = self.sock.recv(1 << 16)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                continue
-            except OSError as e:
-                raise ServerLost(f"websocket: {e}") from None
-            if not chunk:
-                raise ServerLost("websocket closed by the server")
-            self.buf += chunk
-
-    def close(self) -> None:
-        try:
-            self._send(8, struct.pack("!H", 1000))
-        except ServerLost:
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-# ---------------------------------------------------------------------------------------------------
 # HTTP
 
 
@@ -206,7 +69,7 @@ class Client:
         self.url = normalise_url(url)
         self.timeout = timeout
         self.client_id = f"agg-cli-{uuid.uuid4().hex[:12]}"
-        self.ws: WebSocket | None = None
+        self.ws: Any = None  # a websocket.WebSocket once connected
 
     def __repr__(self) -> str:
         return f"Client({self.url})"
@@ -235,14 +98,16 @@ class Client:
     def object_info(self) -> dict:
         return self.get_json("/object_info", timeout=max(self.timeout, 60))
 
-    def upload_image(self, path: Path, name: str, subfolder: str = "agg_cli") -> str:
-        """Upload a local image into the server's input folder; returns the LoadImage value."""
+    def upload_image(self, image: Path | bytes, name: str, subfolder: str = "agg_cli") -> str:
+        """Upload an image (a local file, or its bytes) into the server's input folder; returns the
+        LoadImage value."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
         boundary = uuid.uuid4().hex
         parts = []
         for key, value in (("type", "input"), ("subfolder", subfolder), ("overwrite", "true")):
             parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-                     "Content-Type: application/octet-stream\r\n\r\n".encode() + Path(path).read_bytes() + b"\r\n")
+                     "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
         parts.append(f"--{boundary}--\r\n".encode())
         raw = self._request("POST", "/upload/image", b"".join(parts),
                             {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=max(self.timeout, 120))
@@ -250,14 +115,38 @@ class Client:
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
     def connect(self) -> None:
-        if self.ws is None:
-            ws_url = self.url.replace("https://", "wss://").replace("http://", "ws://")
-            self.ws = WebSocket(f"{ws_url}/ws?clientId={self.client_id}", timeout=self.timeout)
+        """Open the event stream (``/ws?clientId=``) that ComfyUI sends this client's progress on."""
+        if self.ws is not None:
+            return
+        websocket = _websocket()
+        ws_url = self.url.replace("https://", "wss://").replace("http://", "ws://")
+        ws = websocket.WebSocket()
+        try:
+            ws.connect(f"{ws_url}/ws?clientId={self.client_id}", timeout=self.timeout)
+        except (websocket.WebSocketException, OSError) as e:
+            raise ServerLost(f"{self.url}: websocket: {e}") from None
+        self.ws = ws
 
     def close(self) -> None:
         if self.ws is not None:
-            self.ws.close()
+            try:
+                self.ws.close(timeout=1)
+            except Exception:  # noqa: BLE001 - a connection that is already gone closes as well
+                pass
             self.ws = None
+
+    def _recv(self, timeout: float) -> str | bytes | None:
+        """The next websocket message (text as str, binary as bytes; websocket-client answers pings),
+        or None when none came within `timeout`. Raises ServerLost when the connection is gone."""
+        websocket = _websocket()
+        try:
+            self.ws.settimeout(timeout)
+            return self.ws.recv()
+        except websocket.WebSocketTimeoutException:
+            return None
+        except (websocket.WebSocketException, OSError) as e:
+            self.ws = None
+            raise ServerLost(f"{self.url}: websocket: {e or type(e).__name__}") from None
 
     def queue(self, prompt: dict) -> str:
         body = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
@@ -280,8 +169,7 @@ class Client:
         deadline = time.monotonic() + timeout
         next_poll = time.monotonic() + poll
         while True:
-            assert self.ws is not None
-            msg = self.ws.recv(0.5)
+            msg = self._recv(0.5)
             if isinstance(msg, str):
                 try:
                     m = json.loads(msg)
@@ -335,6 +223,14 @@ class Client:
         return self._request("GET", f"/view?{q}", timeout=max(self.timeout, 120))
 
 
+def _websocket() -> Any:
+    try:
+        import websocket  # websocket-client
+    except ImportError:
+        raise RuntimeError("agg_cli needs websocket-client: pip install websocket-client") from None
+    return websocket
+
+
 def _prompt_error(raw: bytes) -> str:
     """ComfyUI's validation answer as one readable line per problem."""
     try:
@@ -372,11 +268,24 @@ def has_cuda(python: str) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux sends it SIGTERM when the process that started it dies (a
+    worker killed without a chance to stop its ComfyUI leaves none behind)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class LocalServer:
     """``main.py`` of a ComfyUI folder on a free loopback port: offline, no API nodes, an in-memory
     database, ``--cpu`` unless torch sees CUDA, its input/output/temp/user folders under `work` (or as
     `dirs` overrides them), the models named in `extra_model_paths`, its log at `log_path`
-    (default ``work/server.log``). ``extra_args`` go last on the command line.
+    (default ``work/server.log``). ``extra_args`` go last on the command line. With ``die_with_parent``
+    the server is stopped by the kernel when the process that started it dies (Linux).
 
     ``start()`` returns once the server answers (``startup_seconds`` says how long that took) or raises
     RuntimeError with the log's tail; ``stop()`` may be called any number of times, and runs at exit
@@ -386,7 +295,8 @@ class LocalServer:
 
     def __init__(self, comfyui: Path, work: Path, log_path: Path | None = None, extra_model_paths: Path | None = None,
                  python: str = sys.executable, cpu: bool | None = None, *, extra_args: Iterable[str] = (),
-                 dirs: Mapping[str, Path] | None = None, port: int | None = None) -> None:
+                 dirs: Mapping[str, Path] | None = None, port: int | None = None,
+                 die_with_parent: bool = False) -> None:
         self.comfyui, self.work = Path(comfyui), Path(work)
         self.log_path = Path(log_path) if log_path is not None else self.work / "server.log"
         self.extra_model_paths, self.python = extra_model_paths, python
@@ -400,6 +310,7 @@ class LocalServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        self.die_with_parent = die_with_parent
 
     def command(self) -> list[str]:
         """The ``main.py`` command line (run with the ComfyUI folder as working directory)."""
@@ -424,7 +335,8 @@ class LocalServer:
         t0 = time.monotonic()
         with open(self.log_path, "wb") as log:  # the child keeps its own handle; ours closes here
             self.proc = subprocess.Popen(self.command(), cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env)
+                                         stdin=subprocess.DEVNULL, env=env,
+                                         preexec_fn=_die_with_parent if self.die_with_parent else None)
         atexit.register(self.stop)  # no orphan server when the caller dies without stopping it
         client = Client(self.url, timeout=5)
         deadline = t0 + timeout

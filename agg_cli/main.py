@@ -4,10 +4,14 @@
       --checkpoint ~/models/v1-5-pruned-emaonly.safetensors --clip ~/models/open_clip_model.safetensors
 
 Without --server it starts a headless ComfyUI of its own (the one scripts/setup.sh built, or
---comfyui DIR) with the given model files, on the GPU when torch sees one. With --server URL it uses
-a ComfyUI that is already running with its own models (then --checkpoint / --clip / --controlnet
-are model names as that server lists them); --server given several times spreads a folder over
-those servers, one image at a time each, and moves the images of a server that is lost to the others.
+--comfyui DIR) with the given model files, on the GPU when torch sees one, and runs the images in
+order. With --server URL it uses a ComfyUI that is already running with its own models (then
+--checkpoint / --clip / --controlnet are model names as that server lists them).
+
+On a Ray cluster (pip install '.[cluster]'): --ray [ADDRESS] runs the images on Ray workers, each
+owning a ComfyUI it starts on its node (one per GPU, --workers N) or one --server URL; --server given
+several times runs on a local Ray, one worker per server. A worker whose ComfyUI dies is restarted
+by Ray and its image run again; results come back here and are written as on one machine.
 
 For each photo it runs the workflow with AGG and once more without it (same graph and seed), and
 writes into --output-dir: NAME_agg.png, NAME_unguided.png, NAME_side_by_side.png (source | unguided
@@ -27,13 +31,13 @@ import struct
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from . import graph as G
+from .cluster import INSTALL_HINT
 from .comfy import Client, JobFailed, LocalServer, ServerLost, normalise_url
-from .jobs import Job, Scheduler, ServerStats
-from .report import Display, plot_terms, side_by_side, terms_summary
+from .report import Display, terms_summary
+from .work import ImageTask, Outcome, RunSpec, Translator, settings_meta, write_outputs
 
 PACK = G.PACK
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -105,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--python", metavar="EXE", help="Python to run that ComfyUI with (default: this one)")
     md.add_argument("--cpu", action="store_true", help="run the started ComfyUI on the CPU even if a GPU is there")
     md.add_argument("--timeout", type=float, default=3600.0, help="seconds one image may take (default 3600)")
+    cl = ap.add_argument_group("cluster (Ray: pip install '.[cluster]')")
+    cl.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="run on Ray: 'auto' (the cluster this machine belongs to), ray://HOST:10001, HOST:6379, "
+                         "or nothing for a local Ray of its own (token authentication, no dashboard). Each worker "
+                         "owns one ComfyUI: started on its node (one per GPU) or one --server URL")
+    cl.add_argument("--workers", type=int, metavar="N",
+                    help="with --ray and no --server: how many ComfyUIs to start (default: one per GPU in the "
+                         "cluster, else one per node)")
+    cl.add_argument("--work-dir", type=Path, metavar="DIR",
+                    help="with --ray: where each started ComfyUI keeps its folders and log, a folder per worker "
+                         "(a path on every node; default: a temporary folder, removed at the end)")
     return ap
 
 
@@ -244,6 +259,25 @@ class Plan:
         if len(set(self.servers)) != len(self.servers):
             raise UsageError("--server: the same URL is given twice")
         self.local = not self.servers
+        self.cluster = args.ray is not None or len(self.servers) > 1
+        if args.workers is not None:
+            if args.ray is None:
+                raise UsageError("--workers: only with --ray")
+            if self.servers:
+                raise UsageError("--workers: not with --server (there is one worker per server)")
+            if args.workers < 1:
+                raise UsageError(f"--workers {args.workers}: must be at least 1")
+        if args.work_dir is not None and (args.ray is None or self.servers):
+            raise UsageError("--work-dir: only with --ray and no --server (for the ComfyUIs the workers start)")
+        if self.cluster:
+            try:
+                import importlib.util
+
+                found = importlib.util.find_spec("ray") is not None
+            except ValueError:
+                found = True
+            if not found:
+                raise UsageError(("--ray" if args.ray is not None else "several --server") + ": " + INSTALL_HINT)
         if args.test_models:
             args.steps = args.steps or TEST_MODEL_DEFAULTS["steps"]
             args.size = args.size or TEST_MODEL_DEFAULTS["size"]
@@ -347,19 +381,19 @@ class Plan:
 # Running
 
 
-def write_models_tree(plan: Plan, work: Path) -> Path:
+def write_models_tree(local_files: dict[str, Path], vae_approx: Path | None, comfyui: Path, work: Path) -> Path:
     """Links to the user's files in a ComfyUI models layout, and the extra_model_paths.yaml naming it
     (plus this pack's folder when the ComfyUI does not have it in custom_nodes)."""
     lines = ["agg_cli:", f"    base_path: {json.dumps(str(work / 'models'))}"]
-    for key, path in plan.local_files.items():
+    for key, path in local_files.items():
         folder = G.MODEL_INPUTS[key][2]
         link = work / "models" / folder / path.name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(path.resolve())
         lines.append(f"    {folder}: {folder}/")
-    if plan.args.vae_approx is not None:
-        lines.append(f"    vae_approx: {json.dumps(str(plan.args.vae_approx.resolve()))}")
-    if not pack_in_custom_nodes(plan.comfyui):
+    if vae_approx is not None:
+        lines.append(f"    vae_approx: {json.dumps(str(vae_approx.resolve()))}")
+    if not pack_in_custom_nodes(comfyui):
         nodes = work / "custom_nodes"
         nodes.mkdir(parents=True, exist_ok=True)
         (nodes / "agg-comfyui").symlink_to(PACK)
@@ -369,12 +403,16 @@ def write_models_tree(plan: Plan, work: Path) -> Path:
     return yaml
 
 
+def probe_graphs(plan: Plan) -> tuple[list[dict], dict]:
+    """The graphs every image runs (with a stand-in photo), and where each setting came from."""
+    probe = G.customise(plan.api, plan.settings, "x.png", None, "agg")
+    return [probe] + ([] if plan.args.no_unguided else [G.without_agg(probe)]), G.argument_sources(plan.settings)
+
+
 def check_servers(plan: Plan, urls: list[str]) -> list[str]:
     """Ask every server for its node list; returns the problems (unreachable, missing nodes/models)."""
     problems = []
-    used = G.argument_sources(plan.settings)
-    probe = G.customise(plan.api, plan.settings, "x.png", None, "agg")
-    graphs = [probe] + ([] if plan.args.no_unguided else [G.without_agg(probe)])
+    graphs, used = probe_graphs(plan)
     for url in urls:
         try:
             info = Client(url, timeout=20).object_info()
@@ -390,173 +428,271 @@ def check_servers(plan: Plan, urls: list[str]) -> list[str]:
     return problems
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def run_spec(plan: Plan, run_id: str) -> RunSpec:
+    graphs, _ = probe_graphs(plan)
+    shipped = {path.name: path.read_bytes() for g in graphs for path in G.shipped_images(g).values()}
+    return RunSpec(api=plan.api, settings=plan.settings, run_id=run_id, no_unguided=bool(plan.args.no_unguided),
+                   timeout=plan.args.timeout,
+                   style=None if plan.style is None else (plan.style.name, plan.style.read_bytes()),
+                   mask=None if plan.mask is None else (plan.mask.name, plan.mask.read_bytes()), shipped=shipped)
 
 
-class Runner:
-    """Runs one image on one server and writes its files."""
-
-    def __init__(self, plan: Plan, run_id: str, display: Display) -> None:
-        self.plan, self.run_id, self.display = plan, run_id, display
-        self.uploaded: dict[tuple[str, str], str] = {}  # (server, local file) -> LoadImage value there
-
-    def upload_once(self, client: Client, path: Path, role: str) -> str:
-        key = (client.url, str(path))
-        if key not in self.uploaded:
-            self.uploaded[key] = client.upload_image(path, f"{self.run_id}_{role}_{path.name}")
-        return self.uploaded[key]
-
-    def with_shipped(self, client: Client, prompt: dict) -> dict:
-        """The prompt with the pictures it names from the pack's web/assets uploaded to the server."""
-        for nid, path in G.shipped_images(prompt).items():
-            prompt[nid]["inputs"]["image"] = self.upload_once(client, path, "shipped")
-        return prompt
-
-    def __call__(self, client: Client, job: Job) -> None:
-        plan, s = self.plan, self.plan.settings
+def image_tasks(plan: Plan) -> list[ImageTask]:
+    """One task per photo; the photo's bytes are read when the task is handed out (``load``)."""
+    tasks = []
+    for i, (path, stem) in enumerate(zip(plan.images, stems(plan.images), strict=True)):
         size = None
         if plan.size is not None:
-            w, h = plan.sizes[job.path]
+            w, h = plan.sizes[path]
             size = G.fit_size(w, h, plan.size)
-        name = f"{self.run_id}_{job.index:04d}_{job.stem}{job.path.suffix.lower()}"
-        self.display.say(f"[{job.index + 1}/{len(plan.images)}] {job.path} on {client.url}"
-                         + (f": {plan.sizes[job.path][0]}x{plan.sizes[job.path][1]} -> {size[0]}x{size[1]}" if size else ""))
-        image = client.upload_image(job.path, name)
-        style = None if plan.style is None else self.upload_once(client, plan.style, "style")
-        mask = None if plan.mask is None else self.upload_once(client, plan.mask, "mask")
-        prefix = f"agg_cli/{self.run_id}/{job.stem}"
-        guided = self.with_shipped(client, G.customise(plan.api, s, image, size, prefix + "_agg", style, mask))
-        runs = [("AGG", guided)]
-        if not plan.args.no_unguided:
-            unguided = G.customise(plan.api, s, image, size, prefix + "_unguided", style, mask)
-            runs.append(("unguided", G.without_agg(self.with_shipped(client, unguided))))
-        results: dict[str, list[bytes]] = {}
-        terms: list[dict] = []
-        for phase, prompt in runs:
-            titles = {nid: n.get("_meta", {}).get("title") or n["class_type"] for nid, n in prompt.items()}
+        tasks.append(ImageTask(i, stem, str(path), b"", size))
+    return tasks
 
-            def show(p, ph=phase, titles=titles):
-                where = titles.get(str(p.node), "")
-                self.display.step(client.url, job.stem, f"{ph}: {where}" if where else ph, p.value, p.total)
 
-            entry, prog = client.run(prompt, show, timeout=plan.args.timeout)
-            refs = client.images(entry)
-            if not refs:
-                raise JobFailed(f"the {phase} run produced no image (does the workflow end in SaveImage?)")
-            results[phase] = [client.fetch(ref) for _nid, ref in refs]
-            if phase == "AGG":
-                terms = prog.terms
-        # Everything came back: write the files (a lost server before this point leaves nothing half-written).
-        out = plan.out
+def load(task: ImageTask) -> ImageTask:
+    """The task with its photo's bytes, decoded once here in full: a damaged file (which ComfyUI's
+    LoadImage would pass on half-grey) fails as an unreadable image. Raises ValueError."""
+    import io
+    from dataclasses import replace
+
+    from PIL import Image
+
+    try:
+        data = Path(task.path).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except OSError as e:
+        raise ValueError(f"unreadable image {task.path}: {e}") from None
+    return replace(task, data=data)
+
+
+class Collector:
+    """Takes each image's outcome where the output folder is: writes its files (once) and keeps
+    what summary.json lists about it."""
+
+    def __init__(self, plan: Plan, tasks: list[ImageTask], display: Display) -> None:
+        self.plan, self.display = plan, display
+        self.tasks = {t.index: t for t in tasks}
+        self.records = {t.index: {"image": t.path, "name": t.stem, "status": "not run", "server": None, "seconds": 0.0,
+                                  "error": None, "attempts": [], "outputs": {}} for t in tasks}
+
+    def __call__(self, outcome: Outcome, attempts: list[dict] | None = None) -> None:
+        task, rec = self.tasks[outcome.index], self.records[outcome.index]
         files: dict[str, str] = {}
-        for phase, blobs in results.items():
-            tag = "agg" if phase == "AGG" else "unguided"
-            for i, blob in enumerate(blobs):
-                path = out / (f"{job.stem}_{tag}.png" if i == 0 else f"{job.stem}_{tag}_{i}.png")
-                atomic_write(path, blob)
-                files[tag if i == 0 else f"{tag}_{i}"] = str(path)
-        meta = {"image": str(job.path), "server": client.url, "workflow": plan.workflow_name,
-                "size": list(size) if size else None, "settings": asdict(s), "events": terms}
-        atomic_write(out / f"{job.stem}_terms.json", json.dumps(meta, indent=1).encode())
-        files["terms_json"] = str(out / f"{job.stem}_terms.json")
-        label = " (toy test model)" if plan.args.test_models else ""
-        if plot_terms(terms, out / f"{job.stem}_terms.png", f"AGG per step: {job.stem}{label}"):
-            files["terms_plot"] = str(out / f"{job.stem}_terms.png")
-        shown, labels = [job.path], ["source"]
-        if "unguided" in files:
-            shown.append(Path(files["unguided"]))
-            labels.append("unguided" + label)
-        shown.append(Path(files["agg"]))
-        labels.append("AGG" + label)
-        if len(shown) > 1:
-            side_by_side(shown, labels, out / f"{job.stem}_side_by_side.png")
-            files["side_by_side"] = str(out / f"{job.stem}_side_by_side.png")
-        job.outputs = files
-        self.display.say(f"  {job.stem}: {terms_summary(terms)}; result {files['agg']}")
+        if outcome.ok:
+            meta = settings_meta(self.plan.workflow_name, task.size, self.plan.settings)
+            try:
+                files = write_outputs(self.plan.out, outcome, Path(task.path), meta, bool(self.plan.args.test_models))
+            except Exception as e:  # noqa: BLE001 - this image's files could not be written: it alone fails
+                outcome.ok, outcome.error = False, f"writing its results: {type(e).__name__}: {e}"
+        rec.update(status="done" if outcome.ok else "failed", server=outcome.where or None,
+                   seconds=round(outcome.seconds, 2), error=outcome.error, outputs=files,
+                   attempts=list(attempts) if attempts is not None else
+                   [{"where": outcome.where, "outcome": "done" if outcome.ok else "failed", "error": outcome.error}])
+        self.display.finished(task.stem, outcome.ok)
+        if outcome.ok:
+            self.display.say(f"  {task.stem}: {terms_summary(outcome.terms)}; result {files['agg']}")
+        else:
+            self.display.say(f"  FAILED {task.path}: {outcome.error}")
+
+    def images(self) -> list[dict]:
+        return [self.records[i] for i in sorted(self.records)]
 
 
-def summarise(plan: Plan, jobs: list[Job], stats: list[ServerStats], seconds: float, log_path: Path | None) -> dict:
-    return {
-        "workflow": plan.workflow_name,
-        "seconds": round(seconds, 2),
-        "images": [{"image": str(j.path), "name": j.stem, "status": j.status, "server": j.server,
-                    "seconds": round(j.seconds, 2), "error": j.error, "attempts": j.attempts, "outputs": j.outputs}
-                   for j in jobs],
-        "servers": [{"url": s.url, "done": s.done, "failed": s.failed, "busy_seconds": round(s.busy_seconds, 2),
-                     "lost": s.lost, "error": s.error, "moved_to_other_servers": s.retried_elsewhere} for s in stats],
-        "server_log": str(log_path) if log_path else None,
-        "test_models": bool(plan.args.test_models),
-    }
+def say_start(plan: Plan, display: Display, task: ImageTask, where: str) -> None:
+    w, h = plan.sizes[Path(task.path)]
+    display.say(f"[{task.index + 1}/{len(plan.images)}] {task.path} on {where}"
+                + (f": {w}x{h} -> {task.size[0]}x{task.size[1]}" if task.size else ""))
+
+
+def run_one_machine(plan: Plan, spec: RunSpec, tasks: list[ImageTask], display: Display, collector: Collector,
+                    url: str) -> dict:
+    """The images in order on one ComfyUI. A lost server fails what is left."""
+    client = Client(url)
+    translator = Translator(client, spec)
+    stats = {"url": url, "done": 0, "failed": 0, "busy_seconds": 0.0, "lost": False, "error": None}
+
+    def on_step(stem: str, phase: str, value: int, total: int, loss: str) -> None:
+        display.step(url, stem, phase, value, total, loss)
+
+    try:
+        for k, task in enumerate(tasks):
+            say_start(plan, display, task, url)
+            try:
+                loaded = load(task)
+            except ValueError as e:
+                stats["failed"] += 1
+                collector(Outcome(task.index, task.stem, False, str(e)))
+                continue
+            try:
+                outcome = translator(loaded, on_step)
+            except ServerLost as e:
+                stats["lost"], stats["error"] = True, str(e)
+                for t in tasks[k:]:
+                    collector(Outcome(t.index, t.stem, False, f"server lost: {e}", url))
+                break
+            stats["busy_seconds"] += outcome.seconds
+            stats["done" if outcome.ok else "failed"] += 1
+            collector(outcome)
+    finally:
+        client.close()
+    stats["busy_seconds"] = round(stats["busy_seconds"], 2)
+    return stats
+
+
+def run_on_ray(plan: Plan, spec: RunSpec, tasks: list[ImageTask], display: Display,
+               collector: Collector) -> tuple[list[dict], int]:
+    """The images on Ray workers (agg_cli.cluster). Returns (per-worker stats, exit code)."""
+    from . import cluster as C
+
+    args = plan.args
+    n_workers = len(plan.servers) or args.workers or 1
+    started = C.connect(args.ray or None, num_cpus=n_workers)
+    ray = C.import_ray()
+    workers: list = []
+    try:
+        if plan.servers:
+            wspecs = [C.WorkerSpec(url=u) for u in plan.servers]
+        else:
+            n = args.workers or C.default_workers()
+            wspecs = [C.WorkerSpec(comfyui=str(plan.comfyui), python=plan.python,
+                                   models={k: str(v.absolute()) for k, v in plan.local_files.items()},
+                                   vae_approx=str(args.vae_approx.resolve()) if args.vae_approx else None,
+                                   cpu=True if args.cpu else None,
+                                   work_dir=str(args.work_dir.resolve()) if args.work_dir else None)
+                      for _ in range(n)]
+        print(f"Ray: {'a local cluster started here' if started else 'connected to ' + repr(args.ray or 'this process')}"
+              f" ({ray.cluster_resources().get('CPU', 0):g} CPUs, {C.cluster_gpus()} GPUs); "
+              f"{len(wspecs)} worker(s), each with " + ("one --server" if plan.servers else "its own ComfyUI"), flush=True)
+        events = C.make_events()
+        workers = C.start_workers(wspecs, spec, events)
+        live = []
+        for name, h in workers:
+            try:
+                d = ray.get(h.describe.remote(), timeout=600)
+                print(f"  {name}: {d['where']}" + (f", up in {d['startup_seconds']:.0f} s" if d["startup_seconds"] else ""),
+                      flush=True)
+                live.append((name, h))
+            except Exception as e:  # noqa: BLE001 - a worker that cannot start is left out
+                print(f"  {name}: could not start: {C._first_line(e)}", file=sys.stderr, flush=True)
+        if not live:
+            print("error: no worker could start", file=sys.stderr)
+            return [], 1
+        graphs, used = probe_graphs(plan)
+        checked = live if plan.servers else live[:1]  # started workers share one ComfyUI set-up
+        problems = [p for _, h in checked for p in ray.get(h.check.remote(graphs, used), timeout=300)]
+        if problems:
+            print("error: cannot run on the workers' ComfyUI:", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+            return [], 2
+        by_index = {t.index: t for t in tasks}
+
+        def on_event(ev: tuple) -> None:
+            if ev[0] == "start":
+                say_start(plan, display, by_index[ev[1]], ev[3])
+            elif ev[0] == "step":
+                display.step(*ev[1:])
+            elif ev[0] == "lost":
+                display.say(f"{ev[2]} lost its ComfyUI while running {by_index[ev[1]].stem} ({ev[3]}); "
+                            "Ray restarts it and runs the image again")
+            elif ev[0] == "gone":
+                display.say(f"{ev[2]} is gone ({ev[3]}); {by_index[ev[1]].stem} goes to another worker")
+
+        stats, _ = C.run_images(live, tasks, events, on_event, collector, load=load)
+        return [vars(s) | {"busy_seconds": round(s.busy_seconds, 2)} for s in stats], 0
+    finally:
+        if workers:
+            C.stop_workers(workers)
+        if started:
+            ray.shutdown()
 
 
 def run(plan: Plan) -> int:
     args = plan.args
     run_id = time.strftime("%Y%m%d%H%M%S")
-    names = stems(plan.images)
-    jobs = [Job(i, p, n) for i, (p, n) in enumerate(zip(plan.images, names, strict=True))]
+    tasks = image_tasks(plan)
+    spec = run_spec(plan, run_id)
     log_path: Path | None = None
     server: LocalServer | None = None
     work: Path | None = None
     print(f"results go to {plan.out}", flush=True)
     if plan.size is not None:
         print(f"working size: longer side {plan.size} px, aspect ratio kept, sides rounded to multiples of 8", flush=True)
+    t0 = time.monotonic()
     try:
-        if plan.local:
-            work = Path(tempfile.mkdtemp(prefix="agg-cli-"))
-            yaml = write_models_tree(plan, work)
-            log_path = plan.out / "comfyui-server.log"
-            server = LocalServer(plan.comfyui, work / "server", log_path, yaml, python=plan.python,
-                                 cpu=True if args.cpu else None)
-            print(f"starting ComfyUI from {plan.comfyui} ({'CPU' if server.cpu else 'GPU'}); its log: {log_path}", flush=True)
-            t0 = time.monotonic()
+        display = Display(len(tasks))
+        collector = Collector(plan, tasks, display)
+        if plan.cluster:
             try:
-                server.start()
+                workers, code = run_on_ray(plan, spec, tasks, display, collector)
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
-            print(f"ComfyUI up at {server.url} in {time.monotonic() - t0:.0f} s", flush=True)
-            urls = [server.url]
+            finally:
+                display.close()
+            if code:
+                return code
+            servers: list[dict] = []
         else:
-            urls = plan.servers
-        problems = check_servers(plan, urls)
-        if problems:
-            print("error: cannot run on " + ("the started ComfyUI" if plan.local else "the given server(s)") + ":",
-                  file=sys.stderr)
-            for p in problems:
-                print(f"  {p}", file=sys.stderr)
-            if log_path:
-                print(f"  (ComfyUI's log: {log_path})", file=sys.stderr)
-            return 2
-        display = Display(len(jobs))
-
-        def lost(st: ServerStats, job: Job, err: str) -> None:
-            display.say(f"server {st.url} lost while running {job.stem} ({err}); "
-                        + ("its image goes to the other servers" if job.status == "queued" else "no server left for it"))
-
-        sched = Scheduler(urls, jobs, Runner(plan, run_id, display), on_lost=lost)
-        sched.run()
-        display.close()
-        summary = summarise(plan, jobs, sched.stats, sched.seconds, log_path)
+            if plan.local:
+                work = Path(tempfile.mkdtemp(prefix="agg-cli-"))
+                yaml = write_models_tree(plan.local_files, args.vae_approx, plan.comfyui, work)
+                log_path = plan.out / "comfyui-server.log"
+                server = LocalServer(plan.comfyui, work / "server", log_path, yaml, python=plan.python,
+                                     cpu=True if args.cpu else None)
+                print(f"starting ComfyUI from {plan.comfyui} ({'CPU' if server.cpu else 'GPU'}); its log: {log_path}",
+                      flush=True)
+                try:
+                    server.start()
+                except RuntimeError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 1
+                print(f"ComfyUI up at {server.url} in {server.startup_seconds:.0f} s", flush=True)
+                url = server.url
+            else:
+                url = plan.servers[0]
+            problems = check_servers(plan, [url])
+            if problems:
+                print("error: cannot run on " + ("the started ComfyUI" if plan.local else "the given server") + ":",
+                      file=sys.stderr)
+                for p in problems:
+                    print(f"  {p}", file=sys.stderr)
+                if log_path:
+                    print(f"  (ComfyUI's log: {log_path})", file=sys.stderr)
+                return 2
+            try:
+                servers = [run_one_machine(plan, spec, tasks, display, collector, url)]
+            finally:
+                display.close()
+            workers = []
+        seconds = time.monotonic() - t0
+        images = collector.images()
+        summary = {"workflow": plan.workflow_name, "seconds": round(seconds, 2),
+                   "mode": "ray" if plan.cluster else "one machine", "images": images,
+                   "servers": servers, "workers": workers, "server_log": str(log_path) if log_path else None,
+                   "test_models": bool(args.test_models)}
         (plan.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        done = sum(j.status == "done" for j in jobs)
-        print(f"done: {done} of {len(jobs)} images in {sched.seconds:.1f} s -> {plan.out}")
-        for st in sched.stats:
-            extra = f"; LOST: {st.error}" if st.lost else ""
-            moved = f"; its {', '.join(st.retried_elsewhere)} went to other servers" if st.retried_elsewhere else ""
-            print(f"  {st.url}: {st.done} done, {st.failed} failed, {st.busy_seconds:.1f} s busy{extra}{moved}")
-        for j in jobs:
-            if j.status != "done":
-                print(f"  FAILED {j.path}: {j.error}")
+        done = sum(i["status"] == "done" for i in images)
+        print(f"done: {done} of {len(images)} images in {seconds:.1f} s -> {plan.out}")
+        for st in servers:
+            extra = f"; LOST: {st['error']}" if st["lost"] else ""
+            print(f"  {st['url']}: {st['done']} done, {st['failed']} failed, {st['busy_seconds']:.1f} s busy{extra}")
+        for w in workers:
+            extra = (f"; lost its ComfyUI {w['lost']} time(s), restarted by Ray" if w["lost"] else "") + \
+                    (f"; GONE: {w['error']}" if w["gone"] else "")
+            print(f"  {w['name']} {w['where']}: {w['done']} done, {w['failed']} failed, "
+                  f"{w['busy_seconds']:.1f} s busy{extra}")
+        for i in images:
+            if i["status"] != "done":
+                print(f"  FAILED {i['image']}: {i['error']}")
         print(f"summary: {plan.out / 'summary.json'}")
         if log_path:
             print(f"server log: {log_path}")
         if args.test_models:
             print("NOTE: these images come from generated test models, not real weights: a toy model's blurry "
                   "pictures, which show what it can follow (colours, coarse layout), not what a real model does.")
-        return 0 if done == len(jobs) else 1
+        return 0 if done == len(images) else 1
     finally:
         if server is not None:
             server.stop()

@@ -1,4 +1,4 @@
-"""What the user sees: progress bars on the terminal, the side-by-side picture and the per-step plot
+"""What the user sees: progress bars (tqdm) on the terminal, the side-by-side picture and the per-step plot
 of AGG's loss terms and step sizes (from the server's 'agg.terms' events)."""
 
 from __future__ import annotations
@@ -17,80 +17,97 @@ def bar(done: float, total: float, width: int = 20) -> str:
     return "[" + "#" * n + "-" * (width - n) + "]"
 
 
+def loss_text(events: list[dict]) -> str:
+    """The AGG loss terms of the latest 'agg.terms' event, e.g. 'structure=0.0123 clip=0.871'."""
+    if not events:
+        return ""
+    terms = events[-1].get("terms") or {}
+    return " ".join(f"{k}={_num(v):.3g}" for k, v in terms.items())
+
+
 class Display:
-    """Progress for a folder of images, one bar per running image. On a terminal the status line is
-    redrawn in place; otherwise (a log file, CI) a line is printed whenever a bar moves by a tenth."""
+    """Progress for a folder of images: one tqdm bar per running image (the sampler's step, the
+    phase, the latest AGG loss) under one bar for the folder. When the stream is not a terminal (a
+    log file, CI) plain lines are printed instead: one whenever an image's bar moves by a tenth, and
+    one per finished image."""
 
     def __init__(self, total: int, stream: IO[str] | None = None, tty: bool | None = None) -> None:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.total, self.done, self.failed = total, 0, 0
-        self.running: dict[str, tuple[str, str, int, int]] = {}  # server -> (image, phase, value, max)
+        self.bars: dict[str, Any] = {}  # image -> its tqdm bar (terminal only)
         self.last_tenth: dict[tuple[str, str], int] = {}
         self.lock = threading.Lock()
         self.t0 = time.monotonic()
-
-    def _status(self) -> str:
-        parts = [f"{bar(self.done + self.failed, self.total)} {self.done + self.failed}/{self.total} images"]
-        for server, (image, phase, value, total) in self.running.items():
-            parts.append(f"{short(server)} {image} {phase} {bar(value, total, 10)} {value}/{total}")
-        return " | ".join(parts)
-
-    def _redraw(self) -> None:
+        self.overall = None
         if self.tty:
-            self.stream.write("\r\x1b[K" + self._status()[:max(40, _columns() - 1)])
-            self.stream.flush()
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+            self.overall = tqdm(total=total, desc="images", unit="img", file=self.stream, position=0,
+                                dynamic_ncols=True, leave=True)
 
     def say(self, line: str) -> None:
-        """A line of its own (above the status line on a terminal)."""
+        """A line of its own (above the bars on a terminal)."""
         with self.lock:
             if self.tty:
-                self.stream.write("\r\x1b[K")
-            self.stream.write(line + "\n")
-            self._redraw()
-            self.stream.flush()
-
-    def step(self, server: str, image: str, phase: str, value: int, total: int) -> None:
-        with self.lock:
-            self.running[server] = (image, phase, value, total)
-            if self.tty:
-                self._redraw()
-                return
-            tenth = int(10 * value / total) if total else 0
-            key = (server, image + phase)
-            if self.last_tenth.get(key) != tenth:
-                self.last_tenth[key] = tenth
-                self.stream.write(f"  {image} [{phase}] {bar(value, total)} step {value}/{total} ({short(server)})\n")
+                self._tqdm.write(line, file=self.stream)
+            else:
+                self.stream.write(line + "\n")
                 self.stream.flush()
 
-    def finished(self, server: str, ok: bool) -> None:
+    def step(self, where: str, image: str, phase: str, value: int, total: int, loss: str = "") -> None:
+        """Image `image` (running on `where`) is at sampler step `value` of `total` in `phase`."""
         with self.lock:
-            self.running.pop(server, None)
+            if self.tty:
+                b = self.bars.get(image)
+                if b is None:
+                    b = self._tqdm(total=total or 1, desc=image, unit="step", file=self.stream,
+                                   position=len(self.bars) + 1, dynamic_ncols=True, leave=False)
+                    self.bars[image] = b
+                if total and b.total != total:
+                    b.reset(total=total)
+                b.n = value
+                b.set_postfix_str(" ".join(x for x in (phase, loss, short(where)) if x), refresh=False)
+                b.refresh()
+                return
+            tenth = int(10 * value / total) if total else 0
+            key = (image, phase)
+            if self.last_tenth.get(key) != tenth:
+                self.last_tenth[key] = tenth
+                self.stream.write(f"  {image} [{phase}] {bar(value, total)} step {value}/{total}"
+                                  + (f" loss {loss}" if loss else "") + f" ({short(where)})\n")
+                self.stream.flush()
+
+    def finished(self, image: str, ok: bool) -> None:
+        with self.lock:
             if ok:
                 self.done += 1
             else:
                 self.failed += 1
-            if not self.tty:
+            b = self.bars.pop(image, None)
+            if b is not None:
+                b.close()
+            if self.overall is not None:
+                self.overall.set_postfix_str(f"{self.failed} failed" if self.failed else "", refresh=False)
+                self.overall.update(1)
+            else:
                 self.stream.write(f"{bar(self.done + self.failed, self.total)} {self.done + self.failed}/{self.total} "
                                   f"images ({self.failed} failed, {time.monotonic() - self.t0:.0f} s)\n")
                 self.stream.flush()
-            self._redraw()
 
     def close(self) -> None:
         with self.lock:
-            if self.tty:
-                self.stream.write("\r\x1b[K")
-                self.stream.flush()
+            for b in self.bars.values():
+                b.close()
+            self.bars.clear()
+            if self.overall is not None:
+                self.overall.close()
+                self.overall = None
 
 
 def short(url: str) -> str:
     return url.split("://", 1)[-1]
-
-
-def _columns() -> int:
-    import shutil
-
-    return shutil.get_terminal_size((120, 20)).columns
 
 
 def side_by_side(paths: list[Path], labels: list[str], out: Path, height: int = 384) -> None:

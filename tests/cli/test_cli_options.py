@@ -1,21 +1,19 @@
 """The command-line tool without a server: argument checks (each message names the argument), the
 photo's working size, the graph overrides, the unguided twin, server-side checks against a node
-list, the per-step report reader and the scale-out scheduler with stand-in servers."""
+list, the per-step report reader and the progress display."""
 
 from __future__ import annotations
 
 import json
 import math
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from agg_cli import graph as G
-from agg_cli.comfy import JobFailed, ServerLost, normalise_url
-from agg_cli.jobs import Job, Scheduler
+from agg_cli.comfy import normalise_url
 from agg_cli.main import main as cli_main
 from agg_cli.report import plot_terms, series, terms_summary
 
@@ -238,76 +236,7 @@ def test_series_reads_old_and_new_events_defensively(tmp_path):
     assert not plot_terms([], tmp_path / "none.png", "none")
 
 
-# --- scale-out scheduling (stand-in servers) ---------------------------------------------------------------
-
-
-class FakeClient:
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def close(self) -> None:
-        pass
-
-
-def test_scheduler_moves_a_lost_servers_image_and_runs_every_image_once():
-    jobs = [Job(i, Path(f"{i}.png"), f"img{i}") for i in range(9)]
-    ran: list[tuple[str, int]] = []
-    lock = threading.Lock()
-    b_started = threading.Event()
-
-    def run_one(client, job):
-        time.sleep(0.05)  # each image takes a while, so that every server gets some
-        if client.url == "B":
-            if b_started.is_set():  # B's second image: the server dies under it
-                raise ServerLost("connection refused")
-            b_started.set()
-        if client.url == "C" and job.index == 4:
-            raise JobFailed("node 3 (VAEDecode): out of memory")
-        with lock:
-            ran.append((client.url, job.index))
-
-    sched = Scheduler(["A", "B", "C"], jobs, run_one, client_factory=FakeClient)
-    sched.run()
-    done = [j for j in jobs if j.status == "done"]
-    assert sorted(i for _, i in ran) == sorted(j.index for j in done)  # each finished image ran once
-    assert len(ran) == len({i for _, i in ran})
-    lost_b = next(s for s in sched.stats if s.url == "B")
-    assert lost_b.lost and lost_b.done == 1 and len(lost_b.retried_elsewhere) == 1
-    moved = next(j for j in jobs if j.stem == lost_b.retried_elsewhere[0])
-    assert [a["outcome"] for a in moved.attempts][0] == "server lost" and moved.attempts[0]["server"] == "B"
-    assert moved.status in ("done", "failed") and moved.attempts[-1]["server"] != "B"
-    failed = [j for j in jobs if j.status == "failed"]
-    assert all("out of memory" in j.error for j in failed) and len(failed) <= 1  # run failures are not retried
-    assert len(done) + len(failed) == 9
-
-
-def test_scheduler_fails_what_is_left_when_every_server_is_lost():
-    jobs = [Job(i, Path(f"{i}.png"), f"img{i}") for i in range(3)]
-
-    def run_one(client, job):
-        raise ServerLost("gone")
-
-    sched = Scheduler(["A", "B"], jobs, run_one, client_factory=FakeClient)
-    sched.run()
-    assert all(j.status == "failed" for j in jobs)
-    assert all(s.lost for s in sched.stats)
-    assert sum(len(j.attempts) for j in jobs) == 2  # each server lost once, nothing ran twice on one
-
-
-def test_scheduler_fails_only_the_image_whose_handling_raised():
-    # A bug while writing one image's results (not a server loss) fails that image alone; the
-    # server goes on with the rest.
-    jobs = [Job(i, Path(f"{i}.png"), f"img{i}") for i in range(4)]
-
-    def run_one(client, job):
-        if job.index == 1:
-            raise IndexError("pop from empty list")
-
-    sched = Scheduler(["A"], jobs, run_one, client_factory=FakeClient)
-    sched.run()
-    assert [j.status for j in jobs] == ["done", "failed", "done", "done"]
-    assert jobs[1].error == "IndexError: pop from empty list"
-    assert not sched.stats[0].lost and sched.stats[0].done == 3 and sched.stats[0].failed == 1
+# --- plots and progress ------------------------------------------------------------------------------
 
 
 def test_plots_from_several_server_threads_at_once(tmp_path):
@@ -360,8 +289,8 @@ def test_local_edit_with_an_own_photo_needs_a_mask(capsys, photo, tmp_path):
     assert rc == 2 and "no LoadImage titled 'Edit mask'" in out
 
 
-def test_runner_uploads_each_shipped_picture_once_per_server(tmp_path):
-    from agg_cli.main import Runner
+def test_translator_uploads_each_shipped_picture_once_per_server():
+    from agg_cli.work import RunSpec, Translator
 
     class Uploads:
         url = "http://a"
@@ -369,16 +298,60 @@ def test_runner_uploads_each_shipped_picture_once_per_server(tmp_path):
         def __init__(self) -> None:
             self.names: list[str] = []
 
-        def upload_image(self, path, name):
+        def upload_image(self, data, name):
+            assert isinstance(data, bytes) and data[:8] == b"\x89PNG\r\n\x1a\n"
             self.names.append(name)
             return f"agg_cli/{name}"
 
     _, api = G.load_workflow("color_transfer")
-    runner = Runner.__new__(Runner)
-    runner.run_id, runner.uploaded = "r1", {}
     client = Uploads()
-    first = runner.with_shipped(client, G.customise(api, G.Settings(), "agg_cli/x.png", None, "p"))
-    second = runner.with_shipped(client, G.customise(api, G.Settings(), "agg_cli/y.png", None, "q"))
+    translator = Translator(client, RunSpec(api=api, settings=G.Settings(), run_id="r1"))
+    first = translator.with_shipped(G.customise(api, G.Settings(), "agg_cli/x.png", None, "p"))
+    second = translator.with_shipped(G.customise(api, G.Settings(), "agg_cli/y.png", None, "q"))
     assert client.names == ["r1_shipped_agg_style.png"]  # once, then reused
     for p in (first, second):
         assert [p[n]["inputs"]["image"] for n in G.style_image_nodes(p)] == ["agg_cli/r1_shipped_agg_style.png"]
+
+
+def test_display_bars_on_a_terminal_and_plain_lines_elsewhere():
+    import io
+
+    from agg_cli.report import Display, loss_text
+
+    events = [{"terms": {"structure": 0.5, "clip": 0.25}}, {"terms": {"structure": 0.125, "clip": 0.0625}}]
+    assert loss_text(events) == "structure=0.125 clip=0.0625" and loss_text([]) == ""
+    plain = io.StringIO()
+    d = Display(2, plain, tty=False)
+    for v in range(1, 5):
+        d.step("http://127.0.0.1:1", "cat", "AGG: KSampler", v, 4, "structure=0.1")
+    d.finished("cat", True)
+    d.close()
+    lines = plain.getvalue().splitlines()
+    assert lines[0] == "  cat [AGG: KSampler] [#####---------------] step 1/4 loss structure=0.1 (127.0.0.1:1)"
+    assert len([x for x in lines if "step" in x]) == 4 and lines[-1].startswith("[##########----------] 1/2 images")
+    assert "\r" not in plain.getvalue()  # no redrawing where nothing is a terminal
+
+    term = io.StringIO()
+    d = Display(2, term, tty=True)
+    d.step("http://127.0.0.1:1", "cat", "AGG: KSampler", 3, 4, "structure=0.1")
+    d.step("http://127.0.0.1:2", "dog", "unguided", 1, 4, "")
+    shown = term.getvalue()
+    d.finished("cat", True)
+    d.finished("dog", False)
+    d.close()
+    # tqdm redraws in place: both images' bars with step, phase and loss, and the folder's bar
+    assert "\r" in shown and "cat" in shown and "dog" in shown and "3/4" in shown and "1/4" in shown
+    assert "AGG: KSampler structure=0.1" in shown and "images" in shown
+    assert "2/2" in term.getvalue() and "1 failed" in term.getvalue()
+
+
+def test_cluster_options_are_checked(capsys, photo, tmp_path):
+    rc, out = run_cli(capsys, "--image", str(photo), "--source", "a", "--target", "b", "--workers", "2")
+    assert rc == 2 and "--workers: only with --ray" in out
+    rc, out = run_cli(capsys, "--image", str(photo), "--source", "a", "--target", "b", "--ray", "--workers", "0")
+    assert rc == 2 and "--workers 0: must be at least 1" in out
+    rc, out = run_cli(capsys, "--image", str(photo), "--source", "a", "--target", "b", "--work-dir", str(tmp_path))
+    assert rc == 2 and "--work-dir: only with --ray" in out
+    rc, out = run_cli(capsys, "--image", str(photo), "--source", "a", "--target", "b", "--ray", "auto",
+                      "--server", "http://127.0.0.1:9", "--workers", "2")
+    assert rc == 2 and "not with --server" in out
