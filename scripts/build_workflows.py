@@ -7,8 +7,13 @@ folder holding (empty) files under the real model names, the frontend is opened 
 prompt is loaded with ``app.loadApiJson``, the loaders get ``properties.models`` (name, URL, folder: what the
 frontend's missing-models dialog offers to download), a Markdown note with the download links is added, and
 the page's own serialisation gives the UI file (``app.graph.serialize()``) and the API twin
-(``app.graphToPrompt().output``). Inputs a prompt below leaves out keep the node's default as the frontend
-fills it in. The thumbnails are drawn with PIL: the source picture, an arrow, the target text or style
+(``app.graphToPrompt().output``). Inputs a prompt below leaves out keep the node's default.
+
+The layout (``layout``): the "Read me" note, then titled groups as ComfyUI's own templates have them ("Load
+models", "Source image", "Prompts", "AGG guidance", "Sample and save", ...), flowed into columns at the sizes
+the frontend gives the nodes; the UI file's ``extra.ds`` frames the whole graph in a 1600 x 1000 browser window
+(``VIEW``), at scale 0.5 or more, and so does the frontend's fit-to-view that Templates applies (tests/browser
+checks both). The thumbnails are drawn with PIL: the source picture, an arrow, the target text or style
 image, and the title (never a model's output).
 
 Usage: ~/.cache/agg-comfyui/venv/bin/python scripts/build_workflows.py [--images-only]
@@ -598,6 +603,7 @@ PAD = 14  # inside a group, around its nodes
 NODE_GAP = 18  # between one node's bottom and the next one's title bar
 COLUMN_GAP = 44
 GROUP_GAP = 36
+SPLIT_COST = 0.01  # the scale a group's second sub-column must gain to be chosen
 CHART_ROOM = 124  # below Apply AGG / AGG Guider: the guidance chart the pack's extension adds during a run
 
 # The smallest sizes the nodes get (the frontend's computeSize wins where larger).
@@ -669,11 +675,8 @@ def node_size(node: dict, linked_text: bool) -> tuple[float, float]:
 
 
 def _splits(ids: list[str]) -> list[list[list[str]]]:
-    """A group's nodes in one sub-column, or (four nodes and more) cut in two after any of them."""
-    options = [[ids]]
-    if len(ids) >= 4:
-        options += [[ids[:k], ids[k:]] for k in range(2, len(ids) - 1)]
-    return options
+    """A group's nodes in one sub-column, or cut in two sub-columns after any of them."""
+    return [[ids], *([ids[:k], ids[k:]] for k in range(1, len(ids)))]
 
 
 def _place(blocks: list[Block], cut: list[int], sizes: dict, extra: dict):
@@ -732,8 +735,8 @@ def fit_scale(places: dict[str, list[float]]) -> float:
 
 def layout(nodes: dict[str, dict], prompt: dict) -> Layout:
     """Lay the built graph out: the Read me note, then the groups of GROUPS in that order, flowed into columns;
-    of all the ways to cut the sequence into columns and the bigger groups into two sub-columns, the one whose
-    view (saved, and as fitView frames it) is largest."""
+    of all the ways to cut the sequence into columns and groups into two sub-columns, the one whose view (saved,
+    and as fitView frames it) is largest."""
     linked = {nid for nid, n in prompt.items() if isinstance(n["inputs"].get("text"), list)}
     sizes = {nid: node_size(n, nid in linked) for nid, n in nodes.items()}
     extra = {nid: CHART_ROOM for nid, n in nodes.items() if n["type"] in GUIDING}
@@ -754,9 +757,11 @@ def layout(nodes: dict[str, dict], prompt: dict) -> Layout:
             cut = [i for i in range(1, len(blocks)) if mask >> (i - 1) & 1]
             places, groups, width, height = _place(blocks, cut, sizes, extra)
             ds = frame(width, height)
-            score = min(ds["scale"], fit_scale(places))
-            if best is None or score > best[0] + 1e-9:
-                best = (score, Layout(places, groups, ds, fit_scale(places)))
+            fitted = fit_scale(places)
+            # the smaller of the two views; a group cut in two sub-columns must gain more than SPLIT_COST
+            score = (min(ds["scale"], fitted) - SPLIT_COST * sum(len(b.columns) - 1 for b in blocks), ds["scale"])
+            if best is None or score > best[0]:
+                best = (score, Layout(places, groups, ds, fitted))
     return best[1]
 
 
@@ -771,19 +776,20 @@ const [api, models, note, name] = __args;
 app.clean();  // the graph, and the previews and outputs the frontend keeps per node id
 await app.loadApiJson(JSON.parse(JSON.stringify(api)), name + '.json');
 // The frontend keeps widget values per node id across graphs (the root graph's id does not change): an input
-// the prompt leaves out would take the value a node of the same id had in the workflow built before. Such
-// inputs get the node definition's default.
+// the prompt leaves out or links would keep the value a node of the same id had in the workflow built before.
+// Such inputs get the node definition's default.
 for (const n of app.graph._nodes) {
   const def = n.constructor.nodeData?.input ?? {};
   const given = api[String(n.id)]?.inputs ?? {};
   for (const w of (n.widgets || [])) {
     if (w.name === 'control_after_generate') { w.value = 'fixed'; continue; }
     const spec = def.required?.[w.name] ?? def.optional?.[w.name];
-    if (!spec || w.name in given) continue;
+    if (!spec || (w.name in given && !Array.isArray(given[w.name]))) continue;
     const [kind, opts] = [spec[0], spec[1] ?? {}];
     const options = Array.isArray(kind) ? kind : (kind === 'COMBO' ? opts.options : null);
     if ('default' in opts) w.value = opts.default;
     else if (options && options.length) w.value = options[0];
+    else if (kind === 'STRING') w.value = '';
   }
 }
 for (const [id, list] of Object.entries(models)) {
@@ -794,8 +800,8 @@ for (const [id, list] of Object.entries(models)) {
 const LG = window.LiteGraph;
 const nn = LG.createNode('MarkdownNote');
 nn.title = 'Read me: models and use';
-nn.widgets[0].value = note;
 app.graph.add(nn);
+nn.widgets[0].value = note;  // once added: adding gives the node an id, and with it a kept value
 app.graph.setDirtyCanvas(true, true);
 await new Promise(r => setTimeout(r, 600));
 const out = {};
@@ -871,6 +877,9 @@ def build_graphs(selected: set[str] | None) -> int:
                 plan = layout(nodes, wf.api.prompt)
                 res = browser.execute_async(JS_PLACE, plan.places, plan.groups, GROUP_FONT)
                 res["ui"].setdefault("extra", {})["ds"] = plan.ds
+                notes = [n["widgets_values"] for n in res["ui"]["nodes"] if n["type"] == "MarkdownNote"]
+                if notes != [[wf.note]]:
+                    raise RuntimeError(f"{wf.name}: the Read me note is not this workflow's: {notes}")
                 api_out = res["api"]
                 for nid, node in wf.api.prompt.items():  # keep the titles written above
                     if "_meta" in node and nid in api_out:

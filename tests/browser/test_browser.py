@@ -39,7 +39,9 @@ def names(agg_models) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server):
+def page(comfy_server, names):
+    # After `names`: the frontend lists each loader's model files once, when the page opens, and flags a
+    # loader whose file is not in that list.
     if not browser_available():
         pytest.fail("chromium/chromedriver missing: run scripts/setup_browser.sh")
     with Browser() as b:
@@ -106,12 +108,66 @@ def test_workflow_loads_without_errors(name, page, names, tmp_path):
 
 
 JS_FIT = """
-for (const b of document.querySelectorAll('button[aria-label="Close"], .p-toast-icon-close')) try { b.click(); } catch (e) {}
+for (const b of document.querySelectorAll('.p-toast-close-button, .p-toast-icon-close')) try { b.click(); } catch (e) {}
 await new Promise(r => setTimeout(r, 300));
 await app.extensionManager.command.execute('Comfy.Canvas.FitView');
 app.graph.setDirtyCanvas(true, true);
 await new Promise(r => setTimeout(r, 800));
 """
+
+
+# Open a workflow as a user does and measure what is on screen: from a file (the workflow browser, drag and
+# drop: the saved view is restored) or from Templates (the frontend fits the view to the nodes). The part of
+# the canvas not under the side toolbar and the workflow tabs is the view; every node's and group's box
+# (title bar included) must lie inside it.
+JS_OPEN_FRAMED = """
+const [ui, name, mode] = __args;
+for (const b of document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close')) b.click();
+await app.loadGraphData(ui, true, true, name, mode === 'template' ? {openSource: 'template'} : {});
+for (let i = 0; i < 3; i++) await new Promise(r => requestAnimationFrame(r));
+await new Promise(r => setTimeout(r, 300));
+const c = app.canvas;
+const rect = c.canvas.getBoundingClientRect();
+const view = [rect.left, rect.top, rect.right, rect.bottom];
+for (const sel of ['.side-toolbar-container', '.workflow-tabs-container']) for (const el of document.querySelectorAll(sel)) {
+  const r = el.getBoundingClientRect();
+  if (!r.width || !r.height) continue;
+  if (r.height > r.width) view[0] = Math.max(view[0], r.right);  // the side toolbar, left
+  else view[1] = Math.max(view[1], r.bottom);  // the tabs, top
+}
+const onPage = ([x, y, w, h]) => {
+  const a = c.ds.convertOffsetToCanvas([x, y]);
+  const b = c.ds.convertOffsetToCanvas([x + w, y + h]);
+  return [rect.left + a[0], rect.top + a[1], rect.left + b[0], rect.top + b[1]].map(v => Math.round(v * 10) / 10);
+};
+const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+const boxes = app.graph._nodes.map(n => [n.title, onPage([n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title])]);
+const groups = (app.graph._groups || app.graph.groups || []).map(g => [g.title, onPage(Array.from(g.boundingRect ?? g._bounding))]);
+return {scale: c.ds.scale, offset: Array.from(c.ds.offset), view, boxes, groups, page: [innerWidth, innerHeight]};
+"""
+
+
+@pytest.mark.parametrize("how", ["file", "template"])
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_opens_framed(name, how, page, names, comfy_server, template_dir, tmp_path):
+    """In a 1600 x 1000 browser window, opened from a file or from Templates: the whole graph on screen, at
+    scale 0.5 or more."""
+    if how == "template":  # the file the templates browser fetches
+        ui = comfy_server.get(f"/api/workflow_templates/{urllib.parse.quote(template_dir)}/{name}.json")
+    else:
+        ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    res = page.execute_async(JS_OPEN_FRAMED, substitute(ui, names), f"{name}.json", how)
+    page.screenshot(tmp_path / f"{name}_{how}.png")
+    left, top, right, bottom = res["view"]
+    assert res["page"][0] == 1600 and 800 <= res["page"][1] <= 1000, res["page"]  # the window's page
+    assert left > 0 and top > 0, res["view"]  # the toolbars were found
+    assert res["scale"] >= 0.5, f"{name} ({how}): opens at scale {res['scale']:.3f}"
+    outside = [(t, box) for t, box in res["boxes"] + res["groups"]
+               if box[0] < left or box[1] < top or box[2] > right or box[3] > bottom]
+    assert not outside, f"{name} ({how}): off screen in the view {res['view']}: {outside}"
+    assert len(res["boxes"]) == len(ui["nodes"]) and len(res["groups"]) == len(ui["groups"]) >= 4
+    if how == "file":  # the saved view is the one shown
+        assert res["scale"] == ui["extra"]["ds"]["scale"] and res["offset"] == ui["extra"]["ds"]["offset"]
 
 
 def test_missing_node_dialog_is_detected(page):
@@ -260,7 +316,7 @@ return {
 
 # The guiding node centred and enlarged; its rectangle on the page, in screenshot pixels.
 JS_NODE_RECT = """
-for (const b of document.querySelectorAll('button[aria-label="Close"], .p-toast-icon-close')) try { b.click(); } catch (e) {}
+for (const b of document.querySelectorAll('.p-toast-close-button, .p-toast-icon-close')) try { b.click(); } catch (e) {}
 const node = app.graph._nodes.find(n => n.type === __args[0]);
 const c = app.canvas;
 c.ds.scale = 1.5;

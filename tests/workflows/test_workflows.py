@@ -317,6 +317,39 @@ def test_source_graphs_match_the_api_twins():
                 assert twin[nid]["inputs"][k] == v, (name, nid, k)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_is_laid_out_in_groups_and_framed(name):
+    """Titled groups hold every node but the Read me note, nothing overlaps, and the saved view (extra.ds) shows
+    the whole graph in the part of a 1600 x 1000 window the frontend leaves to the canvas, at scale 0.5 or more
+    (tests/browser opens the workflows there and measures)."""
+    b = build_script()
+    ui = load_ui(name)
+    title = b.NODE_TITLE
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - title, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in ui["nodes"]}
+    groups = {g["title"]: (g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+                           g["bounding"][1] + g["bounding"][3]) for g in ui["groups"]}
+    assert len(groups) == len(ui["groups"]) >= 4 and {"Load models", "AGG guidance", "Sample and save"} <= set(groups)
+    inside = lambda a, b: b[0] <= a[0] and b[1] <= a[1] and a[2] <= b[2] and a[3] <= b[3]  # noqa: E731
+    apart = lambda a, b: a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]  # noqa: E731
+    for n in ui["nodes"]:
+        homes = [t for t, g in groups.items() if inside(boxes[n["id"]], g)]
+        assert len(homes) == (0 if n["type"] == "MarkdownNote" else 1), (name, n["type"], homes)
+        assert all(t in homes or apart(boxes[n["id"]], g) for t, g in groups.items()), (name, n["type"])
+    for same in (boxes, groups):
+        for i, (a, box_a) in enumerate(list(same.items())):
+            for b_id, box_b in list(same.items())[i + 1:]:
+                assert apart(box_a, box_b), f"{name}: {a} overlaps {b_id}"
+    items = list(boxes.items()) + list(groups.items())
+    ds = ui["extra"]["ds"]
+    assert ds["scale"] >= 0.5
+    left, top, right, bottom = b.VIEW
+    for key, box in items:
+        x0, y0 = ((box[0] + ds["offset"][0]) * ds["scale"], (box[1] + ds["offset"][1]) * ds["scale"])
+        x1, y1 = ((box[2] + ds["offset"][0]) * ds["scale"], (box[3] + ds["offset"][1]) * ds["scale"])
+        assert left <= x0 and top <= y0 and x1 <= right and y1 <= bottom, f"{name}: {key} out of the saved view"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Every API twin runs
 
