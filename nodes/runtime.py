@@ -257,10 +257,11 @@ def report(node_name: str, step: int, sigma: float, result: GuidanceResult, node
     trust-region and fallback flags."""
     event = {"node": node_name, "node_id": node_id, "step": step, "sigma": sigma, **result.report()}
     log.info(
-        "%s step %d sigma %.4g: %s; step rms %.4g%s%s", node_name, step, sigma,
+        "%s step %d sigma %.4g: %s; step rms %.4g%s%s%s", node_name, step, sigma,
         ", ".join(f"{k} {v:.4g} (grad rms {result.grad_rms.get(k, 0):.3g}, step rms {result.step_rms.get(k, 0):.3g})"
                   for k, v in result.terms.items()),
         result.delta_rms, ", trust region" if result.trust_region else "",
+        f", fallback: {result.fallback}" if result.fallback else "",
         f", skipped: {result.skipped}" if result.skipped else "",
     )
     try:

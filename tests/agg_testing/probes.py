@@ -321,3 +321,72 @@ def node_test_module(name: str) -> ModuleType:
         sys.modules[key] = mod
         spec.loader.exec_module(mod)
     return sys.modules[key]
+
+
+# -- an independent CLIP judge -------------------------------------------------------------------------
+
+# OpenAI CLIP's published input statistics.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipJudge:
+    """The tiny open_clip fixture loaded straight from its file with open_clip's own classes (not through the
+    pack), to judge guided results: unit text embeddings of raw texts, unit image embeddings of whole
+    ComfyUI IMAGEs ([B, H, W, 3] in 0..1, resized to CLIP's input size, no cut-outs, no augmentation)."""
+
+    def __init__(self, path) -> None:
+        from agg_testing.fixtures import load_open_clip_tiny
+
+        self.model = load_open_clip_tiny(path)
+        size = self.model.visual.image_size
+        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def text(self, text: str) -> torch.Tensor:
+        import open_clip
+
+        with torch.inference_mode(False), torch.no_grad():
+            e = self.model.encode_text(open_clip.tokenize([text])).float()[0]
+        return e / e.norm()
+
+    def image(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels[..., :3].movedim(-1, 1).float().clamp(0, 1)
+        with torch.inference_mode(False), torch.no_grad():
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+            x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+            e = self.model.encode_image(x).float()
+        return e / e.norm(dim=-1, keepdim=True)
+
+
+def decoded(vae, latent: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's own VAEDecode of a LATENT's samples: IMAGE [B, H, W, 3] in 0..1."""
+    with torch.inference_mode(False), torch.no_grad():
+        out = vae.decode(latent.float()).float()
+    return out.reshape(-1, *out.shape[-3:])
+
+
+class AGGTestUphillModel:
+    """MODEL -> MODEL clone whose denoiser is D(x) = -slope * x: its Jacobian -slope * I is no covariance, so a
+    Jacobian-carried pull points uphill on every sample (the case the guided step must fall back from)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",),
+                             "slope": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.01})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "AGG/testing"
+
+    def patch(self, model, slope):
+        def unet(apply_model, args):
+            x = args["input"]
+            return (-slope * x.float()).to(x.dtype)
+
+        m = model.clone()
+        m.set_model_unet_function_wrapper(unet)
+        return (m,)
+
+
+NODES["AGGTestUphillModel"] = AGGTestUphillModel

@@ -238,31 +238,51 @@ def advanced_graph(*, seed: int, guided: bool):
     return g, node
 
 
-def assert_changes(session, plain: Graph, guided: Graph, node_role: str):
+# The share of the unguided result's L1 distance to the source latent that Structure Loss (weight 0.5, on the
+# source) removes, per sampling node / guider: measured on ComfyUI 0.33 and 0.3.75 alike (3 guided steps, tiny
+# model). A run where guidance does nothing removes 0; under KSampler half the weight removes 0.341 (0.81x) and
+# twice the weight 0.461 (1.10x, the trust region caps most steps): the band 0.92x .. 1.08x excludes both.
+PULL_TO_SOURCE = {
+    "KSampler": 0.419, "KSamplerAdvanced": 0.363, "SamplerCustom": 0.396, "SamplerCustomAdvanced": 0.426,
+    "AGGGuider": 0.427, "AGGSampler+ApplyAGG": 0.385, "AGGSampler+AGGGuider": 0.402, "DualCFGGuider": 0.328,
+    "PerpNegGuider": 0.377,
+}
+
+
+def assert_pulled_to_source(session, plain: Graph, guided: Graph, node_role: str, case: str):
+    """The guided result is closer to the source latent (the Structure Loss reference) than the unguided one, by
+    the share measured for this node (PULL_TO_SOURCE)."""
     base = samples(session.run(plain.prompt), plain[node_role])
     r = session.run(guided.prompt)
     out = samples(r, guided[node_role])
     assert torch.isfinite(out).all()
-    assert (out - base).abs().max() > 1e-3
     assert r.events("agg.terms")
+    source = r.output(guided["encode"].id)["samples"]
+    d_plain, d_guided = (float((t.float() - source.float()).abs().mean()) for t in (base, out))
+    removed = 1 - d_guided / d_plain
+    print(f"{case}: L1 to the source unguided {d_plain:.4f}, guided {d_guided:.4f}: {removed:.3f} removed")
+    expected = PULL_TO_SOURCE[case]
+    assert 0.92 * expected < removed < 1.08 * expected, (case, removed, expected)
     return r
 
 
 def test_apply_agg_under_ksampler(session):
-    assert_changes(session, probes.agg_img2img(seed=201, weight=None), probes.agg_img2img(seed=201), "sampler")
+    assert_pulled_to_source(session, probes.agg_img2img(seed=201, weight=None), probes.agg_img2img(seed=201), "sampler",
+                            "KSampler")
 
 
 def test_apply_agg_under_ksampler_advanced(session):
     plain, _ = advanced_graph(seed=202, guided=False)
     guided, _ = advanced_graph(seed=202, guided=True)
-    r = assert_changes(session, plain, guided, "adv")
+    r = assert_pulled_to_source(session, plain, guided, "adv", "KSamplerAdvanced")
     assert len(r.events("agg.terms")) == 3
 
 
 @pytest.mark.parametrize("kind", ["SamplerCustom", "SamplerCustomAdvanced"])
 def test_apply_agg_under_custom_samplers(session, kind):
     seed = 203 if kind == "SamplerCustom" else 204
-    assert_changes(session, custom_graph(kind, seed=seed, guided=False), custom_graph(kind, seed=seed), "custom")
+    assert_pulled_to_source(session, custom_graph(kind, seed=seed, guided=False), custom_graph(kind, seed=seed), "custom",
+                            kind)
 
 
 def agg_guider(g: Graph, guider_role: str = "guider", **settings):
@@ -278,7 +298,7 @@ def test_agg_guider_under_sampler_custom_advanced(session):
     plain = custom_graph("SamplerCustomAdvanced", seed=205, guided=False)
     guided = custom_graph("SamplerCustomAdvanced", seed=205, guided=False)
     agg_guider(guided)
-    assert_changes(session, plain, guided, "custom")
+    assert_pulled_to_source(session, plain, guided, "custom", "AGGGuider")
 
 
 def agg_sampler(g: Graph, **options):
@@ -292,7 +312,7 @@ def test_agg_sampler_with_sampler_custom_and_apply_agg(session):
     guided = custom_graph("SamplerCustom", seed=206)
     agg_sampler(guided)
     with agg_log() as warnings:
-        assert_changes(session, plain, guided, "custom")
+        assert_pulled_to_source(session, plain, guided, "custom", "AGGSampler+ApplyAGG")
     assert not [w for w in warnings if "realised approximately" in w]  # the AGG sampler's step is exact
 
 
@@ -302,7 +322,7 @@ def test_agg_sampler_with_agg_guider(session):
     guided = custom_graph("SamplerCustomAdvanced", seed=207, guided=False)
     agg_sampler(guided)
     agg_guider(guided)
-    assert_changes(session, plain, guided, "custom")
+    assert_pulled_to_source(session, plain, guided, "custom", "AGGSampler+AGGGuider")
 
 
 # -- other guiders ----------------------------------------------------------------------------------
@@ -330,5 +350,5 @@ def other_guider_graph(kind: str, *, seed: int, guided: bool):
 @pytest.mark.parametrize("kind", ["DualCFGGuider", "PerpNegGuider"])
 def test_apply_agg_under_other_guiders(session, kind):
     seed = 208 if kind == "DualCFGGuider" else 209
-    assert_changes(session, other_guider_graph(kind, seed=seed, guided=False),
-                   other_guider_graph(kind, seed=seed, guided=True), "custom")
+    assert_pulled_to_source(session, other_guider_graph(kind, seed=seed, guided=False),
+                            other_guider_graph(kind, seed=seed, guided=True), "custom", kind)
