@@ -192,15 +192,25 @@ def asymmetric_closed_form(
 
 
 def ancestral_sigmas(sigma: float, sigma_next: float, eta: float, family: str) -> tuple[float, float]:
-    """(sigma_down, noise scale) of an ancestral step, from the k-diffusion / `_RF` formulas."""
+    """(sigma_down, noise scale) of an ancestral step, derived here rather than taken from the pack.
+
+    eps / v: DDIM at eta (Song et al., eq. 16) in variance-preserving coordinates, abar = 1 / (1 + sigma^2), adds
+    noise of std s_vp = eta sqrt((1 - abar_n) / (1 - abar)) sqrt(1 - abar / abar_n); divided by sqrt(abar_n) that
+    is the noise scale in k-diffusion coordinates, and the deterministic part lands where the remaining variance
+    sigma_next^2 - scale^2 puts it.
+    const (ComfyUI's `_RF` samplers): the step goes to sigma_down = sigma_next (1 + (sigma_next / sigma - 1) eta)
+    and rescales by alpha(sigma_next) / alpha(sigma_down), leaving noise of std sigma_down alpha_n / alpha_down;
+    fresh noise tops it up to sigma_next."""
     if not eta or sigma_next == 0:
         return sigma_next, 0.0
     if family == "const":
-        sd = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
-        ratio = (1 - sigma_next) / (1 - sd)
-        return sd, (sigma_next**2 - (sd * ratio) ** 2) ** 0.5
-    up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
-    return (sigma_next**2 - up**2) ** 0.5, up
+        down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+        kept = down * (1 - sigma_next) / (1 - down)
+        return down, math.sqrt(max(sigma_next**2 - kept**2, 0.0))
+    abar, abar_n = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+    s_vp = eta * math.sqrt((1 - abar_n) / (1 - abar)) * math.sqrt(1 - abar / abar_n)
+    up = s_vp / math.sqrt(abar_n)
+    return math.sqrt(max(sigma_next**2 - up**2, 0.0)), up
 
 
 def ancestral_expected(
@@ -239,3 +249,29 @@ def toy_decoder(channels: int = 4, seed: int = 0, scale: float = 0.5) -> Callabl
         return torch.nn.functional.interpolate(rgb, scale_factor=4, mode="bilinear", align_corners=False)
 
     return decode
+
+
+def ddim_round_trip(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                    sigmas: list[float], family: str) -> torch.Tensor:
+    """Deterministic DDIM inversion of the clean latent x0 up the schedule, then noise-free DDIM sampling back
+    down it, written out here (float64): a state at sigma is x = alpha x0 + sigma eps, alpha = 1 (eps / v) or
+    1 - sigma (const). Each step keeps the noise estimate eps = (x - alpha(s) D) / s and moves to
+    alpha(s') D + s' eps; inversion evaluates D at the lower end of each step, and from sigma 0 (a clean latent,
+    zero noise estimate) it lands on alpha(s') x0. `sigmas` is the sampler's descending schedule."""
+
+    def alpha(s: float) -> float:
+        return 1.0 - s if family == "const" else 1.0
+
+    def step(x: torch.Tensor, s: float, sn: float) -> torch.Tensor:
+        d = denoise(x.float(), torch.full((x.shape[0],), s)).double()
+        eps = (x - alpha(s) * d) / s
+        return alpha(sn) * d + sn * eps
+
+    down = [float(s) for s in sigmas]
+    up = down[::-1]
+    x = x0.double() * (alpha(up[0]) if up[0] > 0 else 1.0)
+    for s, sn in zip(up[:-1], up[1:], strict=True):
+        x = alpha(sn) * x0.double() if s == 0 else step(x, s, sn)
+    for s, sn in zip(down[:-1], down[1:], strict=True):
+        x = step(x, s, sn)
+    return x.float()

@@ -2,7 +2,8 @@
 
 Probe nodes (V1-style, registered into ComfyUI's NODE_CLASS_MAPPINGS by `register`):
   AGGTestCountingProbe   MODEL -> MODEL clone with CALC_COND_BATCH and APPLY_MODEL wrappers that record
-                         every call into RECORDS[tag] (place it BEFORE Apply AGG).
+                         every call into RECORDS[tag] (place it BEFORE Apply AGG); `strip_probe_control`
+                         runs the conditional-only passes (the guidance probe at cfg > 1) without ControlNet.
   AGGTestAnalyticModel   MODEL -> MODEL clone whose UNet is replaced by an exact Gaussian denoiser
                          (model_function_wrapper; in ComfyUI 0.3.75 that wrapper receives the sampler
                          state and sigma and returns the denoised value).
@@ -75,13 +76,14 @@ def _control_of(args: tuple, kwargs: dict):
 class AGGTestCountingProbe:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "probe"})}}
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "probe"})},
+                "optional": {"strip_probe_control": ("BOOLEAN", {"default": False})}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     CATEGORY = "AGG/testing"
 
-    def patch(self, model, tag):
+    def patch(self, model, tag, strip_probe_control=False):
         import comfy.patcher_extension as pe
 
         records = RECORDS[tag]
@@ -109,6 +111,12 @@ class AGGTestCountingProbe:
                 if isinstance(control, dict) else [],
                 "cond_or_uncond": list((topts or {}).get("cond_or_uncond", [])),
             })
+            if strip_probe_control and list((topts or {}).get("cond_or_uncond", [])) == [0]:
+                # the conditional-only pass (the guidance probe at cfg > 1) without the ControlNet's residuals
+                if len(args) > 4:
+                    args = (*args[:4], None, *args[5:])
+                else:
+                    kwargs = {**kwargs, "control": None}
             return executor(*args, **kwargs)
 
         m = model.clone()

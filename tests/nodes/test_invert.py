@@ -55,19 +55,17 @@ def run(session, g: Graph):
 
 
 def kernel_reconstruction(r, g, flow: bool) -> torch.Tensor:
-    """The same inversion and reconstruction written with agg_kernels.inversion and the analytic denoiser."""
-    from agg_testing.analytic import gaussian
-
-    from agg_kernels.inversion import ddim_invert, ddim_reconstruct
+    """The same inversion and reconstruction by a DDIM loop written out in the test (analytic.ddim_round_trip)
+    with the analytic denoiser."""
+    from agg_testing.analytic import ddim_round_trip, gaussian
 
     family = "const" if flow else "eps"
     model = r.output(g["model"].id)
     source = model.model.process_latent_in(r.output(g["encode"].id)["samples"].float())
     data = gaussian(0.5 * source[0], 0.5)
-    sigmas = r.output(g["sigmas"].id).flatten().double().float()
+    sigmas = r.output(g["sigmas"].id).flatten().double().float().tolist()
     denoise = lambda x, s: data.denoise(x, s, family)  # noqa: E731
-    top, _ = ddim_invert(denoise, source, torch.sort(sigmas).values, family)
-    return model.model.process_latent_out(ddim_reconstruct(denoise, top, sigmas, family))
+    return model.model.process_latent_out(ddim_round_trip(denoise, source, sigmas, family))
 
 
 @pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
