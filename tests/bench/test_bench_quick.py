@@ -107,14 +107,22 @@ def test_sampler_bench_finds_exactly_the_readme_samplers_exact(tmp_path):
                 assert dev["max_deviation"] > 0.05, (name, family, dev)
 
 
-def test_decoder_checkpointing_bench_prints_its_ratios():
-    """tests/bench/decoder.py at 64 px: the three variants run and the cost / saving ratios print as numbers."""
+def test_decoder_checkpointing_bench_saves_the_documented_memory():
+    """tests/bench/decoder.py at 256 px (docs/PERFORMANCE.md's size; at 64 px the activations are too small to
+    show): the checkpointed decoder peaks at the documented 0.69x the memory of a plain backward pass (0.69 - 0.70
+    in four runs, idle and loaded; a decoder that checkpoints nothing measures 1.00). Time is printed, not
+    asserted: the documented 1.24x measured 1.47x, 0.89x and 0.63x on loaded machines, a spread larger than the
+    recomputation's own cost. About 2.5 min of CPU on two cores."""
     import re
 
-    proc = subprocess.run([sys.executable, str(RUN.parent / "decoder.py"), "--size", "64", "--repeats", "1"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(RUN.parent / "decoder.py"), "--size", "256", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| forward", "| plain", "| checkpointed"))]
     assert len(rows) == 3, proc.stdout
     m = re.search(r"costs ([0-9.]+)x the time .* peaks at ([0-9.]+)x its memory", proc.stdout)
-    assert m and all(float(v) > 0 for v in m.groups()), proc.stdout
+    assert m, proc.stdout
+    time_ratio, memory_ratio = (float(v) for v in m.groups())
+    assert math.isfinite(time_ratio) and time_ratio > 0, proc.stdout
+    assert 0.62 < memory_ratio < 0.76, memory_ratio
