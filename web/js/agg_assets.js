@@ -77,6 +77,9 @@ async function supply(node, widget) {
     if (widget.value === name) {
       widget.value = stored;
       widget.callback?.(stored); // what the upload button does: the preview follows the value
+      // As a change made in the UI: newer frontends flag an image missing from the server when the graph
+      // loads and clear that flag only on a widget change.
+      node.onWidgetChanged?.(widget.name, stored, name, widget);
     }
     node.setDirtyCanvas?.(true, true);
   } catch (e) {
