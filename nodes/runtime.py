@@ -29,8 +29,10 @@ from .weights import GradientWeights
 log = logging.getLogger("AGG")
 
 
-# RuntimeError messages of the model paths autograd cannot go back through.
-AUTOGRAD_LIMITS = ("Inference tensors cannot be saved for backward", "modified by an inplace operation")
+# RuntimeError messages of the model paths autograd cannot go back through: inference weights, in-place
+# updates, and fused kernels without a backward (ComfyUI 0.33's comfy_kitchen rope, used by Flux).
+AUTOGRAD_LIMITS = ("Inference tensors cannot be saved for backward", "modified by an inplace operation",
+                   "no autograd formula was registered")
 
 # Half-precision models round eps_hat to ~1e-3 relative, and D = x - sigma * eps_hat multiplies that by
 # sigma: a larger probe keeps the finite difference above the rounding noise.
