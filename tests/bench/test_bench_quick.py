@@ -82,6 +82,10 @@ def expected_guided_steps(steps: int, end_percent: float) -> int:
     return sum(1 for s in sigmas[:-1] if s >= low * (1 - 1e-4))
 
 
+# README: ddpm is exact on eps / v models only (on a flow state it steps without the alpha rescale)
+FLOW_APPROXIMATE = {("ddpm", "const")}
+
+
 def test_sampler_bench_finds_exactly_the_readme_samplers_exact(tmp_path):
     """tests/bench/samplers.py (the real hook, cond != uncond, finite differences) on the README's exact samplers
     and on a multistep one: exact to float32 rounding, and clearly not. It runs in its own process, as users run
@@ -101,7 +105,7 @@ def test_sampler_bench_finds_exactly_the_readme_samplers_exact(tmp_path):
         for family in ("eps", "const"):
             dev = report["samplers"][name]["families"][family]
             assert dev["steps_measured"] >= 3, (name, family, dev)
-            if name in exact:
+            if name in exact and (name, family) not in FLOW_APPROXIMATE:
                 assert dev["max_deviation"] < tol, (name, family, dev)
             else:
                 assert dev["max_deviation"] > 0.05, (name, family, dev)

@@ -62,6 +62,8 @@ def test_ddim_sampler_object_realises_the_ddim_step(family, monkeypatch):
     assert ddim.inpaint_options.get("random")  # ComfyUI's ddim, not plain euler
     h = CFGHarness(family, ddim.sampler_function, monkeypatch)
     h.inner_model.model_sampling = h.sampling  # KSAMPLER.sample reads model_wrap.inner_model.model_sampling
+    h.model_patcher = h.inner_model.model_patcher  # and ComfyUI 0.33's first-step log line names its model's class
+    h.model_patcher.model = h.inner_model
     z = torch.randn(h.start().shape, generator=torch.Generator().manual_seed(3))
     latent = reference().expand_as(z).clone() if family == "const" else torch.zeros_like(z)
     seen = []
