@@ -398,3 +398,25 @@ class AGGTestUphillModel:
 
 
 NODES["AGGTestUphillModel"] = AGGTestUphillModel
+
+
+def loss_values(r, g, loss_role: str, latents: list[torch.Tensor]) -> list[dict[str, float]]:
+    """The loss a loss node built for run `r` of graph `g`, evaluated by the pack's own builder on clean latents
+    (VAE latent space, as the sampler returns them) at sigma 0 with the first guided step's cut-outs:
+    {term: raw value} per latent."""
+    from agg_kernels.objective import LossContext
+
+    runtime = pack_module("nodes.runtime")
+    model = r.output(g["ckpt"].id).model
+    info = runtime.RunInfo(model, "eps", torch.device("cpu"), tuple(latents[0].shape), torch.tensor([0.0]))
+    loss = r.output(g[loss_role].id).build(info)
+    out = []
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            for lat in latents:
+                x0 = model.process_latent_in(lat.float()).clone()
+                ctx = LossContext(sigma=torch.zeros(x0.shape[0]), x=x0, family="eps", step=0)
+                out.append({k: float(v.mean()) for k, v in loss(x0, ctx).items()})
+    finally:
+        info.close()
+    return out

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 import torch
+from agg_testing import probes
 from agg_testing.graphs import Graph, img2img
 
 SEEDS = iter(range(3000, 4000))
@@ -74,29 +75,6 @@ def test_loader_reads_the_local_file_without_network(comfy, agg_models, no_netwo
     assert emb.ndim == 2 and torch.isfinite(emb).all()
 
 
-def loss_values(r, g: Graph, loss_role: str, latents: list[torch.Tensor]) -> list[dict[str, float]]:
-    """The loss a loss node built, evaluated by the pack's own builder on clean latents (VAE latent space, as
-    the sampler returns them) at sigma 0 with the first guided step's cut-outs: {term: raw value} per latent."""
-    from agg_testing.probes import pack_module
-
-    from agg_kernels.objective import LossContext
-
-    runtime = pack_module("nodes.runtime")
-    model = r.output(g["ckpt"].id).model
-    info = runtime.RunInfo(model, "eps", torch.device("cpu"), tuple(latents[0].shape), torch.tensor([0.0]))
-    loss = r.output(g[loss_role].id).build(info)
-    out = []
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            for lat in latents:
-                x0 = model.process_latent_in(lat.float()).clone()
-                ctx = LossContext(sigma=torch.zeros(x0.shape[0]), x=x0, family="eps", step=0)
-                out.append({k: float(v.mean()) for k, v in loss(x0, ctx).items()})
-    finally:
-        info.close()
-    return out
-
-
 @pytest.fixture(scope="module")
 def judge(agg_models):
     """The open_clip fixture loaded by open_clip itself: the judge of every direction claim below."""
@@ -147,7 +125,7 @@ def test_clip_direction_guidance_moves_along_the_text_direction(comfy, agg_model
     # -0.0003, no guidance 0
     assert gain > 3e-4 and share > 0.06, (gain, share)
     # the node's own loss agrees (a check of the loss's build, not of its direction)
-    guided, unguided = (v["clip_direction"] for v in loss_values(r, g, "clip_loss", [out, base]))
+    guided, unguided = (v["clip_direction"] for v in probes.loss_values(r, g, "clip_loss", [out, base]))
     assert guided < unguided
 
 
@@ -225,7 +203,7 @@ def test_image_style_loss_moves_toward_the_style_image(comfy, agg_models, judge)
     print(f"style: gain toward the style image {gain:.5f}, share of the move {share:.3f}")
     # measured: gain 0.0061, share 0.71 (toward the style image's embedding, from where the unguided result is)
     assert gain > 3e-3 and share > 0.25, (gain, share)
-    guided, unguided = (v["style"] for v in loss_values(r, g, "style_loss", [out, base]))
+    guided, unguided = (v["style"] for v in probes.loss_values(r, g, "style_loss", [out, base]))
     assert guided < unguided
 
 

@@ -122,26 +122,11 @@ def region_graph(seed: int, kind: str, *, masked: bool) -> Graph:
 
 def judged_values(comfy, g: Graph, latents: list[torch.Tensor]) -> list[float]:
     """The loss the image-loss node built for a run, evaluated at each clean latent (sigma 0, step 0)."""
-    from agg_testing.probes import pack_module
-
-    from agg_kernels.objective import LossContext
+    from agg_testing.probes import loss_values
 
     r = comfy.run(g.prompt)
     assert r.ok, r.error_text()[:3000]
-    runtime = pack_module("nodes.runtime")
-    model = r.output(g["ckpt"].id).model
-    info = runtime.RunInfo(model, "eps", torch.device("cpu"), tuple(latents[0].shape), torch.tensor([0.0]))
-    loss = r.output(g["image_loss"].id).build(info)
-    out = []
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            for lat in latents:
-                x0 = model.process_latent_in(lat.float()).clone()
-                ctx = LossContext(sigma=torch.zeros(x0.shape[0]), x=x0, family="eps", step=0)
-                out.append(sum(float(v.mean()) for v in loss(x0, ctx).values()))
-    finally:
-        info.close()
-    return out
+    return [sum(v.values()) for v in loss_values(r, g, "image_loss", latents)]
 
 
 @pytest.mark.parametrize("kind", ["clip_direction", "style", "color"])
