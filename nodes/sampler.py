@@ -73,18 +73,19 @@ def sampler_spec(sampler: Any, sigmas: torch.Tensor, window_low: float | None) -
 
 def sample_agg_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, follow_guidance=False,
                      s_noise=1.0, **options):
+    extra_args = extra_args or {}
     model_sampling = model.inner_model.inner_model.model_sampling
     family = require_family(model_sampling, "AGG Sampler")
     # ComfyUI 0.33 scales every sampler's fresh noise by the family's noise_scale (1 unless the model sets it).
     s_noise = s_noise * getattr(model_sampling, "noise_scale", 1.0)
-    runs = (extra_args or {}).get("model_options", {}).get("transformer_options", {}).get(RUNS_KEY, {})
+    runs = extra_args.get("model_options", {}).get("transformer_options", {}).get(RUNS_KEY, {})
     lows = [run.window[1] for run in runs.values()]
     zones = resolve_zones({**options, "follow_guidance": follow_guidance}, sigmas, min(lows) if lows else None)
     if options.get("noise_sampler") is None:
         # ComfyUI's own seeded noise, so that the AGG sampler at eta 1 draws what euler_ancestral draws on
         # every ComfyUI version (0.33 offsets the CPU seed by one).
         options["noise_sampler"] = comfy.k_diffusion.sampling.default_noise_sampler(
-            x, seed=(extra_args or {}).get("seed"))
+            x, seed=extra_args.get("seed"))
     return sample_agg(model, x, sigmas, extra_args, callback, disable, family=family, s_noise=s_noise,
                       **{**options, **zones})
 

