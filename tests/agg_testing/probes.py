@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 
 PACK_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -367,11 +368,36 @@ class ClipJudge:
         return e / e.norm(dim=-1, keepdim=True)
 
 
+def colour_distance(image, reference) -> float:
+    """README's colour distance, computed in numpy (not with the pack's colour statistics): the mean over the
+    RGB channels of (mean_c - ref_mean_c)^2 + (std_c - ref_std_c)^2, each image's pixels in 0..1 ([H, W, 3] or
+    [B, H, W, 3] arrays or tensors; all pixels of a batch together)."""
+
+    def stats(a) -> tuple[np.ndarray, np.ndarray]:
+        px = np.asarray(a, dtype=np.float64)[..., :3].reshape(-1, 3)
+        return px.mean(0), px.std(0)
+
+    (m, s), (rm, rs) = stats(image), stats(reference)
+    return float(((m - rm) ** 2 + (s - rs) ** 2).mean())
+
+
 def decoded(vae, latent: torch.Tensor) -> torch.Tensor:
     """ComfyUI's own VAEDecode of a LATENT's samples: IMAGE [B, H, W, 3] in 0..1."""
     with torch.inference_mode(False), torch.no_grad():
         out = vae.decode(latent.float()).float()
     return out.reshape(-1, *out.shape[-3:])
+
+
+def linear_preview(model, latent: torch.Tensor) -> torch.Tensor:
+    """What ComfyUI's latent previewer shows for a LATENT's samples: the latent format's RGB factors (and bias)
+    applied to the model-space latent, mapped from [-1, 1] to 0..1: IMAGE [B, h, w, 3] at latent size."""
+    fmt = model.latent_format
+    w = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)
+    b = torch.tensor(getattr(fmt, "latent_rgb_factors_bias", None) or [0.0, 0.0, 0.0], dtype=torch.float32)
+    with torch.inference_mode(False), torch.no_grad():
+        x = model.process_latent_in(latent.float())
+        rgb = torch.einsum("bchw,cr->bhwr", x, w) + b
+    return ((rgb + 1) / 2).clamp(0, 1)
 
 
 class AGGTestUphillModel:
@@ -398,6 +424,59 @@ class AGGTestUphillModel:
 
 
 NODES["AGGTestUphillModel"] = AGGTestUphillModel
+
+
+class ColourTower(torch.nn.Module):
+    """An image tower whose embedding is known: the input's mean (CLIP-normalised) colour in dims 0-2, a constant
+    1 in dim 3, zeros in dims 4-7."""
+
+    def __init__(self, image_size: int = 32) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.offset = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.float().mean((2, 3))
+        return torch.cat([m, torch.zeros(m.shape[0], 5, dtype=m.dtype, device=m.device)], -1) + self.offset
+
+
+class ColourCLIP(torch.nn.Module):
+    """open_clip's CLIP interface (visual, encode_image, encode_text, context_length) with known embeddings: an
+    image's is ColourTower's; a text's lies in dims 4-7 (a fixed random vector per token, summed), disjoint
+    from every image's. So a text direction gives an image nothing to follow, and only an image's term in a
+    direction can pull the result's colour, toward that image's mean colour."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.visual = ColourTower()
+        self.context_length = 77
+        gen = torch.Generator().manual_seed(0)
+        self.token_embedding = torch.nn.Parameter(torch.randn(49408, 4, generator=gen), requires_grad=False)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual(x)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.token_embedding[tokens].sum(1)
+        return torch.cat([torch.zeros(e.shape[0], 4, dtype=e.dtype, device=e.device), e], -1)
+
+
+class AGGTestColourCLIP:
+    """AGG_CLIP: the pack's AGGClip around a ColourCLIP, for judging CLIP losses' directions in pixel colour."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("AGG_CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "AGG/testing"
+
+    def load(self):
+        return (pack_module("nodes.clip_model").AGGClip(ColourCLIP(), "colour-clip"),)
+
+
+NODES["AGGTestColourCLIP"] = AGGTestColourCLIP
 
 
 def loss_values(r, g, loss_role: str, latents: list[torch.Tensor]) -> list[dict[str, float]]:

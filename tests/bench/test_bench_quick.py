@@ -1,5 +1,6 @@
-"""tests/bench/run.py --quick runs end to end and writes well-formed ratios; every mode guides the window's
-steps, and the peak-memory targets hold (memory, unlike time, is steady enough to assert; no time thresholds)."""
+"""tests/bench/run.py --quick runs end to end and writes well-formed ratios, and every mode guides the window's
+steps; at tiny256 (where the decoder's memory shows) the documented peak-memory ratios hold. Memory, unlike
+time, is steady enough to assert; no time thresholds."""
 
 from __future__ import annotations
 
@@ -13,22 +14,24 @@ RUN = Path(__file__).resolve().parent / "run.py"
 MODES = ("structure_none", "structure_fd", "structure_autograd", "clip_taesd", "clip_vae")
 
 
-def test_quick_benchmark_writes_positive_finite_ratios(tmp_path):
+def run_bench(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(RUN), *args, "--out", str(out)], capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_report(json.loads(out.read_text()))
+    print(proc.stdout)
+    return json.loads(out.read_text())
 
 
-def check_report(report: dict) -> None:
-    for key in ("ratios", "peak_rss_ratio", "median_seconds", "seconds", "steps", "guided_fraction", "machine"):
+def test_quick_benchmark_writes_positive_finite_ratios(tmp_path):
+    """Time ratios at 64 px (printed, not asserted) and the guided steps of every mode; memory is measured at
+    tiny256 below (at 64 px every mode peaks at the plain run's 1.00)."""
+    report = run_bench(tmp_path, "--quick", "--no-memory")
+    for key in ("ratios", "median_seconds", "seconds", "steps", "guided_fraction", "machine"):
         assert key in report, f"missing {key!r} in {sorted(report)}"
     assert set(report["ratios"]) == set(MODES)
-    assert set(report["peak_rss_ratio"]) == set(MODES)
-    for table in ("ratios", "peak_rss_ratio"):
-        for mode, value in report[table].items():
-            assert isinstance(value, float) and math.isfinite(value) and value > 0, (table, mode, value)
+    for mode, value in report["ratios"].items():
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (mode, value)
     assert report["steps"] == 20
     # 20 normal-scheduler steps with the window end_percent 0.35: a strict, non-empty part of the run is guided
     assert 0 < report["guided_fraction"] < 1
@@ -38,16 +41,21 @@ def check_report(report: dict) -> None:
     assert 0 < expected < report["steps"]
     assert report["guided_steps"] == {mode: expected for mode in MODES}, (expected, report["guided_steps"])
     assert report["guided_fraction"] == expected / report["steps"]
-    # peak RSS (a fresh process per mode): the targets run.py checks, and no mode below the plain run's
-    rss = {name: t for name, t in report["targets"].items() if name.startswith("peak RSS")}
-    limits = {"structure_none": 1.05, "structure_fd": 1.05, "clip_taesd": 1.05, "clip_vae": 1.3}
-    assert {f"peak RSS {m} <= {lim}" for m, lim in limits.items()} < set(rss)
-    autograd = [t for name, t in rss.items() if name.startswith("peak RSS structure_autograd <= 1.05 + one UNet weight copy")]
-    assert len(autograd) == 1 and 1.05 < autograd[0]["limit"] < 1.05 + 1, autograd  # the copy is a real, bounded cost
-    print("peak RSS ratios:", report["peak_rss_ratio"])
-    for name, t in rss.items():
-        assert t["met"] and t["measured"] <= t["limit"], (name, t)
-    assert all(0.95 < value for value in report["peak_rss_ratio"].values()), report["peak_rss_ratio"]
+
+
+def test_peak_memory_at_tiny256_is_the_documented_ratio(tmp_path):
+    """docs/PERFORMANCE.md's peak RSS over plain sampling at tiny256 (tiny UNet + full KL VAE, 256 px; a fresh
+    process per mode): the `vae` decoder's copy and its checkpointed backward 1.22x (1.221 documented; 1.86
+    before the decoder-only copy, 1.00 if the decoder were not run), the structure finite-difference mode no
+    more than plain's. About 2.5 min of CPU on two cores (clip_vae's run is most of it)."""
+    report = run_bench(tmp_path, "--configs", "tiny256", "--no-timing", "--modes", "structure_fd,clip_vae")
+    rss = report["peak_rss_ratio"]
+    print("peak RSS ratios at tiny256:", rss)
+    assert rss["structure_fd"] <= 1.05, rss
+    assert 1.12 < rss["clip_vae"] < 1.32, rss
+    for name, t in report["targets"].items():
+        if name.startswith("peak RSS"):
+            assert t["met"] and t["measured"] <= t["limit"], (name, t)
 
 
 def test_vram_script_runs_its_cpu_smoke_mode(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import numpy as np
 import pytest
 import torch
 from agg_testing import probes
@@ -83,12 +84,15 @@ def judge(agg_models):
     return ClipJudge(agg_models.path("open_clip", agg_models.open_clip))
 
 
-def embeddings(judge, r, g: Graph, *latents: torch.Tensor) -> list[torch.Tensor]:
-    """The judge's unit image embedding of each latent, decoded by the graph's VAE (ComfyUI's own decode)."""
-    from agg_testing.probes import decoded
-
+def embeddings(judge, r, g: Graph, *latents: torch.Tensor, decoder: str = "vae") -> list[torch.Tensor]:
+    """The judge's unit image embedding of each latent, seen as the loss saw it: decoded by the graph's VAE
+    (ComfyUI's own decode; the `taesd` option decodes as the test checkpoint's VAE does), or ComfyUI's linear
+    preview for `linear` (with random weights the preview and the VAE decode are unrelated images)."""
+    if decoder == "linear":
+        model = r.output(g["ckpt"].id).model
+        return [judge.image(probes.linear_preview(model, lat)) for lat in latents]
     vae = r.output(g["ckpt"].id, index=2)
-    return [judge.image(decoded(vae, lat)) for lat in latents]
+    return [judge.image(probes.decoded(vae, lat)) for lat in latents]
 
 
 def along(move: torch.Tensor, direction: torch.Tensor) -> tuple[float, float]:
@@ -115,7 +119,7 @@ def test_clip_direction_guidance_moves_along_the_text_direction(comfy, agg_model
     events = r.events("agg.terms")
     assert len(events) == 3
     assert all("clip_direction" in e["terms"] and not e["skipped"] for e in events), events
-    e_out, e_base = embeddings(judge, r, g, out, base)
+    e_out, e_base = embeddings(judge, r, g, out, base, decoder=decoder)
     # the paper's text direction, from the raw texts: target minus 0.4 source
     direction = judge.text("a watercolor painting") - 0.4 * judge.text("a photo")
     gain, share = along(e_out - e_base, direction)
@@ -163,18 +167,40 @@ def test_each_decoder_option_decodes_differently(comfy, agg_models):
             assert diff > 1e-2, (a, b)
 
 
-def test_source_image_input(comfy, agg_models):
-    seed = next(SEEDS)
-    g = base_graph(agg_models, seed=seed)
-    with_agg(g, clip_loss(g, agg_models, decoder="linear"))
-    without = sampled(comfy.run(g.prompt), g)
-    g2 = base_graph(agg_models, seed=seed)
-    with_agg(g2, clip_loss(g2, agg_models, decoder="linear", source_image=g2["scale"][0]))
-    r = comfy.run(g2.prompt)
-    with_image = sampled(r, g2)
-    assert "clip_direction" in term_names(r)
-    # The source image's embedding enters the direction: the guided result differs.
-    assert not torch.equal(with_image, without)
+def test_source_image_term_pulls_toward_that_image(comfy, agg_models):
+    """The source image's embedding enters the direction with a + sign (0.2 weight, as in the paper). Judged in
+    pixel colour, in numpy: with a CLIP whose image embedding is the mean colour and whose text embeddings no
+    image can follow (probes.ColourCLIP), only the image term can pull, and it pulls the result's mean colour
+    toward the given image's (a solid red here). The random tiny CLIP cannot show this: every image embeds
+    within cosine 0.998 of every other."""
+    seed = 3920
+    probes.register()
+
+    def run(source_image: bool):
+        g = base_graph(agg_models, seed=seed)
+        g.node("AGGTestColourCLIP", name="clip")
+        extra = {}
+        if source_image:
+            extra["source_image"] = g.node("EmptyImage", width=64, height=64, batch_size=1, color=0xFF0000)[0]
+        with_agg(g, clip_loss(g, agg_models, weight=1.0, **extra))
+        r = comfy.run(g.prompt)
+        return r, g, sampled(r, g)
+
+    r, g, with_image = run(True)
+    _, _, without = run(False)
+    plain = base_graph(agg_models, seed=seed)
+    unguided = sampled(comfy.run(plain.prompt), plain)
+    vae = r.output(g["ckpt"].id, index=2)
+    mean = {k: probes.decoded(vae, lat).reshape(-1, 3).double().mean(0).numpy()
+            for k, lat in (("with", with_image), ("without", without), ("unguided", unguided))}
+    move, toward = mean["with"] - mean["without"], np.array([1.0, 0.0, 0.0]) - mean["without"]
+    cos = float(move @ toward / (np.linalg.norm(move) * np.linalg.norm(toward)))
+    print(f"source image term: mean colour without {mean['without'].round(4)}, with {mean['with'].round(4)}, "
+          f"unguided {mean['unguided'].round(4)}; move {np.linalg.norm(move):.4f}, cos to red {cos:.3f}")
+    # measured: move 0.156 (0..1 colour units), cos 0.68; the term's sign reversed moves away from red
+    assert cos > 0.5 and np.linalg.norm(move) > 0.08, (cos, move)
+    # without the image term nothing can pull: the text-only run is the unguided run
+    assert np.abs(mean["without"] - mean["unguided"]).max() < 1e-4
 
 
 def style_graph(agg_models, *, seed: int, weight: float = 20.0, mask: list | None = None) -> Graph:

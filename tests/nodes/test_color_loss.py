@@ -4,9 +4,10 @@ photo with a clearly different palette ends with colour statistics much closer t
 the same KSampler without AGG, while its layout stays closer to the source's than that plain img2img run.
 
 The source and the reference are held-back photo crops of the model's training data (64 px). Colour is
-measured as the loss measures it (per-channel mean and std of the decoded image, agg_kernels.losses.color);
-structure as the mean absolute difference of the per-channel standardised images (zero mean, unit std per
-channel: blind to exactly the changes a colour transfer makes), against the source's own VAE round trip.
+measured in numpy, independently of the pack (probes.colour_distance: README's distance between per-channel
+mean and std of the decoded image and the reference); structure as the mean absolute difference of the
+per-channel standardised images (zero mean, unit std per channel: blind to exactly the changes a colour
+transfer makes), against the source's own VAE round trip.
 The loss nodes decode with the checkpoint's VAE (`decoder = vae`): the test tree's vae_approx files are
 the random-weight TAESD of the other fixtures.
 """
@@ -18,8 +19,7 @@ import pytest
 import torch
 from agg_testing import trained as T
 from agg_testing.graphs import Graph
-
-from agg_kernels.losses.color import color_distance, color_stats, image_stats
+from agg_testing.probes import colour_distance
 
 # the first test of a fresh machine trains the model (minutes); the runs themselves take seconds
 pytestmark = pytest.mark.slow
@@ -42,12 +42,11 @@ def session(comfy, agg_models):
     T.link_trained(agg_models.root)  # the trained checkpoint in the session's models tree
     crops = T.crops(T.TrainConfig(), "test", 16, seed=5)
     source = crops[0]
-    mean, std = image_stats(source.movedim(-1, 0)[None])
     # the reference: of the held-back crops with a usable image in them (neither nearly black nor flat), the one
     # whose colour statistics are farthest from the source's
-    stats = [image_stats(c.movedim(-1, 0)[None]) for c in crops]
-    usable = [i for i in range(1, len(crops)) if 0.2 < float(stats[i][0].mean()) < 0.8 and float(stats[i][1].min()) > 0.08]
-    far = max(usable, key=lambda i: float(color_distance(crops[i].movedim(-1, 0)[None], mean, std)))
+    usable = [i for i in range(1, len(crops)) if 0.2 < float(crops[i].mean()) < 0.8
+              and float(crops[i].reshape(-1, 3).std(0, unbiased=False).min()) > 0.08]
+    far = max(usable, key=lambda i: colour_distance(crops[i], source))
     for name, image in ((SOURCE, source), (REFERENCE, crops[far])):
         Image.fromarray(np.round(image.numpy() * 255).astype(np.uint8)).save(comfy.dirs["input"] / name)
     return comfy
@@ -93,38 +92,34 @@ def img2img(*, guided: bool, structure: float = STRUCTURE_WEIGHT, color: float |
 def run(session, g: Graph) -> dict[str, torch.Tensor]:
     r = session.run(g.prompt)
     assert r.ok, r.error_text()
-    out = {k: r.output(g[k].id).movedim(-1, 1).float() for k in ("decode", "roundtrip")}
+    out = {k: r.output(g[k].id).float() for k in ("decode", "roundtrip")}  # IMAGE [B, H, W, 3]
     assert torch.isfinite(out["decode"]).all()
     return out
 
 
-def standardised(pixels: torch.Tensor) -> torch.Tensor:
-    mean, std = color_stats(pixels)
-    return (pixels - mean[..., None, None]) / std[..., None, None]
+def standardised(pixels: torch.Tensor) -> np.ndarray:
+    px = pixels.numpy().astype(np.float64)
+    return (px - px.mean((0, 1, 2))) / px.std((0, 1, 2))
 
 
 def structure_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((standardised(a) - standardised(b)).abs().mean())
+    return float(np.abs(standardised(a) - standardised(b)).mean())
 
 
 def test_color_loss_moves_the_colours_to_the_reference_and_keeps_the_layout(session):
     from PIL import Image
 
-    reference = torch.from_numpy(np.asarray(Image.open(session.dirs["input"] / REFERENCE).convert("RGB"),
-                                            dtype=np.float32) / 255).movedim(-1, 0)[None]
-    ref_mean, ref_std = image_stats(reference)
+    reference = np.asarray(Image.open(session.dirs["input"] / REFERENCE).convert("RGB"), dtype=np.float64) / 255
     plain = run(session, img2img(guided=False))
     guided = run(session, img2img(guided=True))
     source = plain["roundtrip"]
-    d_source = float(color_distance(source, ref_mean, ref_std))
-    d_plain = float(color_distance(plain["decode"], ref_mean, ref_std))
-    d_guided = float(color_distance(guided["decode"], ref_mean, ref_std))
+    d_source, d_plain, d_guided = (colour_distance(x, reference) for x in (source, plain["decode"], guided["decode"]))
     s_plain = structure_distance(plain["decode"], source)
     s_guided = structure_distance(guided["decode"], source)
-    m_src, m_guided = color_stats(source)[0], color_stats(guided["decode"])[0]
+    means = {k: np.round(x.reshape(-1, 3).mean(0).tolist(), 3).tolist()
+             for k, x in (("source", source), ("guided", guided["decode"]), ("reference", reference))}
     print(f"\ncolour distance to the reference: source {d_source:.4f}, plain img2img {d_plain:.4f}, Structure + Color "
-          f"{d_guided:.4f} ({d_guided / d_plain:.2f} of plain); channel means: source {m_src.squeeze().tolist()}, "
-          f"guided {m_guided.squeeze().tolist()}, reference {ref_mean.squeeze().tolist()}")
+          f"{d_guided:.4f} ({d_guided / d_plain:.2f} of plain); channel means {means}")
     print(f"structure distance to the source (standardised pixels): plain img2img {s_plain:.4f}, Structure + Color "
           f"{s_guided:.4f}")
     assert d_guided < MAX_COLOR_RATIO * d_plain
