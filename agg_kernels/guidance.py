@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .dds import dds_refine, summed, term_gradients, term_pulls
-from .manifold import FD_REL_STEP, Denoiser, covariance_product, plain
+from .manifold import FD_NOISE_REASON, FD_REL_STEP, Denoiser, checked_covariance_product, fd_is_noise, plain
 from .objective import Loss, LossContext, Terms, anchors_of
 from .strength import DEFAULT_TRUST, clip_to_radius, is_descent, posterior_variance, rms, trust_radius
 
@@ -76,12 +76,15 @@ def guided_delta(
     *,
     probe_base: torch.Tensor | None = None,
     trust: float = DEFAULT_TRUST,
+    fd_max_error: float | None = None,
 ) -> GuidanceResult:
     """delta = x_tilde - D for one step, in model-independent units (see agg_kernels.strength).
 
     `denoise` is the denoiser whose Jacobian carries the pull (autograd, finite_difference), and
     `probe_base` its value at x (default: `denoised`). Where its step would not lower the loss (a Jacobian
     that is not a covariance), the sample falls back to the unit-variance prior's step, and says so.
+    With `fd_max_error` (half-precision models), finite_difference probes two-sided and a sample whose
+    estimated relative error exceeds it (the probe is rounding noise) falls back the same way.
     Inputs are assumed valid (the nodes check them); a NaN or inf loss skips the step and says why.
     """
     work = plain(denoised).float()
@@ -103,10 +106,20 @@ def guided_delta(
         step = prior
     else:
         base = work if probe_base is None else plain(probe_base).float()
-        step = covariance_product(manifold, pull, plain(x).float(), base, ctx.sigma, ctx.family, denoise, fd_rel_step)
-        ok = is_descent(pull, step)
+        step, error = checked_covariance_product(manifold, pull, plain(x).float(), base, ctx.sigma, ctx.family, denoise,
+                                                 fd_rel_step, two_sided=fd_max_error is not None)
+        descent = is_descent(pull, step)
+        error = error.to(descent.device) if error is not None else None
+        noise = fd_is_noise(error, fd_max_error) if error is not None else torch.zeros_like(descent)
+        ok = descent & ~noise
         if not bool(ok.all()):
-            fallback = f"{manifold} step not a descent direction on {int((~ok).sum())} of {len(ok)} samples; used the prior covariance"
+            reasons = []
+            if bool(noise.any()):
+                worst = float(error[noise].max())
+                reasons.append(f"{manifold} probe {FD_NOISE_REASON} (estimated error {worst:.0%}) on {int(noise.sum())} of {len(ok)} samples")
+            if bool((~descent & ~noise).any()):
+                reasons.append(f"{manifold} step not a descent direction on {int((~descent & ~noise).sum())} of {len(ok)} samples")
+            fallback = "; ".join(reasons) + "; used the prior covariance"
             step = torch.where(ok.reshape(-1, *([1] * (work.ndim - 1))), torch.nan_to_num(step), prior)
     x0 = dds_refine(loss, work - step, ctx, dds_steps, dds_lr)
     delta, capped = clip_to_radius(x0 - work, trust_radius(ctx.sigma, ctx.family, trust))

@@ -18,7 +18,13 @@ import comfy.samplers
 import torch
 
 from ..agg_kernels.guidance import GuidanceResult, guided_delta
-from ..agg_kernels.manifold import FD_REL_STEP, grad_enabled
+from ..agg_kernels.manifold import (
+    FD_MAX_ERROR,
+    FD_NOISE_REASON,
+    fd_rel_step_for,
+    grad_enabled,
+    reduced_precision,
+)
 from ..agg_kernels.objective import LossContext
 from ..agg_kernels.schedule import edit_window, in_window
 from ..agg_kernels.step import SamplerSpec, realise
@@ -34,11 +40,6 @@ log = logging.getLogger("AGG")
 AUTOGRAD_LIMITS = ("Inference tensors cannot be saved for backward", "modified by an inplace operation",
                    "no autograd formula was registered")
 
-# Half-precision models round eps_hat to ~1e-3 relative, and D = x - sigma * eps_hat multiplies that by
-# sigma: a larger probe keeps the finite difference above the rounding noise.
-FD_REL_STEP_HALF = 1e-1
-
-
 # model_options entries of ComfyUI's multi-GPU sampling (0.33 on): the per-device model clones and their threads.
 MULTIGPU_KEYS = ("multigpu_clones", "multigpu_thread_pool")
 
@@ -50,10 +51,16 @@ def single_device_options(model_options: dict) -> dict:
     return {k: v for k, v in model_options.items() if k not in MULTIGPU_KEYS}
 
 
+def compute_dtype(patcher: Any) -> torch.dtype:
+    """The dtype the model computes in: ComfyUI's manual cast dtype where it casts the weights layer by layer
+    (fp8 storage, weights the device cannot compute in, ModelComputeDtype), else its weights' dtype."""
+    cast = patcher.get_model_object("manual_cast_dtype")
+    return cast if cast is not None else (patcher.model_dtype() or torch.float32)
+
+
 def fd_step_for(dtype: torch.dtype, requested: float | None) -> float:
-    if requested is not None:
-        return requested
-    return FD_REL_STEP_HALF if dtype in (torch.float16, torch.bfloat16) else FD_REL_STEP
+    """The finite-difference probe's size relative to sigma, for a model that computes in `dtype`."""
+    return requested if requested is not None else fd_rel_step_for(dtype)
 
 
 class AGGRun:
@@ -79,8 +86,10 @@ class AGGRun:
         self.captured: torch.Tensor | None = None  # the guider's conditional prediction at this call's x
         self.probe_is_conditional = False
         patcher = getattr(guider, "model_patcher", None)
-        model_dtype = patcher.model_dtype() if patcher is not None else torch.float32
-        self.fd_rel_step = fd_step_for(model_dtype, settings.fd_rel_step)
+        self.compute_dtype = compute_dtype(patcher) if patcher is not None else torch.float32
+        self.fd_rel_step = fd_step_for(self.compute_dtype, settings.fd_rel_step)
+        # half precision: a two-sided probe each guided step (one more conditional pass) estimates its own error
+        self.fd_max_error = FD_MAX_ERROR if reduced_precision(self.compute_dtype) else None
 
     # -- logging -----------------------------------------------------------------------------
     def warn_once(self, key: str, message: str) -> None:
@@ -168,6 +177,7 @@ class AGGRun:
             return guided_delta(
                 self.loss, x, denoised, ctx, settings.manifold, denoise, settings.dds_steps, settings.dds_lr,
                 fd_rel_step=self.fd_rel_step, probe_base=self.probe_base(denoise, x), trust=settings.trust,
+                fd_max_error=self.fd_max_error,
             )
 
         try:
@@ -184,7 +194,11 @@ class AGGRun:
         self.step += 1
         report(self.node_name, self.step, sigma, result, self.node_id)
         if result.fallback:
-            self.warn_once("fallback", f"{result.fallback} (sigma {sigma:.4g}; reported per step in 'agg.terms').")
+            noise = FD_NOISE_REASON in result.fallback
+            hint = (f" The model computes in {self.compute_dtype}; manifold autograd, where the model allows it, is not"
+                    " limited by its rounding." if noise else "")
+            self.warn_once("fallback-noise" if noise else "fallback",
+                           f"{result.fallback} (sigma {sigma:.4g}; reported per step in 'agg.terms').{hint}")
         if result.delta is None:
             self.warn_once("nonfinite", f"guidance skipped at sigma {sigma:.4g}: {result.skipped}.")
             return denoised
