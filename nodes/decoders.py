@@ -4,6 +4,10 @@ ComfyUI's VAE.decode is not differentiable (inference tensors, clamping, preallo
 losses decode through a per-run copy of the VAE's decoding half made outside inference mode, through
 TAESD from models/vae_approx, or through the latent format's linear RGB factors.
 
+Latent formats are read from the model, never assumed: the decoders take the model-space clean estimate in
+the model's own layout, [B, C, H, W] or, for the models ComfyUI gives video-shaped latents (Qwen-Image's
+Wan 2.1 latents), [B, C, 1, H, W], and always return one image per latent, [B, 3, H, W] in -1..1.
+
 Memory: the `vae` copy holds what `first_stage_model.decode` uses and nothing of the encoder (for
 AutoencoderKL: decoder + post_quant_conv; for SDXL / SD3 / Flux's AutoencodingEngine: decoder; for
 TAESD-as-VAE: taesd_decoder + its scale and shift). Weights already on the run's device in its dtype are
@@ -34,6 +38,37 @@ Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 def latent_channels(model) -> int:
     return int(model.latent_format.latent_channels)
+
+
+def check_single_frame(shape: tuple[int, ...], node: str) -> None:
+    """Image losses judge one image per latent: a 5-D latent [B, C, T, H, W] must hold one frame."""
+    if len(shape) == 5 and shape[2] != 1:
+        raise AGGError(f"{node}: input 'decoder' decodes the clean estimate to judge it as an image, but the model "
+                       f"samples a latent of {shape[2]} frames (a video latent); image losses need one frame "
+                       "per latent. Use Structure Loss alone, or an image model.")
+    if len(shape) not in (4, 5):
+        raise AGGError(f"{node}: input 'decoder' cannot decode a latent of shape {tuple(shape)}; image losses "
+                       "need image latents [B, C, H, W] (or [B, C, 1, H, W]).")
+
+
+def as_images(pixels: torch.Tensor) -> torch.Tensor:
+    """A decoder's output as [B, 3, H, W]: the frame axis of a one-frame video decode dropped."""
+    return pixels[:, :, 0] if pixels.ndim == 5 else pixels
+
+
+def to_signed(vae) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Maps a VAE's raw decoder output to -1..1. ComfyUI's VAE.process_output turns the raw output into 0..1
+    pixels (and clamps, in place): most decoders output -1..1, some (the video TAEs) 0..1 already. Its affine
+    part is read from two probe values inside the range, so the map stays differentiable and unclamped."""
+    process = getattr(vae, "process_output", None)
+    if process is None:
+        return lambda x: x
+    with torch.inference_mode(False), torch.no_grad():
+        lo, hi = (float(process(torch.tensor([v]))[0]) for v in (-0.5, 0.5))
+    a, b = hi - lo, (hi + lo) / 2  # pixels = a * raw + b
+    if abs(a - 0.5) < 1e-6 and abs(b - 0.5) < 1e-6:
+        return lambda x: x
+    return lambda x: 2 * (a * x + b) - 1
 
 
 def check_vae(vae, model, node: str) -> None:
@@ -100,6 +135,30 @@ def make_room(nbytes: int, device: torch.device) -> None:
     mm.free_memory(nbytes + mm.minimum_inference_memory(), device, keep_loaded=in_use)
 
 
+def latent_out(run: RunInfo) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's process_latent_out (model latents -> the VAE's) in a form autograd accepts.
+
+    Latent formats keep their constants as tensors made when the model loaded, under inference mode (Wan 2.1's
+    per-channel mean and std, for Qwen-Image): autograd cannot save those for backward. The map is read from
+    the model once per run, as its per-element scale and shift (every image latent format is affine), and
+    checked on a random latent; a format that is not affine is called as it is."""
+
+    def make() -> Callable[[torch.Tensor], torch.Tensor]:
+        out = run.model.process_latent_out
+        shape = (1, *run.latent_shape[1:])  # per element, shared by the batch
+        with torch.inference_mode(False), torch.no_grad():
+            zeros = torch.zeros(shape, device=run.device)
+            shift = out(zeros.clone()).float().clone()
+            scale = out(zeros + 1).float().clone() - shift
+            probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(run.device)
+            affine = torch.allclose(out(probe.clone()).float(), scale * probe + shift, atol=1e-4, rtol=1e-4)
+        if not affine:
+            return out
+        return lambda x: x * scale.to(x.dtype) + shift.to(x.dtype)
+
+    return run.cached(("latent_out",), make)
+
+
 def vae_decoder(vae, run: RunInfo) -> Decoder:
     dtype = torch.float32 if run.device.type == "cpu" else getattr(vae, "vae_dtype", torch.float32)
     source = vae.first_stage_model
@@ -115,13 +174,15 @@ def vae_decoder(vae, run: RunInfo) -> Decoder:
         return holder
 
     holder = run.cached(("vae", id(vae)), make)
-    model = run.model
+    to_vae = latent_out(run)
+    signed = to_signed(vae)
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         if not holder:
             raise RuntimeError("the VAE decoder copy was released with its sampling run")
-        z = model.process_latent_out(x0)
-        return holder[0].decode(z.to(device=run.device, dtype=dtype)).float()
+        z = to_vae(x0)
+        out = holder[0].decode(z.to(device=run.device, dtype=dtype))
+        return signed(as_images(out).to(run.device).float())
 
     return decode
 
@@ -137,16 +198,23 @@ def taesd_file(model) -> str:
 
 
 def taesd_decoder(run: RunInfo, node: str) -> Decoder:
+    import comfy.utils
     from comfy.taesd.taesd import TAESD
 
     try:
         path = taesd_file(run.model)
     except FileNotFoundError as e:
         raise AGGError(f"{node}: input 'decoder' is 'taesd' but {e}. Put the TAESD decoder there, or choose 'vae' or 'linear'.") from e
+    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    if any(k.startswith("decoder.") for k in sd):
+        # A whole tiny VAE in one file (the video TAEs, e.g. lighttaew2_1 for Wan 2.1 / Qwen-Image latents):
+        # ComfyUI's own VAE detection builds it, as its previewer does.
+        return tiny_vae_decoder(sd, path, run)
 
     def make() -> torch.nn.Module:
         with torch.inference_mode(False):  # ordinary tensors from the start: no second copy needed
-            net = TAESD(decoder_path=path, latent_channels=latent_channels(run.model))
+            net = TAESD(latent_channels=latent_channels(run.model))
+            net.taesd_decoder.load_state_dict(sd)
             net.taesd_encoder = None  # built (randomly initialised) by TAESD, never used for decoding
             for p in net.parameters():
                 p.requires_grad_(False)
@@ -161,6 +229,29 @@ def taesd_decoder(run: RunInfo, node: str) -> Decoder:
     return decode
 
 
+def tiny_vae_decoder(sd: dict, path: str, run: RunInfo) -> Decoder:
+    """A tiny decoder stored as a whole VAE file: built by comfy.sd.VAE and fed as that VAE is (VAELoader lists
+    these files): the VAE's latents, process_latent_out of the model's; its own latent format, if any, maps
+    them further. Decoded through a gradient copy."""
+    import comfy.sd
+
+    def make() -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+        vae = comfy.sd.VAE(sd=sd)
+        net = gradient_copy(vae.first_stage_model, run.device, torch.float32, ENCODER_PARTS)
+        if hasattr(net, "show_progress_bar"):
+            net.show_progress_bar = False
+        return net, to_signed(vae)
+
+    net, signed = run.cached(("taesd", path), make)
+    to_vae = latent_out(run)
+
+    def decode(x0: torch.Tensor) -> torch.Tensor:
+        z = to_vae(x0.float())
+        return signed(as_images(net.decode(z)).to(run.device).float())
+
+    return decode
+
+
 def linear_decoder(run: RunInfo, node: str) -> Decoder:
     fmt = run.model.latent_format
     factors = getattr(fmt, "latent_rgb_factors", None)
@@ -170,16 +261,28 @@ def linear_decoder(run: RunInfo, node: str) -> Decoder:
         w = torch.tensor(factors, dtype=torch.float32, device=run.device)  # [C, 3]
         bias = getattr(fmt, "latent_rgb_factors_bias", None)
         b = torch.tensor(bias if bias is not None else [0.0, 0.0, 0.0], dtype=torch.float32, device=run.device)
-    scale = 8  # the VAE's spatial factor, so crops and sizes match the pixel image
+    # The factors may act on an unpatchified latent (Flux.2: 128 channels -> 32 at twice the size), as the
+    # format's own reshape gives it to ComfyUI's previewer.
+    reshape = getattr(fmt, "latent_rgb_factors_reshape", None)
+    ratio = int(getattr(fmt, "spacial_downscale_ratio", 8))  # the VAE's spatial factor: sizes match the pixels
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
-        rgb = torch.einsum("bchw,cr->brhw", x0.float(), w) + b[None, :, None, None]
-        return F.interpolate(rgb, scale_factor=scale, mode="bilinear", align_corners=False)
+        x = x0.float()
+        x = x[:, :, 0] if x.ndim == 5 else x  # one frame (check_single_frame)
+        size = (x.shape[-2] * ratio, x.shape[-1] * ratio)
+        if reshape is not None:
+            x = reshape(x)
+        if x.shape[1] != w.shape[0]:
+            raise AGGError(f"{node}: input 'decoder' is 'linear' but the latent format's RGB factors are for "
+                           f"{w.shape[0]} channels and the latent has {x.shape[1]}; choose 'vae'.")
+        rgb = torch.einsum("bchw,cr->brhw", x, w) + b[None, :, None, None]
+        return F.interpolate(rgb, size=size, mode="bilinear", align_corners=False)
 
     return decode
 
 
 def make_decoder(kind: str, vae, run: RunInfo, node: str) -> Decoder:
+    check_single_frame(tuple(run.latent_shape), node)
     if kind == "taesd":
         try:
             taesd_file(run.model)

@@ -97,9 +97,11 @@ def mask_input(role: str) -> io.Input:
 
 
 def latent_region(mask: torch.Tensor, run: RunInfo, node: str) -> torch.Tensor:
-    """The node's mask on the run's latent grid, [B or 1, 1, h, w] on the run's device."""
+    """The node's mask on the run's latent grid, [B or 1, 1, h, w] on the run's device ([B or 1, 1, 1, h, w] for
+    the 5-D latents [B, C, T, h, w] some image models sample, e.g. Qwen-Image)."""
     checked(node, "mask", check_mask, mask, run.latent_shape[0])
-    return resize_mask(mask, tuple(run.latent_shape[-2:])).to(run.device)
+    region = resize_mask(mask, tuple(run.latent_shape[-2:])).to(run.device)
+    return region.unsqueeze(2) if len(run.latent_shape) == 5 else region
 
 
 def on_region(loss: Loss, mask: torch.Tensor | None, run: RunInfo, node: str, *, outside: bool = False) -> Loss:

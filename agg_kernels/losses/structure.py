@@ -32,20 +32,21 @@ def check_reference(reference: Reference, x0: torch.Tensor, what: str = "structu
     """Raise a ValueError naming expected vs got when the reference cannot be compared with x0 (any tensor of
     the run's latent shape, e.g. on the meta device). The losses below assume a reference that passes."""
     shape = reference_shape(reference)
-    if len(shape) != 4:
+    # [B, C, H, W], or [B, C, T, H, W] for the image models ComfyUI gives video-shaped latents (Qwen-Image)
+    if len(shape) not in (4, 5):
         raise ValueError(f"{what} must be a [B, C, H, W] latent; got shape {shape}")
-    if x0.ndim != 4:
-        raise ValueError(f"{what}: the clean estimate must be [B, C, H, W]; got shape {tuple(x0.shape)}")
-    b, c, h, w = shape
+    if x0.ndim != len(shape):
+        raise ValueError(f"{what}: the clean estimate must be {len(shape)}-D like the reference; got shape {tuple(x0.shape)}")
+    b, c = shape[:2]
     if c != x0.shape[1]:
         raise ValueError(
             f"{what} has {c} latent channels but the run's latent has {x0.shape[1]} "
             f"(expected {x0.shape[1]}, got {c}): was it encoded by another model family's VAE?"
         )
-    if (h, w) != tuple(x0.shape[2:]):
+    if tuple(shape[2:]) != tuple(x0.shape[2:]):
+        want, got = "x".join(map(str, x0.shape[2:])), "x".join(map(str, shape[2:]))
         raise ValueError(
-            f"{what} latent size {h}x{w} does not match the run's latent size "
-            f"{x0.shape[2]}x{x0.shape[3]} (expected {x0.shape[2]}x{x0.shape[3]}, got {h}x{w})"
+            f"{what} latent size {got} does not match the run's latent size {want} (expected {want}, got {got})"
         )
     if b not in (1, x0.shape[0]):
         raise ValueError(

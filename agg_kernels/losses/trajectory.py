@@ -21,7 +21,7 @@ class Trajectory:
         s, d = self.sigmas, self.denoised
         if s.ndim != 1 or s.shape[0] == 0:
             raise ValueError(f"trajectory sigmas must be a non-empty 1-D tensor; got shape {tuple(s.shape)}")
-        if d.ndim != 5:
+        if d.ndim not in (5, 6):  # [N, B, C, T, H, W] for video-shaped image latents (Qwen-Image)
             raise ValueError(f"trajectory denoised must be [N, B, C, H, W]; got shape {tuple(d.shape)}")
         if d.shape[0] != s.shape[0]:
             raise ValueError(f"trajectory has {s.shape[0]} sigmas but {d.shape[0]} denoised entries")

@@ -390,12 +390,16 @@ def decoded(vae, latent: torch.Tensor) -> torch.Tensor:
 
 def linear_preview(model, latent: torch.Tensor) -> torch.Tensor:
     """What ComfyUI's latent previewer shows for a LATENT's samples: the latent format's RGB factors (and bias)
-    applied to the model-space latent, mapped from [-1, 1] to 0..1: IMAGE [B, h, w, 3] at latent size."""
+    applied to the model-space latent, mapped from [-1, 1] to 0..1: IMAGE [B, h, w, 3] at latent size. As the
+    previewer does, a format's factor reshape (Flux.2's unpatchify) applies first and a 5-D latent shows frame 0."""
     fmt = model.latent_format
     w = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)
     b = torch.tensor(getattr(fmt, "latent_rgb_factors_bias", None) or [0.0, 0.0, 0.0], dtype=torch.float32)
+    reshape = getattr(fmt, "latent_rgb_factors_reshape", None)
     with torch.inference_mode(False), torch.no_grad():
         x = model.process_latent_in(latent.float())
+        x = reshape(x) if reshape is not None else x
+        x = x[:, :, 0] if x.ndim == 5 else x
         rgb = torch.einsum("bchw,cr->bhwr", x, w) + b
     return ((rgb + 1) / 2).clamp(0, 1)
 
