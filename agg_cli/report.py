@@ -204,11 +204,12 @@ def _draw_terms(plt: Any, events: list[dict], out: Path, title: str) -> None:
         ax2.set_ylabel("RMS (log)")
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=7, ncol=2)
-    marks = [(i, e) for i, e in enumerate(events) if e.get("trust_region") or e.get("fallback") or e.get("skipped")]
+    marks = [(i, e) for i, e in enumerate(events)
+             if e.get("trust_region") or e.get("element_bound") or e.get("fallback") or e.get("skipped")]
     for i, e in marks:
         for row in axes:
             row[0].axvline(steps[i], color="red" if e.get("skipped") else "orange", alpha=0.25, lw=3)
-    axes[-1][0].set_xlabel("guided step" + ("  (shaded: trust region / fallback / skipped)" if marks else ""))
+    axes[-1][0].set_xlabel("guided step" + ("  (shaded: trust region / element bound / fallback / skipped)" if marks else ""))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -33,12 +33,14 @@ def cutout_params(
 ) -> dict[str, torch.Tensor]:
     """Random crop parameters for n cut-outs of each of b images, sample-major ([b * n] each).
 
+    Every image gets the same n crops: an image's augmentation (and so its guidance) does not depend on its
+    place in the batch or on the batch's size.
     side: crop side in pixels, sqrt(U(0.8, 1)) of the image's shorter side (a square crop whose area is
     80-100% of the largest square); cx, cy: crop centre in pixels from the image centre, uniform over
     positions where the unrotated crop fits; angle: radians in +-10 degrees; flip: +-1 (mirror x).
     """
     device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(5, b * n, generator=generator, device=device, dtype=torch.float64)
+    u = torch.rand(5, n, generator=generator, device=device, dtype=torch.float64).repeat(1, b)
     lo, hi = CUT_SCALE
     side = (lo + (hi - lo) * u[0]).sqrt() * min(height, width)
     cx = (u[1] * 2 - 1) * (width - side) / 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .manifold import grad_enabled
-from .objective import Loss, LossContext, Terms, anchors_of, weights_of
+from .objective import Loss, LossContext, Terms, anchors_of, floors_of, weights_of
 from .strength import term_pull
 
 
@@ -28,11 +28,14 @@ def term_gradients(loss: Loss, x0: torch.Tensor, ctx: LossContext) -> tuple[Term
     return {k: v.detach() for k, v in terms.items()}, grads
 
 
-def term_pulls(loss: Loss, x0: torch.Tensor, ctx: LossContext, grads: Terms) -> Terms:
-    """Each term's pull on x0 (weight-sized, anchored terms clipped at their reference); see strength."""
+def term_pulls(loss: Loss, x0: torch.Tensor, ctx: LossContext, grads: Terms, values: Terms | None = None) -> Terms:
+    """Each term's pull on x0 (weight-sized, anchored terms clipped at their reference, terms with a floor
+    scaled so their predicted decrease stays within value - floor, given the per-sample `values`); see strength."""
     weights = weights_of(loss)
     anchors = anchors_of(loss, x0, ctx)
-    return {k: term_pull(g, weights.get(k, 1.0), x0, anchors.get(k)) for k, g in grads.items()}
+    floors = floors_of(loss) if values is not None else {}
+    return {k: term_pull(g, weights.get(k, 1.0), x0, anchors.get(k), None if values is None else values.get(k),
+                         floors.get(k)) for k, g in grads.items()}
 
 
 def summed(pulls: Terms, like: torch.Tensor) -> torch.Tensor:
@@ -50,6 +53,6 @@ def dds_refine(loss: Loss, x0: torch.Tensor, ctx: LossContext, steps: int, lr: f
     """
     x = x0.detach().clone()
     for _ in range(steps):
-        _, grads = term_gradients(loss, x, ctx)
-        x = x - lr * summed(term_pulls(loss, x, ctx, grads), x)
+        values, grads = term_gradients(loss, x, ctx)
+        x = x - lr * summed(term_pulls(loss, x, ctx, grads, values), x)
     return x

@@ -1,4 +1,5 @@
-"""One guided step: per-term pulls -> covariance (manifold) step -> refinement -> trust region -> delta."""
+"""One guided step: per-term pulls -> covariance (manifold) step -> refinement -> trust region and per-element
+bound -> delta. Every stage works on each sample of the batch on its own."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import torch
 
 from .dds import dds_refine, summed, term_gradients, term_pulls
 from .manifold import FD_NOISE_REASON, FD_REL_STEP, Denoiser, checked_covariance_product, fd_is_noise, plain
-from .objective import Loss, LossContext, Terms, anchors_of
-from .strength import DEFAULT_TRUST, clip_to_radius, is_descent, posterior_variance, rms, trust_radius
+from .objective import Loss, LossContext, Terms, anchors_of, floors_of, weights_of
+from .strength import (
+    DEFAULT_TRUST,
+    clamp_elements,
+    clip_to_radius,
+    element_limit,
+    is_descent,
+    posterior_variance,
+    rms,
+    trust_radius,
+)
 
 # Refinement defaults: one step of half the weight (the paper's one x0-space step after the manifold step).
 DEFAULT_DDS_STEPS = 1
@@ -22,7 +32,9 @@ class GuidanceResult:
 
     terms: each term's raw value (batch mean); grad_rms: RMS of its raw gradient; step_rms: RMS of the pull
     it asked of the clean estimate (weight-sized, anchored terms clipped); delta_rms: RMS of the final step;
-    trust_region: the cap acted on some sample; fallback: why the Jacobian step was replaced, if it was.
+    trust_region: the RMS cap acted on some sample; element_bound: the per-element bound clamped some element;
+    fallback: why the Jacobian step was replaced, if it was; idle: terms of non-zero weight that asked for no
+    pull although they are above their floor (a gradient that is zero, e.g. underflowed), with the reason.
     """
 
     delta: torch.Tensor | None
@@ -33,26 +45,49 @@ class GuidanceResult:
     delta_rms: float = 0.0
     trust_region: bool = False
     fallback: str | None = None
+    element_bound: bool = False
+    idle: dict[str, str] = field(default_factory=dict)
 
     def report(self) -> dict:
         """The step's figures as plain JSON values."""
         return {
             "terms": self.terms, "grad_rms": self.grad_rms, "step_rms": self.step_rms, "delta_rms": self.delta_rms,
-            "trust_region": self.trust_region, "fallback": self.fallback, "skipped": self.skipped,
+            "trust_region": self.trust_region, "element_bound": self.element_bound, "fallback": self.fallback,
+            "skipped": self.skipped, "idle": self.idle,
         }
 
 
 def within_anchors(delta: torch.Tensor, x0: torch.Tensor, pulls: Terms, anchors: Terms) -> torch.Tensor:
     """When every term that pulls is anchored (a Structure Loss alone), keep each element of x0 + delta
     between x0 and its references: the step never moves an element away from, or past, where the
-    terms want it, whatever the model's Jacobian did to the pull."""
-    active = [k for k, p in pulls.items() if bool(p.any())]
-    if not active or any(k not in anchors for k in active):
+    terms want it, whatever the model's Jacobian did to the pull. Decided per sample: which terms pull on
+    one image says nothing of another."""
+    shape = (-1, *([1] * (x0.ndim - 1)))
+    pulling = {k: p.flatten(1).any(1) for k, p in pulls.items()}  # [B] each
+    none = torch.zeros_like(next(iter(pulling.values())))
+    free = torch.stack([none, *(on for k, on in pulling.items() if k not in anchors)]).any(0)
+    held = torch.stack([none, *(on for k, on in pulling.items() if k in anchors)]).any(0) & ~free
+    if not bool(held.any()):
         return delta
-    gaps = [anchors[k] - x0 for k in active]
+    gaps = [torch.where(pulling[k].reshape(shape), anchors[k] - x0, torch.zeros_like(x0)) for k in pulls if k in anchors]
     low = torch.stack([torch.zeros_like(x0), *gaps]).amin(0)
     high = torch.stack([torch.zeros_like(x0), *gaps]).amax(0)
-    return torch.minimum(torch.maximum(delta, low.to(delta.dtype)), high.to(delta.dtype))
+    bounded = torch.minimum(torch.maximum(delta, low.to(delta.dtype)), high.to(delta.dtype))
+    return torch.where(held.reshape(shape), bounded, delta)
+
+
+def idle_terms(loss: Loss, values: Terms, grads: Terms) -> dict[str, str]:
+    """Terms of non-zero weight whose gradient is exactly zero on a sample where their value is above their
+    floor (0 when none is declared): a pull that vanished (e.g. a gradient below fp32's range) is reported."""
+    weights, floors = weights_of(loss), floors_of(loss)
+    out = {}
+    for k, g in grads.items():
+        w = torch.as_tensor(weights.get(k, 1.0)).reshape(-1)
+        above = values[k].detach().reshape(-1).double() > floors.get(k, 0.0)
+        still = ~g.flatten(1).any(1)
+        if bool((w != 0).any()) and bool((above.to(still.device) & still).any()):
+            out[k] = "zero gradient above its floor (flat, or below float32's range)"
+    return out
 
 
 def is_finite(t: torch.Tensor) -> bool:
@@ -94,11 +129,12 @@ def guided_delta(
     grad_rms = {k: mean_of(rms(g)) for k, g in grads.items()}
     if not all(is_finite(v) for v in values.values()) or not all(is_finite(g) for g in grads.values()):
         return GuidanceResult(None, terms, "non-finite loss or gradient", grad_rms)
-    pulls = term_pulls(loss, work, ctx, grads)
+    pulls = term_pulls(loss, work, ctx, grads, values)
     step_rms = {k: mean_of(rms(p)) for k, p in pulls.items()}
+    idle = idle_terms(loss, values, grads)
     pull = summed(pulls, work)
     if not bool(pull.any()):
-        return GuidanceResult(torch.zeros_like(denoised), terms, None, grad_rms, step_rms)
+        return GuidanceResult(torch.zeros_like(denoised), terms, None, grad_rms, step_rms, idle=idle)
 
     prior = posterior_variance(ctx.sigma.reshape(-1, *([1] * (work.ndim - 1))), ctx.family) * pull
     fallback = None
@@ -123,9 +159,11 @@ def guided_delta(
             step = torch.where(ok.reshape(-1, *([1] * (work.ndim - 1))), torch.nan_to_num(step), prior)
     x0 = dds_refine(loss, work - step, ctx, dds_steps, dds_lr)
     delta, capped = clip_to_radius(x0 - work, trust_radius(ctx.sigma, ctx.family, trust))
+    delta, clamped = clamp_elements(delta, element_limit(ctx.sigma, ctx.family))
     delta = within_anchors(delta, work, pulls, anchors_of(loss, work, ctx))
     if not is_finite(delta):
-        return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback)
+        return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback, idle=idle)
     return GuidanceResult(
-        delta.to(denoised.dtype), terms, None, grad_rms, step_rms, mean_of(rms(delta)), bool(capped.any()), fallback
+        delta.to(denoised.dtype), terms, None, grad_rms, step_rms, mean_of(rms(delta)), bool(capped.any()), fallback,
+        bool(clamped.any()), idle,
     )

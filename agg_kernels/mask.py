@@ -2,8 +2,9 @@
 
   region      = the mask resized to the latent (or pixel) grid, values in [0, 1]
   restrict    = the loss evaluated at  r * x0 + (1 - r) * stop_grad(x0):  same values, gradient r * grad,
-                its weights scaled by sqrt(mean r), so a weight still means an RMS pull of that size per
-                element of the region (a term's pull is normalised over the whole latent, see strength)
+                its weights scaled by sqrt(mean r) of each sample's own region, so a weight still means an RMS
+                pull of that size per element of the region (a term's pull is normalised over the whole latent,
+                see strength), whatever the other images' masks
   focused     = a decoder whose pixels outside the mask are mid-grey and cropped to the mask's box, so an
                 image loss (CLIP) sees only the region it is asked to change
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .objective import Loss, LossContext, Terms, anchors_of, weights_of
+from .objective import Loss, LossContext, Terms, Weight, anchors_of, floors_of, weights_of
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,9 +58,11 @@ def check_mask(mask: torch.Tensor, batch: int) -> None:
         raise ValueError("the mask is empty (all black): nothing would be edited; paint the region to change in white")
 
 
-def region_scale(region: torch.Tensor) -> float:
-    """sqrt(mean r): the weight factor that keeps a restricted term's per-element pull at its weight."""
-    return float(region.float().mean().clamp_min(1e-12).sqrt())
+def region_scale(region: torch.Tensor) -> torch.Tensor:
+    """sqrt(mean r) per sample ([B or 1], float32 on the CPU): the weight factor that keeps a restricted term's
+    per-element pull at its weight. Per sample: a batch mean would give a small mask's image a weaker pull
+    per element, and a large mask's a stronger one, than each gets alone."""
+    return region.detach().float().flatten(1).mean(1).clamp_min(1e-12).sqrt().cpu()
 
 
 class Restricted:
@@ -77,11 +80,16 @@ class Restricted:
         return self.loss(self._at(x0), ctx)
 
     @property
-    def weights(self) -> dict[str, float]:
-        return {k: v * self.scale for k, v in weights_of(self.loss).items()}
+    def weights(self) -> dict[str, Weight]:
+        return {k: torch.as_tensor(v, dtype=torch.float32).reshape(-1).cpu() * self.scale
+                for k, v in weights_of(self.loss).items()}
 
     def anchors(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
         return anchors_of(self.loss, x0, ctx)
+
+    @property
+    def floors(self) -> dict[str, float]:
+        return floors_of(self.loss)
 
 
 def restrict(loss: Loss, region: torch.Tensor) -> Restricted:

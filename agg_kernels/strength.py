@@ -6,10 +6,17 @@ raw size of a loss (CLIP's, a decoder's, a user's constant factor) never matters
 through the posterior covariance of x0 given x (the manifold step), which for unit-variance latents is at
 most the identity, and the whole step is capped by a trust region of the size of the posterior spread.
 
-  pull_i   = w_i * g_i / RMS(g_i)              (anchored terms: clipped so no element passes its reference)
+  pull_i   = w_i * g_i / RMS(g_i)              (anchored terms: clipped so no element passes its reference;
+                                               terms with a floor: scaled so <g_i, pull_i> <= L_i - floor_i)
   Delta    = -C(sigma) pull                    C = (sigma^2 / alpha) J  (the Tweedie covariance), or
                                                sigma^2 / (alpha^2 + sigma^2) (unit-variance prior, J unknown)
   |Delta|  <= trust * sqrt(sigma^2 / (alpha^2 + sigma^2))   (RMS per sample)
+  |Delta_j| <= ELEMENT_BOUND * sqrt(sigma^2 / (alpha^2 + sigma^2))   (every element)
+
+Everything is per sample: weights may be [B] tensors (a per-image mask or adaptive multiplier), and every
+norm is taken over one sample's latent, so an image's step never depends on the rest of its batch. Norms
+are taken after dividing by the largest element, so a gradient of any size fp32 can hold gives the same
+direction (squaring 1e-22 or 1e20 in fp32 would under- or overflow).
 """
 
 from __future__ import annotations
@@ -21,6 +28,13 @@ from .coordinates import alpha
 # Default trust radius, in posterior standard deviations of x0 given x (RMS per sample).
 DEFAULT_TRUST = 0.5
 
+# Largest move of one latent element in one step, in posterior standard deviations. The RMS trust region
+# bounds the step on average only: a gradient that lives on a few elements (a range loss on one pixel)
+# would move those elements by weight * sqrt(elements). 2 keeps every element inside the central ~95 % of a
+# Gaussian posterior for x0, and a dense step at the default RMS cap (0.5) reaches 2 only 4 of its own
+# standard deviations out (6e-5 of the elements), so the bound acts on peaked steps and leaves dense ones.
+ELEMENT_BOUND = 2.0
+
 # Default loss weights, in these units: a tenth of the latent's own spread per guided step, so that the
 # paper's ~19 guided steps can move an image by about its own scale while a single step stays well inside
 # the trust region (0.5 posterior standard deviations, ~0.47 at the first step of an img2img run at
@@ -31,9 +45,18 @@ DEFAULT_STYLE_WEIGHT = 0.1
 DEFAULT_COLOR_WEIGHT = 0.1
 
 
+def peak(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample largest |element|, [B] float32 (nan where a sample holds a nan)."""
+    return t.flatten(1).float().abs().amax(1)
+
+
 def rms(t: torch.Tensor) -> torch.Tensor:
-    """Per-sample root mean square, [B]."""
-    return t.flatten(1).float().pow(2).mean(1).sqrt()
+    """Per-sample root mean square, [B], computed on t / max|t|: exact for any size fp32 can hold."""
+    f = t.flatten(1).float()
+    m = peak(t)
+    ok = torch.isfinite(m) & (m > 0)
+    safe = torch.where(ok, m, torch.ones_like(m))
+    return torch.where(ok, (f / safe[:, None]).pow(2).mean(1).sqrt() * safe, m)
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -42,22 +65,56 @@ def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def unit(g: torch.Tensor) -> torch.Tensor:
-    """g / RMS(g) per sample (unit RMS); zero where the gradient is zero or not finite."""
-    r = rms(g)
-    ok = torch.isfinite(r) & (r > 0)
-    scale = torch.where(ok, 1 / torch.where(ok, r, torch.ones_like(r)), torch.zeros_like(r))
-    return torch.nan_to_num(g) * per_sample(scale, g)
+    """g / RMS(g) per sample (unit RMS); zero where the gradient is zero or not finite.
+
+    Scaled by the largest element first: 1 / RMS of a subnormal gradient would overflow to inf.
+    """
+    m = peak(g)
+    ok = torch.isfinite(m) & (m > 0)
+    scaled = g.float() / per_sample(torch.where(ok, m, torch.ones_like(m)), g).float()
+    r = scaled.flatten(1).pow(2).mean(1).sqrt()  # in [1 / sqrt(elements), 1]: no under- or overflow
+    factor = torch.where(ok, 1 / torch.where(ok, r, torch.ones_like(r)), torch.zeros_like(r))
+    return (torch.nan_to_num(scaled) * per_sample(factor, scaled)).to(g.dtype)
 
 
-def term_pull(grad: torch.Tensor, weight: float, x0: torch.Tensor | None = None, anchor: torch.Tensor | None = None) -> torch.Tensor:
+Weight = float | torch.Tensor
+
+
+def sample_weights(weight: Weight, like: torch.Tensor) -> torch.Tensor:
+    """A weight (a number, or [1] / [B] per sample) as a [B] float tensor on like's device."""
+    w = torch.as_tensor(weight, dtype=torch.float32).detach().reshape(-1).to(like.device)
+    return w.expand(like.shape[0]) if w.numel() == 1 else w
+
+
+def floor_factor(grad: torch.Tensor, pull: torch.Tensor, value: torch.Tensor, floor: float) -> torch.Tensor:
+    """[B] factor <= 1 so that the pull's first-order decrease <grad, pull> does not exceed value - floor.
+
+    A Polyak step size: a term near its floor (a range loss with one pixel just out of range, a colour
+    loss that already matches) asks only for the move a linear model says would reach the floor, instead
+    of the full weight. Computed in float64: the inner product of two fp32 tensors of any size is exact
+    enough there and never overflows.
+    """
+    decrease = (grad.flatten(1).double() * pull.flatten(1).double()).sum(1)
+    gap = (value.detach().double().reshape(-1).to(decrease.device) - float(floor)).clamp_min(0).expand_as(decrease)
+    limit = decrease > gap
+    factor = torch.where(limit, gap / torch.where(limit, decrease, torch.ones_like(decrease)), torch.ones_like(decrease))
+    return factor.float()
+
+
+def term_pull(grad: torch.Tensor, weight: Weight, x0: torch.Tensor | None = None, anchor: torch.Tensor | None = None,
+              value: torch.Tensor | None = None, floor: float | None = None) -> torch.Tensor:
     """The step a term asks of the clean estimate, as a gradient-like vector (x0 moves by -pull).
 
-    weight * unit(grad); with an anchor, each element moves toward the anchor by at most its distance
-    to it and never away from it (a proximal step: raising the weight can only bring x0 closer).
+    weight * unit(grad), per sample. With an anchor, each element moves toward the anchor by at most its
+    distance to it and never away from it (a proximal step: raising the weight can only bring x0 closer).
+    Without one, a term that declares the least value it can take (`floor`, given its per-sample `value`)
+    is scaled down by floor_factor, so its pull fades as it reaches that floor.
     """
-    p = float(weight) * unit(grad)
+    p = unit(grad) * per_sample(sample_weights(weight, grad), grad)
     if anchor is None or x0 is None:
-        return p
+        if floor is None or value is None:
+            return p
+        return p * per_sample(floor_factor(grad, p, value, floor), p)
     d = x0 - anchor
     toward = p * d > 0
     return torch.where(toward, torch.sign(d) * torch.minimum(p.abs(), d.abs()), torch.zeros_like(p))
@@ -91,6 +148,22 @@ def clip_to_radius(delta: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Ten
     hit = r > radius
     factor = torch.where(hit, radius / torch.where(hit, r, torch.ones_like(r)), torch.ones_like(r))
     return delta * per_sample(factor, delta), hit
+
+
+def element_limit(sigma: torch.Tensor, family: str, bound: float = ELEMENT_BOUND) -> torch.Tensor:
+    """The largest move of one element per sample: `bound` posterior standard deviations ([B])."""
+    return trust_radius(sigma, family, bound)
+
+
+def clamp_elements(delta: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta with every element clamped to +-limit of its sample, [B] bool: whether any element was).
+
+    Clamping, not rescaling: the elements the bound does not reach keep their move, and every clamped
+    element keeps its sign, so a step toward an anchor stays toward it and never passes it.
+    """
+    lim = per_sample(limit.to(delta.device).expand(delta.shape[0]), delta)
+    hit = (delta.abs() > lim).flatten(1).any(1)
+    return torch.maximum(torch.minimum(delta, lim), -lim), hit
 
 
 def is_descent(pull: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

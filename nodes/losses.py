@@ -21,8 +21,8 @@ from ..agg_kernels.losses import (
     template_text_embedding,
 )
 from ..agg_kernels.losses.color import color_loss, image_stats
-from ..agg_kernels.mask import check_mask, focused, resize_mask, restrict
-from ..agg_kernels.objective import Loss, compose
+from ..agg_kernels.mask import as_mask, check_mask, focused, resize_mask, restrict
+from ..agg_kernels.objective import Loss, compose, per_sample_loss
 from ..agg_kernels.strength import (
     DEFAULT_CLIP_WEIGHT,
     DEFAULT_COLOR_WEIGHT,
@@ -181,11 +181,17 @@ def clip_on(clip: AGGClip | VisionClip, run: RunInfo) -> AGGClip | VisionClip:
 def clip_loss_spec(node: str, clip: AGGClip | VisionClip, vae, decoder: str, mask: torch.Tensor | None,
                    judged: Callable[[RunInfo, Decoder, AGGClip | VisionClip], Loss]) -> LossSpec:
     """A CLIP loss for each run: `judged` built on the run's decoder (seeing only the mask's region) and the
-    CLIP model on the run's device, acting only inside the mask."""
+    CLIP model on the run's device, acting only inside the mask. With one mask per image, each image is judged
+    through its own mask's crop by its own loss (its adaptive weight included), as it would be alone."""
 
     def build(run: RunInfo) -> Loss:
-        decode = pixels_of(decoder, vae, mask, run, node)
-        return on_region(judged(run, decode, clip_on(clip, run)), mask, run, node)
+        if mask is None or as_mask(mask).shape[0] == 1:
+            decode = pixels_of(decoder, vae, mask, run, node)
+            return on_region(judged(run, decode, clip_on(clip, run)), mask, run, node)
+        latent_region(mask, run, node)  # the whole batch's check: one mask per image
+        decode, c = make_decoder(decoder, vae, run, node), clip_on(clip, run)
+        masks = [mask[i : i + 1] for i in range(mask.shape[0])]
+        return per_sample_loss([on_region(judged(run, focused(decode, m), c), m, run, node) for m in masks])
 
     return LossSpec(node, build)
 

@@ -267,16 +267,23 @@ class AGGPatch:
         return run.guide(executor, x, timestep, model_options, seed, denoised)
 
 
+def capped(result: GuidanceResult) -> str:
+    """The log line's note of which bound shortened the step: ", capped: trust region + element bound", or ""."""
+    acted = [name for name, on in (("trust region", result.trust_region), ("element bound", result.element_bound)) if on]
+    return f", capped: {' + '.join(acted)}" if acted else ""
+
+
 def report(node_name: str, step: int, sigma: float, result: GuidanceResult, node_id: str | None = None) -> None:
     """Each guided step's figures to the log and, when a server runs, to its clients as an 'agg.terms' event:
     the node (display name and prompt id), per term its value, raw gradient RMS and step RMS; the step's RMS;
-    trust-region and fallback flags."""
+    trust-region, per-element-bound and fallback flags, and the terms that asked for no pull although above their floor."""
     event = {"node": node_name, "node_id": node_id, "step": step, "sigma": sigma, **result.report()}
     log.info(
-        "%s step %d sigma %.4g: %s; step rms %.4g%s%s%s", node_name, step, sigma,
+        "%s step %d sigma %.4g: %s; step rms %.4g%s%s%s%s", node_name, step, sigma,
         ", ".join(f"{k} {v:.4g} (grad rms {result.grad_rms.get(k, 0):.3g}, step rms {result.step_rms.get(k, 0):.3g})"
                   for k, v in result.terms.items()),
-        result.delta_rms, ", trust region" if result.trust_region else "",
+        result.delta_rms, capped(result),
+        f", no pull from {', '.join(result.idle)} (zero gradient)" if result.idle else "",
         f", fallback: {result.fallback}" if result.fallback else "",
         f", skipped: {result.skipped}" if result.skipped else "",
     )

@@ -151,17 +151,25 @@ class AdaptiveWeight:
 
     The direction loss is -mean cos, in [-1, 1]. A previous loss above `threshold` (-0.5: cosine below
     0.5, the image does not follow the direction yet) makes the multiplier `factor`; below it, 1 / factor.
-    It never compounds across steps. One instance per loss object: never share.
+    It never compounds across steps. Given a per-sample loss ([B] tensor) it is set per sample, so each image
+    of a batch gets the multiplier its own loss calls for. One instance per loss object: never share.
     """
 
     threshold: float = -0.5
     factor: float = 2.0
-    multiplier: float = 1.0
+    multiplier: float | torch.Tensor = 1.0
 
-    def current(self, weight: float) -> float:
+    def current(self, weight: float) -> float | torch.Tensor:
         return weight * self.multiplier
 
-    def update(self, previous_loss: float) -> None:
+    def update(self, previous_loss: float | torch.Tensor) -> None:
+        if isinstance(previous_loss, torch.Tensor):
+            prev = previous_loss.detach().double().reshape(-1).cpu()
+            new = torch.where(prev > self.threshold, self.factor,
+                              torch.where(prev < self.threshold, 1 / self.factor, 1.0)).double()
+            old = torch.as_tensor(self.multiplier, dtype=torch.float64).reshape(-1).expand_as(new)
+            self.multiplier = torch.where(torch.isfinite(prev), new, old).float()  # a non-finite loss keeps its own
+            return
         if not math.isfinite(previous_loss):
             return
         if previous_loss > self.threshold:
@@ -176,9 +184,12 @@ class CLIPDirectionLoss:
     """Term "clip_direction" = -mean over cut-outs of cos(E_I(cut), v), per sample; its weight (`weights`) is
     `weight`, or the AdaptiveWeight's current value. The adaptive state advances when a call
     carries a larger ctx.step than the last one (with the unweighted loss of the first evaluation of
-    the previous step, i.e. at the model's own clean estimate). Calls with the same step share one weight;
-    the state is per run: build a new loss for each run.
+    the previous step, i.e. at the model's own clean estimate), per sample. Calls with the same step share one
+    weight; the state is per run: build a new loss for each run. Floor -1 (cosine 1): the pull fades only where
+    the first-order model says the image would reach the direction exactly.
     """
+
+    floors = {"clip_direction": -1.0}
 
     def __init__(
         self,
@@ -198,7 +209,7 @@ class CLIPDirectionLoss:
         self.n_cuts, self.cut_size, self.seed, self.noisy_aug = n_cuts, cut_size, seed, noisy_aug
         self.adaptive = AdaptiveWeight() if adaptive else None
         self._step: int | None = None
-        self._step_loss: float | None = None
+        self._step_loss: torch.Tensor | None = None
 
     def _observe(self, step: int) -> None:
         if self._step is not None and step > self._step and self.adaptive is not None and self._step_loss is not None:
@@ -206,11 +217,11 @@ class CLIPDirectionLoss:
         if step != self._step:
             self._step, self._step_loss = step, None
 
-    def current_weight(self) -> float:
+    def current_weight(self) -> float | torch.Tensor:
         return self.adaptive.current(self.weight) if self.adaptive is not None else self.weight
 
     @property
-    def weights(self) -> dict[str, float]:
+    def weights(self) -> dict[str, float | torch.Tensor]:
         return {"clip_direction": self.current_weight()}
 
     def __call__(self, x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
@@ -221,7 +232,7 @@ class CLIPDirectionLoss:
         v = as_rows(self.direction, emb)
         cos = (F.normalize(emb, dim=-1) * v[:, None, :]).sum(-1).mean(1)
         if self._step_loss is None:
-            self._step_loss = float(-cos.detach().mean())
+            self._step_loss = (-cos).detach().float().cpu()  # per sample: each image's multiplier follows its own loss
         return {"clip_direction": -cos}
 
 
@@ -285,4 +296,5 @@ def style_loss(
     weights = {"style": weight}
     if style_latent is not None and latent_mse_weight:
         weights["style_latent"] = latent_mse_weight
-    return WeightedLoss(loss, weights)
+    # every term is >= 0 (1 - cos, a squared distance): its pull fades as it reaches 0
+    return WeightedLoss(loss, weights, floors=dict.fromkeys(weights, 0.0))

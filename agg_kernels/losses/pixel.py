@@ -25,4 +25,5 @@ def range_loss(weight: float, decode: Callable[[torch.Tensor], torch.Tensor]) ->
     def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
         return {"range": range_penalty(decode(x0))}
 
-    return WeightedLoss(loss, {"range": weight})
+    # floor 0: the pull fades as the last pixels come back into range instead of pushing them at full weight
+    return WeightedLoss(loss, {"range": weight}, floors={"range": 0.0})

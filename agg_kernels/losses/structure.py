@@ -122,7 +122,7 @@ def pixel_structure_loss(weight: float, reference: Reference, decode: Decoder) -
         ref = decoded_ref(x0, ctx.sigma)
         return {"structure_pixel": mean_abs(decode(x0), ref)}
 
-    return WeightedLoss(loss, {"structure_pixel": weight})
+    return WeightedLoss(loss, {"structure_pixel": weight}, floors={"structure_pixel": 0.0})
 
 
 def to_clip_input(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -157,4 +157,4 @@ def self_similarity_loss(
     def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
         return {"structure_vit": mean_abs(sim(x0), ref_sim(x0, ctx.sigma))}
 
-    return WeightedLoss(loss, {"structure_vit": weight})
+    return WeightedLoss(loss, {"structure_vit": weight}, floors={"structure_vit": 0.0})

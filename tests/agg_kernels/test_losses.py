@@ -355,15 +355,15 @@ def test_clip_direction_adaptive_weight_follows_previous_step():
     assert torch.allclose(aligned(x0, ctx_for(x0, step=0))["clip_direction"], torch.full((2,), -1.0))
     assert aligned.current_weight() == 10.0 and aligned.weights == {"clip_direction": 10.0}
     aligned(x0, ctx_for(x0, step=1))
-    assert aligned.current_weight() == 5.0
+    assert torch.equal(aligned.current_weight(), torch.full((2,), 5.0))  # per sample
     aligned(x0, ctx_for(x0, step=2))
-    assert aligned.current_weight() == 5.0 and aligned.weights == {"clip_direction": 5.0}
+    assert torch.equal(aligned.weights["clip_direction"], torch.full((2,), 5.0))
 
     orthogonal = torch.tensor([0.0, 1.0, 0.0])
     lagging = clip_direction_loss(10.0, toy_decoder(), constant_encoder(orthogonal), v, n_cuts=1, cut_size=8)
     for step in range(6):
         terms = lagging(x0, ctx_for(x0, step=step))
-    assert lagging.current_weight() == 20.0  # twice the base weight, whatever the number of lagging steps
+    assert torch.equal(lagging.current_weight(), torch.full((2,), 20.0))  # twice the base weight, never compounding
     assert torch.allclose(terms["clip_direction"], torch.zeros(2))
     # state is per instance
     fresh = clip_direction_loss(10.0, toy_decoder(), constant_encoder(orthogonal), v, n_cuts=1, cut_size=8)
@@ -372,6 +372,24 @@ def test_clip_direction_adaptive_weight_follows_previous_step():
     for step in range(3):
         fixed(x0, ctx_for(x0, step=step))
     assert fixed.current_weight() == 10.0
+
+
+def test_clip_direction_adaptive_weight_is_per_sample():
+    # Image 0 follows the direction (cos 1, loss -1), image 1 does not (cos 0, loss 0): after one step image 0's
+    # weight is halved and image 1's doubled, each as it would be alone (a batch-mean loss of -0.5 would leave
+    # both at the base weight).
+    v = F.normalize(torch.tensor([1.0, 0.0, 0.0]), dim=0)
+    orthogonal = torch.tensor([0.0, 1.0, 0.0])
+
+    def by_row(images: torch.Tensor) -> torch.Tensor:  # one cut-out per image: row i is image i
+        rows = torch.stack([v if i % 2 == 0 else orthogonal for i in range(images.shape[0])])
+        return rows + 0 * images.mean()
+
+    x0 = torch.randn(2, 4, 4, 4)
+    loss = clip_direction_loss(10.0, toy_decoder(), by_row, v, n_cuts=1, cut_size=8)
+    assert torch.allclose(loss(x0, ctx_for(x0, step=0))["clip_direction"], torch.tensor([-1.0, 0.0]))
+    loss(x0, ctx_for(x0, step=1))
+    assert torch.equal(loss.weights["clip_direction"], torch.tensor([5.0, 20.0]))
 
 
 # ---------------------------------------------------------------- style

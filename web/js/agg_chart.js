@@ -148,7 +148,8 @@ function drawChart(ctx, node, width, y) {
     return;
   }
   const last = points[points.length - 1];
-  const flags = [last.trust_region ? "trust region" : "", last.fallback ? "fallback" : "",
+  const flags = [last.trust_region ? "trust region" : "", last.element_bound ? "element bound" : "",
+    last.fallback ? "fallback" : "",
     last.skipped ? "skipped" : ""].filter(Boolean).join(", ");
   ctx.fillStyle = "#ddd";
   ctx.fillText(`step ${last.step}  σ ${fmt(last.sigma)}  ·  ${points.length} guided`, x0 + 8, y + 5);
@@ -297,6 +298,7 @@ function onTerms(event) {
     terms: { ...(detail.terms ?? {}) },
     delta_rms: detail.delta_rms,
     trust_region: !!detail.trust_region,
+    element_bound: !!detail.element_bound,
     fallback: detail.fallback ?? null,
     skipped: detail.skipped ?? null,
   });

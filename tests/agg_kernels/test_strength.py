@@ -1,0 +1,275 @@
+"""agg_kernels.strength through guided_delta: the per-element bound, floors, per-sample batches, extreme sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from agg_testing.analytic import mixture, toy_decoder
+
+from agg_kernels.guidance import guided_delta
+from agg_kernels.losses import clip_direction_loss, range_loss, structure_loss
+from agg_kernels.mask import focused, restrict
+from agg_kernels.objective import (
+    LossContext,
+    WeightedLoss,
+    anchors_of,
+    compose,
+    floors_of,
+    per_sample_loss,
+    weights_of,
+)
+from agg_kernels.strength import ELEMENT_BOUND, posterior_variance, rms, unit
+
+SIGMA = 14.6  # SD1.5's largest sigma: posterior variance 0.9953, so the bound is about 2 latent units
+LATENT = (4, 64, 64)  # an SD1.5 latent of a 512 px image: 16384 elements, sqrt 128
+
+
+def ctx(b: int, sigma: float = SIGMA, step: int = 0, family: str = "eps") -> LossContext:
+    return LossContext(sigma=torch.full((b,), sigma), x=torch.zeros(b, *LATENT), family=family, step=step)
+
+
+def one_element_over(by: float, weight: float, floor: float | None) -> WeightedLoss:
+    """A range-style loss on one latent element: mean over the latent of relu(x0 - 1)^2, so its gradient lives on
+    element [0, 0, 0] only (the whole pull on one of 16384 elements)."""
+
+    def fn(x0, c):
+        over = (x0[:, 0, 0, 0] - 1).clamp_min(0).square()
+        return {"range": over / x0[0].numel() + 0 * x0.flatten(1).sum(1)}
+
+    return WeightedLoss(fn, {"range": weight}, floors=None if floor is None else {"range": floor})
+
+
+def at_limit(by: float, b: int = 1) -> torch.Tensor:
+    x0 = torch.zeros(b, *LATENT)
+    x0[:, 0, 0, 0] = 1 + by
+    return x0
+
+
+@pytest.mark.parametrize("weight", [0.1, 1.0])
+def test_a_sparse_gradient_moves_no_element_past_the_bound(weight):
+    # No floor, so only the bounds act: the pull is weight * 128 on one element (RMS = weight). The RMS trust
+    # region alone lets that element move 0.5 * 0.998 * 128 = 63.9 at w 1, and 12.7 at w 0.1.
+    x0 = at_limit(0.001)
+    res = guided_delta(one_element_over(0.001, weight, None), x0, x0, ctx(1), "none", dds_steps=1)
+    bound = ELEMENT_BOUND * float(posterior_variance(SIGMA, "eps")) ** 0.5
+    moved = float(res.delta.abs().max())
+    # measured: 1.9953 (= the bound, 2 x 0.99766) at both weights; without the bound 12.74 at w 0.1, 63.85 at w 1
+    assert moved <= bound * (1 + 1e-6), (moved, bound)
+    assert moved > 0.99 * bound  # the bound, not something else, set the size
+    assert res.element_bound
+    assert float(res.delta.flatten(1)[:, 1:].abs().max()) == 0.0  # nothing else moves
+
+
+@pytest.mark.parametrize("weight", [0.1, 1.0])
+def test_a_term_near_its_floor_asks_only_for_what_reaches_it(weight):
+    # The range loss with its floor 0: one element 0.001 over the limit. The first-order model of the loss
+    # reaches 0 after a pull of (value - floor) / gradient = 0.0005 on that element (half the overshoot: the loss
+    # is quadratic), whatever the weight; refinement adds half of the remaining one.
+    x0 = at_limit(0.001)
+    res = guided_delta(one_element_over(0.001, weight, 0.0), x0, x0, ctx(1), "none", dds_steps=1)
+    moved = float(res.delta.abs().max())
+    # measured: 0.000623 at w 0.1 and at w 1 (1.9953, the bound, without the floor): never past the limit
+    assert moved <= 0.001, moved
+    assert moved > 0.0004, moved
+    assert not res.element_bound and not res.trust_region
+
+
+def test_the_range_loss_declares_its_floor_and_fades_near_it():
+    decode = toy_decoder(4, seed=0)
+    x0 = torch.zeros(1, 4, 8, 8)
+    loss = range_loss(1.0, decode)
+    assert floors_of(loss) == {"range": 0.0}
+    pixels = decode(x0)
+    assert float(pixels.abs().max()) < 1  # inside the range: no gradient, no pull, and nothing reported idle
+    res = guided_delta(loss, x0, x0, ctx(1, 2.0), "none")
+    assert float(res.delta.abs().max()) == 0.0 and not res.idle
+
+
+def test_floor_factor_keeps_the_predicted_decrease_within_the_gap():
+    from agg_kernels.strength import floor_factor, term_pull
+
+    g = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    value = torch.tensor([1e-6, 1e3, 0.0])
+    p = term_pull(g, 0.5, value=value, floor=0.0)
+    decrease = (g * p).flatten(1).sum(1)
+    assert torch.allclose(decrease[0], value[0], rtol=1e-4)  # small gap: the decrease is the gap
+    assert torch.allclose(p[1], 0.5 * unit(g)[1])  # large gap: the full weight
+    assert float(p[2].abs().max()) == 0.0  # at the floor: no pull
+    assert torch.equal(floor_factor(g, 0.5 * unit(g), value, float("-inf")), torch.ones(3))
+
+
+# -- one image of a batch gets what it gets alone -------------------------------------------------------------
+
+
+def masks() -> torch.Tensor:
+    """Two masks on an 8 x 8 latent: 12.5 % (one column) and 87.5 % (seven columns)."""
+    m = torch.zeros(2, 1, 8, 8)
+    m[0, ..., :1] = 1
+    m[1, ..., 1:] = 1
+    return m
+
+
+def small_ctx(x: torch.Tensor, sigma: float, step: int) -> LossContext:
+    return LossContext(sigma=torch.full((x.shape[0],), sigma), x=x, family="eps", step=step)
+
+
+def encoder(dim: int = 8):
+    w = torch.randn(dim, 3 * 8 * 8, generator=torch.Generator().manual_seed(5)) / 10
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(images, 8).flatten(1) @ w.T
+
+    return encode
+
+
+def edit_loss(sources: torch.Tensor, region: torch.Tensor, direction: torch.Tensor) -> object:
+    """Structure (outside the mask) + CLIP direction and range (inside, seen through the mask's crop): the local
+    edit the nodes build, for the images whose sources and masks are given (batch 1 or 2)."""
+    decode = toy_decoder(4, seed=0)
+    parts = []
+    for i in range(region.shape[0]):
+        m = region[i : i + 1]
+        seen = focused(decode, F.interpolate(m, scale_factor=4))
+        judged = compose(clip_direction_loss(0.1, seen, encoder(), direction, n_cuts=2, cut_size=8),
+                         range_loss(0.1, seen))
+        parts.append(restrict(judged, m))
+    return compose(restrict(structure_loss(0.1, sources), 1 - region), per_sample_loss(parts))
+
+
+@pytest.mark.parametrize("manifold", ["none", "finite_difference"])
+def test_a_batch_of_two_with_different_masks_and_sources_gives_each_image_what_it_gets_alone(manifold):
+    g = torch.Generator().manual_seed(3)
+    data = mixture(torch.randn(2, 4, 8, 8, generator=g), 0.5)
+    sources = torch.randn(2, 4, 8, 8, generator=g)
+    direction = F.normalize(torch.randn(8, generator=g), dim=0)
+    x = 2.0 * torch.randn(2, 4, 8, 8, generator=g) + sources
+    region = masks()
+    batch_loss = edit_loss(sources, region, direction)
+    alone_loss = [edit_loss(sources[i : i + 1], region[i : i + 1], direction) for i in range(2)]
+    # three steps: the adaptive CLIP multiplier is set from step 1 on, per image
+    worst = 0.0
+    for step, sigma in enumerate((2.0, 1.5, 1.0)):
+        d = data.denoise(x, torch.full((2,), sigma), "eps")
+        batch = guided_delta(batch_loss, x, d, small_ctx(x, sigma, step), manifold,
+                             lambda z, s=sigma: data.denoise(z, torch.full((z.shape[0],), s), "eps"))
+        for i in range(2):
+            xi = x[i : i + 1]
+            alone = guided_delta(alone_loss[i], xi, d[i : i + 1], small_ctx(xi, sigma, step), manifold,
+                                 lambda z, s=sigma: data.denoise(z, torch.full((z.shape[0],), s), "eps"))
+            worst = max(worst, float((batch.delta[i] - alone.delta[0]).abs().max()))
+        x = x + batch.delta  # move on as a sampler would
+    # measured: 0.0 for both manifolds. One CLIP loss over the batch (the crop box of both masks) differs by 0.82
+    # (none) / 0.54 (finite_difference), and 0.99 / 0.64 with the batch-mean region scale as well
+    assert worst <= 1e-4, worst
+
+
+def test_a_masked_term_pulls_each_image_by_its_weight_per_element_of_its_own_region():
+    # Masks of 12.5 % and 87.5 %: the per-element RMS pull inside each region is the weight for both images (a
+    # batch-mean region scale gave 0.200 / 0.076 at weight 0.1).
+    from agg_kernels.dds import term_gradients, term_pulls
+
+    target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    region = masks()
+    loss = restrict(WeightedLoss(lambda x0, c: {"t": (x0 - target).square().flatten(1).mean(1)}, {"t": 0.1}), region)
+    x0 = torch.zeros(2, 4, 8, 8)
+    c = small_ctx(x0, 2.0, 0)
+    values, grads = term_gradients(loss, x0, c)
+    pull = term_pulls(loss, x0, c, grads, values)["t"]
+    inside = [float(rms(pull[i][region[i].expand(4, 8, 8) > 0][None])) for i in range(2)]
+    assert inside == pytest.approx([0.1, 0.1], rel=1e-5), inside
+
+
+def test_per_sample_loss_slices_the_context_and_stacks_anchors():
+    refs = torch.randn(2, 4, 8, 8)
+    parts = [structure_loss(0.1, refs[i : i + 1]) for i in range(2)]
+    loss = per_sample_loss(parts)
+    x0 = torch.zeros(2, 4, 8, 8)
+    c = small_ctx(x0, 1.0, 0)
+    assert torch.allclose(loss(x0, c)["structure"], refs.abs().flatten(1).mean(1))
+    assert torch.equal(anchors_of(loss, x0, c)["structure"], refs)
+    assert torch.equal(weights_of(loss)["structure"], torch.tensor([0.1, 0.1]))
+
+
+# -- the raw size of a loss, to the ends of float32 ----------------------------------------------------------
+
+
+class Scaled:
+    """A loss times a constant: its terms and its floors (weights and anchors kept)."""
+
+    def __init__(self, inner, factor: float):
+        self.inner, self.factor = inner, factor
+
+    def __call__(self, x0, c):
+        return {k: self.factor * v for k, v in self.inner(x0, c).items()}
+
+    @property
+    def weights(self):
+        return weights_of(self.inner)
+
+    @property
+    def floors(self):
+        return {k: self.factor * v for k, v in floors_of(self.inner).items()}
+
+    def anchors(self, x0, c):
+        return anchors_of(self.inner, x0, c)
+
+
+@pytest.mark.parametrize("manifold", ["none", "finite_difference"])
+def test_a_loss_times_1e30_or_1e_30_gives_the_same_pulls(manifold):
+    g = torch.Generator().manual_seed(4)
+    data = mixture(torch.randn(2, 4, 8, 8, generator=g), 0.5)
+    sources = torch.randn(2, 4, 8, 8, generator=g)
+    goal = torch.randn(2, 4, 8, 8, generator=g)
+    x = 2.0 * torch.randn(2, 4, 8, 8, generator=g)
+    d = data.denoise(x, torch.full((2,), 2.0), "eps")
+    decode = toy_decoder(4, seed=0)
+    direction = F.normalize(torch.randn(8, generator=g), dim=0)
+    inner = compose(
+        WeightedLoss(lambda x0, c: {"pull": (x0 - goal).square().flatten(1).mean(1)}, {"pull": 0.2}),
+        structure_loss(0.1, sources),
+        clip_direction_loss(0.1, decode, encoder(), direction, n_cuts=2, cut_size=8),
+        range_loss(0.1, lambda z: 3 * decode(z)),  # some pixels out of range
+    )
+    results = {}
+    for factor in (1.0, 1e-30, 1e30):
+        res = guided_delta(Scaled(inner, factor), x, d, small_ctx(x, 2.0, 0), manifold,
+                           lambda z: data.denoise(z, torch.full((z.shape[0],), 2.0), "eps"))
+        assert res.skipped is None and not res.idle, (factor, res.skipped, res.idle)
+        results[factor] = res
+    ref = results[1.0]
+    assert all(v > 0 for v in ref.step_rms.values()), ref.step_rms  # every term pulls
+    for factor in (1e-30, 1e30):
+        res = results[factor]
+        for k, v in ref.step_rms.items():
+            assert res.step_rms[k] == pytest.approx(v, rel=1e-4), (factor, k, res.step_rms[k], v)
+        # measured: 1.1e-7 - 1.6e-7 of the step's RMS (both manifolds). Normalised with fp32 squares (unscaled),
+        # every term's pull was 0 at both 1e-30 and 1e30, a change of 1.0, each reported as not skipped
+        change = float((rms(res.delta - ref.delta) / rms(ref.delta)).max())
+        assert change < 1e-4, (factor, change)
+
+
+def test_a_gradient_below_float32_is_reported_not_dropped_silently():
+    # A loss 1 + 1e-46 x sum (x0 - goal)^2: its gradient (2e-46 an element) rounds to exactly zero in fp32 while
+    # its value (1) is above its floor. No pull can come from it, and the report says so. (At 1e-45 the gradient
+    # is an fp32 subnormal and the term still pulls at its full weight.)
+    goal = torch.ones(1, 4, 8, 8)
+    loss = WeightedLoss(lambda x0, c: {"tiny": (1 + 1e-46 * (x0.double() - goal).square().flatten(1).sum(1)).float()},
+                        {"tiny": 0.1})
+    x0 = torch.zeros(1, 4, 8, 8)
+    res = guided_delta(loss, x0, x0, small_ctx(x0, 2.0, 0), "none")
+    assert float(res.delta.abs().max()) == 0.0
+    assert "tiny" in res.idle and "zero gradient" in res.idle["tiny"]
+    assert "tiny" in res.report()["idle"]
+    subnormal = WeightedLoss(lambda x0, c: {"tiny": (1 + 1e-45 * (x0.double() - goal).square().flatten(1).sum(1)).float()},
+                             {"tiny": 0.1})
+    res = guided_delta(subnormal, x0, x0, small_ctx(x0, 2.0, 0), "none", dds_steps=0)
+    assert res.step_rms["tiny"] == pytest.approx(0.1, rel=1e-5) and not res.idle
+
+
+def test_rms_and_unit_hold_at_the_ends_of_float32():
+    base = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    for scale in (1e-40, 1e-30, 1.0, 1e30, 1e37):
+        t = base * scale
+        assert torch.allclose(rms(t) / scale, rms(base), rtol=1e-3), scale
+        assert torch.allclose(unit(t), unit(base), atol=1e-3 if scale < 1e-38 else 1e-5), scale
