@@ -139,13 +139,19 @@ def latent_out(run: RunInfo) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model's process_latent_out (model latents -> the VAE's) in a form autograd accepts.
 
     Latent formats keep their constants as tensors made when the model loaded, under inference mode (Wan 2.1's
-    per-channel mean and std, for Qwen-Image): autograd cannot save those for backward. The map is read from
-    the model once per run, as its per-element scale and shift (every image latent format is affine), and
-    checked on a random latent; a format that is not affine is called as it is."""
+    per-channel mean and std, for Qwen-Image): autograd cannot save those for backward. For those the map is
+    read from the model once per run, as its per-element scale and shift (image latent formats are affine), and
+    checked on a random latent; every other format is called as it is (exactly ComfyUI's arithmetic)."""
 
     def make() -> Callable[[torch.Tensor], torch.Tensor]:
         out = run.model.process_latent_out
         shape = (1, *run.latent_shape[1:])  # per element, shared by the batch
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                out(torch.zeros(shape, device=run.device, requires_grad=True))
+            return out
+        except RuntimeError:  # "Inference tensors cannot be saved for backward"
+            pass
         with torch.inference_mode(False), torch.no_grad():
             zeros = torch.zeros(shape, device=run.device)
             shift = out(zeros.clone()).float().clone()
