@@ -368,6 +368,16 @@ class ClipJudge:
         return e / e.norm(dim=-1, keepdim=True)
 
 
+def node_defaults(class_type: str) -> dict:
+    """Every input of a node that has a default, at that default (the node's own schema)."""
+    import nodes
+
+    spec = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
+    return {name: entry[1]["default"] for section in ("required", "optional")
+            for name, entry in spec.get(section, {}).items()
+            if len(entry) > 1 and isinstance(entry[1], dict) and "default" in entry[1]}
+
+
 def colour_distance(image, reference) -> float:
     """README's colour distance, computed in numpy (not with the pack's colour statistics): the mean over the
     RGB channels of (mean_c - ref_mean_c)^2 + (std_c - ref_std_c)^2, each image's pixels in 0..1 ([H, W, 3] or

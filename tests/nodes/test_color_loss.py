@@ -19,7 +19,7 @@ import pytest
 import torch
 from agg_testing import trained as T
 from agg_testing.graphs import Graph
-from agg_testing.probes import colour_distance
+from agg_testing.probes import colour_distance, node_defaults
 
 # the first test of a fresh machine trains the model (minutes); the runs themselves take seconds
 pytestmark = pytest.mark.slow
@@ -52,16 +52,6 @@ def session(comfy, agg_models):
     return comfy
 
 
-def defaults(class_type: str) -> dict:
-    """Every input of a node that has a default, at that default (the node's own schema)."""
-    import nodes
-
-    spec = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
-    return {name: entry[1]["default"] for section in ("required", "optional")
-            for name, entry in spec.get(section, {}).items()
-            if len(entry) > 1 and isinstance(entry[1], dict) and "default" in entry[1]}
-
-
 def img2img(*, guided: bool, structure: float = STRUCTURE_WEIGHT, color: float | None = COLOR_WEIGHT) -> Graph:
     """source -> VAEEncode -> KSampler (denoise 0.6, euler) -> VAEDecode, with Apply AGG (Structure Loss on the
     source latent, then Color Loss toward the reference; none when `color` is None) on the model when `guided`.
@@ -80,7 +70,7 @@ def img2img(*, guided: bool, structure: float = STRUCTURE_WEIGHT, color: float |
         loss = held[0]
         if color is not None:
             loss = g.node("AGGColorLoss", image=ref[0], vae=ckpt[2], weight=color, decoder="vae", loss=held[0])[0]
-        model = g.node("AGGApply", **{**defaults("AGGApply"), "model": ckpt[0], "loss": loss})[0]
+        model = g.node("AGGApply", **{**node_defaults("AGGApply"), "model": ckpt[0], "loss": loss})[0]
     ks = g.node("KSampler", model=model, seed=SEED, steps=STEPS, cfg=1.0, sampler_name="euler", scheduler="normal",
                 positive=pos[0], negative=neg[0], latent_image=enc[0], denoise=DENOISE)
     dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])

@@ -23,7 +23,7 @@ import torch
 from agg_testing import trained as T
 from agg_testing.fixtures import _link
 from agg_testing.graphs import Graph
-from agg_testing.probes import pack_module
+from agg_testing.probes import node_defaults, pack_module
 
 # the first test of a fresh machine trains the model (minutes); the tests themselves take about a minute
 pytestmark = pytest.mark.slow
@@ -101,16 +101,6 @@ def session(comfy, agg_models):
     return comfy
 
 
-def defaults(class_type: str) -> dict:
-    """Every input of a node that has a default, at that default (the node's own schema)."""
-    import nodes
-
-    spec = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
-    return {name: entry[1]["default"] for section in ("required", "optional")
-            for name, entry in spec.get(section, {}).items()
-            if len(entry) > 1 and isinstance(entry[1], dict) and "default" in entry[1]}
-
-
 def graph(case: str, seed: int = 3, coarse: bool = False) -> Graph:
     """The half-precision model (role "model") under Apply AGG (Structure Loss on the source, every other input
     at its default) in an img2img KSampler (10 steps, denoise 1: the whole default window is sampled)."""
@@ -128,8 +118,8 @@ def graph(case: str, seed: int = 3, coarse: bool = False) -> Graph:
     pos = g.node("CLIPTextEncode", clip=ckpt[1], text="a photo")
     neg = g.node("CLIPTextEncode", clip=ckpt[1], text="")
     enc = g.node("VAEEncode", pixels=g.node("LoadImage", image=SOURCE)[0], vae=ckpt[2])
-    loss = g.node("AGGStructureLoss", **{**defaults("AGGStructureLoss"), "source": enc[0]})
-    apply = g.node("AGGApply", **{**defaults("AGGApply"), "model": model[0], "loss": loss[0]})
+    loss = g.node("AGGStructureLoss", **{**node_defaults("AGGStructureLoss"), "source": enc[0]})
+    apply = g.node("AGGApply", **{**node_defaults("AGGApply"), "model": model[0], "loss": loss[0]})
     g.node("KSampler", name="sampler", model=apply[0], seed=seed, steps=RUN_STEPS, cfg=1.0, sampler_name="euler",
            scheduler="normal", positive=pos[0], negative=neg[0], latent_image=enc[0], denoise=1.0)
     g.node("SaveLatent", samples=g["sampler"][0], filename_prefix="agg_half")
