@@ -112,8 +112,8 @@ def test_color_loss_moves_the_colours_to_the_reference_and_keeps_the_layout(sess
           f"{d_guided:.4f} ({d_guided / d_plain:.2f} of plain); channel means {means}")
     print(f"structure distance to the source (standardised pixels): plain img2img {s_plain:.4f}, Structure + Color "
           f"{s_guided:.4f}")
-    # Colour guidance saturates: the distance ends near 0 at this weight and at half of it (0.0006, 0.01 of plain),
-    # so the bound is on the claim (much closer than plain), not on the dose.
+    # Colour guidance saturates: at half this weight the distance still ends near 0 (0.0006, 0.01 of plain), so the
+    # bound is on the claim (much closer than plain), not on the dose.
     assert d_guided < MAX_COLOR_RATIO * d_plain
     assert d_guided < MAX_COLOR_RATIO * d_source
     assert s_guided < s_plain
