@@ -391,6 +391,25 @@ def colour_distance(image, reference) -> float:
     return float(((m - rm) ** 2 + (s - rs) ** 2).mean())
 
 
+def along(move: torch.Tensor, direction: torch.Tensor) -> tuple[float, float]:
+    """(the move's component along the unit direction, the share of the move that is along it: cos)."""
+    move, direction = move.flatten(), direction.flatten() / direction.norm()
+    gain = float(move @ direction)
+    return gain, gain / max(float(move.norm()), 1e-12)
+
+
+def judged_clip_move(judge: ClipJudge, kind: str, e_out: torch.Tensor, e_base: torch.Tensor,
+                     style_image: torch.Tensor | None = None) -> tuple[float, float]:
+    """`along` for a guided result's embedding move from the unguided one, in the direction its loss asks for:
+    the paper's text direction from the raw texts (target - 0.4 source) for CLIP Direction ("clip_direction"),
+    from the unguided embedding toward the style image's for Image Style."""
+    if kind == "clip_direction":
+        direction = judge.text("a watercolor painting") - 0.4 * judge.text("a photo")
+    else:
+        direction = judge.image(style_image) - e_base
+    return along(e_out - e_base, direction)
+
+
 def decoded(vae, latent: torch.Tensor) -> torch.Tensor:
     """ComfyUI's own VAEDecode of a LATENT's samples: IMAGE [B, H, W, 3] in 0..1."""
     with torch.inference_mode(False), torch.no_grad():

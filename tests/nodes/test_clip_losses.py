@@ -95,13 +95,6 @@ def embeddings(judge, r, g: Graph, *latents: torch.Tensor, decoder: str = "vae")
     return [judge.image(probes.decoded(vae, lat)) for lat in latents]
 
 
-def along(move: torch.Tensor, direction: torch.Tensor) -> tuple[float, float]:
-    """(the move's component along the unit direction, the share of the move that is along it: cos)."""
-    move, direction = move.flatten(), direction.flatten() / direction.norm()
-    gain = float(move @ direction)
-    return gain, gain / max(float(move.norm()), 1e-12)
-
-
 @pytest.mark.parametrize("decoder,ckpt,seed", [("vae", "checkpoint", 3900), ("vae", "checkpoint_kl", 3901),
                                                ("taesd", "checkpoint", 3902), ("linear", "checkpoint", 3903)])
 def test_clip_direction_guidance_moves_along_the_text_direction(comfy, agg_models, judge, decoder, ckpt, seed):
@@ -122,7 +115,7 @@ def test_clip_direction_guidance_moves_along_the_text_direction(comfy, agg_model
     e_out, e_base = embeddings(judge, r, g, out, base, decoder=decoder)
     # the paper's text direction, from the raw texts: target minus 0.4 source
     direction = judge.text("a watercolor painting") - 0.4 * judge.text("a photo")
-    gain, share = along(e_out - e_base, direction)
+    gain, share = probes.along(e_out - e_base, direction)
     print(f"{decoder}/{ckpt}: gain along the text direction {gain:.5f}, share of the move {share:.3f}")
     # measured (ComfyUI 0.33): gain 0.0017 / 0.0023 / 0.0027 / 0.0007 (vae, vae kl, taesd, linear), share 0.13 / 0.20
     # / 0.27 / 0.19, the same on 0.3.75 and 0.3.52; the direction reversed gives -0.0019 / -0.0035 / -0.0019 /
@@ -225,7 +218,7 @@ def test_image_style_loss_moves_toward_the_style_image(comfy, agg_models, judge)
     assert "style" in term_names(r)
     e_out, e_base = embeddings(judge, r, g, out, base)
     e_style = judge.image(r.output(g["style_image"].id))
-    gain, share = along(e_out - e_base, e_style - e_base)
+    gain, share = probes.along(e_out - e_base, e_style - e_base)
     print(f"style: gain toward the style image {gain:.5f}, share of the move {share:.3f}")
     # measured: gain 0.0061, share 0.71 (toward the style image's embedding, from where the unguided result is)
     assert gain > 3e-3 and share > 0.25, (gain, share)
@@ -260,7 +253,7 @@ def test_masked_image_style_judges_only_the_region(comfy, agg_models, judge):
     w = px_out.shape[2] // 2
     region = [judge.image(px[:, :, :w]) for px in (px_out, px_base)]
     e_style = judge.image(r.output(g["style_image"].id))
-    gain, share = along(region[0] - region[1], e_style - region[1])
+    gain, share = probes.along(region[0] - region[1], e_style - region[1])
     inside = float((px_out[:, :, :w] - px_base[:, :, :w]).abs().mean())
     outside = float((px_out[:, :, w + 8:] - px_base[:, :, w + 8:]).abs().mean())
     print(f"masked style: region gain {gain:.5f}, share {share:.3f}; pixel change inside {inside:.4f}, "

@@ -219,13 +219,8 @@ def judged_move(r, g: Graph, kind: str, agg_models, out: torch.Tensor, base: tor
     else:
         vae = r.output(g["vae"].id) if "vae" in g.names else r.output(g["ckpt"].id, index=2)
         e_out, e_base = (judge.image(probes.decoded(vae, lat)) for lat in (out, base))
-    if kind == "clip_direction":
-        direction = judge.text("a watercolor painting") - 0.4 * judge.text("a photo")
-    else:
-        direction = judge.image(r.output(g["style_image"].id)) - e_base
-    move = (e_out - e_base).flatten()
-    gain = float(move @ (direction.flatten() / direction.norm()))
-    return gain, gain / max(float(move.norm()), 1e-12)
+    style = r.output(g["style_image"].id) if kind == "image_style" else None
+    return probes.judged_clip_move(judge, kind, e_out, e_base, style)
 
 
 def events_for(r, term: str) -> list[dict]:

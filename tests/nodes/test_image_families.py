@@ -165,13 +165,8 @@ def judged_move(r, g: Graph, family: str, kind: str, agg_models, out, base, deco
         JUDGE.append(probes.ClipJudge(agg_models.path("open_clip", agg_models.open_clip)))
     judge = JUDGE[0]
     e_out, e_base = (judge.image(seen(r, g, family, decoder, lat)) for lat in (out, base))
-    if kind == "clip_direction":
-        direction = judge.text("a watercolor painting") - 0.4 * judge.text("a photo")
-    else:
-        direction = judge.image(r.output(g["style_image"].id)) - e_base
-    move = (e_out - e_base).flatten()
-    gain = float(move @ (direction.flatten() / direction.norm()))
-    return gain, gain / max(float(move.norm()), 1e-12)
+    style = r.output(g["style_image"].id) if kind == "image_style" else None
+    return probes.judged_clip_move(judge, kind, e_out, e_base, style)
 
 
 # ---------------------------------------------------------------------------------------------------
