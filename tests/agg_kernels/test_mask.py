@@ -7,7 +7,18 @@ import torch
 
 from agg_kernels.dds import term_gradients, term_pulls
 from agg_kernels.losses import structure_loss
-from agg_kernels.mask import as_mask, box, check_mask, focus, focused, region_scale, resize_mask, restrict
+from agg_kernels.mask import (
+    MARGIN,
+    as_mask,
+    box,
+    check_mask,
+    focus,
+    focused,
+    latent_box,
+    region_scale,
+    resize_mask,
+    restrict,
+)
 from agg_kernels.objective import LossContext, WeightedLoss, weights_of
 from agg_kernels.strength import rms
 
@@ -116,3 +127,26 @@ def test_focused_decoder_passes_gradient_only_through_the_region():
     assert pixels.shape == (1, 3, 64, 32)
     (g,) = torch.autograd.grad(pixels.sum(), x0)
     assert float(g[..., 4:].abs().max()) == 0.0 and float(g[:, :3, :, :4].abs().min()) > 0
+
+
+def test_focused_decodes_only_the_mask_box_and_its_margin_and_shows_what_the_whole_decode_shows():
+    m = torch.zeros(1, 128, 128)
+    m[:, 40:72, 16:48] = 1  # latent cells 5..8 x 2..5 at 8 px per cell
+    assert latent_box(m, (16, 16), margin=1) == (4, 10, 1, 7)
+    assert latent_box(m, (16, 16)) == (max(0, 5 - MARGIN), 9 + MARGIN, max(0, 2 - MARGIN), 6 + MARGIN)
+    assert latent_box(m, (16, 16), margin=10) == (0, 16, 0, 16)  # clipped to the grid
+    seen = []
+
+    def decode(x0: torch.Tensor) -> torch.Tensor:  # local: a crop decodes to the crop of the whole decode
+        seen.append(tuple(x0.shape))
+        return torch.nn.functional.interpolate(x0[:, :3], scale_factor=8, mode="nearest")
+
+    x0 = torch.randn(1, 4, 16, 16)
+    top, bottom, left, right = latent_box(m, (16, 16))
+    out = focused(decode, m)(x0)
+    assert seen == [(1, 4, bottom - top, right - left)] and (bottom - top) * (right - left) < 16 * 16
+    assert torch.equal(out, focus(decode(x0), m))
+    # a mask on a grid that is not a multiple of the decode's (resampled as for the whole image)
+    odd = torch.zeros(1, 100, 100)
+    odd[:, 31:57, 13:38] = 1
+    assert torch.equal(focused(decode, odd)(x0), focus(decode(x0), odd))
