@@ -1,0 +1,184 @@
+"""Would decoding at the resolution a loss looks at keep its guidance? Measured on the trained test model.
+
+    python -m pytest tests/bench/reduced_decode.py -s        # about 5 min; prints the figures
+
+The idea: CLIP looks at cut-outs of its input size (32 px for the tiny test CLIP, 224 for real ones) and Color
+Loss at channel statistics, so the image losses could decode a latent shrunk (antialiased bilinear) until
+the image's shorter side is 2 x the CLIP input (Color Loss: 256 px), with the gradient reaching the full
+latent through the shrink's adjoint. This measures, with the loss nodes decoding through the checkpoint's
+VAE (the trained decoder) on a photo:
+  - per guided noise level of Apply AGG's default window (20 steps, denoise 0.6): the cosine between the
+    loss's gradient w.r.t. the clean estimate through the shrunk decode and through the full decode, and
+    between the guided steps (finite-difference manifold) they give; beside it the cosine between two full
+    decodes' gradients with different cut-out seeds (the loss's own augmentation noise);
+  - whole KSampler runs: the CLIP judge's move of the result along the text direction (probes.ClipJudge:
+    the whole image at the CLIP's input size), shrunk against full decode.
+The pack does not shrink: see docs/PERFORMANCE.md ("Decoding at reduced resolution") for what this printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from agg_testing import trained as T
+from agg_testing.graphs import Graph
+from agg_testing.probes import ClipJudge, judged_clip_move, node_defaults, pack_module
+
+STEPS = 20
+DENOISE = 0.6
+PHOTO = "astronaut.png"
+CLIP_FACTOR = 2  # the shrunk decode's shorter side: this many CLIP inputs
+COLOR_SIDE = 256
+
+
+def latent_size(hw: tuple[int, int], ratio: int, need: int) -> tuple[int, int]:
+    h, w = hw
+    k = need / (ratio * min(h, w))
+    return (h, w) if k >= 1 else (max(1, round(h * k)), max(1, round(w * k)))
+
+
+def shrunk(decode, need: int):
+    def decode_small(x0: torch.Tensor) -> torch.Tensor:
+        size = latent_size(tuple(x0.shape[-2:]), 8, need)
+        small = x0 if size == tuple(x0.shape[-2:]) else F.interpolate(x0, size=size, mode="bilinear",
+                                                                     align_corners=False, antialias=True)
+        return decode(small)
+
+    return decode_small
+
+
+@contextlib.contextmanager
+def shrinking(monkeypatch, need: int):
+    """The loss nodes built inside decode the latent shrunk to `need` px (their decoders wrapped)."""
+    losses = pack_module("nodes.losses")
+    make = losses.make_decoder
+    with monkeypatch.context() as m:
+        m.setattr(losses, "make_decoder", lambda *a, **k: shrunk(make(*a, **k), need))
+        yield
+
+
+def photo(size: int) -> torch.Tensor:
+    from PIL import Image
+
+    arr = np.round(T.load_photo(PHOTO) * 255).astype(np.uint8)
+    img = Image.fromarray(arr).resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)[None]
+
+
+def graph(session, agg_models, size: int, weight: float | None) -> Graph:
+    from PIL import Image
+
+    name = f"agg_reduced_{size}.png"
+    Image.fromarray(np.round(photo(size)[0].numpy() * 255).astype(np.uint8)).save(session.dirs["input"] / name)
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", name="ckpt", ckpt_name=T.CHECKPOINT_TRAINED)
+    pos = g.node("CLIPTextEncode", clip=ckpt[1], text="a photo")
+    enc = g.node("VAEEncode", pixels=g.node("LoadImage", image=name)[0], vae=ckpt[2])
+    model = ckpt[0]
+    if weight is not None:
+        clip = g.node("AGGCLIPLoader", name="clip", clip_name=agg_models.open_clip, architecture="auto")
+        loss = g.node("AGGCLIPDirectionLoss", **{**node_defaults("AGGCLIPDirectionLoss"), "clip": clip[0],
+                                                 "vae": ckpt[2], "decoder": "vae", "weight": weight})
+        model = g.node("AGGApply", **{**node_defaults("AGGApply"), "model": ckpt[0], "loss": loss[0]})[0]
+    ks = g.node("KSampler", model=model, seed=3, steps=STEPS, cfg=1.0, sampler_name="euler", scheduler="normal",
+                positive=pos[0], negative=pos[0], latent_image=enc[0], denoise=DENOISE)
+    dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])
+    g.node("PreviewImage", images=dec[0])
+    return g
+
+
+def result(session, g: Graph):
+    r = session.run(g.prompt, fresh=True)  # fresh: the loss node runs again (under the patch or not)
+    assert r.ok, r.error_text()
+    return r
+
+
+@pytest.fixture(scope="module")
+def parts(comfy, agg_models):
+    T.link_trained(agg_models.root)
+    g = graph(comfy, agg_models, 64, 0.1)
+    r = result(comfy, g)
+    return r.output(g["ckpt"].id), r.output(g["ckpt"].id, index=2), r.output(g["clip"].id)
+
+
+def window_sigmas(patcher) -> list[float]:
+    import comfy.samplers
+
+    schedule = pack_module("agg_kernels.schedule")
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", int(STEPS / DENOISE))
+    d = node_defaults("AGGApply")
+    window = schedule.edit_window(patcher.model.model_sampling.percent_to_sigma, d["start_percent"], d["end_percent"])
+    return [float(s) for s in sigmas[-(STEPS + 1):-1] if schedule.in_window(float(s), window)]
+
+
+def per_sigma(parts, loss, image: torch.Tensor, term: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the term's gradient, the guided step) at each window noise level of the noised photo latent."""
+    patcher, vae, _ = parts
+    dds, objective, guidance = (pack_module(f"agg_kernels.{m}") for m in ("dds", "objective", "guidance"))
+    model = patcher.model
+    with torch.inference_mode(False), torch.no_grad():
+        z = model.process_latent_in(vae.encode(image).float()).clone()
+    sigmas = window_sigmas(patcher)
+    info = pack_module("nodes.runtime").RunInfo(model, "eps", torch.device("cpu"), tuple(z.shape),
+                                                torch.tensor([*sigmas, 0.0]))
+    grads, steps = [], []
+    try:
+        built = loss.build(info)
+        for i, sigma in enumerate(sigmas):
+            with torch.inference_mode(False):
+                x = z + sigma * torch.randn(z.shape, generator=torch.Generator().manual_seed(i))
+                with torch.no_grad():
+                    d = T.denoise(model, x, sigma).float()
+                ctx = objective.LossContext(sigma=torch.tensor([sigma]), x=x, family="eps", step=i)
+                grads.append(dds.term_gradients(built, d, ctx)[1][term])
+                steps.append(guidance.guided_delta(built, x, d, ctx, "finite_difference",
+                                                   lambda xp, s=sigma: T.denoise(model, xp.float(), s).float()).delta)
+    finally:
+        info.close()
+    return grads, steps
+
+
+def cosines(a, b) -> list[float]:
+    return np.round([float(F.cosine_similarity(x.flatten(), y.flatten(), dim=0)) for x, y in zip(a, b, strict=True)],
+                    3).tolist()
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_clip_direction(parts, comfy, agg_models, monkeypatch, size):
+    _, vae, clip = parts
+    need = CLIP_FACTOR * clip.image_size
+    losses = pack_module("nodes.losses")
+    inputs = dict(clip=clip, vae=vae, source_text="a photo", target_text="a watercolor painting", weight=0.1,
+                  decoder="vae", cutouts=8, seed=0)
+    full = per_sigma(parts, losses.AGGCLIPDirectionLoss.execute(**inputs).args[0], photo(size), "clip_direction")
+    other = per_sigma(parts, losses.AGGCLIPDirectionLoss.execute(**{**inputs, "seed": 1}).args[0], photo(size),
+                      "clip_direction")
+    with shrinking(monkeypatch, need):
+        small = per_sigma(parts, losses.AGGCLIPDirectionLoss.execute(**inputs).args[0], photo(size), "clip_direction")
+    print(f"\nCLIP Direction, {size} px decoded at {need} px, per window noise level:\n"
+          f"  gradient cos shrunk/full {cosines(small[0], full[0])}, other seed/full {cosines(other[0], full[0])}\n"
+          f"  step cos     shrunk/full {cosines(small[1], full[1])}, other seed/full {cosines(other[1], full[1])}")
+    judge = ClipJudge(agg_models.path("open_clip", agg_models.open_clip))
+    base = judge.image(result(comfy, g := graph(comfy, agg_models, size, None)).output(g["decode"].id))
+    for weight in (0.1, 0.3):
+        g = graph(comfy, agg_models, size, weight)
+        whole = judge.image(result(comfy, g).output(g["decode"].id))
+        with shrinking(monkeypatch, need):
+            reduced = judge.image(result(comfy, g).output(g["decode"].id))
+        (gf, sf), (gr, sr) = (judged_clip_move(judge, "clip_direction", e, base) for e in (whole, reduced))
+        print(f"  run at weight {weight}: judged gain (share) full {gf:.4f} ({sf:.2f}), shrunk {gr:.4f} ({sr:.2f})")
+
+
+def test_color(parts, monkeypatch):
+    _, vae, _ = parts
+    losses = pack_module("nodes.losses")
+    inputs = dict(image=photo(64).flip(-1), vae=vae, weight=0.3, decoder="vae")
+    full = per_sigma(parts, losses.AGGColorLoss.execute(**inputs).args[0], photo(512), "color")
+    with shrinking(monkeypatch, COLOR_SIDE):
+        small = per_sigma(parts, losses.AGGColorLoss.execute(**inputs).args[0], photo(512), "color")
+    print(f"\nColor, 512 px decoded at {COLOR_SIDE} px, per window noise level: gradient cos "
+          f"{cosines(small[0], full[0])}, step cos {cosines(small[1], full[1])}")
