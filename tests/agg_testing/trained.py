@@ -793,3 +793,43 @@ def evidence(files: dict[str, Path]) -> Evidence:
             decoder=decoder_figures(files["checkpoint"]),
             decoder_seconds=times.get("decoder", float("nan")),
         )
+
+
+def clip_img2img(agg_models, image: str, *, weight: float | None, mask: str | None = None, steps: int = 20,
+                 denoise: float = 0.6, seed: int = 3):
+    """A graph on the trained checkpoint: LoadImage `image` -> VAEEncode -> KSampler (euler, normal, cfg 1) ->
+    VAEDecode (role "decode"), with Apply AGG and CLIP Direction Loss (tiny test CLIP, role "clip"; decoder vae;
+    inside LoadImageMask `mask` when given; node defaults otherwise) on the model unless `weight` is None."""
+    from agg_testing.graphs import Graph
+    from agg_testing.probes import node_defaults
+
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", name="ckpt", ckpt_name=CHECKPOINT_TRAINED)
+    pos = g.node("CLIPTextEncode", clip=ckpt[1], text="a photo")
+    enc = g.node("VAEEncode", pixels=g.node("LoadImage", image=image)[0], vae=ckpt[2])
+    model = ckpt[0]
+    if weight is not None:
+        extra = {} if mask is None else {"mask": g.node("LoadImageMask", image=mask, channel="red")[0]}
+        clip = g.node("AGGCLIPLoader", name="clip", clip_name=agg_models.open_clip, architecture="auto")
+        loss = g.node("AGGCLIPDirectionLoss", **{**node_defaults("AGGCLIPDirectionLoss"), "clip": clip[0],
+                                                 "vae": ckpt[2], "decoder": "vae", "weight": weight, **extra})
+        model = g.node("AGGApply", **{**node_defaults("AGGApply"), "model": ckpt[0], "loss": loss[0]})[0]
+    ks = g.node("KSampler", model=model, seed=seed, steps=steps, cfg=1.0, sampler_name="euler", scheduler="normal",
+                positive=pos[0], negative=pos[0], latent_image=enc[0], denoise=denoise)
+    dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])
+    g.node("PreviewImage", images=dec[0])
+    return g
+
+
+def window_sigmas(patcher, steps: int = 20, denoise: float = 0.6) -> list[float]:
+    """The noise levels Apply AGG's default window guides in a KSampler run (normal scheduler) of `steps` at
+    `denoise` on the model `patcher`."""
+    import comfy.samplers
+
+    from agg_testing.probes import node_defaults, pack_module
+
+    schedule = pack_module("agg_kernels.schedule")
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", int(steps / denoise))
+    d = node_defaults("AGGApply")
+    window = schedule.edit_window(patcher.model.model_sampling.percent_to_sigma, d["start_percent"], d["end_percent"])
+    return [float(s) for s in sigmas[-(steps + 1):-1] if schedule.in_window(float(s), window)]

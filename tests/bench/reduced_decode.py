@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from agg_testing import trained as T
 from agg_testing.graphs import Graph
-from agg_testing.probes import ClipJudge, judged_clip_move, node_defaults, pack_module
+from agg_testing.probes import ClipJudge, judged_clip_move, pack_module
 
 STEPS = 20
 DENOISE = 0.6
@@ -74,21 +74,7 @@ def graph(session, agg_models, size: int, weight: float | None) -> Graph:
 
     name = f"agg_reduced_{size}.png"
     Image.fromarray(np.round(photo(size)[0].numpy() * 255).astype(np.uint8)).save(session.dirs["input"] / name)
-    g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", name="ckpt", ckpt_name=T.CHECKPOINT_TRAINED)
-    pos = g.node("CLIPTextEncode", clip=ckpt[1], text="a photo")
-    enc = g.node("VAEEncode", pixels=g.node("LoadImage", image=name)[0], vae=ckpt[2])
-    model = ckpt[0]
-    if weight is not None:
-        clip = g.node("AGGCLIPLoader", name="clip", clip_name=agg_models.open_clip, architecture="auto")
-        loss = g.node("AGGCLIPDirectionLoss", **{**node_defaults("AGGCLIPDirectionLoss"), "clip": clip[0],
-                                                 "vae": ckpt[2], "decoder": "vae", "weight": weight})
-        model = g.node("AGGApply", **{**node_defaults("AGGApply"), "model": ckpt[0], "loss": loss[0]})[0]
-    ks = g.node("KSampler", model=model, seed=3, steps=STEPS, cfg=1.0, sampler_name="euler", scheduler="normal",
-                positive=pos[0], negative=pos[0], latent_image=enc[0], denoise=DENOISE)
-    dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])
-    g.node("PreviewImage", images=dec[0])
-    return g
+    return T.clip_img2img(agg_models, name, weight=weight, steps=STEPS, denoise=DENOISE)
 
 
 def result(session, g: Graph):
@@ -105,14 +91,6 @@ def parts(comfy, agg_models):
     return r.output(g["ckpt"].id), r.output(g["ckpt"].id, index=2), r.output(g["clip"].id)
 
 
-def window_sigmas(patcher) -> list[float]:
-    import comfy.samplers
-
-    schedule = pack_module("agg_kernels.schedule")
-    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", int(STEPS / DENOISE))
-    d = node_defaults("AGGApply")
-    window = schedule.edit_window(patcher.model.model_sampling.percent_to_sigma, d["start_percent"], d["end_percent"])
-    return [float(s) for s in sigmas[-(STEPS + 1):-1] if schedule.in_window(float(s), window)]
 
 
 def per_sigma(parts, loss, image: torch.Tensor, term: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -122,7 +100,7 @@ def per_sigma(parts, loss, image: torch.Tensor, term: str) -> tuple[list[torch.T
     model = patcher.model
     with torch.inference_mode(False), torch.no_grad():
         z = model.process_latent_in(vae.encode(image).float()).clone()
-    sigmas = window_sigmas(patcher)
+    sigmas = T.window_sigmas(patcher, STEPS, DENOISE)
     info = pack_module("nodes.runtime").RunInfo(model, "eps", torch.device("cpu"), tuple(z.shape),
                                                 torch.tensor([*sigmas, 0.0]))
     grads, steps = [], []

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from agg_testing import trained as T
 from agg_testing.graphs import Graph
-from agg_testing.probes import node_defaults, pack_module
+from agg_testing.probes import pack_module
 
 # the first test of a fresh machine trains the model (minutes); the tests themselves take seconds
 pytestmark = pytest.mark.slow
@@ -75,25 +75,9 @@ def whole_decode(monkeypatch):
 
 
 def graph(agg_models, *, guided: bool) -> Graph:
-    """photo -> VAEEncode -> KSampler (denoise 0.6, euler, 20 steps) -> VAEDecode, with Apply AGG (CLIP Direction
-    Loss inside the mask, decoder vae, the nodes' defaults otherwise) when `guided`. Roles: ckpt, clip, decode."""
-    g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", name="ckpt", ckpt_name=T.CHECKPOINT_TRAINED)
-    pos = g.node("CLIPTextEncode", clip=ckpt[1], text="a photo")
-    load = g.node("LoadImage", image="agg_crop.png")
-    enc = g.node("VAEEncode", pixels=load[0], vae=ckpt[2])
-    model = ckpt[0]
-    if guided:
-        mask = g.node("LoadImageMask", image="agg_crop_mask.png", channel="red")
-        clip = g.node("AGGCLIPLoader", name="clip", clip_name=agg_models.open_clip, architecture="auto")
-        loss = g.node("AGGCLIPDirectionLoss", **{**node_defaults("AGGCLIPDirectionLoss"), "clip": clip[0],
-                                                 "vae": ckpt[2], "decoder": "vae", "weight": 0.3, "mask": mask[0]})
-        model = g.node("AGGApply", **{**node_defaults("AGGApply"), "model": ckpt[0], "loss": loss[0]})[0]
-    ks = g.node("KSampler", model=model, seed=3, steps=STEPS, cfg=1.0, sampler_name="euler", scheduler="normal",
-                positive=pos[0], negative=pos[0], latent_image=enc[0], denoise=DENOISE)
-    dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])
-    g.node("PreviewImage", images=dec[0])
-    return g
+    """The photo's img2img run (trained.clip_img2img), guided by CLIP Direction Loss at weight 0.3 inside the mask."""
+    return T.clip_img2img(agg_models, "agg_crop.png", weight=0.3 if guided else None, mask="agg_crop_mask.png",
+                          steps=STEPS, denoise=DENOISE)
 
 
 def run(session, g: Graph):
@@ -102,15 +86,6 @@ def run(session, g: Graph):
     return r
 
 
-def guided_sigmas(patcher) -> list[float]:
-    """The noise levels Apply AGG's default window guides in a KSampler run of STEPS steps at DENOISE."""
-    import comfy.samplers
-
-    schedule = pack_module("agg_kernels.schedule")
-    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", int(STEPS / DENOISE))
-    d = node_defaults("AGGApply")
-    window = schedule.edit_window(patcher.model.model_sampling.percent_to_sigma, d["start_percent"], d["end_percent"])
-    return [float(s) for s in sigmas[-(STEPS + 1):-1] if schedule.in_window(float(s), window)]
 
 
 def gradients(patcher, vae, loss) -> list[torch.Tensor]:
@@ -120,7 +95,7 @@ def gradients(patcher, vae, loss) -> list[torch.Tensor]:
     model = patcher.model
     with torch.inference_mode(False), torch.no_grad():
         z = model.process_latent_in(vae.encode(photo()).float()).clone()
-    sigmas = guided_sigmas(patcher)
+    sigmas = T.window_sigmas(patcher, STEPS, DENOISE)
     assert len(sigmas) >= 5, sigmas
     info = runtime.RunInfo(model, "eps", torch.device("cpu"), tuple(z.shape), torch.tensor([*sigmas, 0.0]))
     out = []
