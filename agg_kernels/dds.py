@@ -6,7 +6,7 @@ import torch
 
 from .manifold import grad_enabled
 from .objective import Loss, LossContext, Terms, anchors_of, floors_of, weights_of
-from .strength import term_pull
+from .strength import Weight, sample_weights, term_pull
 
 
 def term_gradients(loss: Loss, x0: torch.Tensor, ctx: LossContext) -> tuple[Terms, Terms]:
@@ -28,14 +28,19 @@ def term_gradients(loss: Loss, x0: torch.Tensor, ctx: LossContext) -> tuple[Term
     return {k: v.detach() for k, v in terms.items()}, grads
 
 
-def term_pulls(loss: Loss, x0: torch.Tensor, ctx: LossContext, grads: Terms, values: Terms | None = None) -> Terms:
+def term_pulls(loss: Loss, x0: torch.Tensor, ctx: LossContext, grads: Terms, values: Terms | None = None,
+               scale: Weight = 1.0) -> Terms:
     """Each term's pull on x0 (weight-sized, anchored terms clipped at their reference, terms with a floor
-    scaled so their predicted decrease stays within value - floor, given the per-sample `values`); see strength."""
+    scaled so their predicted decrease stays within value - floor, given the per-sample `values`); see strength.
+
+    `scale` (a number or [B]) multiplies every weight: the step's share of schedule time and, at the trust
+    region, the factor that makes the step fit it.
+    """
     weights = weights_of(loss)
     anchors = anchors_of(loss, x0, ctx)
     floors = floors_of(loss) if values is not None else {}
-    return {k: term_pull(g, weights.get(k, 1.0), x0, anchors.get(k), None if values is None else values.get(k),
-                         floors.get(k)) for k, g in grads.items()}
+    return {k: term_pull(g, sample_weights(weights.get(k, 1.0), g) * sample_weights(scale, g), x0, anchors.get(k),
+                         None if values is None else values.get(k), floors.get(k)) for k, g in grads.items()}
 
 
 def summed(pulls: Terms, like: torch.Tensor) -> torch.Tensor:
@@ -45,8 +50,9 @@ def summed(pulls: Terms, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def dds_refine(loss: Loss, x0: torch.Tensor, ctx: LossContext, steps: int, lr: float) -> torch.Tensor:
-    """K refinement steps x0 <- x0 - lr * (sum of the term pulls at x0); returns x0 after the K-th step.
+def dds_refine(loss: Loss, x0: torch.Tensor, ctx: LossContext, steps: int, lr: float, scale: Weight = 1.0) -> torch.Tensor:
+    """K refinement steps x0 <- x0 - lr * (sum of the term pulls at x0, weights times `scale`); returns x0 after
+    the K-th step.
 
     The pulls are weight-sized, so lr is the fraction of the weight each step moves; anchored terms stay
     clipped at their reference for lr <= 1. K = 0 returns a copy of the input.
@@ -54,5 +60,5 @@ def dds_refine(loss: Loss, x0: torch.Tensor, ctx: LossContext, steps: int, lr: f
     x = x0.detach().clone()
     for _ in range(steps):
         values, grads = term_gradients(loss, x, ctx)
-        x = x - lr * summed(term_pulls(loss, x, ctx, grads, values), x)
+        x = x - lr * summed(term_pulls(loss, x, ctx, grads, values, scale), x)
     return x

@@ -12,10 +12,13 @@ from .manifold import FD_NOISE_REASON, FD_REL_STEP, Denoiser, checked_covariance
 from .objective import Loss, LossContext, Terms, anchors_of, floors_of, weights_of
 from .strength import (
     DEFAULT_TRUST,
+    ELEMENT_BOUND,
     clamp_elements,
     clip_to_radius,
     element_limit,
+    fit_factor,
     is_descent,
+    per_sample,
     posterior_variance,
     rms,
     trust_radius,
@@ -34,7 +37,8 @@ class GuidanceResult:
     it asked of the clean estimate (weight-sized, anchored terms clipped); delta_rms: RMS of the final step;
     trust_region: the RMS cap acted on some sample; element_bound: the per-element bound clamped some element;
     fallback: why the Jacobian step was replaced, if it was; idle: terms of non-zero weight that asked for no
-    pull although they are above their floor (a gradient that is zero, e.g. underflowed), with the reason.
+    pull although they are above their floor (a gradient that is zero, e.g. underflowed), with the reason;
+    rate: the step's share of schedule time, in reference steps, that scaled every weight.
     """
 
     delta: torch.Tensor | None
@@ -47,13 +51,14 @@ class GuidanceResult:
     fallback: str | None = None
     element_bound: bool = False
     idle: dict[str, str] = field(default_factory=dict)
+    rate: float = 1.0
 
     def report(self) -> dict:
         """The step's figures as plain JSON values."""
         return {
             "terms": self.terms, "grad_rms": self.grad_rms, "step_rms": self.step_rms, "delta_rms": self.delta_rms,
             "trust_region": self.trust_region, "element_bound": self.element_bound, "fallback": self.fallback,
-            "skipped": self.skipped, "idle": self.idle,
+            "skipped": self.skipped, "idle": self.idle, "rate": self.rate,
         }
 
 
@@ -112,8 +117,16 @@ def guided_delta(
     probe_base: torch.Tensor | None = None,
     trust: float = DEFAULT_TRUST,
     fd_max_error: float | None = None,
+    rate: float = 1.0,
 ) -> GuidanceResult:
     """delta = x_tilde - D for one step, in model-independent units (see agg_kernels.strength).
+
+    `rate` is the step's share of schedule time in reference steps (schedule.step_rate): every weight and
+    the trust radius scale with it, so a run's whole pull and its whole allowance do not depend on the step
+    count; the per-element bound scales only down (no element moves more than ELEMENT_BOUND posterior
+    standard deviations in one step, however long). At the trust region the weights are scaled
+    down together until the covariance step fits, and the refinement runs at those weights: the step's
+    direction and size are decided together, and a weight past the cap gives the step the cap gives.
 
     `denoise` is the denoiser whose Jacobian carries the pull (autograd, finite_difference), and
     `probe_base` its value at x (default: `denoised`). Where its step would not lower the loss (a Jacobian
@@ -128,13 +141,13 @@ def guided_delta(
     terms = {k: mean_of(v) for k, v in values.items()}
     grad_rms = {k: mean_of(rms(g)) for k, g in grads.items()}
     if not all(is_finite(v) for v in values.values()) or not all(is_finite(g) for g in grads.values()):
-        return GuidanceResult(None, terms, "non-finite loss or gradient", grad_rms)
-    pulls = term_pulls(loss, work, ctx, grads, values)
+        return GuidanceResult(None, terms, "non-finite loss or gradient", grad_rms, rate=float(rate))
+    pulls = term_pulls(loss, work, ctx, grads, values, rate)
     step_rms = {k: mean_of(rms(p)) for k, p in pulls.items()}
     idle = idle_terms(loss, values, grads)
     pull = summed(pulls, work)
     if not bool(pull.any()):
-        return GuidanceResult(torch.zeros_like(denoised), terms, None, grad_rms, step_rms, idle=idle)
+        return GuidanceResult(torch.zeros_like(denoised), terms, None, grad_rms, step_rms, idle=idle, rate=float(rate))
 
     prior = posterior_variance(ctx.sigma.reshape(-1, *([1] * (work.ndim - 1))), ctx.family) * pull
     fallback = None
@@ -157,13 +170,16 @@ def guided_delta(
                 reasons.append(f"{manifold} step not a descent direction on {int((~descent & ~noise).sum())} of {len(ok)} samples")
             fallback = "; ".join(reasons) + "; used the prior covariance"
             step = torch.where(ok.reshape(-1, *([1] * (work.ndim - 1))), torch.nan_to_num(step), prior)
-    x0 = dds_refine(loss, work - step, ctx, dds_steps, dds_lr)
-    delta, capped = clip_to_radius(x0 - work, trust_radius(ctx.sigma, ctx.family, trust))
-    delta, clamped = clamp_elements(delta, element_limit(ctx.sigma, ctx.family))
+    radius = trust_radius(ctx.sigma, ctx.family, trust * float(rate))
+    fit = fit_factor(step, radius)
+    x0 = dds_refine(loss, work - step * per_sample(fit, step), ctx, dds_steps, dds_lr, fit * rate)
+    delta, capped = clip_to_radius(x0 - work, radius)
+    delta, clamped = clamp_elements(delta, element_limit(ctx.sigma, ctx.family, ELEMENT_BOUND * min(float(rate), 1.0)))
     delta = within_anchors(delta, work, pulls, anchors_of(loss, work, ctx))
     if not is_finite(delta):
-        return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback, idle=idle)
+        return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback, idle=idle,
+                              rate=float(rate))
     return GuidanceResult(
-        delta.to(denoised.dtype), terms, None, grad_rms, step_rms, mean_of(rms(delta)), bool(capped.any()), fallback,
-        bool(clamped.any()), idle,
+        delta.to(denoised.dtype), terms, None, grad_rms, step_rms, mean_of(rms(delta)), bool((capped | (fit < 1)).any()), fallback,
+        bool(clamped.any()), idle, float(rate),
     )

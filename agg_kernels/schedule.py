@@ -2,9 +2,14 @@
 
 Two independent schedules:
   the edit window  a sigma range given as ComfyUI start / end percent (0 = the highest sigma,
-                   1 = sigma 0); the guidance hook is active inside it.
+                   1 = sigma 0); a step is guided for the schedule time it spends inside it.
   the eta zones    the AGG sampler's three zones by step fraction i / n_steps:
                    [0, edit_end) edit, [edit_end, boost_start) middle, [boost_start, 1] boost.
+
+Strength is a rate over schedule time v(sigma) = sigma^2 / (alpha^2 + sigma^2), the share of the state's
+variance that is noise (1 - alpha_bar of the variance-preserving schedule; 1 at pure noise, 0 at the clean
+image): a guided step pulls in proportion to the schedule time it spends inside the window (`step_rate`), so
+a weight gives the same edit at 20 or 60 steps.
 
 Reference set-up (100 respaced DDIM steps, start at t = 0.6 T): the remaining 60 steps are guided
 for the first 19, then run unguided, with a stochastic eta = 1 boost over the last third.
@@ -16,6 +21,8 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+
+from .strength import posterior_variance
 
 # The reference run: 60 steps after starting at t = 0.6 T, the first 19 of them guided.
 REFERENCE_STEPS = 60
@@ -40,6 +47,15 @@ SIGMA_REL_TOL = 1e-4
 
 Window = tuple[float, float]
 
+# Weights are per this much schedule time: one guided step of a 20-step img2img run at denoise 0.6 (normal
+# scheduler, default window) spans 0.041 of it on SD1.5 and 0.061 on a flow model, so at 20 steps a weight
+# pulls per step about as hard as it says.
+REFERENCE_STEP_TIME = 0.04
+# A step whose overlap with the window is below this share of a reference step is not guided: schedules are
+# float32 while the window's bounds are float64, so a step that starts at the window's lower end overlaps it
+# by rounding.
+MIN_STEP_RATE = 0.01
+
 
 def check_window(start_percent: float, end_percent: float) -> None:
     """Raise a ValueError unless 0 <= start_percent < end_percent <= 1 (the rule edit_window assumes)."""
@@ -60,16 +76,27 @@ def edit_window(percent_to_sigma: Callable[[float], float], start_percent: float
     return sigma_high, sigma_low
 
 
-def in_window(sigma: torch.Tensor | float, window: Window) -> bool:
-    """Whether a step at `sigma` is guided: sigma_low <= sigma <= sigma_high.
+def schedule_time(sigma: float, family: str) -> float:
+    """v(sigma) = sigma^2 / (alpha^2 + sigma^2) in [0, 1]: the share of the state's variance that is noise for
+    unit-variance data (the posterior variance of x0 given x); falls from 1 to 0 as sampling proceeds."""
+    return float(posterior_variance(float(sigma), family))
 
-    Both ends are inclusive, as ComfyUI's timestep ranges for conds and ControlNets are; a sigma below
-    sigma_low (past end_percent) is outside. A [B] sigma is judged by its first entry (a batch shares
-    one schedule). The bounds get a relative tolerance of SIGMA_REL_TOL for float32 schedules.
+
+def step_rate(sigma: float, sigma_next: float, window: Window, family: str) -> float:
+    """How much of a step's pull the step from sigma to sigma_next gets: the schedule time it spends inside
+    the window, in units of REFERENCE_STEP_TIME; 0 when that is at most MIN_STEP_RATE (a step that only
+    touches the window's edge, e.g. one starting at its lower end).
+
+    Summed over a run it is the window's length whatever the step count, so the whole run's pull does not
+    depend on how finely the schedule cuts the window; a coarse schedule (4 LCM steps) whose steps straddle
+    the window is guided for the part that overlaps it. A whole schedule is 1 / REFERENCE_STEP_TIME = 25
+    reference steps long, and little of it lies near pure noise or near the clean image.
     """
-    s = float(torch.as_tensor(sigma).flatten()[0]) if torch.is_tensor(sigma) else float(sigma)
     sigma_high, sigma_low = window
-    return sigma_low * (1 - SIGMA_REL_TOL) <= s <= sigma_high * (1 + SIGMA_REL_TOL)
+    top = min(schedule_time(sigma, family), schedule_time(sigma_high, family))
+    bottom = max(schedule_time(sigma_next, family), schedule_time(sigma_low, family))
+    rate = max(top - bottom, 0.0) / REFERENCE_STEP_TIME
+    return rate if rate > MIN_STEP_RATE else 0.0
 
 
 def sigma_values(schedule: torch.Tensor | Sequence[float]) -> list[float]:
@@ -117,12 +144,13 @@ def following_sigma(schedule: torch.Tensor | Sequence[float] | None, sigma: floa
 
 def window_edit_end(schedule: torch.Tensor | Sequence[float], sigma_low: float) -> float:
     """The edit zone's end, as a step fraction, that covers exactly the steps a guidance window ending at
-    sigma_low acts on: the leading steps that start at a sigma >= sigma_low (tolerance SIGMA_REL_TOL)."""
+    sigma_low acts on (step_rate): the leading steps that start above sigma_low (tolerance SIGMA_REL_TOL; a
+    step starting at sigma_low lies below the window)."""
     values = sigma_values(schedule)
     n_steps = len(values) - 1
     if n_steps <= 0:
         return 0.0
-    guided = sum(1 for s in values[:-1] if s >= sigma_low * (1 - SIGMA_REL_TOL))
+    guided = sum(1 for s in values[:-1] if s > sigma_low * (1 + SIGMA_REL_TOL))
     return guided / n_steps
 
 

@@ -1,17 +1,20 @@
-"""Strength in units that do not depend on the model.
+"""Strength in units that do not depend on the model or on the step count.
 
-A term of weight w pulls the clean estimate by w, as an RMS distance over one sample's latent, per guided
-step, at unit posterior covariance: its gradient is normalised per sample before it is weighted, so the
-raw size of a loss (CLIP's, a decoder's, a user's constant factor) never matters. The pull then goes
-through the posterior covariance of x0 given x (the manifold step), which for unit-variance latents is at
-most the identity, and the whole step is capped by a trust region of the size of the posterior spread.
+A term of weight w pulls the clean estimate by w, as an RMS distance over one sample's latent, per reference
+step of schedule time (0.04 of v = sigma^2 / (alpha^2 + sigma^2), agg_kernels.schedule), at unit posterior
+covariance: a guided step of share `rate` of that time (schedule.step_rate) pulls by rate * w. Its gradient is normalised
+per sample before it is weighted, so the raw size of a loss (CLIP's, a decoder's, a user's constant factor)
+never matters. The pull then goes through the posterior covariance of x0 given x (the manifold step), which
+for unit-variance latents is at most the identity, and the whole step is held to a trust region of rate *
+`trust` posterior standard deviations:
 
-  pull_i   = w_i * g_i / RMS(g_i)              (anchored terms: clipped so no element passes its reference;
+  pull_i   = rate * w_i * g_i / RMS(g_i)       (anchored terms: clipped so no element passes its reference;
                                                terms with a floor: scaled so <g_i, pull_i> <= L_i - floor_i)
   Delta    = -C(sigma) pull                    C = (sigma^2 / alpha) J  (the Tweedie covariance), or
                                                sigma^2 / (alpha^2 + sigma^2) (unit-variance prior, J unknown)
-  |Delta|  <= trust * sqrt(sigma^2 / (alpha^2 + sigma^2))   (RMS per sample)
-  |Delta_j| <= ELEMENT_BOUND * sqrt(sigma^2 / (alpha^2 + sigma^2))   (every element)
+  |Delta|  <= rate * trust * sqrt(sigma^2 / (alpha^2 + sigma^2))   (RMS per sample: every weight is scaled
+                                               down together until the covariance step fits, fit_factor)
+  |Delta_j| <= min(rate, 1) * ELEMENT_BOUND * sqrt(sigma^2 / (alpha^2 + sigma^2))   (every element)
 
 Everything is per sample: weights may be [B] tensors (a per-image mask or adaptive multiplier), and every
 norm is taken over one sample's latent, so an image's step never depends on the rest of its batch. Norms
@@ -25,20 +28,28 @@ import torch
 
 from .coordinates import alpha
 
-# Default trust radius, in posterior standard deviations of x0 given x (RMS per sample).
-DEFAULT_TRUST = 0.5
+# Default trust radius, in posterior standard deviations of x0 given x (RMS per sample) per reference step
+# of schedule time. It bounds how fast guidance may move the clean estimate over the run. A Structure Loss
+# held at its reference for long puts the state past the source's own trajectory (at high noise the posterior
+# mean of the state that ends at the source is a shrunk image, not the source), and the run then ends beyond
+# the source: on the exact Gaussian denoiser (tests/agg_kernels/test_strength.py) raising its weight past the
+# cap moved the result away again at 0.3 (flow, 20-60 steps: +2 % to +6 % per step up in weight); at 0.2 the final distance falls
+# with the weight at 8 to 60 steps in every family, on the source latent and on an inversion trajectory.
+DEFAULT_TRUST = 0.2
 
 # Largest move of one latent element in one step, in posterior standard deviations. The RMS trust region
 # bounds the step on average only: a gradient that lives on a few elements (a range loss on one pixel)
 # would move those elements by weight * sqrt(elements). 2 keeps every element inside the central ~95 % of a
-# Gaussian posterior for x0, and a dense step at the default RMS cap (0.5) reaches 2 only 4 of its own
-# standard deviations out (6e-5 of the elements), so the bound acts on peaked steps and leaves dense ones.
+# Gaussian posterior for x0, and a dense step at the default RMS cap (0.2 per reference step, 0.2-0.3 for the
+# steps of a 20-step run) reaches 2 only 7 of its own standard deviations out, so the bound acts on peaked
+# steps and leaves dense ones.
 ELEMENT_BOUND = 2.0
 
-# Default loss weights, in these units: a tenth of the latent's own spread per guided step, so that the
-# paper's ~19 guided steps can move an image by about its own scale while a single step stays well inside
-# the trust region (0.5 posterior standard deviations, ~0.47 at the first step of an img2img run at
-# denoise 0.6 on SD1.5). Structure and target at equal weight pull equally hard.
+# Default loss weights, in these units: a tenth of the latent's own spread per reference step, so that the
+# default window (6.2 reference steps on SD1.5, 9.2 on a flow model; 6 guided steps of a 20-step run at
+# denoise 0.6) can move an image by a good part of its own scale while a single step stays inside the trust
+# region (0.2 posterior standard deviations per reference step, ~0.19 at the first step of that run).
+# Structure and target at equal weight pull equally hard.
 DEFAULT_STRUCTURE_WEIGHT = 0.1
 DEFAULT_CLIP_WEIGHT = 0.1
 DEFAULT_STYLE_WEIGHT = 0.1
@@ -141,13 +152,18 @@ def trust_radius(sigma: torch.Tensor, family: str, trust: float = DEFAULT_TRUST)
     return float(trust) * torch.as_tensor(posterior_variance(s, family)).sqrt()
 
 
-def clip_to_radius(delta: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(delta scaled down per sample so RMS(delta) <= radius, [B] bool: whether the cap acted)."""
-    r = rms(delta)
+def fit_factor(step: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """[B] factor <= 1 that brings a step's RMS within radius (1 where it already is)."""
+    r = rms(step)
     radius = radius.to(r.device).expand_as(r)
     hit = r > radius
-    factor = torch.where(hit, radius / torch.where(hit, r, torch.ones_like(r)), torch.ones_like(r))
-    return delta * per_sample(factor, delta), hit
+    return torch.where(hit, radius / torch.where(hit, r, torch.ones_like(r)), torch.ones_like(r))
+
+
+def clip_to_radius(delta: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta scaled down per sample so RMS(delta) <= radius, [B] bool: whether the cap acted)."""
+    factor = fit_factor(delta, radius)
+    return delta * per_sample(factor, delta), factor < 1
 
 
 def element_limit(sigma: torch.Tensor, family: str, bound: float = ELEMENT_BOUND) -> torch.Tensor:

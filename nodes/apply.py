@@ -50,8 +50,10 @@ def settings_inputs() -> list:
         ),
         io.Float.Input(
             "trust_region", display_name="step cap (expert)", default=DEFAULTS.trust, min=0.01, max=10.0, step=0.01, optional=True,
-            tooltip="Cap on one guided step's change of the clean estimate, in posterior standard deviations of the "
-            "model at that noise level (RMS). Steps above it are scaled down and reported.",
+            tooltip="Cap on the guided change of the clean estimate, in posterior standard deviations of the model at "
+            "that noise level (RMS) per reference step of the schedule. A step that would go farther has all its "
+            "weights scaled down together until it fits, and says so in the log. Above about 0.3 a very large "
+            "Structure weight can end farther from the source than a moderate one.",
         ),
     ]
 

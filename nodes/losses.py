@@ -78,9 +78,10 @@ def loss_input() -> io.Input:
 def weight_input(default: float, what: str, more: str = "") -> io.Input:
     return io.Float.Input(
         "weight", default=default, min=0.0, max=100.0, step=0.005,
-        tooltip=f"Strength of the {what}: how far one guided step may move the image's latent, as an RMS "
-        f"distance in latent units (latents have about unit spread). The same number means the same on every "
-        f"model. 0 turns it off; useful range 0.02-0.5 (default {default}).{more}",
+        tooltip=f"Strength of the {what}: how far guidance pulls the image's latent per reference step (about one "
+        f"guided step of a 20-step run at denoise 0.6), as an RMS distance in latent units (latents have about unit "
+        f"spread). The same number means the same on every model and at any step count. 0 turns it off; useful "
+        f"range 0.02-0.5 (default {default}).{more}",
     )
 
 

@@ -26,7 +26,7 @@ from ..agg_kernels.manifold import (
     reduced_precision,
 )
 from ..agg_kernels.objective import LossContext
-from ..agg_kernels.schedule import edit_window, in_window
+from ..agg_kernels.schedule import edit_window, following_sigma, next_sigma, step_rate
 from ..agg_kernels.step import SamplerSpec, realise
 from .sampler import is_guided, sampler_spec
 from .settings import RUNS_KEY, AGGError, AGGSettings, RunInfo, model_family, require_family
@@ -153,31 +153,44 @@ class AGGRun:
 
         return differentiable
 
-    def probe_base(self, denoise: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor) -> torch.Tensor | None:
-        """The probed denoiser's value at x: the conditional prediction the guider just made (captured by
+    def probe_base(self, denoise: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor,
+                   captured: torch.Tensor | None) -> torch.Tensor | None:
+        """The probed denoiser's value at x: the conditional prediction the guider just made (`captured` by
         the post-CFG hook) when the probe is conditional, else one more pass of the probed denoiser."""
-        captured, self.captured = self.captured, None
         if denoise is None or self.settings.manifold != "finite_difference":
             return None
         if self.probe_is_conditional and captured is not None and captured.shape == x.shape:
             return captured.float()
         return denoise(x)
 
+    def rate(self, sigma: float) -> float:
+        """The step's share of schedule time inside the window (agg_kernels.schedule.step_rate); an evaluation
+        between schedule points (heun's corrector, sde midpoints) counts to the next schedule point below."""
+        sigma_next = next_sigma(self.sigmas, sigma)
+        if sigma_next is None:
+            sigma_next = following_sigma(self.sigmas, sigma)
+        if sigma_next is None:
+            return 0.0
+        return step_rate(sigma, sigma_next, self.window, self.family)
+
     def guide(self, executor, x: torch.Tensor, timestep: torch.Tensor, model_options: dict, seed, denoised: torch.Tensor) -> torch.Tensor:
         sigma = float(timestep.flatten()[0])
-        if not in_window(sigma, self.window):
+        rate = self.rate(sigma)
+        if rate <= 0:
             self.captured = None
             return denoised
         comfy.model_management.throw_exception_if_processing_interrupted()
         ctx = LossContext(sigma=timestep.detach().float(), x=x.detach().float(), family=self.family, step=self.step)
+        # kept for a retry: the autograd -> finite-difference fallback probes around the same base value
+        captured, self.captured = self.captured, None
 
         def delta():
             settings = self.settings
             denoise = self.denoiser(executor, timestep, model_options, seed, x.dtype)
             return guided_delta(
                 self.loss, x, denoised, ctx, settings.manifold, denoise, settings.dds_steps, settings.dds_lr,
-                fd_rel_step=self.fd_rel_step, probe_base=self.probe_base(denoise, x), trust=settings.trust,
-                fd_max_error=self.fd_max_error,
+                fd_rel_step=self.fd_rel_step, probe_base=self.probe_base(denoise, x, captured), trust=settings.trust,
+                fd_max_error=self.fd_max_error, rate=rate,
             )
 
         try:
@@ -275,11 +288,12 @@ def capped(result: GuidanceResult) -> str:
 
 def report(node_name: str, step: int, sigma: float, result: GuidanceResult, node_id: str | None = None) -> None:
     """Each guided step's figures to the log and, when a server runs, to its clients as an 'agg.terms' event:
-    the node (display name and prompt id), per term its value, raw gradient RMS and step RMS; the step's RMS;
+    the node (display name and prompt id), the step's share of schedule time (`rate`, in reference steps, which
+    scaled every weight), per term its value, raw gradient RMS and step RMS; the step's RMS;
     trust-region, per-element-bound and fallback flags, and the terms that asked for no pull although above their floor."""
     event = {"node": node_name, "node_id": node_id, "step": step, "sigma": sigma, **result.report()}
     log.info(
-        "%s step %d sigma %.4g: %s; step rms %.4g%s%s%s%s", node_name, step, sigma,
+        "%s step %d sigma %.4g (share %.3g): %s; step rms %.4g%s%s%s%s", node_name, step, sigma, result.rate,
         ", ".join(f"{k} {v:.4g} (grad rms {result.grad_rms.get(k, 0):.3g}, step rms {result.step_rms.get(k, 0):.3g})"
                   for k, v in result.terms.items()),
         result.delta_rms, capped(result),

@@ -8,7 +8,7 @@ from agg_testing.analytic import mixture
 
 from agg_kernels.guidance import guided_delta
 from agg_kernels.objective import LossContext, WeightedLoss, compose
-from agg_kernels.strength import posterior_variance, rms, trust_radius, unit
+from agg_kernels.strength import DEFAULT_TRUST, posterior_variance, rms, trust_radius, unit
 
 FAMILIES = ("eps", "v_prediction", "const")
 SHAPE = (3, 2, 4, 4)
@@ -101,6 +101,39 @@ def test_a_larger_weight_moves_further_until_the_trust_region():
     assert all(b[0] >= a[0] - 1e-6 for a, b in zip(sizes, sizes[1:], strict=False)), sizes
     assert sizes[0][0] == pytest.approx(0.01 * float(posterior_variance(4.0, "eps")), rel=1e-4) and not sizes[0][1]
     assert sizes[-1][1] and sizes[-1][0] == pytest.approx(radius, rel=1e-4)
+
+
+@pytest.mark.parametrize("manifold", ["autograd", "none"])
+def test_past_the_cap_a_larger_weight_gives_the_step_the_cap_gives(manifold):
+    """Direction and size decided together: at the trust region every weight is scaled down until the
+    covariance step fits and the refinement runs at those weights, so 3x, 10x or 100x a weight that already
+    reaches the cap gives the same step, not one rotated toward the refinement's gradient taken farther away."""
+    mix, x, s, d, ctx = setup("eps", 2.0)
+    denoise = lambda xp: mix.denoise(xp, s, "eps")  # noqa: E731
+    goals = (mix.means[1], mix.means[0] * 0.3)
+    steps = {}
+    for m in (1, 3, 10, 100):
+        loss = compose(pull(goals[0], 2.0 * m), WeightedLoss(lambda x0, c: {"far": (x0 - goals[1]).abs().flatten(1).mean(1)},
+                                                             {"far": 0.8 * m}))
+        res = guided_delta(loss, x, d, ctx, manifold, denoise, dds_steps=2)
+        assert res.trust_region
+        steps[m] = res.delta
+    # every sample at the cap already at x1
+    assert torch.allclose(rms(steps[1]), trust_radius(s, "eps"), rtol=1e-4)
+    for m in (3, 10, 100):
+        assert torch.allclose(steps[m], steps[1], atol=1e-5), (m, float((steps[m] - steps[1]).abs().max()))
+
+
+def test_rate_scales_every_weight_and_the_trust_radius():
+    """A step of `rate` reference steps pulls as a step of rate x the weights, and may move rate x as far."""
+    mix, x, s, d, ctx = setup("eps", 2.0)
+    for w, rate in ((0.02, 3.0), (0.1, 0.25)):
+        scaled = guided_delta(pull(mix.means[1], w), x, d, ctx, "none", rate=rate)
+        plain = guided_delta(pull(mix.means[1], w * rate), x, d, ctx, "none", trust=DEFAULT_TRUST * rate)
+        assert not scaled.trust_region
+        assert torch.allclose(scaled.delta, plain.delta, atol=1e-6)
+    capped = guided_delta(pull(mix.means[1], 30.0), x, d, ctx, "none", rate=0.25)
+    assert torch.allclose(rms(capped.delta), trust_radius(s, "eps", DEFAULT_TRUST * 0.25), rtol=1e-4)
 
 
 def test_non_descent_jacobian_falls_back_and_says_so():

@@ -32,23 +32,54 @@ def test_edit_window_with_comfyui_model_sampling():
     assert hi > 1e8 and lo == 0.0
     hi, lo = sc.edit_window(ms.percent_to_sigma, 0.4, 0.6)
     assert float(ms.sigma_max) > hi > lo > float(ms.sigma_min)
-    sigmas = torch.flip(ms.sigmas, [0])[::50]
-    inside = [bool(sc.in_window(s, (hi, lo))) for s in sigmas]
+    sigmas = [float(s) for s in torch.flip(ms.sigmas, [0])[::50]] + [0.0]
+    inside = [sc.step_rate(s, sn, (hi, lo), "eps") > 0 for s, sn in zip(sigmas[:-1], sigmas[1:], strict=True)]
     # A contiguous run of steps is inside.
     first, last = inside.index(True), len(inside) - 1 - inside[::-1].index(True)
     assert all(inside[first : last + 1]) and not any(inside[:first]) and not any(inside[last + 1 :])
 
 
-def test_in_window_bounds():
+def test_schedule_time_is_the_noise_share_of_the_variance():
+    assert sc.schedule_time(2.0, "eps") == pytest.approx(4 / 5)  # 1 - alpha_bar of the VP schedule
+    assert sc.schedule_time(0.25, "const") == pytest.approx(0.0625 / (0.5625 + 0.0625))
+    assert sc.schedule_time(0.0, "eps") == 0.0 and sc.schedule_time(0.0, "const") == 0.0
+    assert sc.schedule_time(1.0, "const") == 1.0  # pure noise: alpha 0
+    assert 0.999 < sc.schedule_time(1e3, "eps") < 1.0
+
+
+def test_step_rate_is_the_steps_schedule_time_inside_the_window():
     w = (8.0, 4.0)
-    assert sc.in_window(8.0, w) and sc.in_window(4.0, w) and sc.in_window(6.0, w)
-    assert not sc.in_window(8.01, w) and not sc.in_window(3.99, w)
-    # float32 values of the bounds count as the bounds.
-    assert sc.in_window(torch.tensor([4.0], dtype=torch.float32) * (1 - 1e-6), w)
-    # A batch sigma is judged by its first entry.
-    assert sc.in_window(torch.tensor([5.0, 5.0]), w)
-    # The full window includes everything down to 0.
-    assert sc.in_window(0.0, sc.edit_window(linear_percent, 0.0, 1.0))
+    t = lambda s: s * s / (1 + s * s)  # noqa: E731
+    ref = sc.REFERENCE_STEP_TIME
+    assert sc.step_rate(8.0, 6.0, w, "eps") == pytest.approx((t(8) - t(6)) / ref)  # wholly inside
+    assert sc.step_rate(10.0, 6.0, w, "eps") == pytest.approx((t(8) - t(6)) / ref)  # straddles the top
+    assert sc.step_rate(5.0, 2.0, w, "eps") == pytest.approx((t(5) - t(4)) / ref)  # straddles the bottom
+    assert sc.step_rate(16.0, 2.0, w, "eps") == pytest.approx((t(8) - t(4)) / ref)  # spans the whole window
+    assert sc.step_rate(4.0, 2.0, w, "eps") == 0.0  # starts at the lower end: below the window
+    assert sc.step_rate(4.0 * (1 + 1e-5), 2.0, w, "eps") == 0.0  # float32 rounding of that start
+    assert sc.step_rate(12.0, 8.0, w, "eps") == 0.0  # ends at the upper end: above it
+    # the whole schedule, pure noise to the clean image, is 1 / REFERENCE_STEP_TIME reference steps
+    assert sc.step_rate(1.0, 0.0, (1.0, 0.0), "const") == pytest.approx(1 / ref)
+    assert sc.step_rate(0.1, 0.0, (1.0, 0.0), "eps") == pytest.approx(t(0.1) / ref)  # a final step to sigma 0
+
+
+@pytest.mark.parametrize("family", ["eps", "const"])
+@pytest.mark.parametrize("scheduler", ["normal", "karras", "sgm_uniform"])
+def test_a_run_is_guided_for_the_schedule_time_it_shares_with_the_window(family, scheduler):
+    from agg_testing.analytic import comfy_sigmas, comfy_window
+
+    window = comfy_window(family, 0.4, sc.REFERENCE_END_PERCENT)
+    length = (sc.schedule_time(window[0], family) - sc.schedule_time(window[1], family)) / sc.REFERENCE_STEP_TIME
+    for steps in (4, 8, 20, 30, 60):
+        sigmas = [float(s) for s in comfy_sigmas(family, steps, 0.6, scheduler)]
+        rates = [sc.step_rate(s, sn, window, family) for s, sn in zip(sigmas[:-1], sigmas[1:], strict=True)]
+        # the whole overlap of the run's sigmas with the window, however the steps cut it
+        top = sc.schedule_time(min(sigmas[0], window[0]), family)
+        shared = max(top - sc.schedule_time(window[1], family), 0.0) / sc.REFERENCE_STEP_TIME
+        assert sum(rates) == pytest.approx(shared, rel=1e-4, abs=2 * sc.MIN_STEP_RATE), (steps, sigmas)
+        if scheduler == "normal" and steps >= 20:
+            # these runs start within a step of the window's top: about the whole window
+            assert sum(rates) == pytest.approx(length, rel=0.05), steps
 
 
 def test_step_index():
@@ -94,12 +125,13 @@ def test_paper_defaults():
 
 
 def test_window_edit_end_covers_exactly_the_guided_steps():
-    from agg_kernels.schedule import in_window, window_edit_end
+    from agg_kernels.schedule import step_rate, window_edit_end
 
     sigmas = [10.0, 6.0, 3.0, 1.0, 0.5, 0.0]
-    assert window_edit_end(sigmas, 3.0) == 3 / 5  # steps from 10, 6 and 3 are guided
+    assert window_edit_end(sigmas, 3.0) == 2 / 5  # steps from 10 and 6 are guided; the one from 3 lies below
     assert window_edit_end(sigmas, 2.0) == 3 / 5
-    assert window_edit_end(sigmas, 0.5 * (1 + 5e-5)) == 1.0  # float32 schedules: the bound's tolerance
+    assert window_edit_end(sigmas, 3.0 * (1 - 5e-5)) == 2 / 5  # float32 schedules: the bound's tolerance
     assert window_edit_end(sigmas, 100.0) == 0.0
-    guided = [i for i in range(5) if in_window(sigmas[i], (10.0, 3.0))]
-    assert len(guided) == window_edit_end(sigmas, 3.0) * 5
+    for low in (3.0, 2.0, 0.7):
+        guided = [i for i in range(5) if step_rate(sigmas[i], sigmas[i + 1], (10.0, low), "eps") > 0]
+        assert len(guided) == window_edit_end(sigmas, low) * 5

@@ -17,6 +17,7 @@ from agg_testing.analytic import mixture
 
 from agg_kernels.guidance import guided_delta
 from agg_kernels.objective import LossContext
+from agg_kernels.schedule import step_rate
 from agg_kernels.step import asymmetric_step, compensated_denoised, symmetric_step
 
 SEP = 2.5
@@ -77,8 +78,10 @@ def translate(family: str, update: str, structure: float) -> dict[str, torch.Ten
         d = denoise(x)
         r = d
         if i < GUIDED and update != "none":
+            # the window is the first GUIDED steps: each step pulls by its share of schedule time
+            rate = step_rate(s, sn, (float(sigmas[0]), float(sigmas[GUIDED])), family)
             res = guided_delta(loss, x, d, LossContext(sigma=sv, x=x, family=family, step=i), "finite_difference",
-                               denoise, dds_steps=1, dds_lr=0.05)
+                               denoise, dds_steps=1, dds_lr=0.05, rate=rate)
             assert res.delta is not None, res.skipped
             if update == "asymmetric":
                 r = compensated_denoised(d, res.delta, s, sn, family)
@@ -123,9 +126,9 @@ def test_asymmetric_beats_symmetric_and_structure_term_holds_the_source(family):
     )
     print("\n" + report)
     # Guidance of either kind moves toward the target; the asymmetric update, at the same weight and
-    # steps, ends much closer to it.
+    # steps, moves several times as far (measured 5.4x in eps / v, 16x in flow coordinates).
     assert sym["to_target"] < plain["to_target"], report
-    assert asym["to_target"] < 0.7 * sym["to_target"], report
+    assert plain["to_target"] - asym["to_target"] > 3 * (plain["to_target"] - sym["to_target"]), report
     assert asym["in_target"] > sym["in_target"], report
     # The structure term keeps the translated result closer to its source.
     assert asym_struct["to_source"] < asym["to_source"], report

@@ -275,3 +275,53 @@ def ddim_round_trip(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     for s, sn in zip(down[:-1], down[1:], strict=True):
         x = step(x, s, sn)
     return x.float()
+
+
+# --- Whole guided runs on an exact denoiser --------------------------------------------------------
+
+
+def comfy_sigmas(family: str, steps: int, denoise: float, scheduler: str = "normal") -> torch.Tensor:
+    """The sigmas ComfyUI's KSampler runs for `steps` at `denoise` (the last steps + 1 of a steps / denoise
+    schedule), from ComfyUI's own model sampling of the family (discrete SD1.5 for eps / v, flow for const)."""
+    import comfy.model_sampling
+    import comfy.samplers
+
+    kind = getattr(comfy.model_sampling, COMFY_SAMPLING[check_family(family)])
+    base = comfy.model_sampling.ModelSamplingDiscreteFlow if family == "const" else comfy.model_sampling.ModelSamplingDiscrete
+    sampling = type("Sampling", (base, kind), {})(None)
+    total = int(steps / denoise)
+    return comfy.samplers.calculate_sigmas(sampling, scheduler, total).float()[-(steps + 1):]
+
+
+def comfy_window(family: str, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """(sigma_high, sigma_low) of a guidance window in ComfyUI's percents, for the family's model sampling."""
+    import comfy.model_sampling
+
+    kind = getattr(comfy.model_sampling, COMFY_SAMPLING[check_family(family)])
+    base = comfy.model_sampling.ModelSamplingDiscreteFlow if family == "const" else comfy.model_sampling.ModelSamplingDiscrete
+    sampling = type("Sampling", (base, kind), {})(None)
+    return float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
+
+
+def guided_run(prior: IsotropicMixture, start: torch.Tensor, sigmas: torch.Tensor, family: str,
+               step_delta: Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor | None], *,
+               seed: int = 0, sampler: str = "ddim") -> torch.Tensor:
+    """A whole img2img run on the exact denoiser, in float64 steps written out here: the state starts at
+    alpha(s_0) start + s_0 z; each step asks step_delta(x, D, sigma, sigma_next) for the guided change of the
+    clean estimate (None: unguided) and takes the asymmetric step (asymmetric_closed_form) for "ddim", or the
+    lcm sampler's jump alpha(s') (D + delta) + s' z' with fresh noise. Returns the final clean latent."""
+    g = torch.Generator().manual_seed(seed)
+    s = [float(v) for v in sigmas]
+    x = (alpha64(s[0], family) * start.double() + s[0] * torch.randn(start.shape, generator=g, dtype=torch.float64))
+    for sigma, sigma_next in zip(s[:-1], s[1:], strict=True):
+        d = prior.denoise(x.float(), torch.full((x.shape[0],), sigma), family).double()
+        delta = step_delta(x.float(), d.float(), sigma, sigma_next)
+        delta = torch.zeros_like(d) if delta is None else delta.double()
+        if sigma_next == 0:
+            return (d + delta).float()
+        if sampler == "lcm":
+            z = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            x = alpha64(sigma_next, family) * (d + delta) + sigma_next * z
+        else:
+            x = asymmetric_closed_form(x, d, delta, sigma, sigma_next, family)
+    return x.float()

@@ -225,7 +225,7 @@ def register() -> None:
 
 
 def agg_img2img(*, size: int = 32, steps: int = 3, denoise: float = 0.6, seed: int = 0, sampler_name: str = "euler",
-                cfg: float = 5.0, weight: float | None = 0.5, manifold: str = "finite_difference",
+                cfg: float = 5.0, weight: float | None = 0.05, manifold: str = "finite_difference",
                 asymmetric: bool = True, end_percent: float = 1.0, probe: str | None = None):
     """The stock img2img graph ending in SaveLatent, with Structure Loss (on the source latent) and
     Apply AGG before the KSampler (weight None: unguided). `probe` puts AGGTestCountingProbe with that
@@ -243,7 +243,7 @@ def agg_img2img(*, size: int = 32, steps: int = 3, denoise: float = 0.6, seed: i
     return g
 
 
-def add_agg(g, *, weight: float = 0.5, manifold: str = "finite_difference", asymmetric: bool = True,
+def add_agg(g, *, weight: float = 0.05, manifold: str = "finite_difference", asymmetric: bool = True,
             end_percent: float = 1.0, consumer: str = "sampler", source=None):
     """Structure Loss on the encoded source + Apply AGG on the model input of node `consumer`."""
     loss = g.node("AGGStructureLoss", name="loss", weight=weight, source=source or g["encode"][0])
@@ -273,7 +273,7 @@ def guided_steps() -> Iterator[list[dict]]:
     reported: list[dict] = []
 
     def report(node_name, step, sigma, result, node_id=None):
-        reported.append({"step": step, "sigma": sigma, **result.terms, "skipped": result.skipped})
+        reported.append({"step": step, "sigma": sigma, **result.terms, "skipped": result.skipped, "rate": result.rate})
         return original_report(node_name, step, sigma, result, node_id)
 
     def guide(self, executor, x, timestep, model_options, seed, denoised):
@@ -309,11 +309,12 @@ def percent_for_sigma(percent_to_sigma: Callable[[float], float], sigma: float) 
 
 
 def window_isolating(percent_to_sigma: Callable[[float], float], sigmas: list[float], i: int) -> tuple[float, float]:
-    """(start_percent, end_percent) whose guidance window holds sigmas[i] and no other entry of the schedule
-    (bounds at the geometric mean of neighbouring sigmas)."""
-    start = 0.0 if i == 0 else percent_for_sigma(percent_to_sigma, (sigmas[i - 1] * sigmas[i]) ** 0.5)
+    """(start_percent, end_percent) whose guidance window is exactly step i, sigmas[i] -> sigmas[i + 1]: a
+    step is guided for the schedule time it shares with the window, so step i gets its whole share and its
+    neighbours, which only touch the window's ends, none."""
+    start = 0.0 if i == 0 else percent_for_sigma(percent_to_sigma, sigmas[i])
     below = sigmas[i + 1] if i + 1 < len(sigmas) else 0.0
-    end = 1.0 if below <= 0 else percent_for_sigma(percent_to_sigma, (sigmas[i] * below) ** 0.5)
+    end = 1.0 if below <= 0 else percent_for_sigma(percent_to_sigma, below)
     return start, end
 
 

@@ -796,8 +796,8 @@ def evidence(files: dict[str, Path]) -> Evidence:
 
 
 def clip_img2img(agg_models, image: str, *, weight: float | None, mask: str | None = None, steps: int = 20,
-                 denoise: float = 0.6, seed: int = 3):
-    """A graph on the trained checkpoint: LoadImage `image` -> VAEEncode -> KSampler (euler, normal, cfg 1) ->
+                 denoise: float = 0.6, seed: int = 3, sampler_name: str = "euler"):
+    """A graph on the trained checkpoint: LoadImage `image` -> VAEEncode -> KSampler (`sampler_name`, normal, cfg 1) ->
     VAEDecode (role "decode"), with Apply AGG and CLIP Direction Loss (tiny test CLIP, role "clip"; decoder vae;
     inside LoadImageMask `mask` when given; node defaults otherwise) on the model unless `weight` is None."""
     from agg_testing.graphs import Graph
@@ -814,7 +814,7 @@ def clip_img2img(agg_models, image: str, *, weight: float | None, mask: str | No
         loss = g.node("AGGCLIPDirectionLoss", **{**node_defaults("AGGCLIPDirectionLoss"), "clip": clip[0],
                                                  "vae": ckpt[2], "decoder": "vae", "weight": weight, **extra})
         model = g.node("AGGApply", **{**node_defaults("AGGApply"), "model": ckpt[0], "loss": loss[0]})[0]
-    ks = g.node("KSampler", model=model, seed=seed, steps=steps, cfg=1.0, sampler_name="euler", scheduler="normal",
+    ks = g.node("KSampler", model=model, seed=seed, steps=steps, cfg=1.0, sampler_name=sampler_name, scheduler="normal",
                 positive=pos[0], negative=pos[0], latent_image=enc[0], denoise=denoise)
     dec = g.node("VAEDecode", name="decode", samples=ks[0], vae=ckpt[2])
     g.node("PreviewImage", images=dec[0])
@@ -832,4 +832,5 @@ def window_sigmas(patcher, steps: int = 20, denoise: float = 0.6) -> list[float]
     sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", int(steps / denoise))
     d = node_defaults("AGGApply")
     window = schedule.edit_window(patcher.model.model_sampling.percent_to_sigma, d["start_percent"], d["end_percent"])
-    return [float(s) for s in sigmas[-(steps + 1):-1] if schedule.in_window(float(s), window)]
+    run = [float(s) for s in sigmas[-(steps + 1):]]
+    return [s for s, sn in zip(run[:-1], run[1:], strict=True) if schedule.step_rate(s, sn, window, "eps") > 0]

@@ -59,10 +59,10 @@ def test_model_passes_per_guided_step(session, manifold, extra):
 
 def test_guidance_window_limits_the_extra_passes(session):
     tag = "window"
-    g = probed(tag, seed=303, end_percent=0.5)
+    g = probed(tag, seed=303, end_percent=0.75)  # the schedule's second sigma: the first step only
     r, _ = run_latent(session, g)
     guided = len(r.events("agg.terms"))
-    assert 0 < guided < STEPS
+    assert guided == 1
     assert len(records(tag, "calc_cond_batch")) == STEPS + guided
 
 
@@ -108,11 +108,12 @@ def test_controlnet_is_honoured_on_every_pass(session):
 
 
 def controlnet_first_step(session, *, strip: bool) -> dict:
-    """The first guided step under a strength-1 ControlNet (Structure Loss 0.05, finite differences, no
-    refinement); `strip`: the probe pass runs without the ControlNet (the counting probe removes it)."""
+    """The first guided step under a strength-1 ControlNet (Structure Loss 0.006, about 0.05 per step over this
+    3-step run's share of the window; finite differences, no refinement); `strip`: the probe pass runs without the
+    ControlNet (the counting probe removes it)."""
     g = probes.agg_img2img(seed=306, probe=f"cn_strip_{strip}")
     g.set_input(g["probe"], strip_probe_control=strip)
-    g.set_input(g["loss"], weight=0.05)
+    g.set_input(g["loss"], weight=0.006)
     g.set_input(g["apply"], dds_steps=0)
     graphs.with_controlnet(g, strength=1.0)
     with probes.guided_steps() as calls:
@@ -137,8 +138,8 @@ def test_controlnet_enters_the_probe(session):
           f"{cos(real['delta'], real['toward_source']):.3f}; probe without the ControlNet: rms "
           f"{rms(stripped['delta']):.5f}, cos {cos(stripped['delta'], stripped['toward_source']):.3f}, apart by "
           f"{rms(stripped['delta'] - real['delta']):.5f}")
-    # measured: step rms 0.141, cos 0.74; without the ControlNet in the probe rms 0.308, cos 0.55, apart by 0.271
-    # (1.9x the step)
+    # measured: step rms 0.167, cos 0.74; without the ControlNet in the probe rms 0.661, cos 0.63, apart by 0.599
+    # (3.6x the step)
     assert real["event"]["fallback"] is None and not real["event"]["trust_region"]
     assert cos(real["delta"], real["toward_source"]) > 0.5
     assert rms(stripped["delta"] - real["delta"]) > 0.95 * rms(real["delta"])
@@ -265,7 +266,8 @@ def test_flow_model(session):
 
     _, plain = run_latent(session, graph(False))
     r, out = run_latent(session, graph(True))
-    assert len(r.events("agg.terms")) == STEPS
+    # the last step, from sigma 0.009 to 0, spends almost no schedule time (sigma^2 / (alpha^2 + sigma^2) 8e-5)
+    assert [round(e["sigma"], 3) for e in r.events("agg.terms")] == [0.751, 0.503]
     source = r.output(graph(True)["encode"].id)["samples"]
     assert l1(out, source) < l1(plain, source), (l1(out, source), l1(plain, source))
 
@@ -320,7 +322,7 @@ def test_autograd_and_finite_difference_agree_on_the_exact_denoiser(session, cap
 
 # -- the direction of guidance --------------------------------------------------------------------
 
-WEIGHTS = (0.05, 0.15, 0.3)
+WEIGHTS = (0.01, 0.03, 0.06)
 FIGURES: dict[str, float] = {}
 
 

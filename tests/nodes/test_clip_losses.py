@@ -263,20 +263,21 @@ def test_masked_image_style_judges_only_the_region(comfy, agg_models, judge):
     assert outside < 0.5 * inside, (inside, outside)
 
 
-def first_delta(comfy, g: Graph) -> tuple[torch.Tensor, float]:
-    """The first guided step's delta on the clean estimate and its sigma."""
+def first_delta(comfy, g: Graph) -> tuple[torch.Tensor, float, float]:
+    """The first guided step's delta on the clean estimate, its sigma and its share of schedule time."""
     from agg_testing.probes import guided_steps
 
     with guided_steps() as calls:
         sampled(comfy.run(g.prompt), g)
     first = next(c for c in calls if c["guided"])
-    return first["delta"], first["sigma"]
+    return first["delta"], first["sigma"], first["terms"]["rate"]
 
 
 def test_chained_losses_share_the_pull_by_weight(comfy, agg_models):
     """Chained Color Loss (weight a) and CLIP Direction Loss (weight b), manifold none, no refinement: the chain's
-    first step is the sum of each loss's step alone, and each alone is its weight times the prior covariance
-    sigma^2 / (1 + sigma^2) in RMS (closed form), so each term's share of the pull is its weight."""
+    first step is the sum of each loss's step alone, and each alone is its weight times the step's share of
+    schedule time times the prior covariance sigma^2 / (1 + sigma^2) in RMS (closed form), so each term's share
+    of the pull is its weight."""
     a, b, seed = 0.02, 0.06, 3912
 
     def graph(color: bool, clip: bool) -> Graph:
@@ -292,11 +293,11 @@ def test_chained_losses_share_the_pull_by_weight(comfy, agg_models):
         with_agg(g, loss, trust_region=10.0)
         return g
 
-    both, sigma = first_delta(comfy, graph(True, True))
-    only_a, _ = first_delta(comfy, graph(True, False))
-    only_b, _ = first_delta(comfy, graph(False, True))
+    both, sigma, rate = first_delta(comfy, graph(True, True))
+    only_a, _, _ = first_delta(comfy, graph(True, False))
+    only_b, _, _ = first_delta(comfy, graph(False, True))
     rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
-    prior = sigma**2 / (1 + sigma**2)
+    prior = rate * sigma**2 / (1 + sigma**2)
     print(f"sigma {sigma:.4g}: rms color {rms(only_a):.5f} (expected {a * prior:.5f}), clip {rms(only_b):.5f} "
           f"(expected {b * prior:.5f}); chain - sum {rms(both - only_a - only_b):.2e}")
     assert abs(rms(only_a) / (a * prior) - 1) < 0.02, rms(only_a)

@@ -70,7 +70,7 @@ def test_ddim_sampler_object_realises_the_ddim_step(family, monkeypatch):
     callback = h.run.wrap_callback(lambda i, x0, x, total: seen.append(x0.clone()))
     out = ddim.sample(h, h.sigmas, {"model_options": {}, "seed": 0}, callback, z, latent, None, True)
     assert_guided(h)
-    assert len(h.probes) == len(h.steps)  # one conditional probe pass per guided step
+    assert len(h.probes) == sum(st["guided"] for st in h.steps)  # one conditional probe pass per guided step
     assert max(float((st["D"] - st["U"]).abs().max()) for st in h.steps) > 0.1  # cond and uncond really differ
     for st, x_next, sn in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), strict=True):
         want = oracle(st["x"], st["D"], st["delta"], st["sigma"], sn, family).float()
@@ -101,9 +101,12 @@ def test_ksampler_states_follow_the_ddim_step(session, sampler_name):
     sigmas = [c["sigma"] for c in calls] + [0.0]
     assert len(calls) == 3 and all(c["guided"] for c in calls)
     for i, c in enumerate(calls):
-        assert c["family"] == "eps" and float(c["delta"].abs().max()) > 1e-2
+        assert c["family"] == "eps"
         want = ddim_vp_step(c["x"], c["D"], c["delta"], sigmas[i], sigmas[i + 1]).float()
         assert torch.allclose(xs[i + 1], want, atol=1e-4), (i, float((xs[i + 1] - want).abs().max()))
+        if i == len(calls) - 1:
+            continue  # the last step (from sigma 0.03) spends little schedule time: its delta is ~5e-5
         # the unguided DDIM step from the same state is elsewhere: the check sees the guidance
+        assert float(c["delta"].abs().max()) > 1e-2
         plain = ddim_vp_step(c["x"], c["D"], torch.zeros_like(c["D"]), sigmas[i], sigmas[i + 1]).float()
         assert (xs[i + 1] - plain).abs().max() > 1e-2

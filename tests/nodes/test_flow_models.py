@@ -295,7 +295,8 @@ def test_clip_direction_runs_and_lowers_the_loss_on_a_flow_model(session, agg_mo
     assert torch.isfinite(out).all()
     assert (out - base).abs().max() > 1e-3, "CLIP guidance did not change the result"
     events = events_for(r, "clip_direction")
-    assert len(events) == STEPS and not any(e["skipped"] for e in events), r.events("agg.terms")
+    # every step, except a flow schedule's last one from sigma < 0.01 (almost no schedule time)
+    assert STEPS - 1 <= len(events) <= STEPS and not any(e["skipped"] for e in events), r.events("agg.terms")
     guided_loss, plain_loss = final_loss(r, g, out), final_loss(r, g, base)
     print(f"{model} clip_direction/{decoder}: loss unguided {plain_loss:.5f} -> guided {guided_loss:.5f}")
     assert guided_loss < plain_loss  # the direction itself is judged independently in the matrix below

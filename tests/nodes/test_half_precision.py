@@ -156,11 +156,12 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def window_sigmas(model_sampling) -> list[float]:
     from comfy.samplers import calculate_sigmas
 
-    from agg_kernels.schedule import edit_window, in_window
+    from agg_kernels.schedule import edit_window, step_rate
 
     settings = pack_module("nodes.settings").AGGSettings()
     window = edit_window(model_sampling.percent_to_sigma, settings.start_percent, settings.end_percent)
-    return [float(s) for s in calculate_sigmas(model_sampling, "normal", STEPS)[:-1] if in_window(float(s), window)]
+    sigmas = [float(s) for s in calculate_sigmas(model_sampling, "normal", STEPS)]
+    return [s for s, sn in zip(sigmas[:-1], sigmas[1:], strict=True) if step_rate(s, sn, window, "eps") > 0]
 
 
 @pytest.fixture(scope="module")

@@ -52,9 +52,10 @@ def rms(t: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("follow", [True, False])
 def test_edit_zone_follows_the_guidance_window(session, follow):
-    """Window = the first step only. Following it, step 1 is ancestral (eta_edit 1) and step 2 deterministic
-    (eta 0); with follow_guidance off, `edit_end` 0.67 makes steps 1 and 2 ancestral."""
-    calls = run_zones(session, follow=follow, end_percent=0.5)
+    """Window = the first step only (end_percent 0.75 is the schedule's second sigma). Following it, step 1 is
+    ancestral (eta_edit 1) and step 2 deterministic (eta 0); with follow_guidance off, `edit_end` 0.67 makes
+    steps 1 and 2 ancestral."""
+    calls = run_zones(session, follow=follow, end_percent=0.75)
     assert [c["guided"] for c in calls] == [True, False, False], [(c["sigma"], c["guided"]) for c in calls]
     expected = [1.0, 0.0] if follow else [1.0, 1.0]
     for i, eta in enumerate(expected):

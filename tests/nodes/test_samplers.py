@@ -57,7 +57,9 @@ def stepping_name(sampler_name: str) -> str:
 
 
 def every_sampler_graph(sampler_name: str, seed: int, guided: bool, analytic: bool):
-    g = probes.agg_img2img(sampler_name=sampler_name, seed=seed, weight=None)
+    # 6 steps on the UNet: a multistep sampler mixes the previous step's value (the compensated one) into its
+    # extrapolation, and at 3 steps each step carries a third of the window's pull
+    g = probes.agg_img2img(sampler_name=sampler_name, seed=seed, weight=None, steps=3 if analytic else 6)
     if analytic:
         # an exact Gaussian denoiser in place of the UNet: the samplers, Apply AGG and the hook are the real
         # ones, each model pass costs nothing, so all 40-odd samplers fit in the test budget
@@ -178,8 +180,9 @@ def test_exact_samplers_shift_each_step_by_alpha_times_delta(session, sampler_na
     x_{i+1} by exactly alpha(sigma_{i+1}) * delta_i, the asymmetric step (docs/DESIGN.md §1.2)."""
     devs = shift_deviations(session, sampler_name, seed=150 + SAMPLERS.index(sampler_name))
     print(sampler_name, [f"{d:.1e} of {m:.3f}" for d, m in devs])
+    # a real step was taken (the last one, near the clean image, spends little schedule time and moves little)
+    assert min(size for _, size in devs[:-1]) > 1e-2 and devs[-1][1] > 0, devs
     for dev, size in devs:
-        assert size > 1e-2, devs  # a real step was taken
         assert dev <= 1e-4 * max(1.0, size), devs
 
 
@@ -238,14 +241,14 @@ def advanced_graph(*, seed: int, guided: bool):
     return g, node
 
 
-# The share of the unguided result's L1 distance to the source latent that Structure Loss (weight 0.5, on the
-# source) removes, per sampling node / guider: measured on ComfyUI 0.33 and 0.3.75 alike (3 guided steps, tiny
-# model). A run where guidance does nothing removes 0; under KSampler half the weight removes 0.341 (0.81x) and
-# twice the weight 0.461 (1.10x, the trust region caps most steps): the band 0.92x .. 1.08x excludes both.
+# The share of the unguided result's L1 distance to the source latent that Structure Loss (weight 0.05, on the
+# source) removes, per sampling node / guider: measured on ComfyUI 0.33 (3 steps over the whole window, tiny
+# model). A run where guidance does nothing removes 0; under KSampler half the weight removes 0.447 (0.69x) and
+# twice the weight 0.721 (1.12x): the band 0.92x .. 1.08x excludes both.
 PULL_TO_SOURCE = {
-    "KSampler": 0.419, "KSamplerAdvanced": 0.363, "SamplerCustom": 0.396, "SamplerCustomAdvanced": 0.426,
-    "AGGGuider": 0.427, "AGGSampler+ApplyAGG": 0.385, "AGGSampler+AGGGuider": 0.402, "DualCFGGuider": 0.328,
-    "PerpNegGuider": 0.377,
+    "KSampler": 0.646, "KSamplerAdvanced": 0.621, "SamplerCustom": 0.641, "SamplerCustomAdvanced": 0.681,
+    "AGGGuider": 0.701, "AGGSampler+ApplyAGG": 0.673, "AGGSampler+AGGGuider": 0.671, "DualCFGGuider": 0.555,
+    "PerpNegGuider": 0.588,
 }
 
 
@@ -288,7 +291,7 @@ def test_apply_agg_under_custom_samplers(session, kind):
 def agg_guider(g: Graph, guider_role: str = "guider", **settings):
     """Replace a CFGGuider by AGG Guider with Structure Loss on the source."""
     inputs = g.prompt[g[guider_role].id]["inputs"]
-    loss = g.node("AGGStructureLoss", name="loss", weight=0.5, source=g["encode"][0])
+    loss = g.node("AGGStructureLoss", name="loss", weight=0.05, source=g["encode"][0])
     opts = {"start_percent": 0.0, "end_percent": 1.0, "manifold": "finite_difference", "dds_steps": 1,
             "dds_lr": 0.05, "asymmetric": True, **settings}
     g.prompt[g[guider_role].id] = {"class_type": "AGGGuider", "inputs": {**inputs, "loss": loss[0], **opts}}

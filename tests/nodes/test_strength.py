@@ -136,14 +136,15 @@ def test_default_window_guides_19_of_the_60_reference_steps():
     import comfy.model_sampling
     import comfy.samplers
 
-    from agg_kernels.schedule import edit_window, in_window
+    from agg_kernels.schedule import edit_window, step_rate
 
     _, d = defaults()
     ms = comfy.model_sampling.ModelSamplingDiscrete()
     sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", 100)
     run = sigmas[-61:]  # denoise 0.6: the last 60 steps
     window = edit_window(ms.percent_to_sigma, d.start_percent, d.end_percent)
-    guided = [float(s) for s in run[:-1] if in_window(float(s), window)]
+    run = [float(s) for s in run]
+    guided = [s for s, sn in zip(run[:-1], run[1:], strict=True) if step_rate(s, sn, window, "eps") > 0]
     assert len(guided) == 19, (d.end_percent, len(guided))
 
 

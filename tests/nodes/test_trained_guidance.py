@@ -60,7 +60,7 @@ def default_structure_weight() -> float:
     return float(defaults("AGGStructureLoss")["weight"])
 
 
-def chain(*, weight: float | None, target: bool = False, **guider: object) -> Graph:
+def chain(*, weight: float | None, target: bool = False, steps: int = STEPS, **guider: object) -> Graph:
     """source -> AGG Invert -> SamplerCustomAdvanced (DisableNoise, AGG Sampler, same sigmas) guided by AGG
     Guider + Structure Loss (on the trajectory, or on the target image's latent when `target`); weight None:
     CFGGuider, no AGG at all. Roles: encode, target_encode, invert, custom."""
@@ -70,7 +70,7 @@ def chain(*, weight: float | None, target: bool = False, **guider: object) -> Gr
     neg = g.node("CLIPTextEncode", name="negative", clip=ckpt[1], text="")
     load = g.node("LoadImage", name="load", image=SOURCE)
     enc = g.node("VAEEncode", name="encode", pixels=load[0], vae=ckpt[2])
-    sigmas = g.node("BasicScheduler", name="sigmas", model=ckpt[0], scheduler="normal", steps=STEPS,
+    sigmas = g.node("BasicScheduler", name="sigmas", model=ckpt[0], scheduler="normal", steps=steps,
                     denoise=DENOISE)
     inv = g.node("AGGInvert", name="invert", model=ckpt[0], latent=enc[0], positive=pos[0], sigmas=sigmas[0])
     if target:
@@ -91,6 +91,26 @@ def chain(*, weight: float | None, target: bool = False, **guider: object) -> Gr
     custom = g.node("SamplerCustomAdvanced", name="custom", noise=noise[0], guider=guide[0], sampler=sampler[0],
                     sigmas=sigmas[0], latent_image=inv[0])
     g.node("SaveLatent", name="save", samples=custom[0], filename_prefix="agg_trained")
+    return g
+
+
+def source_img2img(*, weight: float | None, steps: int = STEPS) -> Graph:
+    """The source through a stock KSampler img2img (euler, normal, denoise 0.6, seed 0, the AGG Guider's cfg), with
+    Apply AGG and a Structure Loss on the source latent itself (node defaults otherwise) unless weight is None.
+    Roles: encode, custom (the KSampler)."""
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", name="ckpt", ckpt_name=T.CHECKPOINT_TRAINED)
+    pos = g.node("CLIPTextEncode", name="positive", clip=ckpt[1], text="a photo")
+    neg = g.node("CLIPTextEncode", name="negative", clip=ckpt[1], text="")
+    enc = g.node("VAEEncode", name="encode", pixels=g.node("LoadImage", image=SOURCE)[0], vae=ckpt[2])
+    model = ckpt[0]
+    if weight is not None:
+        loss = g.node("AGGStructureLoss", name="loss", weight=weight, source=enc[0])
+        model = g.node("AGGApply", name="agg", **{**defaults("AGGApply"), "model": ckpt[0], "loss": loss[0]})[0]
+    ks = g.node("KSampler", name="custom", model=model, seed=0, steps=steps, cfg=defaults("AGGGuider")["cfg"],
+                sampler_name="euler", scheduler="normal", positive=pos[0], negative=neg[0], latent_image=enc[0],
+                denoise=DENOISE)
+    g.node("SaveLatent", name="save", samples=ks[0], filename_prefix="agg_trained")
     return g
 
 
@@ -121,18 +141,50 @@ def test_structure_guidance_on_the_trajectory_ends_closer_to_the_source(session)
     assert d_guided < d_plain
 
 
-def test_a_larger_structure_weight_never_moves_the_result_away_from_the_source(session):
+@pytest.mark.parametrize("steps", [20, 60])
+@pytest.mark.parametrize("reference", ["trajectory", "source"])
+def test_a_larger_structure_weight_never_moves_the_result_away_from_the_source(session, reference, steps):
+    """The paper's chain on AGG Invert's trajectory, and a stock KSampler img2img on the source latent, at 20 and
+    60 steps: Structure weight x0 ... x30 of its default never ends farther from the source."""
     w = default_structure_weight()
+    graph = chain if reference == "trajectory" else source_img2img
     dists = []
     for m in MULTIPLES:
-        o = run(session, chain(weight=m * w))
+        o = run(session, graph(weight=m * w, steps=steps))
         dists.append(l1(o["result"], o["source"]))
-    print("\nL1 to the source by Structure weight: "
+    print(f"\n{reference}, {steps} steps: L1 to the source by Structure weight: "
           + ", ".join(f"{m * w:g}: {d:.4f}" for m, d in zip(MULTIPLES, dists, strict=True)))
     for k in range(1, len(MULTIPLES)):
         assert dists[k] <= MAX_STEP_AWAY * dists[k - 1], (
             f"weight {MULTIPLES[k] * w:g}: {dists[k]:.4f} vs {dists[k - 1]:.4f} at weight {MULTIPLES[k - 1] * w:g}")
     assert dists[-1] < dists[0]
+
+
+def clip_edit(session, agg_models, steps: int, sampler_name: str = "euler") -> float:
+    """Mean |pixel| change that CLIP Direction Loss at its default weight makes to the source's img2img run
+    (trained.clip_img2img, denoise 0.6) of `steps` steps of `sampler_name`."""
+    weight = float(defaults("AGGCLIPDirectionLoss")["weight"])
+    out = []
+    for w in (None, weight):
+        g = T.clip_img2img(agg_models, SOURCE, weight=w, steps=steps, sampler_name=sampler_name)
+        r = session.run(g.prompt)
+        assert r.ok, r.error_text()
+        out.append(r.output(g["decode"].id).float())
+    return float((out[1] - out[0]).abs().mean())
+
+
+def test_the_same_clip_weight_edits_the_same_at_20_30_and_60_steps(session, agg_models):
+    """Strength is a rate over schedule time: the default CLIP Direction weight changes the image by about as
+    much at 20, 30 and 60 Euler steps (within 1.3x, converging), and 8 Euler or 4 lcm steps are guided too."""
+    edits = {n: clip_edit(session, agg_models, n) for n in (8, 20, 30, 60)}
+    lcm = clip_edit(session, agg_models, 4, "lcm")
+    print(f"\nCLIP Direction edit (mean |pixel|) by Euler step count {edits}; 4 lcm steps {lcm:.4f}")
+    many = [edits[n] for n in (20, 30, 60)]
+    assert min(many) > 0.005
+    assert max(many) <= 1.3 * min(many), edits
+    assert abs(edits[60] / edits[30] - 1) <= 0.1, edits
+    assert edits[20] / 1.3 <= edits[8] <= 1.3 * edits[20], edits
+    assert lcm > 0.25 * edits[20], (lcm, edits)
 
 
 def test_the_asymmetric_update_moves_further_toward_a_latent_target(session):
