@@ -79,7 +79,7 @@ def edit_window(percent_to_sigma: Callable[[float], float], start_percent: float
 def schedule_time(sigma: float, family: str) -> float:
     """v(sigma) = sigma^2 / (alpha^2 + sigma^2) in [0, 1]: the share of the state's variance that is noise for
     unit-variance data (the posterior variance of x0 given x); falls from 1 to 0 as sampling proceeds."""
-    return float(posterior_variance(float(sigma), family))
+    return float(posterior_variance(max(float(sigma), 0.0), family))
 
 
 def step_rate(sigma: float, sigma_next: float, window: Window, family: str) -> float:

@@ -45,6 +45,8 @@ def test_schedule_time_is_the_noise_share_of_the_variance():
     assert sc.schedule_time(0.0, "eps") == 0.0 and sc.schedule_time(0.0, "const") == 0.0
     assert sc.schedule_time(1.0, "const") == 1.0  # pure noise: alpha 0
     assert 0.999 < sc.schedule_time(1e3, "eps") < 1.0
+    assert sc.schedule_time(-2.0, "eps") == 0.0  # no negative noise
+    assert sc.step_rate(2.0, 1.0, (0.0, 0.0), "eps") == 0.0  # an empty window guides nothing
 
 
 def test_step_rate_is_the_steps_schedule_time_inside_the_window():
