@@ -135,19 +135,20 @@ def guided_delta(
     estimated relative error exceeds it (the probe is rounding noise) falls back the same way.
     Inputs are assumed valid (the nodes check them); a NaN or inf loss skips the step and says why.
     """
+    rate = float(rate)
     work = plain(denoised).float()
     ctx = replace(ctx, sigma=plain(ctx.sigma).float(), x=plain(ctx.x).float())
     values, grads = term_gradients(loss, work, ctx)
     terms = {k: mean_of(v) for k, v in values.items()}
     grad_rms = {k: mean_of(rms(g)) for k, g in grads.items()}
     if not all(is_finite(v) for v in values.values()) or not all(is_finite(g) for g in grads.values()):
-        return GuidanceResult(None, terms, "non-finite loss or gradient", grad_rms, rate=float(rate))
+        return GuidanceResult(None, terms, "non-finite loss or gradient", grad_rms, rate=rate)
     pulls = term_pulls(loss, work, ctx, grads, values, rate)
     step_rms = {k: mean_of(rms(p)) for k, p in pulls.items()}
     idle = idle_terms(loss, values, grads)
     pull = summed(pulls, work)
     if not bool(pull.any()):
-        return GuidanceResult(torch.zeros_like(denoised), terms, None, grad_rms, step_rms, idle=idle, rate=float(rate))
+        return GuidanceResult(torch.zeros_like(denoised), terms, None, grad_rms, step_rms, idle=idle, rate=rate)
 
     prior = posterior_variance(ctx.sigma.reshape(-1, *([1] * (work.ndim - 1))), ctx.family) * pull
     fallback = None
@@ -170,16 +171,15 @@ def guided_delta(
                 reasons.append(f"{manifold} step not a descent direction on {int((~descent & ~noise).sum())} of {len(ok)} samples")
             fallback = "; ".join(reasons) + "; used the prior covariance"
             step = torch.where(ok.reshape(-1, *([1] * (work.ndim - 1))), torch.nan_to_num(step), prior)
-    radius = trust_radius(ctx.sigma, ctx.family, trust * float(rate))
+    radius = trust_radius(ctx.sigma, ctx.family, trust * rate)
     fit = fit_factor(step, radius)
     x0 = dds_refine(loss, work - step * per_sample(fit, step), ctx, dds_steps, dds_lr, fit * rate)
     delta, capped = clip_to_radius(x0 - work, radius)
-    delta, clamped = clamp_elements(delta, element_limit(ctx.sigma, ctx.family, ELEMENT_BOUND * min(float(rate), 1.0)))
+    delta, clamped = clamp_elements(delta, element_limit(ctx.sigma, ctx.family, ELEMENT_BOUND * min(rate, 1.0)))
     delta = within_anchors(delta, work, pulls, anchors_of(loss, work, ctx))
     if not is_finite(delta):
-        return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback, idle=idle,
-                              rate=float(rate))
+        return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback, idle=idle, rate=rate)
     return GuidanceResult(
         delta.to(denoised.dtype), terms, None, grad_rms, step_rms, mean_of(rms(delta)), bool((capped | (fit < 1)).any()), fallback,
-        bool(clamped.any()), idle, float(rate),
+        bool(clamped.any()), idle, rate,
     )

@@ -125,13 +125,13 @@ ZONE_OPTIONS = ("eta_edit", "eta", "eta_boost", "edit_end", "boost_start")
 
 
 def resolve_zones(options: Mapping[str, object], sigmas: torch.Tensor | Sequence[float],
-                  window_low: float | None) -> dict:
+                  window_low: float | None, family: str) -> dict:
     """The eta-zone options `sample_agg` runs with: with options["follow_guidance"] and a guidance window
     ending at sigma `window_low`, the edit zone is the window's steps (window_edit_end, at most boost_start)."""
     out = {k: options[k] for k in ZONE_OPTIONS if k in options}
     if options.get("follow_guidance") and window_low is not None:
         boost = float(out.get("boost_start", DEFAULT_BOOST_START))  # type: ignore[arg-type]
-        out["edit_end"] = min(window_edit_end(sigmas, window_low), boost)
+        out["edit_end"] = min(window_edit_end(sigmas, window_low, family), boost)
     return out
 
 

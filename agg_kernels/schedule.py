@@ -142,15 +142,15 @@ def following_sigma(schedule: torch.Tensor | Sequence[float] | None, sigma: floa
     return max(below) if below else None
 
 
-def window_edit_end(schedule: torch.Tensor | Sequence[float], sigma_low: float) -> float:
+def window_edit_end(schedule: torch.Tensor | Sequence[float], sigma_low: float, family: str) -> float:
     """The edit zone's end, as a step fraction, that covers exactly the steps a guidance window ending at
-    sigma_low acts on (step_rate): the leading steps that start above sigma_low (tolerance SIGMA_REL_TOL; a
+    sigma_low acts on: the leading steps that spend schedule time above sigma_low (step_rate's own rule, so a
     step starting at sigma_low lies below the window)."""
     values = sigma_values(schedule)
     n_steps = len(values) - 1
     if n_steps <= 0:
         return 0.0
-    guided = sum(1 for s in values[:-1] if s > sigma_low * (1 + SIGMA_REL_TOL))
+    guided = sum(1 for s, sn in zip(values[:-1], values[1:], strict=True) if step_rate(s, sn, (s, sigma_low), family) > 0)
     return guided / n_steps
 
 

@@ -76,7 +76,7 @@ class AGGRun:
         self.family = require_family(model.model_sampling, node_name)
         self.sigmas = sigmas.detach().float().cpu()
         self.window = edit_window(model.model_sampling.percent_to_sigma, settings.start_percent, settings.end_percent)
-        self.sampler: SamplerSpec = sampler_spec(sampler, self.sigmas, self.window[1])
+        self.sampler: SamplerSpec = sampler_spec(sampler, self.sigmas, self.window[1], self.family)
         self.info = RunInfo(model, self.family, comfy.model_management.get_torch_device(), tuple(latent_shape), self.sigmas)
         self.loss = loss.build(self.info)
         self.step = 0  # guided steps so far

@@ -54,14 +54,14 @@ def stepping_name(fn: Any, inpaint_options: dict | None = None) -> str:
     return name
 
 
-def sampler_spec(sampler: Any, sigmas: torch.Tensor, window_low: float | None) -> SamplerSpec:
+def sampler_spec(sampler: Any, sigmas: torch.Tensor, window_low: float | None, family: str) -> SamplerSpec:
     """What the guided step needs to know of a ComfyUI sampler object (see agg_kernels.step.SamplerSpec).
 
     The AGG sampler's zones are resolved here exactly as it resolves them (its edit zone may follow the
     guidance window ending at sigma `window_low`)."""
     options = dict(getattr(sampler, "extra_options", {}) or {})
     if isinstance(sampler, PackSampler) and sampler.stepping == "agg":
-        zones = resolve_zones(options, sigmas, window_low)
+        zones = resolve_zones(options, sigmas, window_low, family)
         return SamplerSpec("agg", 0.0, eta_at=lambda sigma: sampler_eta_at(sigmas, sigma, **zones))
     fn = getattr(sampler, "sampler_function", None)
     if fn is None:
@@ -80,7 +80,7 @@ def sample_agg_comfy(model, x, sigmas, extra_args=None, callback=None, disable=N
     s_noise = s_noise * getattr(model_sampling, "noise_scale", 1.0)
     runs = extra_args.get("model_options", {}).get("transformer_options", {}).get(RUNS_KEY, {})
     lows = [run.window[1] for run in runs.values()]
-    zones = resolve_zones({**options, "follow_guidance": follow_guidance}, sigmas, min(lows) if lows else None)
+    zones = resolve_zones({**options, "follow_guidance": follow_guidance}, sigmas, min(lows) if lows else None, family)
     if options.get("noise_sampler") is None:
         # ComfyUI's own seeded noise, so that the AGG sampler at eta 1 draws what euler_ancestral draws on
         # every ComfyUI version (0.33 offsets the CPU seed by one).

@@ -226,8 +226,8 @@ def test_resolve_zones_follows_the_guidance_window_only_when_asked():
 
     sigmas = torch.tensor([10.0, 6.0, 3.0, 1.0, 0.5, 0.0])
     options = {"eta_edit": 0.0, "eta": 0.0, "eta_boost": 1.0, "edit_end": 0.2, "boost_start": 0.8, "s_noise": 1.0}
-    assert resolve_zones(options, sigmas, 3.0) == {k: v for k, v in options.items() if k != "s_noise"}
-    followed = resolve_zones({**options, "follow_guidance": True}, sigmas, 3.0)
+    assert resolve_zones(options, sigmas, 3.0, "eps") == {k: v for k, v in options.items() if k != "s_noise"}
+    followed = resolve_zones({**options, "follow_guidance": True}, sigmas, 3.0, "eps")
     assert followed["edit_end"] == pytest.approx(0.4)  # the steps from 10 and 6: the one from 3 is below the window
-    assert resolve_zones({**options, "follow_guidance": True}, sigmas, None)["edit_end"] == 0.2  # no AGG run
-    assert resolve_zones({**options, "follow_guidance": True}, sigmas, 0.1)["edit_end"] == 0.8  # never past the boost
+    assert resolve_zones({**options, "follow_guidance": True}, sigmas, None, "eps")["edit_end"] == 0.2  # no AGG run
+    assert resolve_zones({**options, "follow_guidance": True}, sigmas, 0.1, "eps")["edit_end"] == 0.8  # never past the boost

@@ -130,10 +130,10 @@ def test_window_edit_end_covers_exactly_the_guided_steps():
     from agg_kernels.schedule import step_rate, window_edit_end
 
     sigmas = [10.0, 6.0, 3.0, 1.0, 0.5, 0.0]
-    assert window_edit_end(sigmas, 3.0) == 2 / 5  # steps from 10 and 6 are guided; the one from 3 lies below
-    assert window_edit_end(sigmas, 2.0) == 3 / 5
-    assert window_edit_end(sigmas, 3.0 * (1 - 5e-5)) == 2 / 5  # float32 schedules: the bound's tolerance
-    assert window_edit_end(sigmas, 100.0) == 0.0
+    assert window_edit_end(sigmas, 3.0, "eps") == 2 / 5  # steps from 10 and 6 are guided; the one from 3 lies below
+    assert window_edit_end(sigmas, 2.0, "eps") == 3 / 5
+    assert window_edit_end(sigmas, 3.0 * (1 - 5e-5), "eps") == 2 / 5  # float32 rounding of the bound: no schedule time (MIN_STEP_RATE)
+    assert window_edit_end(sigmas, 100.0, "eps") == 0.0
     for low in (3.0, 2.0, 0.7):
         guided = [i for i in range(5) if step_rate(sigmas[i], sigmas[i + 1], (10.0, low), "eps") > 0]
-        assert len(guided) == window_edit_end(sigmas, low) * 5
+        assert len(guided) == window_edit_end(sigmas, low, "eps") * 5

@@ -53,7 +53,7 @@ def samples(r, node) -> torch.Tensor:
 
 def stepping_name(sampler_name: str) -> str:
     """The name the hook identifies a KSampler sampler by (ddim runs euler's function)."""
-    return probes.pack_module("nodes.sampler").sampler_spec(comfy.samplers.sampler_object(sampler_name), torch.zeros(2), None).name
+    return probes.pack_module("nodes.sampler").sampler_spec(comfy.samplers.sampler_object(sampler_name), torch.zeros(2), None, "eps").name
 
 
 def every_sampler_graph(sampler_name: str, seed: int, guided: bool, analytic: bool):
