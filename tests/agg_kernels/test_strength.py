@@ -296,7 +296,7 @@ def whole_run(family: str, steps: int, seed: int, loss_for, *, sampler: str = "d
     """(guided final latent, unguided final latent, source) of one run; loss_for(src, target, trajectory) builds
     the loss (None: unguided). reference "trajectory": the run starts from the source's DDIM inversion (no fresh
     noise) and the loss may use that inversion's trajectory of clean estimates."""
-    from agg_testing.analytic import asymmetric_closed_form, comfy_sigmas, comfy_window, gaussian, guided_run
+    from agg_testing.analytic import comfy_sigmas, comfy_window, gaussian, guided_run
 
     from agg_kernels.inversion import ddim_invert
     from agg_kernels.schedule import REFERENCE_END_PERCENT, step_rate
@@ -322,18 +322,7 @@ def whole_run(family: str, steps: int, seed: int, loss_for, *, sampler: str = "d
                             rate=rate).delta
 
     def run(step_fn):
-        if top is None:
-            return guided_run(prior, src, sigmas, family, step_fn, seed=seed, sampler=sampler)
-        s = [float(v) for v in sigmas]
-        x = top.double()
-        for sigma, sigma_next in zip(s[:-1], s[1:], strict=True):
-            d = prior.denoise(x.float(), torch.full((1,), sigma), family).double()
-            delta = step_fn(x.float(), d.float(), sigma, sigma_next)
-            delta = torch.zeros_like(d) if delta is None else delta.double()
-            if sigma_next == 0:
-                return (d + delta).float()
-            x = asymmetric_closed_form(x, d, delta, sigma, sigma_next, family)
-        return x.float()
+        return guided_run(prior, src, sigmas, family, step_fn, seed=seed, sampler=sampler, state=top)
 
     return run(step), run(lambda *a: None), src
 

@@ -305,14 +305,18 @@ def comfy_window(family: str, start_percent: float, end_percent: float) -> tuple
 
 def guided_run(prior: IsotropicMixture, start: torch.Tensor, sigmas: torch.Tensor, family: str,
                step_delta: Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor | None], *,
-               seed: int = 0, sampler: str = "ddim") -> torch.Tensor:
+               seed: int = 0, sampler: str = "ddim", state: torch.Tensor | None = None) -> torch.Tensor:
     """A whole img2img run on the exact denoiser, in float64 steps written out here: the state starts at
-    alpha(s_0) start + s_0 z; each step asks step_delta(x, D, sigma, sigma_next) for the guided change of the
-    clean estimate (None: unguided) and takes the asymmetric step (asymmetric_closed_form) for "ddim", or the
-    lcm sampler's jump alpha(s') (D + delta) + s' z' with fresh noise. Returns the final clean latent."""
+    alpha(s_0) start + s_0 z (or at `state`, e.g. an inversion's top, with no fresh noise); each step asks
+    step_delta(x, D, sigma, sigma_next) for the guided change of the clean estimate (None: unguided) and takes
+    the asymmetric step (asymmetric_closed_form) for "ddim", or the lcm sampler's jump
+    alpha(s') (D + delta) + s' z' with fresh noise. Returns the final clean latent."""
     g = torch.Generator().manual_seed(seed)
     s = [float(v) for v in sigmas]
-    x = (alpha64(s[0], family) * start.double() + s[0] * torch.randn(start.shape, generator=g, dtype=torch.float64))
+    if state is not None:
+        x = state.double()
+    else:
+        x = alpha64(s[0], family) * start.double() + s[0] * torch.randn(start.shape, generator=g, dtype=torch.float64)
     for sigma, sigma_next in zip(s[:-1], s[1:], strict=True):
         d = prior.denoise(x.float(), torch.full((x.shape[0],), sigma), family).double()
         delta = step_delta(x.float(), d.float(), sigma, sigma_next)

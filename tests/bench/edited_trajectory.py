@@ -13,7 +13,7 @@ Usage: python -m pytest tests/bench/edited_trajectory.py -s   (about a minute)
 from __future__ import annotations
 
 import torch
-from agg_testing.analytic import asymmetric_closed_form, comfy_sigmas, comfy_window, gaussian
+from agg_testing.analytic import comfy_sigmas, comfy_window, gaussian, guided_run
 
 from agg_kernels.guidance import guided_delta
 from agg_kernels.inversion import ddim_invert
@@ -32,21 +32,18 @@ def final_distance(family: str, steps: int, weight: float, seed: int, shift: flo
     sigmas = [float(s) for s in comfy_sigmas(family, steps, 0.6)]
     window = comfy_window(family, 0.4, REFERENCE_END_PERCENT)
     up = torch.tensor([0.0, *sigmas[::-1][1:]])
-    x, trajectory = ddim_invert(lambda z, s: inverting.denoise(z, s, family), src, up, family)
+    top, trajectory = ddim_invert(lambda z, s: inverting.denoise(z, s, family), src, up, family)
     loss = structure_loss(weight, trajectory)
-    x = x.double()
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        d = sampling.denoise(x.float(), torch.full((1,), sigma), family)
+
+    def step(x, d, sigma, sigma_next):
         rate = step_rate(sigma, sigma_next, window, family)
-        delta = torch.zeros_like(d)
-        if weight and rate > 0:
-            ctx = LossContext(sigma=torch.tensor([sigma]), x=x.float(), family=family)
-            delta = guided_delta(loss, x.float(), d, ctx, "none", rate=rate).delta
-        if sigma_next == 0:
-            x = (d + delta).double()
-            break
-        x = asymmetric_closed_form(x, d.double(), delta.double(), sigma, sigma_next, family)
-    return float((x.float() - src).abs().mean())
+        if not weight or rate <= 0:
+            return None
+        ctx = LossContext(sigma=torch.tensor([sigma]), x=x, family=family)
+        return guided_delta(loss, x, d, ctx, "none", rate=rate).delta
+
+    final = guided_run(sampling, src, torch.tensor(sigmas), family, step, state=top)
+    return float((final - src).abs().mean())
 
 
 def test_print_structure_weight_on_an_edited_trajectory():
