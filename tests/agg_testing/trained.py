@@ -834,3 +834,32 @@ def window_sigmas(patcher, steps: int = 20, denoise: float = 0.6) -> list[float]
     window = schedule.edit_window(patcher.model.model_sampling.percent_to_sigma, d["start_percent"], d["end_percent"])
     run = [float(s) for s in sigmas[-(steps + 1):]]
     return [s for s, sn in zip(run[:-1], run[1:], strict=True) if schedule.step_rate(s, sn, window, "eps") > 0]
+
+
+def at_window_sigmas(patcher, vae, image: torch.Tensor, loss, visit, steps: int = 20,
+                     img2img_denoise: float = 0.6) -> list:
+    """visit(built, x, d, ctx) at each noise level Apply AGG's default window guides (window_sigmas): `built` is the
+    loss node's AGG_LOSS built for a run on the model, x the photo `image` encoded by `vae` and noised to that
+    sigma (seeded by the step's index), d the model's clean estimate at x, ctx the step's LossContext (eps).
+    Returns the visits' results, one per noise level; the built loss is closed afterwards."""
+    from agg_testing.probes import pack_module
+
+    objective, runtime = pack_module("agg_kernels.objective"), pack_module("nodes.runtime")
+    model = patcher.model
+    with torch.inference_mode(False), torch.no_grad():
+        z = model.process_latent_in(vae.encode(image).float()).clone()
+    sigmas = window_sigmas(patcher, steps, img2img_denoise)
+    info = runtime.RunInfo(model, "eps", torch.device("cpu"), tuple(z.shape), torch.tensor([*sigmas, 0.0]))
+    out = []
+    try:
+        built = loss.build(info)
+        for i, sigma in enumerate(sigmas):
+            with torch.inference_mode(False):
+                x = z + sigma * torch.randn(z.shape, generator=torch.Generator().manual_seed(i))
+                with torch.no_grad():
+                    d = denoise(model, x, sigma).float()
+                ctx = objective.LossContext(sigma=torch.tensor([sigma]), x=x, family="eps", step=i)
+                out.append(visit(built, x, d, ctx))
+    finally:
+        info.close()
+    return out

@@ -96,28 +96,17 @@ def parts(comfy, agg_models):
 def per_sigma(parts, loss, image: torch.Tensor, term: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(the term's gradient, the guided step) at each window noise level of the noised photo latent."""
     patcher, vae, _ = parts
-    dds, objective, guidance = (pack_module(f"agg_kernels.{m}") for m in ("dds", "objective", "guidance"))
+    dds, guidance = pack_module("agg_kernels.dds"), pack_module("agg_kernels.guidance")
     model = patcher.model
-    with torch.inference_mode(False), torch.no_grad():
-        z = model.process_latent_in(vae.encode(image).float()).clone()
-    sigmas = T.window_sigmas(patcher, STEPS, DENOISE)
-    info = pack_module("nodes.runtime").RunInfo(model, "eps", torch.device("cpu"), tuple(z.shape),
-                                                torch.tensor([*sigmas, 0.0]))
-    grads, steps = [], []
-    try:
-        built = loss.build(info)
-        for i, sigma in enumerate(sigmas):
-            with torch.inference_mode(False):
-                x = z + sigma * torch.randn(z.shape, generator=torch.Generator().manual_seed(i))
-                with torch.no_grad():
-                    d = T.denoise(model, x, sigma).float()
-                ctx = objective.LossContext(sigma=torch.tensor([sigma]), x=x, family="eps", step=i)
-                grads.append(dds.term_gradients(built, d, ctx)[1][term])
-                steps.append(guidance.guided_delta(built, x, d, ctx, "finite_difference",
-                                                   lambda xp, s=sigma: T.denoise(model, xp.float(), s).float()).delta)
-    finally:
-        info.close()
-    return grads, steps
+
+    def visit(built, x, d, ctx):
+        sigma = float(ctx.sigma[0])
+        grad = dds.term_gradients(built, d, ctx)[1][term]
+        return grad, guidance.guided_delta(built, x, d, ctx, "finite_difference",
+                                           lambda xp: T.denoise(model, xp.float(), sigma).float()).delta
+
+    pairs = T.at_window_sigmas(patcher, vae, image, loss, visit, STEPS, DENOISE)
+    return [g for g, _ in pairs], [s for _, s in pairs]
 
 
 def cosines(a, b) -> list[float]:

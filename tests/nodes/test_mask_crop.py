@@ -90,26 +90,11 @@ def run(session, g: Graph):
 
 def gradients(patcher, vae, loss) -> list[torch.Tensor]:
     """The CLIP term's gradient w.r.t. the clean estimate at each guided noise level of the noised photo."""
-    dds, objective = pack_module("agg_kernels.dds"), pack_module("agg_kernels.objective")
-    runtime = pack_module("nodes.runtime")
-    model = patcher.model
-    with torch.inference_mode(False), torch.no_grad():
-        z = model.process_latent_in(vae.encode(photo()).float()).clone()
-    sigmas = T.window_sigmas(patcher, STEPS, DENOISE)
-    assert len(sigmas) >= 5, sigmas
-    info = runtime.RunInfo(model, "eps", torch.device("cpu"), tuple(z.shape), torch.tensor([*sigmas, 0.0]))
-    out = []
-    try:
-        built = loss.build(info)
-        for step, sigma in enumerate(sigmas):
-            with torch.inference_mode(False):
-                x = z + sigma * torch.randn(z.shape, generator=torch.Generator().manual_seed(step))
-                with torch.no_grad():
-                    d = T.denoise(model, x, sigma).float()
-                ctx = objective.LossContext(sigma=torch.tensor([sigma]), x=x, family="eps", step=step)
-                out.append(dds.term_gradients(built, d, ctx)[1]["clip_direction"])
-    finally:
-        info.close()
+    dds = pack_module("agg_kernels.dds")
+    out = T.at_window_sigmas(patcher, vae, photo(), loss,
+                             lambda built, x, d, ctx: dds.term_gradients(built, d, ctx)[1]["clip_direction"],
+                             STEPS, DENOISE)
+    assert len(out) >= 5, len(out)
     return out
 
 
