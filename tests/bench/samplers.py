@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         finite = [d for d in devs if math.isfinite(d)]
         kind = "n/a" if not finite else ("exact" if max(finite) < EXACT_TOL else "approximate")
         spec_of = importlib.import_module(f"{runtime.__package__}.sampler").sampler_spec
-        sampler_name = spec_of(comfy.samplers.sampler_object(name), [1.0, 0.0], None).name
+        sampler_name = spec_of(comfy.samplers.sampler_object(name), [1.0, 0.0], None, "eps").name
         # the pack's classification per family, and whether the measurement agrees with it
         pack = {f: approximation_reason(sampler_name, f) or "exact" for f in families}
         agree = all((pack[f] == "exact") == (row[f]["max_deviation"] < EXACT_TOL) for f in families
