@@ -21,6 +21,7 @@ from .strength import (
     per_sample,
     posterior_variance,
     rms,
+    substeps,
     trust_radius,
 )
 
@@ -38,7 +39,8 @@ class GuidanceResult:
     trust_region: the RMS cap acted on some sample; element_bound: the per-element bound clamped some element;
     fallback: why the Jacobian step was replaced, if it was; idle: terms of non-zero weight that asked for no
     pull although they are above their floor (a gradient that is zero, e.g. underflowed), with the reason;
-    rate: the step's share of schedule time, in reference steps, that scaled every weight.
+    rate: the step's share of schedule time, in reference steps, that scaled every weight; substeps: how many
+    sub-steps it was taken in (strength.substeps), each with its own gradient and covariance product.
     """
 
     delta: torch.Tensor | None
@@ -52,6 +54,7 @@ class GuidanceResult:
     element_bound: bool = False
     idle: dict[str, str] = field(default_factory=dict)
     rate: float = 1.0
+    substeps: int = 1
 
     def report(self) -> dict:
         """The step's figures as plain JSON values."""
@@ -59,6 +62,7 @@ class GuidanceResult:
             "terms": self.terms, "grad_rms": self.grad_rms, "step_rms": self.step_rms, "delta_rms": self.delta_rms,
             "trust_region": self.trust_region, "element_bound": self.element_bound, "fallback": self.fallback,
             "skipped": self.skipped, "idle": self.idle, "rate": self.rate,
+            "substeps": self.substeps,
         }
 
 
@@ -103,6 +107,36 @@ def mean_of(t: torch.Tensor) -> float:
     return float(t.float().mean())
 
 
+def covariance_step(
+    manifold: str, pull: torch.Tensor, x: torch.Tensor, base: torch.Tensor, ctx: LossContext,
+    denoise: Denoiser | None, fd_rel_step: float, fd_max_error: float | None,
+) -> tuple[torch.Tensor, str | None]:
+    """(Cov[x0 | x] pull, why the prior covariance replaced it on some samples, or None).
+
+    A sample whose step would not lower the loss (a Jacobian that is not a covariance), or whose two-sided
+    finite-difference probe is rounding noise (`fd_max_error`), takes the unit-variance prior's step.
+    """
+    prior = posterior_variance(ctx.sigma.reshape(-1, *([1] * (pull.ndim - 1))), ctx.family) * pull
+    if manifold == "none":
+        return prior, None
+    step, error = checked_covariance_product(manifold, pull, plain(x).float(), base, ctx.sigma, ctx.family, denoise,
+                                             fd_rel_step, two_sided=fd_max_error is not None)
+    descent = is_descent(pull, step)
+    error = error.to(descent.device) if error is not None else None
+    noise = fd_is_noise(error, fd_max_error) if error is not None else torch.zeros_like(descent)
+    ok = descent & ~noise
+    if bool(ok.all()):
+        return step, None
+    reasons = []
+    if bool(noise.any()):
+        worst = float(error[noise].max())
+        reasons.append(f"{manifold} probe {FD_NOISE_REASON} (estimated error {worst:.0%}) on {int(noise.sum())} of {len(ok)} samples")
+    if bool((~descent & ~noise).any()):
+        reasons.append(f"{manifold} step not a descent direction on {int((~descent & ~noise).sum())} of {len(ok)} samples")
+    step = torch.where(ok.reshape(-1, *([1] * (pull.ndim - 1))), torch.nan_to_num(step), prior)
+    return step, "; ".join(reasons) + "; used the prior covariance"
+
+
 def guided_delta(
     loss: Loss,
     x: torch.Tensor,
@@ -124,7 +158,9 @@ def guided_delta(
     `rate` is the step's share of schedule time in reference steps (schedule.step_rate): every weight and
     the trust radius scale with it, so a run's whole pull and its whole allowance do not depend on the step
     count; the per-element bound scales only down (no element moves more than ELEMENT_BOUND posterior
-    standard deviations in one step, however long). At the trust region the weights are scaled
+    standard deviations in one step, however long). A step longer than MAX_SUBSTEP_RATE (few-step
+    schedules) is taken as `substeps(rate)` equal sub-steps of the clean estimate at the same state, each
+    with its own gradient and covariance product. At the trust region the weights are scaled
     down together until the covariance step fits, and the refinement runs at those weights: the step's
     direction and size are decided together, and a weight past the cap gives the step the cap gives.
 
@@ -138,48 +174,42 @@ def guided_delta(
     rate = float(rate)
     work = plain(denoised).float()
     ctx = replace(ctx, sigma=plain(ctx.sigma).float(), x=plain(ctx.x).float())
-    values, grads = term_gradients(loss, work, ctx)
-    terms = {k: mean_of(v) for k, v in values.items()}
-    grad_rms = {k: mean_of(rms(g)) for k, g in grads.items()}
-    if not all(is_finite(v) for v in values.values()) or not all(is_finite(g) for g in grads.values()):
-        return GuidanceResult(None, terms, "non-finite loss or gradient", grad_rms, rate=rate)
-    pulls = term_pulls(loss, work, ctx, grads, values, rate)
-    step_rms = {k: mean_of(rms(p)) for k, p in pulls.items()}
-    idle = idle_terms(loss, values, grads)
-    pull = summed(pulls, work)
-    if not bool(pull.any()):
-        return GuidanceResult(torch.zeros_like(denoised), terms, None, grad_rms, step_rms, idle=idle, rate=rate)
-
-    prior = posterior_variance(ctx.sigma.reshape(-1, *([1] * (work.ndim - 1))), ctx.family) * pull
-    fallback = None
-    if manifold == "none":
-        step = prior
-    else:
-        base = work if probe_base is None else plain(probe_base).float()
-        step, error = checked_covariance_product(manifold, pull, plain(x).float(), base, ctx.sigma, ctx.family, denoise,
-                                                 fd_rel_step, two_sided=fd_max_error is not None)
-        descent = is_descent(pull, step)
-        error = error.to(descent.device) if error is not None else None
-        noise = fd_is_noise(error, fd_max_error) if error is not None else torch.zeros_like(descent)
-        ok = descent & ~noise
-        if not bool(ok.all()):
-            reasons = []
-            if bool(noise.any()):
-                worst = float(error[noise].max())
-                reasons.append(f"{manifold} probe {FD_NOISE_REASON} (estimated error {worst:.0%}) on {int(noise.sum())} of {len(ok)} samples")
-            if bool((~descent & ~noise).any()):
-                reasons.append(f"{manifold} step not a descent direction on {int((~descent & ~noise).sum())} of {len(ok)} samples")
-            fallback = "; ".join(reasons) + "; used the prior covariance"
-            step = torch.where(ok.reshape(-1, *([1] * (work.ndim - 1))), torch.nan_to_num(step), prior)
-    radius = trust_radius(ctx.sigma, ctx.family, trust * rate)
-    fit = fit_factor(step, radius)
-    x0 = dds_refine(loss, work - step * per_sample(fit, step), ctx, dds_steps, dds_lr, fit * rate)
-    delta, capped = clip_to_radius(x0 - work, radius)
-    delta, clamped = clamp_elements(delta, element_limit(ctx.sigma, ctx.family, ELEMENT_BOUND * min(rate, 1.0)))
-    delta = within_anchors(delta, work, pulls, anchors_of(loss, work, ctx))
+    base = work if probe_base is None else plain(probe_base).float()
+    n = substeps(rate)
+    part = rate / n
+    radius = trust_radius(ctx.sigma, ctx.family, trust * part)
+    x0, first = work, None
+    terms: dict[str, float] = {}
+    grad_rms: dict[str, float] = {}
+    step_rms: dict[str, float] = {}
+    idle: dict[str, str] = {}
+    fallback, capped = None, False
+    for _ in range(n):
+        values, grads = term_gradients(loss, x0, ctx)
+        if first is None:  # the step reports its loss at the model's own estimate
+            terms = {k: mean_of(v) for k, v in values.items()}
+            grad_rms = {k: mean_of(rms(g)) for k, g in grads.items()}
+        if not all(is_finite(v) for v in values.values()) or not all(is_finite(g) for g in grads.values()):
+            return GuidanceResult(None, terms, "non-finite loss or gradient", grad_rms, step_rms, fallback=fallback,
+                                  idle=idle, rate=rate)
+        pulls = term_pulls(loss, x0, ctx, grads, values, part)
+        first = pulls if first is None else first
+        for k, p in pulls.items():
+            step_rms[k] = step_rms.get(k, 0.0) + mean_of(rms(p))
+        idle.update(idle_terms(loss, values, grads))
+        pull = summed(pulls, x0)
+        if not bool(pull.any()):
+            break
+        step, reason = covariance_step(manifold, pull, x, base, ctx, denoise, fd_rel_step, fd_max_error)
+        fallback = fallback or reason
+        fit = fit_factor(step, radius)
+        refined = dds_refine(loss, x0 - step * per_sample(fit, step), ctx, dds_steps, dds_lr, fit * part)
+        move, hit = clip_to_radius(refined - x0, radius)
+        capped = capped or bool((hit | (fit < 1)).any())
+        x0 = x0 + move
+    delta, clamped = clamp_elements(x0 - work, element_limit(ctx.sigma, ctx.family, ELEMENT_BOUND * min(rate, 1.0)))
+    delta = within_anchors(delta, work, first, anchors_of(loss, work, ctx))
     if not is_finite(delta):
         return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback, idle=idle, rate=rate)
-    return GuidanceResult(
-        delta.to(denoised.dtype), terms, None, grad_rms, step_rms, mean_of(rms(delta)), bool((capped | (fit < 1)).any()), fallback,
-        bool(clamped.any()), idle, rate,
-    )
+    return GuidanceResult(delta.to(denoised.dtype), terms, None, grad_rms, step_rms, mean_of(rms(delta)), capped, fallback,
+                          bool(clamped.any()), idle, rate, n)

@@ -24,6 +24,8 @@ direction (squaring 1e-22 or 1e20 in fp32 would under- or overflow).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .coordinates import alpha
@@ -36,6 +38,14 @@ from .coordinates import alpha
 # cap moved the result away again at 0.3 (flow, 20-60 steps: +2 % to +6 % per step up in weight); at 0.2 the final distance falls
 # with the weight at 8 to 60 steps in every family, on the source latent and on an inversion trajectory.
 DEFAULT_TRUST = 0.2
+
+# Longest share of schedule time one sub-step of a guided step takes, in reference steps. A step that spans
+# more (a 4- or 8-step schedule, where one step may hold the whole window) is taken as substeps(rate) equal
+# sub-steps of the clean estimate at the same state, each with its own gradient and covariance product, as
+# the steps of a longer schedule would: a term with a floor closes in on it over several sub-steps, where
+# one step asks only for the first-order move to its floor. The steps of a 20-step run (rate 0.8-1.6 on the
+# default window) are taken whole, so only few-step schedules pay for more gradients.
+MAX_SUBSTEP_RATE = 2.0
 
 # Largest move of one latent element in one step, in posterior standard deviations. The RMS trust region
 # bounds the step on average only: a gradient that lives on a few elements (a range loss on one pixel)
@@ -54,6 +64,11 @@ DEFAULT_STRUCTURE_WEIGHT = 0.1
 DEFAULT_CLIP_WEIGHT = 0.1
 DEFAULT_STYLE_WEIGHT = 0.1
 DEFAULT_COLOR_WEIGHT = 0.1
+
+
+def substeps(rate: float) -> int:
+    """How many equal sub-steps a guided step of share `rate` is taken in: each at most MAX_SUBSTEP_RATE."""
+    return max(1, math.ceil(float(rate) / MAX_SUBSTEP_RATE - 1e-9))
 
 
 def peak(t: torch.Tensor) -> torch.Tensor:

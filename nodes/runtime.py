@@ -289,11 +289,12 @@ def capped(result: GuidanceResult) -> str:
 def report(node_name: str, step: int, sigma: float, result: GuidanceResult, node_id: str | None = None) -> None:
     """Each guided step's figures to the log and, when a server runs, to its clients as an 'agg.terms' event:
     the node (display name and prompt id), the step's share of schedule time (`rate`, in reference steps, which
-    scaled every weight), per term its value, raw gradient RMS and step RMS; the step's RMS;
+    scaled every weight) and the sub-steps it was taken in (`substeps`), per term its value, raw gradient RMS and step RMS; the step's RMS;
     trust-region, per-element-bound and fallback flags, and the terms that asked for no pull although above their floor."""
     event = {"node": node_name, "node_id": node_id, "step": step, "sigma": sigma, **result.report()}
     log.info(
-        "%s step %d sigma %.4g (share %.3g): %s; step rms %.4g%s%s%s%s", node_name, step, sigma, result.rate,
+        "%s step %d sigma %.4g (share %.3g%s): %s; step rms %.4g%s%s%s%s", node_name, step, sigma, result.rate,
+        f" in {result.substeps} sub-steps" if result.substeps > 1 else "",
         ", ".join(f"{k} {v:.4g} (grad rms {result.grad_rms.get(k, 0):.3g}, step rms {result.step_rms.get(k, 0):.3g})"
                   for k, v in result.terms.items()),
         result.delta_rms, capped(result),

@@ -33,6 +33,12 @@ def records(tag: str, kind: str) -> list[dict]:
     return [rec for rec in probes.RECORDS[tag] if rec["kind"] == kind]
 
 
+def probes_made(r) -> int:
+    """The finite-difference probes a run's guided steps made: one per sub-step (a long step of this 3-step
+    schedule is taken in several, agg_kernels.strength.substeps)."""
+    return sum(e["substeps"] for e in r.events("agg.terms"))
+
+
 def probed(tag: str, **kw):
     probes.RECORDS[tag].clear()
     return probes.agg_img2img(probe=tag, steps=STEPS, **kw)
@@ -46,8 +52,8 @@ def test_model_passes_per_guided_step(session, manifold, extra):
     tag = f"passes_{manifold}"
     g = probed(tag, seed=301 + extra, manifold=manifold)
     r, _ = run_latent(session, g)
-    guided = len(r.events("agg.terms"))
-    assert guided == STEPS
+    assert len(r.events("agg.terms")) == STEPS
+    guided = probes_made(r)
     calls = records(tag, "calc_cond_batch")
     assert len(calls) == STEPS + extra * guided
     # the sampler's passes are the full CFG model (cond + uncond); the finite-difference probe is the
@@ -61,18 +67,17 @@ def test_guidance_window_limits_the_extra_passes(session):
     tag = "window"
     g = probed(tag, seed=303, end_percent=0.75)  # the schedule's second sigma: the first step only
     r, _ = run_latent(session, g)
-    guided = len(r.events("agg.terms"))
-    assert guided == 1
-    assert len(records(tag, "calc_cond_batch")) == STEPS + guided
+    assert len(r.events("agg.terms")) == 1
+    assert len(records(tag, "calc_cond_batch")) == STEPS + probes_made(r)
 
 
 def test_cfg_one_makes_no_uncond_pass(session):
     tag = "cfg1"
     g = probed(tag, seed=304, cfg=1.0)
     r, _ = run_latent(session, g)
-    guided = len(r.events("agg.terms"))
+    guided = probes_made(r)
     calls = records(tag, "calc_cond_batch")
-    assert guided == STEPS and len(calls) == STEPS + guided
+    assert len(r.events("agg.terms")) == STEPS and len(calls) == STEPS + guided
     assert all(c["conds"] == 1 for c in calls)
     assert all(a["batch"] == 1 for a in records(tag, "apply_model"))
 
@@ -90,16 +95,16 @@ def test_controlnet_is_honoured_on_every_pass(session):
     g = probed(tag, seed=305)
     graphs.with_controlnet(g, strength=1.0)
     r, _ = run_latent(session, g)
-    guided = len(r.events("agg.terms"))
+    guided = probes_made(r)
     passes = records(tag, "apply_model")
-    assert guided == STEPS and len(records(tag, "calc_cond_batch")) == STEPS + guided
-    assert len(passes) == STEPS + guided  # the sampler's CFG pass and the finite-difference probe, per step
+    assert len(r.events("agg.terms")) == STEPS and len(records(tag, "calc_cond_batch")) == STEPS + guided
+    assert len(passes) == STEPS + guided  # the sampler's CFG pass per step, the finite-difference probe per sub-step
     assert all(p["control"] and p["control_out"] for p in passes), [(p["sigma"], p["control_keys"]) for p in passes]
     main = [p for p in passes if len(p["cond_or_uncond"]) == 2]
     probe = [p for p in passes if p["cond_or_uncond"] == [0]]  # the probe is the conditional prediction alone
-    assert len(main) == len(probe) == STEPS
-    for m, q in zip(main, probe, strict=True):
-        assert q["sigma"] == m["sigma"]
+    assert len(main) == STEPS and len(probe) == guided
+    for q in probe:
+        m = next(m for m in main if m["sigma"] == q["sigma"])  # the step's own CFG pass
         # the probe's ControlNet residuals are recomputed at the probed x: near the main pass's cond rows (the
         # probe moves x by 2 % of sigma), but not a copy of them
         for a, b in zip(control_rows(m, 0), control_rows(q, 0), strict=True):

@@ -15,6 +15,7 @@ from agg_testing import probes
 from agg_testing.analytic import ddim_flow_step, ddim_vp_step
 
 from agg_kernels.step import asymmetric_step, compensated_denoised, symmetric_step
+from agg_kernels.strength import substeps
 
 FAMILIES = ["eps", "v_prediction", "const"]
 
@@ -70,7 +71,8 @@ def test_ddim_sampler_object_realises_the_ddim_step(family, monkeypatch):
     callback = h.run.wrap_callback(lambda i, x0, x, total: seen.append(x0.clone()))
     out = ddim.sample(h, h.sigmas, {"model_options": {}, "seed": 0}, callback, z, latent, None, True)
     assert_guided(h)
-    assert len(h.probes) == sum(st["guided"] for st in h.steps)  # one conditional probe pass per guided step
+    # one conditional probe pass per sub-step of each guided step (this run's window is the whole schedule)
+    assert len(h.probes) == sum(substeps(h.run.rate(st["sigma"])) for st in h.steps if st["guided"])
     assert max(float((st["D"] - st["U"]).abs().max()) for st in h.steps) > 0.1  # cond and uncond really differ
     for st, x_next, sn in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), strict=True):
         want = oracle(st["x"], st["D"], st["delta"], st["sigma"], sn, family).float()

@@ -18,6 +18,7 @@ from agg_testing.probes import pack_module
 from agg_kernels.coordinates import alpha
 from agg_kernels.losses import structure_loss
 from agg_kernels.step import asymmetric_step, symmetric_step
+from agg_kernels.strength import substeps
 
 TOL = 1e-4
 SHAPE = (2, 4, 4, 4)
@@ -335,7 +336,8 @@ def test_cfg_pp_samplers_realise_the_step_with_the_probe_on(family, eta, monkeyp
     kwargs = {} if eta == 0 else {"eta": eta, "noise_sampler": noise}
     out = fn(h, h.start(), h.sigmas, extra_args={"model_options": {}}, callback=h.callback(), disable=True, **kwargs)
     assert_guided(h)
-    assert len(h.probes) == sum(st["guided"] for st in h.steps)  # one conditional probe per guided step
+    # one conditional probe per sub-step of each guided step (this run's window is the whole schedule)
+    assert len(h.probes) == sum(substeps(h.run.rate(st["sigma"])) for st in h.steps if st["guided"])
     lam = lambda s: torch.tensor(float(alpha(torch.tensor(s), family)))  # noqa: E731  alpha_s of the sampler
     drawn = iter(noise.drawn)
     for st, x_next, sn in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), strict=True):

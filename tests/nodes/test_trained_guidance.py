@@ -175,8 +175,10 @@ def clip_edit(session, agg_models, steps: int, sampler_name: str = "euler") -> f
 
 def test_the_same_clip_weight_edits_the_same_at_20_30_and_60_steps(session, agg_models):
     """Strength is a rate over schedule time: the default CLIP Direction weight changes the image by about as
-    much at 20, 30 and 60 Euler steps (within 1.3x, converging), and 8 Euler or 4 lcm steps are guided too.
-    Measured: 0.192 / 0.188 / 0.190 at 20 / 30 / 60 steps, 0.174 at 8, 0.141 at 4 lcm steps."""
+    much at 20, 30 and 60 Euler steps (within 1.3x, converging), and at 8 Euler or 4 lcm steps (within the same
+    1.3x of the 20-step edit), whose long guided steps are taken in sub-steps.
+    Measured: 0.192 / 0.188 / 0.190 at 20 / 30 / 60 steps, 0.194 at 8, 0.209 at 4 lcm steps (each long step
+    whole: 0.174 at 8, 0.141 at 4 lcm)."""
     edits = {n: clip_edit(session, agg_models, n) for n in (8, 20, 30, 60)}
     lcm = clip_edit(session, agg_models, 4, "lcm")
     print(f"\nCLIP Direction edit (mean |pixel|) by Euler step count {edits}; 4 lcm steps {lcm:.4f}")
@@ -185,7 +187,7 @@ def test_the_same_clip_weight_edits_the_same_at_20_30_and_60_steps(session, agg_
     assert max(many) <= 1.3 * min(many), edits
     assert abs(edits[60] / edits[30] - 1) <= 0.1, edits
     assert edits[20] / 1.3 <= edits[8] <= 1.3 * edits[20], edits
-    assert lcm > 0.5 * edits[20], (lcm, edits)
+    assert edits[20] / 1.3 <= lcm <= 1.3 * edits[20], (lcm, edits)
 
 
 def test_the_asymmetric_update_moves_further_toward_a_latent_target(session):
