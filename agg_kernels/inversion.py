@@ -61,8 +61,8 @@ def ddim_invert(
     and each step s_i -> s_{i+1} evaluates D at s_i; from s_0 = 0 the step is alpha(s_1) * x0 with no model
     call (the noise estimate of a clean latent is zero).
 
-    The trajectory holds one clean estimate per given sigma, taken at the state the inversion reached
-    there: at s_0 = 0 that is x0 itself (the clean estimate of a clean latent), at s_0 > 0 and every
+    The trajectory holds one clean estimate per given sigma, and the state it was taken at (the state the
+    inversion reached there): at s_0 = 0 that is x0 itself (the clean estimate of a clean latent), at s_0 > 0 and every
     later s_i it is the D the step used, and at the top (record_top) one extra denoiser call on the
     final state, so a Structure Loss read at the sampler's first sigma has an exact entry. Its sigmas
     therefore equal the given sigmas (without the top when record_top is False).
@@ -80,17 +80,17 @@ def ddim_invert(
         if s[i] == 0:
             # At sigma 0 the state is the clean latent, its clean estimate is x0 itself and the flow's
             # noise estimate vanishes (eps_hat = (x - D) / sigma -> 0): the Euler step needs no model call.
-            rec.append(0.0, x0)
+            rec.append(0.0, x0, x0)
             x = alpha(s[i + 1], family) * x0
             continue
         d = denoise(x, _sigma_batch(s[i], x))
-        rec.append(s[i], d)
+        rec.append(s[i], d, x)
         x = ddim_step(x, d, s[i], s[i + 1], family)
         done += 1
         if callback is not None:
             callback(done, total)
     if record_top:
-        rec.append(s[-1], denoise(x, _sigma_batch(s[-1], x)))
+        rec.append(s[-1], denoise(x, _sigma_batch(s[-1], x)), x)
         if callback is not None:
             callback(total, total)
     return x, rec.build()

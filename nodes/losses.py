@@ -137,7 +137,9 @@ class AGGStructureLoss(io.ComfyNode):
                 io.Latent.Input("source", optional=True, tooltip="The source latent (VAEEncode of the photo). Used "
                                 "when no trajectory is connected."),
                 AGGTrajectoryType.Input("trajectory", optional=True, tooltip="AGG Invert's trajectory: the source's clean "
-                                        "estimates along the inversion (the paper's regulariser)."),
+                                        "estimates along the inversion (the paper's regulariser). A run that starts "
+                                        "from AGG Invert's latent also gives back, each step, half of its drift from "
+                                        "the inversion's path, so an edited prompt does not carry it past the source."),
                 loss_input(),
                 mask_input("Structure is held only outside it (black), so the white region is free to change."),
             ],
@@ -155,7 +157,8 @@ class AGGStructureLoss(io.ComfyNode):
         def build(run: RunInfo) -> Loss:
             probe = torch.empty(run.latent_shape, device="meta")
             if trajectory is not None:
-                reference = Trajectory(trajectory.sigmas.float().clone(), grad_constant(trajectory.denoised, run.device))
+                states = None if trajectory.states is None else grad_constant(trajectory.states, run.device)
+                reference = Trajectory(trajectory.sigmas.float().clone(), grad_constant(trajectory.denoised, run.device), states)
             else:
                 reference = grad_constant(run.model.process_latent_in(source_samples.to(run.device)), run.device)
             checked(node, input_name, check_reference, reference, probe, f"the {input_name} latent")

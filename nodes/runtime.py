@@ -138,6 +138,8 @@ class AGGRun:
         probe_options = {**model_options, "sampler_post_cfg_function": []}
 
         def forward(xp: torch.Tensor) -> torch.Tensor:
+            # a long step probes once per sub-step: an interrupt stops it before the next pass, not at the next step
+            comfy.model_management.throw_exception_if_processing_interrupted()
             if cond is None:
                 return executor(xp.to(dtype), timestep, probe_options, seed).float()
             return comfy.samplers.calc_cond_batch(self.guider.inner_model, [cond], xp.to(dtype), timestep, model_options)[0].float()

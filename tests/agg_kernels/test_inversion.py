@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from agg_kernels.inversion import check_sigmas, ddim_invert, ddim_reconstruct, latent_for_sampler
-from agg_kernels.losses import trajectory_at
+from agg_kernels.losses.trajectory import trajectory_at, trajectory_state_at
 from agg_kernels.step import ddim_step
 
 MU, S = 0.3, 0.5
@@ -99,6 +99,11 @@ def test_trajectory_aligned_with_sigmas_and_holds_the_evaluated_estimates():
     for k in range(1, 5):
         assert torch.equal(traj.denoised[k], calls[k - 1][2])
     assert torch.equal(calls[-1][1], x_top)
+    # the states the estimates were taken at: the clean source at sigma 0, then each call's state
+    assert torch.equal(traj.states[0], x0)
+    for k in range(1, 5):
+        assert torch.equal(traj.states[k], calls[k - 1][1])
+    assert torch.equal(trajectory_state_at(traj, 2.0), x_top)
     assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert torch.equal(trajectory_at(traj, 2.0), traj.denoised[4])
 

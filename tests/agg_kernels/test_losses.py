@@ -28,6 +28,7 @@ from agg_kernels.losses import (
     template_text_embedding,
     trajectory_at,
 )
+from agg_kernels.losses.structure import FOLLOW_TOLERANCE, STATE_GAIN
 from agg_kernels.objective import LossContext, compose, total
 
 
@@ -112,6 +113,28 @@ def test_structure_loss_reads_trajectory_at_step_sigma():
     assert torch.allclose(terms["structure"], torch.tensor([0.5, 2.0]))
 
 
+def test_on_a_trajectory_with_states_the_reference_takes_back_half_the_state_gap():
+    # reference = D_inv(sigma) + STATE_GAIN (x_inv(sigma) - x) / alpha(sigma) for a state within FOLLOW_TOLERANCE
+    # sigma of the inversion's; a state as far as fresh noise (about 1.4 sigma), or alpha below MIN_ALPHA, keeps D_inv
+    sig = torch.tensor([0.0, 0.5, 0.9])
+    d = torch.stack([torch.full((1, 2, 3, 3), v) for v in (0.0, 1.0, 2.0)])
+    states = torch.stack([torch.full((1, 2, 3, 3), v) for v in (0.0, 0.8, 1.0)])
+    traj = Trajectory(sig, d, states)
+    x0 = torch.zeros(3, 2, 3, 3)
+    x = torch.stack([torch.full((2, 3, 3), v) for v in (0.6, 0.8 - 1.4 * 0.5, 0.8)])  # gap 0.2, 1.4 sigma, 0
+    ref = structure_loss(1.0, traj).anchors(x0, LossContext(sigma=torch.full((3,), 0.5), x=x, family="const"))["structure"]
+    assert STATE_GAIN == 0.5 and FOLLOW_TOLERANCE == 1.0
+    assert torch.allclose(ref[0], torch.full((2, 3, 3), 1.0 + 0.5 * 0.2 / 0.5))  # alpha(0.5) = 0.5 on a flow model
+    assert torch.allclose(ref[1], torch.ones(2, 3, 3))  # as far as fresh noise: the inversion's estimate alone
+    assert torch.allclose(ref[2], torch.ones(2, 3, 3))  # on the inversion: no gap
+    near_pure_noise = LossContext(sigma=torch.full((1,), 0.95), x=torch.full((1, 2, 3, 3), 0.9), family="const")
+    ref = structure_loss(1.0, traj).anchors(x0[:1], near_pure_noise)["structure"]
+    assert torch.allclose(ref, torch.full((1, 2, 3, 3), 2.0))  # alpha 0.05 < MIN_ALPHA: no gap term
+    plain = Trajectory(sig, d)  # recorded without states (older trajectories): the estimate alone
+    ref = structure_loss(1.0, plain).anchors(x0, LossContext(sigma=torch.full((3,), 0.5), x=x, family="const"))["structure"]
+    assert torch.allclose(ref, torch.ones(3, 2, 3, 3))
+
+
 def test_pixel_structure_loss_compares_decoded_images():
     decode = toy_decoder()
     ref = torch.randn(1, 4, 4, 4)
@@ -192,6 +215,12 @@ def test_trajectory_validation_and_recorder():
         Trajectory(torch.tensor([0.0, 1.0]), torch.zeros(3, 1, 1, 2, 2))
     with pytest.raises(ValueError, match=r"\[N, B, C, H, W\]"):
         Trajectory(torch.tensor([0.0, 1.0]), torch.zeros(2, 1, 2, 2))
+    with pytest.raises(ValueError, match="states must match"):
+        Trajectory(torch.tensor([0.0, 1.0]), torch.zeros(2, 1, 1, 2, 2), torch.zeros(2, 1, 1, 3, 3))
+    mixed = TrajectoryRecorder()
+    mixed.append(0.0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="all record their state, or none"):
+        mixed.append(0.3, torch.zeros(1, 1, 2, 2))
     rec = TrajectoryRecorder()
     rec.append(0.0, torch.zeros(1, 1, 2, 2))
     rec.append(torch.tensor([0.3]), torch.ones(1, 1, 2, 2))

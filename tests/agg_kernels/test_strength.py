@@ -294,10 +294,12 @@ def toward(target: torch.Tensor, weight: float) -> WeightedLoss:
 
 
 def whole_run(family: str, steps: int, seed: int, loss_for, *, sampler: str = "ddim", manifold: str = "none",
-              reference: str = "source") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              reference: str = "source", edit: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(guided final latent, unguided final latent, source) of one run; loss_for(src, target, trajectory) builds
-    the loss (None: unguided). reference "trajectory": the run starts from the source's DDIM inversion (no fresh
-    noise) and the loss may use that inversion's trajectory of clean estimates."""
+    the loss (None: unguided). reference "trajectory": the run starts from the source's DDIM inversion moved off
+    it by noise of half the top sigma, and the loss may use that inversion's trajectory. `edit` > 0: the run
+    samples under a prior whose mean is moved by `edit` latent spreads (another prompt) and starts from the
+    inversion's top itself, as the paper's chain does."""
     from agg_testing.analytic import comfy_sigmas, comfy_window, gaussian, guided_run
 
     from agg_kernels.inversion import ddim_invert
@@ -306,13 +308,15 @@ def whole_run(family: str, steps: int, seed: int, loss_for, *, sampler: str = "d
     g = torch.Generator().manual_seed(seed)
     src, target = torch.randn(RUN_SHAPE, generator=g), torch.randn(RUN_SHAPE, generator=g)
     prior = gaussian(0.5 * src[0], 0.5)
+    sampling = gaussian(0.5 * src[0] + edit * torch.randn(RUN_SHAPE, generator=g)[0], 0.5) if edit else prior
     sigmas = comfy_sigmas(family, steps, 0.6)
     window = comfy_window(family, 0.4, REFERENCE_END_PERCENT)
     trajectory = top = None
     if reference == "trajectory":
         up = torch.cat([torch.zeros(1), sigmas.flip(0)[1:]])
         top, trajectory = ddim_invert(lambda x, s: prior.denoise(x, s, family), src, up, family)
-        top = top + 0.5 * float(sigmas[0]) * torch.randn(RUN_SHAPE, generator=g)
+        if not edit:
+            top = top + 0.5 * float(sigmas[0]) * torch.randn(RUN_SHAPE, generator=g)
     loss = loss_for(src, target, trajectory)
 
     def step(x, d, sigma, sigma_next):
@@ -320,11 +324,11 @@ def whole_run(family: str, steps: int, seed: int, loss_for, *, sampler: str = "d
         if loss is None or rate <= 0:
             return None
         c = LossContext(sigma=torch.tensor([sigma]), x=x, family=family)
-        return guided_delta(loss, x, d, c, manifold, lambda xp: prior.denoise(xp, torch.full((1,), sigma), family),
+        return guided_delta(loss, x, d, c, manifold, lambda xp: sampling.denoise(xp, torch.full((1,), sigma), family),
                             rate=rate).delta
 
     def run(step_fn):
-        return guided_run(prior, src, sigmas, family, step_fn, seed=seed, sampler=sampler, state=top)
+        return guided_run(sampling, src, sigmas, family, step_fn, seed=seed, sampler=sampler, state=top)
 
     return run(step), run(lambda *a: None), src
 
@@ -394,21 +398,27 @@ def test_a_long_step_closes_in_on_a_floor_as_several_steps_would(rate):
 
 
 @pytest.mark.parametrize("steps", [8, 20, 30, 60])
-@pytest.mark.parametrize("reference", ["source", "trajectory"])
+@pytest.mark.parametrize("reference, edit", [("source", 0.0), ("trajectory", 0.0), ("trajectory", 0.1),
+                                             ("trajectory", 0.5)])
 @pytest.mark.parametrize("family", RUN_FAMILIES)
-def test_a_larger_structure_weight_never_ends_farther_from_the_source(family, reference, steps):
-    """Structure weight x0 ... x30 of the default, on the source latent and on the inversion's trajectory: the
-    final distance to the source never grows (2 % tolerance), and the strongest ends closer than none."""
+def test_a_larger_structure_weight_never_ends_farther_from_the_source(family, reference, edit, steps):
+    """Structure weight x0 ... x30 of the default, on the source latent and on the inversion's trajectory (sampled
+    by the inverting prior, or by one whose mean is moved by 0.1 or 0.5 latent spreads: an edit): the final
+    distance to the source never grows (2 % tolerance), and the strongest ends closer than none. Figures in
+    docs/PERFORMANCE.md ("Strength over whole runs"); on an edit, the inversion's clean estimates alone (no
+    state gap term, structure.STATE_GAIN) rose by up to 50 % past x1 in flow, and at 60 steps ended farther
+    than no guidance (edit 0.1: eps 0.068 unguided, 0.106 at x3)."""
     dists = []
     for m in MULTIPLES:
         total = 0.0
         for seed in range(3):
             def make(src, target, traj, w=0.1 * m):
                 return structure_loss(w, traj if reference == "trajectory" else src)
-            guided, _, src = whole_run(family, steps, seed, make, reference=reference)
+            guided, _, src = whole_run(family, steps, seed, make, reference=reference, edit=edit)
             total += float((guided - src).abs().mean())
         dists.append(total / 3)
-    print(f"\n{family} {reference} {steps} steps: L1 to the source by weight multiple " + ", ".join(f"{d:.4f}" for d in dists))
+    print(f"\n{family} {reference} edit {edit} {steps} steps: L1 to the source by weight multiple "
+          + ", ".join(f"{d:.4f}" for d in dists))
     for a, b in zip(dists, dists[1:], strict=False):
         assert b <= 1.02 * a, dists
-    assert dists[-1] < dists[0] or reference == "trajectory"
+    assert dists[-1] < dists[0]

@@ -26,7 +26,8 @@ def clear_flag():
 
 
 def guided(seed: int, *, probe: str | None = None, interrupt_after: int = 0, tag: str = "") -> tuple:
-    """img2img guided by Structure Loss (finite_difference: two model passes per guided step). `probe`:
+    """img2img guided by Structure Loss (finite_difference: a model pass and a probe pass per sub-step of each
+    guided step; the 4 steps over the whole schedule are long, so taken in several sub-steps). `probe`:
     where the counting model sits, "outer" (before Apply AGG: it counts sampler steps) or "inner" (after
     Apply AGG, at calc_cond_batch: it counts every model pass, the guidance's conditional probe included)."""
     g = img2img(seed=seed, steps=STEPS, denoise=1.0)
@@ -43,8 +44,28 @@ def guided(seed: int, *, probe: str | None = None, interrupt_after: int = 0, tag
     return g
 
 
+@pytest.fixture(scope="module")
+def substeps(comfy) -> list[int]:
+    """The sub-steps of each guided step of `guided`'s schedule (the same for every seed), from a whole run."""
+    r = comfy.run(guided(59).prompt)
+    assert r.ok, r.error_text()[:3000]
+    subs = [e["substeps"] for e in r.events("agg.terms")]
+    assert len(subs) == STEPS and sum(subs) > STEPS  # long steps: more probes than steps
+    return subs
+
+
+def step_ends(probe: str, subs: list[int]) -> list[int]:
+    """The model calls counted by the end of each step: one outer call a step, or (inner) the sampler's pass
+    and one finite-difference probe per sub-step."""
+    ends, total = [], 0
+    for n in subs:
+        total += 1 if probe == "outer" else 1 + n
+        ends.append(total)
+    return ends
+
+
 @pytest.mark.parametrize("probe,interrupt_after", [("outer", 2), ("inner", 2), ("inner", 3)])
-def test_interrupt_stops_within_one_step_and_the_next_prompt_runs(comfy, probe, interrupt_after):
+def test_interrupt_stops_within_one_step_and_the_next_prompt_runs(comfy, substeps, probe, interrupt_after):
     tag = f"interrupt-{probe}-{interrupt_after}-{uuid.uuid4().hex[:8]}"
     g = guided(40 + interrupt_after, probe=probe, interrupt_after=interrupt_after, tag=tag)
     r = comfy.run(g.prompt)
@@ -53,14 +74,14 @@ def test_interrupt_stops_within_one_step_and_the_next_prompt_runs(comfy, probe, 
     kinds = [e["type"] for e in r.errors]
     assert kinds == ["execution_interrupted"], r.error_text()[:3000]
     assert not mm.processing_interrupted(), "the interrupt flag was left raised"
-    # One sampler step is one outer call, or two inner ones (the model pass and the finite-difference pass).
-    per_step = 1 if probe == "outer" else 2
+    ends = step_ends(probe, substeps)
     print(f"{probe}: interrupted after call {counter.interrupted_at}, {counter.after_interrupt} call(s) after it")
     # No model pass after the interrupt: the sampler's step callback stops an outer run, and AGG checks the
-    # flag before its extra finite-difference pass (inner, interrupt_after=3).
+    # flag before each finite-difference pass (inner: calls 2 and 3 are the first step's probes).
     assert counter.after_interrupt == 0, f"{counter.after_interrupt} model calls after the interrupt"
-    assert counter.calls < STEPS * per_step
-    assert len(r.events("agg.terms")) <= (interrupt_after + per_step - 1) // per_step
+    assert counter.calls < ends[-1]
+    started = sum(1 for end in [0, *ends[:-1]] if end < interrupt_after)  # steps begun by the interrupt
+    assert len(r.events("agg.terms")) <= started
 
     nxt = guided(50 + interrupt_after)
     r2 = comfy.run(nxt.prompt)
@@ -69,14 +90,15 @@ def test_interrupt_stops_within_one_step_and_the_next_prompt_runs(comfy, probe, 
     assert len(r2.events("agg.terms")) == STEPS
 
 
-def test_uninterrupted_counts(comfy):
-    """The counts the interrupt test compares against: a full run makes STEPS outer and 2*STEPS inner calls."""
-    for probe, per_step in (("outer", 1), ("inner", 2)):
+def test_uninterrupted_counts(comfy, substeps):
+    """The counts the interrupt test compares against: a full run makes STEPS outer calls, and STEPS inner calls
+    plus one per sub-step."""
+    for probe in ("outer", "inner"):
         tag = f"total-{probe}-{uuid.uuid4().hex[:8]}"
         g = guided(60, probe=probe, tag=tag)
         r = comfy.run(g.prompt)
         assert r.ok, r.error_text()[:3000]
-        assert COUNTERS[tag].calls == STEPS * per_step
+        assert COUNTERS[tag].calls == step_ends(probe, substeps)[-1]
 
 
 # -- AGG Invert, AGG Guider, and a guided step that takes long ----------------------------------------
@@ -134,9 +156,10 @@ def guider_graph(seed: int, tag: str, interrupt_after: int):
 
 
 @pytest.mark.parametrize("interrupt_after", [2, 3])
-def test_interrupt_under_agg_guider(comfy, interrupt_after):
-    """After the probe pass (2) the sampler's step callback stops the run; after a main pass (3) the guidance's
-    own check stops it before its probe pass."""
+def test_interrupt_under_agg_guider(comfy, substeps, interrupt_after):
+    """After the first step's last probe pass the sampler's step callback stops the run; after the next main pass
+    the guidance's own check stops it before its probe pass."""
+    interrupt_after = substeps[0] + interrupt_after - 1  # 2: the end of the first step; 3: the second's main pass
     tag = f"interrupt-guider-{interrupt_after}-{uuid.uuid4().hex[:8]}"
     r = comfy.run(guider_graph(70 + interrupt_after, tag, interrupt_after).prompt)
     counter = COUNTERS[tag]
@@ -146,7 +169,7 @@ def test_interrupt_under_agg_guider(comfy, interrupt_after):
     tag2 = f"after-{tag}"
     r2 = comfy.run(guider_graph(80 + interrupt_after, tag2, 0).prompt)
     assert r2.ok, r2.error_text()[:3000]
-    assert COUNTERS[tag2].calls == 2 * STEPS and len(r2.events("agg.terms")) == STEPS
+    assert COUNTERS[tag2].calls == step_ends("inner", substeps)[-1] and len(r2.events("agg.terms")) == STEPS
 
 
 def test_interrupt_during_a_long_guided_step(comfy, agg_models, monkeypatch):
@@ -187,7 +210,7 @@ def test_interrupt_during_a_long_guided_step(comfy, agg_models, monkeypatch):
     assert decodes and counter.interrupted_at == 1  # after the first step's model pass, inside its guided step
     print(f"long step: interrupted at model call {counter.interrupted_at}, {counter.after_interrupt} after it")
     assert_interrupted(r, counter, within=1)
-    assert counter.calls < 2 * STEPS
+    assert counter.calls < STEPS
     assert_next = guided(91)
     r2 = comfy.run(assert_next.prompt)
     assert r2.ok, r2.error_text()[:3000]

@@ -136,8 +136,8 @@ def paper_chain(weight: float) -> Graph:
 
 def test_paper_chain_invert_structure_trajectory_agg_guider(session):
     """The paper's chain on the tiny UNet: the result is closer to the source than the same chain at weight 0, and
-    each guided step reports the L1 distance between the guider's clean estimate and the trajectory's at that
-    sigma as its structure term."""
+    each guided step reports as its structure term the L1 distance between the guider's clean estimate and the
+    trajectory's at that sigma plus half the state's gap to the inversion's state there (eps: alpha 1)."""
     g = paper_chain(0.5)
     with probes.guided_steps() as calls:
         r = run(session, g)
@@ -148,16 +148,23 @@ def test_paper_chain_invert_structure_trajectory_agg_guider(session):
     assert all(not e["skipped"] for e in terms)
     assert all(e["node"] == "AGG Guider" for e in terms)
 
-    # the reported term is mean |D - trajectory(sigma)| at a recorded sigma of the inversion
+    # the reported term is mean |D - (trajectory(sigma) + (state(sigma) - x) / 2)| at a recorded sigma of the
+    # inversion while the state is within sigma (RMS) of the inversion's, else mean |D - trajectory(sigma)|; the run
+    # starts from the inversion's top (noise disabled), so its first steps are
     traj = r.output(g["invert"].id, index=1)
+    assert traj.states is not None and traj.states.shape == traj.denoised.shape
+    near = []
     guided = [c for c in calls if c["terms"] is not None]
     assert len(guided) == len(terms)
     for c, e in zip(guided, terms, strict=True):
         assert e["sigma"] == pytest.approx(c["sigma"])
         hits = [j for j, s in enumerate(traj.sigmas.tolist()) if math.isclose(s, c["sigma"], rel_tol=1e-5)]
         assert len(hits) == 1, (c["sigma"], traj.sigmas.tolist())
-        l1 = float((c["D"] - traj.denoised[hits[0]].float()).abs().mean())
+        gap = traj.states[hits[0]].float() - c["x"]
+        near.append(float(gap.pow(2).mean().sqrt()) <= c["sigma"])
+        l1 = float((c["D"] - (traj.denoised[hits[0]].float() + 0.5 * gap * near[-1])).abs().mean())
         assert e["terms"]["structure"] == pytest.approx(l1, rel=1e-4), (c["sigma"], e["terms"], l1)
+    assert near[0]
 
     # and the guidance keeps the source: closer to it than the unguided (weight 0) chain
     g0 = paper_chain(0.0)
