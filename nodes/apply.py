@@ -30,7 +30,8 @@ def settings_inputs() -> list:
         io.Combo.Input(
             "manifold", display_name="covariance step (expert)", options=list(MANIFOLD_MODES), default=DEFAULTS.manifold,
             tooltip="How the pull on the clean estimate reaches the sampler: through the posterior covariance of the "
-            "model. finite_difference: one extra conditional model pass per guided step (ControlNet, LoRA included), "
+            "model. finite_difference: one extra conditional model pass per guided step (ControlNet, LoRA included; "
+            "one per sub-step of the long steps of a few-step schedule), "
             "no extra memory. autograd: exact backward pass through the model (slowest, a copy of the weights during "
             "the run). none: the covariance of a unit-variance latent, no model pass (fastest).",
         ),
