@@ -78,14 +78,29 @@ def session(comfy):
     return comfy
 
 
+def first_step_and_result(session, g: Graph) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(the first guided step's delta, the result latent, the step reports) of one run."""
+    with probes.guided_steps() as calls:
+        out, events = run(session, g)
+    first = next(c for c in calls if c["guided"])
+    return first["delta"], out, events
+
+
 def test_a_batch_of_two_with_different_masks_gives_each_image_what_it_gets_alone(session, agg_models):
-    batch, events = run(session, graph((0, 1), 0))
+    step, batch, events = first_step_and_result(session, graph((0, 1), 0))
     assert batch.shape[0] == 2 and events and all(not e["skipped"] for e in events)
-    alone = [run(session, graph((i,), 0))[0] for i in (0, 1)]
-    diffs = [float((batch[i] - alone[i][0]).abs().max()) for i in (0, 1)]
-    apart = [float((batch[i] - alone[1 - i][0]).abs().max()) for i in (0, 1)]
-    print(f"batch vs alone, max |difference| per image: {diffs}; against the other image: {apart}")
-    # measured: 3.3e-6 and 1.2e-5 (the images themselves differ by 5.7). Judged by one CLIP Direction Loss through
-    # both masks' joint crop the same prompt differed by 4.9 / 5.5, and with a batch-mean mask scale too by 6.0 / 5.4
-    assert max(diffs) <= 1e-4, diffs
+    alone = [first_step_and_result(session, graph((i,), 0)) for i in (0, 1)]
+    step_diffs = [float((step[i] - alone[i][0][0]).abs().max()) for i in (0, 1)]
+    diffs = [float((batch[i] - alone[i][1][0]).abs().max()) for i in (0, 1)]
+    apart = [float((batch[i] - alone[1 - i][1][0]).abs().max()) for i in (0, 1)]
+    print(f"batch vs alone, max |difference| per image: first guided step {step_diffs}, result {diffs}; "
+          f"against the other image: {apart}")
+    # The first guided step (the same state in both runs) is each image's own to float32 rounding: measured
+    # 3.9e-7 / 5.6e-6. Judged by one CLIP Direction Loss through both masks' joint crop the same prompt differed by
+    # 4.9 / 5.5 (results), and with a batch-mean mask scale too by 6.0 / 5.4.
+    assert max(step_diffs) <= 1e-4, step_diffs
+    # Over the run the batched passes' rounding (a batch of 2 is not computed as two of 1) is carried along; the
+    # kernel test shows the steps themselves per image exactly (tests/agg_kernels/test_strength.py). Measured
+    # 4.8e-5 / 2.4e-4 on results 11 apart (4 long steps in sub-steps; 2.3e-5 / 3.5e-5 with each taken whole).
+    assert max(diffs) <= 1e-3, diffs
     assert min(apart) > 0.1, apart  # the two images (sources and masks) do differ
