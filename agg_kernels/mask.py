@@ -50,13 +50,52 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(m, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
 
 
-def check_mask(mask: torch.Tensor, batch: int) -> None:
-    """Raise a ValueError when the mask is empty or its batch does not fit the run's."""
+def per_frame(mask: torch.Tensor, batch: int, frames: int) -> bool:
+    """Whether a mask holds one mask per frame of a video: a batch of several masks for a run of one clip of
+    several latent frames (a batch of 1 or of the run's batch is one mask per image or clip)."""
+    return frames > 1 and batch == 1 and as_mask(mask).shape[0] > 1
+
+
+def check_mask(mask: torch.Tensor, batch: int, frames: int = 1) -> None:
+    """Raise a ValueError when the mask is empty or its batch does not fit the run's (`frames`: the latent
+    frames of a video run, whose one clip may take a mask per frame)."""
     m = as_mask(mask)
-    if m.shape[0] not in (1, batch):
-        raise ValueError(f"mask batch {m.shape[0]} does not match the run's batch {batch} (expected {batch} or 1)")
+    if m.shape[0] not in (1, batch) and not per_frame(m, batch, frames):
+        per = " (one mask per video frame needs a run of one video)" if frames > 1 else ""
+        raise ValueError(f"mask batch {m.shape[0]} does not match the run's batch {batch} (expected {batch} or "
+                         f"1){per}")
     if not bool((m > INSIDE).any()):
         raise ValueError("the mask is empty (all black): nothing would be edited; paint the region to change in white")
+
+
+def frame_masks(mask: torch.Tensor, frames: int) -> torch.Tensor:
+    """A per-frame mask of N frames ([N, 1, H, W] after as_mask) on a clip of `frames` latent frames, as
+    [frames, 1, H, W]: latent frame t holds the union of the mask frames i with ceil(i (frames - 1) / (N - 1))
+    = t. N = frames maps one to one; a video's pixel frames (a causal video VAE's 1 + k (frames - 1)) give each
+    latent frame the union of the k frames it encodes, the first frame its own."""
+    m = as_mask(mask)
+    n = m.shape[0]
+    if n == frames:
+        return m
+    if frames == 1:
+        return m.amax(0, keepdim=True)
+    owner = [-(-i * (frames - 1) // (n - 1)) for i in range(n)]
+    return torch.stack([m[[i for i in range(n) if owner[i] == t]].amax(0) if t in owner
+                        else m[min(range(n), key=lambda i: abs(owner[i] - t))] for t in range(frames)])
+
+
+def video_region(mask: torch.Tensor, batch: int, frames: int, hw: tuple[int, int]) -> torch.Tensor:
+    """The mask on a video run's latent grid, [B or 1, 1, T or 1, h, w]: one mask per clip (or for all clips)
+    holds for every frame; one mask per frame (per_frame) for its latent frame (frame_masks)."""
+    if per_frame(mask, batch, frames):
+        return resize_mask(frame_masks(mask, frames), hw).movedim(0, 1)[None]
+    return resize_mask(mask, hw).unsqueeze(2)
+
+
+def union_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Every mask of a batch together, [1, 1, H, W]: where an image loss looks when judging a video's frames
+    against one mask per frame."""
+    return as_mask(mask).amax(0, keepdim=True)
 
 
 def region_scale(region: torch.Tensor) -> torch.Tensor:
@@ -70,7 +109,9 @@ class Restricted:
     """`loss` judged with gradient only where `region` > 0 (see the module docstring). Its anchors pass through."""
 
     def __init__(self, loss: Loss, region: torch.Tensor):
-        self.loss, self.region = loss, as_mask(region)
+        # a video latent's region keeps its frame axis, [B or 1, 1, T or 1, h, w]
+        self.loss = loss
+        self.region = region.detach().float().clamp(0, 1) if region.ndim == 5 else as_mask(region)
         self.scale = region_scale(self.region)
 
     def _at(self, x0: torch.Tensor) -> torch.Tensor:
@@ -94,7 +135,8 @@ class Restricted:
 
 
 def restrict(loss: Loss, region: torch.Tensor) -> Restricted:
-    """The loss acting only on `region` ([B or 1, 1, h, w] on the latent grid, 1 = acts)."""
+    """The loss acting only on `region` ([B or 1, 1, h, w] on the latent grid, 1 = acts; a video latent's
+    [B or 1, 1, T or 1, h, w])."""
     return Restricted(loss, region)
 
 

@@ -6,7 +6,8 @@ TAESD from models/vae_approx, or through the latent format's linear RGB factors.
 
 Latent formats are read from the model, never assumed: the decoders take the model-space clean estimate in
 the model's own layout, [B, C, H, W] or, for the models ComfyUI gives video-shaped latents (Qwen-Image's
-Wan 2.1 latents), [B, C, 1, H, W], and always return one image per latent, [B, 3, H, W] in -1..1.
+Wan 2.1 latents, Wan's video clips), [B, C, F, H, W], and always return one image per latent frame,
+[B * F, 3, H, W] in -1..1 (a clip's frames each decoded alone: `frame_by_frame`).
 
 Memory: the `vae` copy holds what `first_stage_model.decode` uses and nothing of the encoder (for
 AutoencoderKL: decoder + post_quant_conv; for SDXL / SD3 / Flux's AutoencodingEngine: decoder; for
@@ -27,6 +28,7 @@ import folder_paths
 import torch
 import torch.nn.functional as F
 
+from ..agg_kernels.frames import fold_frames
 from .settings import AGGError, RunInfo
 from .weights import gradient_copy
 
@@ -40,20 +42,24 @@ def latent_channels(model) -> int:
     return int(model.latent_format.latent_channels)
 
 
-def check_single_frame(shape: tuple[int, ...], node: str) -> None:
-    """Image losses judge one image per latent: a 5-D latent [B, C, T, H, W] must hold one frame."""
-    if len(shape) == 5 and shape[2] != 1:
-        raise AGGError(f"{node}: input 'decoder' decodes the clean estimate to judge it as an image, but the model "
-                       f"samples a latent of {shape[2]} frames (a video latent); image losses need one frame "
-                       "per latent. Use Structure Loss alone, or an image model.")
+def check_decodable(shape: tuple[int, ...], node: str) -> None:
+    """Image losses judge images [B, C, H, W] or the frames of video latents [B, C, T, H, W]."""
     if len(shape) not in (4, 5):
         raise AGGError(f"{node}: input 'decoder' cannot decode a latent of shape {tuple(shape)}; image losses "
-                       "need image latents [B, C, H, W] (or [B, C, 1, H, W]).")
+                       "need image latents [B, C, H, W] or video latents [B, C, T, H, W].")
 
 
 def as_images(pixels: torch.Tensor) -> torch.Tensor:
     """A decoder's output as [B, 3, H, W]: the frame axis of a one-frame video decode dropped."""
-    return pixels[:, :, 0] if pixels.ndim == 5 else pixels
+    return pixels[:, :, -1] if pixels.ndim == 5 else pixels
+
+
+def frame_by_frame(decode: Decoder) -> Decoder:
+    """A decoder that takes a clip's frames [B, C, F, h, w] and gives one image per frame, [B * F, 3, H, W]
+    (agg_kernels.frames.fold_frames): each latent frame decoded as a one-frame clip, as an image is. A causal
+    video decoder (Wan 2.1's) would also read the frames before it; decoding each alone keeps a guided step's
+    decode at `frames` frames whatever the clip's length. Image latents pass through."""
+    return lambda x0: decode(fold_frames(x0))
 
 
 def to_signed(vae) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -145,7 +151,10 @@ def latent_out(run: RunInfo) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def make() -> Callable[[torch.Tensor], torch.Tensor]:
         out = run.model.process_latent_out
-        shape = (1, *run.latent_shape[1:])  # per element, shared by the batch
+        # per element of one frame, shared by the batch (the decoders see a clip's frames one at a time)
+        shape = (1, *run.latent_shape[1:])
+        if len(shape) == 5:
+            shape = (1, shape[1], 1, *shape[3:])
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 out(torch.zeros(shape, device=run.device, requires_grad=True))
@@ -160,6 +169,10 @@ def latent_out(run: RunInfo) -> Callable[[torch.Tensor], torch.Tensor]:
             affine = torch.allclose(out(probe.clone()).float(), scale * probe + shift, atol=1e-4, rtol=1e-4)
         if not affine:
             return out
+        # per channel where it is (every latent format ComfyUI has): it then fits any crop of the latent
+        dims = tuple(d for d in range(scale.ndim) if d != 1)
+        if all(torch.allclose(t, t.mean(dims, keepdim=True), atol=1e-6, rtol=1e-5) for t in (scale, shift)):
+            scale, shift = scale.mean(dims, keepdim=True), shift.mean(dims, keepdim=True)
         return lambda x: x * scale.to(x.dtype) + shift.to(x.dtype)
 
     return run.cached(("latent_out",), make)
@@ -274,7 +287,7 @@ def linear_decoder(run: RunInfo, node: str) -> Decoder:
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         x = x0.float()
-        x = x[:, :, 0] if x.ndim == 5 else x  # one frame (check_single_frame)
+        x = x[:, :, -1] if x.ndim == 5 else x  # one frame (frame_by_frame)
         size = (x.shape[-2] * ratio, x.shape[-1] * ratio)
         if reshape is not None:
             x = reshape(x)
@@ -288,7 +301,12 @@ def linear_decoder(run: RunInfo, node: str) -> Decoder:
 
 
 def make_decoder(kind: str, vae, run: RunInfo, node: str) -> Decoder:
-    check_single_frame(tuple(run.latent_shape), node)
+    """The `kind` decoder for a run: model-space latents (images, or a clip's frames) to one image each."""
+    check_decodable(tuple(run.latent_shape), node)
+    return frame_by_frame(latent_decoder(kind, vae, run, node))
+
+
+def latent_decoder(kind: str, vae, run: RunInfo, node: str) -> Decoder:
     if kind == "taesd":
         try:
             taesd_file(run.model)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..agg_kernels.frames import on_frames
 from ..agg_kernels.losses import (
     Trajectory,
     check_reference,
@@ -21,7 +22,16 @@ from ..agg_kernels.losses import (
     template_text_embedding,
 )
 from ..agg_kernels.losses.color import color_loss, image_stats
-from ..agg_kernels.mask import as_mask, check_mask, focused, resize_mask, restrict
+from ..agg_kernels.mask import (
+    as_mask,
+    check_mask,
+    focused,
+    per_frame,
+    resize_mask,
+    restrict,
+    union_mask,
+    video_region,
+)
 from ..agg_kernels.objective import Loss, compose, per_sample_loss
 from ..agg_kernels.strength import (
     DEFAULT_CLIP_WEIGHT,
@@ -35,6 +45,7 @@ from .settings import AGGError, RunInfo, checked
 from .types import AGGClipType, AGGLossType, AGGTrajectoryType
 
 DEFAULT_CUTOUTS = 8
+DEFAULT_FRAMES = 2
 
 
 @dataclass(frozen=True)
@@ -97,12 +108,28 @@ def mask_input(role: str) -> io.Input:
                          "same mask in Set Latent Noise Mask to keep the rest of the image exactly.")
 
 
+def run_frames(run: RunInfo) -> int:
+    """Latent frames of the run's latent: T of a video latent [B, C, T, h, w], else 1."""
+    return int(run.latent_shape[2]) if len(run.latent_shape) == 5 else 1
+
+
 def latent_region(mask: torch.Tensor, run: RunInfo, node: str) -> torch.Tensor:
-    """The node's mask on the run's latent grid, [B or 1, 1, h, w] on the run's device ([B or 1, 1, 1, h, w] for
-    the 5-D latents [B, C, T, h, w] some image models sample, e.g. Qwen-Image)."""
-    checked(node, "mask", check_mask, mask, run.latent_shape[0])
-    region = resize_mask(mask, tuple(run.latent_shape[-2:])).to(run.device)
-    return region.unsqueeze(2) if len(run.latent_shape) == 5 else region
+    """The node's mask on the run's latent grid, [B or 1, 1, h, w] on the run's device; for the 5-D latents
+    [B, C, T, h, w] (video, and Qwen-Image's one-frame latents) [B or 1, 1, T or 1, h, w]: one mask per clip
+    holds for all its frames, one mask per video frame for its latent frame (agg_kernels.mask.video_region)."""
+    shape = tuple(run.latent_shape)
+    checked(node, "mask", check_mask, mask, shape[0], run_frames(run))
+    if len(shape) == 5:
+        return video_region(mask, shape[0], run_frames(run), shape[-2:]).to(run.device)
+    return resize_mask(mask, shape[-2:]).to(run.device)
+
+
+def judged_mask(mask: torch.Tensor | None, run: RunInfo) -> torch.Tensor | None:
+    """The mask an image loss looks through: a video's per-frame masks together (the frames it judges are
+    chosen each step; each frame's pull is still held to its own mask by on_region)."""
+    if mask is not None and per_frame(mask, run.latent_shape[0], run_frames(run)):
+        return union_mask(mask)
+    return mask
 
 
 def on_region(loss: Loss, mask: torch.Tensor | None, run: RunInfo, node: str, *, outside: bool = False) -> Loss:
@@ -183,19 +210,23 @@ def clip_on(clip: AGGClip | VisionClip, run: RunInfo) -> AGGClip | VisionClip:
 
 
 def clip_loss_spec(node: str, clip: AGGClip | VisionClip, vae, decoder: str, mask: torch.Tensor | None,
-                   judged: Callable[[RunInfo, Decoder, AGGClip | VisionClip], Loss]) -> LossSpec:
+                   frames: int, seed: int, judged: Callable[[RunInfo, Decoder, AGGClip | VisionClip], Loss]) -> LossSpec:
     """A CLIP loss for each run: `judged` built on the run's decoder (seeing only the mask's region) and the
-    CLIP model on the run's device, acting only inside the mask. With one mask per image, each image is judged
-    through its own mask's crop by its own loss (its adaptive weight included), as it would be alone."""
+    CLIP model on the run's device, judging `frames` frames of a video per step, acting only inside the mask.
+    With one mask per image, each image is judged through its own mask's crop by its own loss (its adaptive
+    weight included), as it would be alone."""
 
     def build(run: RunInfo) -> Loss:
-        if mask is None or as_mask(mask).shape[0] == 1:
-            decode = pixels_of(decoder, vae, mask, run, node)
-            return on_region(judged(run, decode, clip_on(clip, run)), mask, run, node)
-        latent_region(mask, run, node)  # the whole batch's check: one mask per image
+        if mask is not None:
+            latent_region(mask, run, node)  # the whole batch's check first
+        view = judged_mask(mask, run)
+        if view is None or as_mask(view).shape[0] == 1:
+            decode = pixels_of(decoder, vae, view, run, node)
+            return on_region(on_frames(judged(run, decode, clip_on(clip, run)), frames, seed), mask, run, node)
         decode, c = make_decoder(decoder, vae, run, node), clip_on(clip, run)
         masks = [mask[i : i + 1] for i in range(mask.shape[0])]
-        return per_sample_loss([on_region(judged(run, focused(decode, m), c), m, run, node) for m in masks])
+        return per_sample_loss([on_region(on_frames(judged(run, focused(decode, m), c), frames, seed), m, run, node)
+                                for m in masks])
 
     return LossSpec(node, build)
 
@@ -205,9 +236,16 @@ def cutouts_input() -> io.Input:
                         tooltip="Augmented crops CLIP sees per step; more is steadier and slower.")
 
 
-def seed_input() -> io.Input:
-    return io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
-                        tooltip="Seed of the crops' random augmentation.")
+def seed_input(what: str = "the crops' random augmentation and of the video frames judged each step") -> io.Input:
+    return io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True, tooltip=f"Seed of {what}.")
+
+
+def frames_input() -> io.Input:
+    return io.Int.Input("frames", default=DEFAULT_FRAMES, min=1, max=256, optional=True,
+                        tooltip="Video models only: how many latent frames of the clip the loss decodes and judges "
+                        "at each guided step, chosen afresh each step (from 'seed'), their pulls combined into one "
+                        "step for the clip. A step's cost grows with this number, not with the clip's length. "
+                        "Images ignore it.")
 
 
 class AGGCLIPDirectionLoss(io.ComfyNode):
@@ -236,6 +274,7 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
                                tooltip="Penalty on decoded pixels outside the valid range (0 = off)."),
                 seed_input(),
                 mask_input("CLIP judges only the white region and only it is pulled toward the target text."),
+                frames_input(),
             ],
             outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
         )
@@ -248,7 +287,7 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, vae, source_text, target_text, weight, source_image=None, loss=None, decoder=DEFAULT_DECODER,
-                cutouts=DEFAULT_CUTOUTS, range_weight=0.0, seed=0, mask=None) -> io.NodeOutput:
+                cutouts=DEFAULT_CUTOUTS, range_weight=0.0, seed=0, mask=None, frames=DEFAULT_FRAMES) -> io.NodeOutput:
         node = "CLIP Direction Loss"
         if not str(target_text).strip():
             raise AGGError(f"{node}: input 'target_text' is empty; describe what the image should become.")
@@ -266,7 +305,7 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
                 parts.append(range_loss(range_weight, decode))
             return compose(*parts)
 
-        return io.NodeOutput(chain(loss, clip_loss_spec(node, clip, vae, decoder, mask, judged)))
+        return io.NodeOutput(chain(loss, clip_loss_spec(node, clip, vae, decoder, mask, frames, seed, judged)))
 
 
 class AGGImageStyleLoss(io.ComfyNode):
@@ -289,13 +328,14 @@ class AGGImageStyleLoss(io.ComfyNode):
                 cutouts_input(),
                 seed_input(),
                 mask_input("CLIP judges only the white region and only it takes the style."),
+                frames_input(),
             ],
             outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
         )
 
     @classmethod
     def execute(cls, clip, vae, style_image, weight, loss=None, decoder=DEFAULT_DECODER, cutouts=DEFAULT_CUTOUTS, seed=0,
-                mask=None) -> io.NodeOutput:
+                mask=None, frames=DEFAULT_FRAMES) -> io.NodeOutput:
         node = "Image Style Loss"
         clip = image_encoder(clip, node)
         e_style = image_embedding(clip.encode_image, pixels_bchw(style_image).to(clip.device), clip.image_size,
@@ -305,7 +345,7 @@ class AGGImageStyleLoss(io.ComfyNode):
             return style_loss(weight, decode, c.encode_image, grad_constant(e_style, run.device),
                               n_cuts=cutouts, cut_size=c.image_size, seed=seed)
 
-        return io.NodeOutput(chain(loss, clip_loss_spec(node, clip, vae, decoder, mask, judged)))
+        return io.NodeOutput(chain(loss, clip_loss_spec(node, clip, vae, decoder, mask, frames, seed, judged)))
 
 
 # -- Color Loss ----------------------------------------------------------------------------------
@@ -328,12 +368,15 @@ class AGGColorLoss(io.ComfyNode):
                 decoder_input(),
                 loss_input(),
                 mask_input("Only the white region's colours are judged and only it is pulled toward the reference."),
+                frames_input(),
+                seed_input("the video frames judged each step"),
             ],
             outputs=[AGGLossType.Output(tooltip="This loss, added to the upstream one.")],
         )
 
     @classmethod
-    def execute(cls, image, vae, weight, decoder=DEFAULT_DECODER, loss=None, mask=None) -> io.NodeOutput:
+    def execute(cls, image, vae, weight, decoder=DEFAULT_DECODER, loss=None, mask=None, frames=DEFAULT_FRAMES,
+                seed=0) -> io.NodeOutput:
         node = "Color Loss"
         if image.ndim != 4 or image.shape[-1] < 3:
             raise AGGError(f"{node}: input 'image' must be an RGB IMAGE [B, H, W, 3]; got shape {tuple(image.shape)}.")
@@ -341,9 +384,12 @@ class AGGColorLoss(io.ComfyNode):
         ref_mean, ref_std = ref_mean.cpu(), ref_std.cpu()
 
         def build(run: RunInfo) -> Loss:
+            if mask is not None:
+                latent_region(mask, run, node)  # the mask's check, before anything is decoded
             decode = make_decoder(decoder, vae, run, node)
+            view = judged_mask(mask, run)
             judged = color_loss(weight, decode, grad_constant(ref_mean, run.device), grad_constant(ref_std, run.device),
-                                mask=None if mask is None else grad_constant(mask, run.device))
-            return on_region(judged, mask, run, node)
+                                mask=None if view is None else grad_constant(view, run.device))
+            return on_region(on_frames(judged, frames, seed), mask, run, node)
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))

@@ -17,6 +17,7 @@ import comfy.patcher_extension
 import comfy.samplers
 import torch
 
+from ..agg_kernels.frames import frame_count, steadiness
 from ..agg_kernels.guidance import GuidanceResult, guided_delta
 from ..agg_kernels.manifold import (
     FD_MAX_ERROR,
@@ -82,6 +83,7 @@ class AGGRun:
         self.step = 0  # guided steps so far
         self.warned: set[str] = set()
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (returned R, displayed D + delta)
+        self.frame_changes: list[float] = []  # a video's steadiness per guided step (agg_kernels.frames.steadiness)
         self.grad_weights: GradientWeights | None = None
         self.captured: torch.Tensor | None = None  # the guider's conditional prediction at this call's x
         self.probe_is_conditional = False
@@ -207,7 +209,12 @@ class AGGRun:
             self.settings = replace(self.settings, manifold="finite_difference")
             result = delta()
         self.step += 1
-        report(self.node_name, self.step, sigma, result, self.node_id)
+        change = None
+        if result.delta is not None and frame_count(denoised) > 1:
+            # a video: how much the guided step changed the clean estimate's frame-to-frame change (flicker)
+            change = float(steadiness(denoised.float() + result.delta.to(denoised.device), denoised).max())
+            self.frame_changes.append(change)
+        report(self.node_name, self.step, sigma, result, self.node_id, frame_change=change)
         if result.fallback:
             noise = FD_NOISE_REASON in result.fallback
             hint = (f" The model computes in {self.compute_dtype}; manifold autograd, where the model allows it, is not"
@@ -224,6 +231,10 @@ class AGGRun:
         return step.returned
 
     def close(self) -> None:
+        if self.frame_changes:
+            log.info("%s: video steadiness over %d guided steps: frame-to-frame change of the clean estimate x%.4g "
+                     "at most, x%.4g on average (1 = guidance added no flicker)", self.node_name,
+                     len(self.frame_changes), max(self.frame_changes), sum(self.frame_changes) / len(self.frame_changes))
         self.grad_weights = None
         self.info.close()
         self.loss = None
@@ -288,12 +299,17 @@ def capped(result: GuidanceResult) -> str:
     return f", capped: {' + '.join(acted)}" if acted else ""
 
 
-def report(node_name: str, step: int, sigma: float, result: GuidanceResult, node_id: str | None = None) -> None:
+def report(node_name: str, step: int, sigma: float, result: GuidanceResult, node_id: str | None = None,
+           frame_change: float | None = None) -> None:
     """Each guided step's figures to the log and, when a server runs, to its clients as an 'agg.terms' event:
     the node (display name and prompt id), the step's share of schedule time (`rate`, in reference steps, which
     scaled every weight) and the sub-steps it was taken in (`substeps`), per term its value, raw gradient RMS and step RMS; the step's RMS;
-    trust-region, per-element-bound and fallback flags, and the terms that asked for no pull although above their floor."""
+    trust-region, per-element-bound and fallback flags, and the terms that asked for no pull although above their floor;
+    for a video, `frame_change`: the guided clean estimate's frame-to-frame change over the model's own (1 = no
+    flicker added)."""
     event = {"node": node_name, "node_id": node_id, "step": step, "sigma": sigma, **result.report()}
+    if frame_change is not None:
+        event["frame_change"] = frame_change
     log.info(
         "%s step %d sigma %.4g (share %.3g%s): %s; step rms %.4g%s%s%s%s", node_name, step, sigma, result.rate,
         f" in {result.substeps} sub-steps" if result.substeps > 1 else "",
@@ -304,6 +320,8 @@ def report(node_name: str, step: int, sigma: float, result: GuidanceResult, node
         f", fallback: {result.fallback}" if result.fallback else "",
         f", skipped: {result.skipped}" if result.skipped else "",
     )
+    if frame_change is not None:
+        log.info("%s step %d: frame-to-frame change x%.4g", node_name, step, frame_change)
     try:
         from server import PromptServer
 

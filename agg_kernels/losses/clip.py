@@ -125,14 +125,16 @@ def cut_embeddings(
     """CLIP embeddings [B, n_cuts, D] of cut-outs of the decoded clean estimate (noisy-mixed if asked).
 
     The cut-outs are drawn from a generator seeded with seed + ctx.step: every evaluation within a
-    step (gradient, refinement iterations) sees the same crops, and a rerun reproduces them.
+    step (gradient, refinement iterations) sees the same crops, and a rerun reproduces them. A clip's frames
+    (x0 [B, C, F, h, w], see agg_kernels.frames) decode to F images each: its row holds every frame's
+    cut-outs, [B, F * n_cuts, D].
     """
     latent = noisy_mix(x0, ctx.x, ctx.sigma, ctx.family) if noisy_aug else x0
     pixels = decode(latent)
     gen = torch.Generator().manual_seed(int(seed) + int(ctx.step))
     cuts = random_cutouts((pixels + 1) / 2, n_cuts, cut_size, gen)
     emb = encode_image(clip_normalize(cuts))
-    return emb.reshape(x0.shape[0], n_cuts, -1)
+    return emb.reshape(x0.shape[0], -1, emb.shape[-1])
 
 
 def as_rows(e: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..frames import per_clip
 from ..mask import resize_mask
 from ..objective import Loss, LossContext, WeightedLoss
 
@@ -43,6 +44,8 @@ def color_stats(pixels: torch.Tensor, mask: torch.Tensor | None = None) -> tuple
         mean = pixels.mean(dim=(2, 3))
         var = (pixels - mean[..., None, None]).square().mean(dim=(2, 3))
     else:
+        if w.shape[0] not in (1, pixels.shape[0]):  # one mask per clip, its frames folded into the batch
+            w = w.repeat_interleave(pixels.shape[0] // w.shape[0], dim=0)
         w = w.expand(pixels.shape[0], 1, *pixels.shape[-2:])
         total = w.sum(dim=(2, 3))
         mean = (pixels * w).sum(dim=(2, 3)) / total
@@ -84,7 +87,7 @@ def color_loss(weight: float, decode: Decoder, ref_mean: torch.Tensor, ref_std: 
     m = None if mask is None else mask.detach().float().clone()
 
     def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        pixels = decode(x0)
-        return {"color": color_distance((pixels.float() + 1) / 2, rm, rs, m)}
+        pixels = decode(x0)  # a clip's frames decode to one image each: each clip's term is its frames' mean
+        return {"color": per_clip(color_distance((pixels.float() + 1) / 2, rm, rs, m), x0.shape[0])}
 
     return WeightedLoss(loss, {"color": weight}, floors={"color": 0.0})  # 0: the statistics match

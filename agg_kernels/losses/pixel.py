@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..frames import per_clip
 from ..objective import Loss, LossContext, WeightedLoss
 
 
@@ -23,7 +24,7 @@ def range_loss(weight: float, decode: Callable[[torch.Tensor], torch.Tensor]) ->
     """
 
     def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        return {"range": range_penalty(decode(x0))}
+        return {"range": per_clip(range_penalty(decode(x0)), x0.shape[0])}  # a clip: its frames' mean
 
     # floor 0: the pull fades as the last pixels come back into range instead of pushing them at full weight
     return WeightedLoss(loss, {"range": weight}, floors={"range": 0.0})

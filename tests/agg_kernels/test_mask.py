@@ -14,10 +14,14 @@ from agg_kernels.mask import (
     check_mask,
     focus,
     focused,
+    frame_masks,
     latent_box,
+    per_frame,
     region_scale,
     resize_mask,
     restrict,
+    union_mask,
+    video_region,
 )
 from agg_kernels.objective import LossContext, WeightedLoss, weights_of
 from agg_kernels.strength import rms
@@ -150,3 +154,47 @@ def test_focused_decodes_only_the_mask_box_and_its_margin_and_shows_what_the_who
     odd = torch.zeros(1, 100, 100)
     odd[:, 31:57, 13:38] = 1
     assert torch.equal(focused(decode, odd)(x0), focus(decode(x0), odd))
+
+
+# -- video masks ---------------------------------------------------------------------------------
+
+
+def stripes(n: int, h: int = 8) -> torch.Tensor:
+    """n masks, mask i white on row i % h only."""
+    m = torch.zeros(n, h, h)
+    for i in range(n):
+        m[i, i % h] = 1.0
+    return m
+
+
+def test_frame_masks_give_each_latent_frame_the_pixel_frames_it_encodes():
+    # 17 pixel frames on 5 latent frames (a causal video VAE, 4 frames per latent frame after the first)
+    got = frame_masks(stripes(17), 5)
+    assert got.shape == (5, 1, 8, 8)
+    rows = [set(got[t, 0].amax(1).nonzero().flatten().tolist()) for t in range(5)]
+    assert rows == [{0}, {1, 2, 3, 4}, {5, 6, 7, 0}, {1, 2, 3, 4}, {5, 6, 7, 0}]
+    assert torch.equal(frame_masks(stripes(5), 5), as_mask(stripes(5)))  # one per latent frame: as given
+
+
+def test_video_region_per_frame_or_for_every_frame():
+    per = video_region(stripes(17), 1, 5, (4, 4))
+    assert per.shape == (1, 1, 5, 4, 4)
+    assert float(per[0, 0, 0, 0].sum()) > 0 and float(per[0, 0, 0, 2:].sum()) == 0  # frame 0: its own row only
+    every = video_region(half_mask(8, 8), 2, 5, (4, 4))
+    assert every.shape == (1, 1, 1, 4, 4)
+    assert per_frame(stripes(17), 1, 5) and not per_frame(stripes(2), 2, 5) and not per_frame(stripes(3), 1, 1)
+    check_mask(stripes(17), 1, 5)  # one video, a mask per frame
+    with pytest.raises(ValueError, match="one video"):
+        check_mask(stripes(3), 2, 5)
+    assert torch.equal(union_mask(stripes(3)), as_mask(stripes(3)).amax(0, keepdim=True))
+
+
+def test_restricted_video_loss_pulls_each_frame_inside_its_own_mask():
+    x0 = torch.randn(1, 4, 5, 8, 8)
+    region = video_region(stripes(5), 1, 5, (8, 8))
+    loss = restrict(structure_loss(0.2, torch.zeros_like(x0)), region)
+    c = LossContext(sigma=torch.full((1,), 2.0), x=torch.zeros_like(x0), family="eps")
+    _, grads = term_gradients(loss, x0, c)
+    g = grads["structure"][0].abs().sum(0)  # [T, h, w]
+    for t in range(5):
+        assert float(g[t, t].sum()) > 0 and float(g[t].sum() - g[t, t].sum()) == 0

@@ -265,16 +265,17 @@ def guided_steps() -> Iterator[list[dict]]:
     Each record: node (the AGG node's display name), family, sigma, x (the sampler state), D (the guider's
     denoised), returned (what the sampler got), guided (inside the window and not skipped), delta (the
     step on the clean estimate, D + delta is what previews show; None when not guided), terms (that step's
-    reported figures: step, sigma, the loss terms, skipped). Observation only: the hook's result is returned unchanged.
+    reported figures: step, sigma, the loss terms, skipped, a video's frame_change). Observation only: the hook's result is returned unchanged.
     """
     runtime = pack_module("nodes.runtime")
     original, original_report = runtime.AGGRun.guide, runtime.report
     calls: list[dict] = []
     reported: list[dict] = []
 
-    def report(node_name, step, sigma, result, node_id=None):
-        reported.append({"step": step, "sigma": sigma, **result.terms, "skipped": result.skipped, "rate": result.rate})
-        return original_report(node_name, step, sigma, result, node_id)
+    def report(node_name, step, sigma, result, node_id=None, frame_change=None):
+        reported.append({"step": step, "sigma": sigma, **result.terms, "skipped": result.skipped, "rate": result.rate,
+                         "frame_change": frame_change})
+        return original_report(node_name, step, sigma, result, node_id, frame_change=frame_change)
 
     def guide(self, executor, x, timestep, model_options, seed, denoised):
         before = len(reported)
