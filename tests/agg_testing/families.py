@@ -31,7 +31,8 @@ laid out as a user would, for ComfyUI's own loaders:
 Qwen-Image's text encoder is Qwen2.5-VL 7B, which ComfyUI builds at its fixed size from code (nothing in the file
 sets its width), 15 GB: out of reach of a CPU test. Its prompts come from ``AGGTestTextEmbedding`` below: a
 CONDITIONING of Qwen-Image's context width (3584) drawn from a generator seeded by the text, so different texts
-give different, reproducible conditionings, in the shape the model reads (``c_crossattn`` [B, tokens, 3584]).
+give different, reproducible conditionings, in the shape the model reads (``c_crossattn`` [B, tokens, 3584]). Its
+optional ``width`` gives other models' widths (agg_testing.wan: Wan's 4096).
 """
 
 from __future__ import annotations
@@ -131,9 +132,13 @@ def qwen_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def wan_vae_shapes() -> dict[str, tuple[int, ...]]:
+    import inspect
+
     from comfy.ldm.wan.vae import WanVAE
 
-    return F.meta_shapes(lambda: WanVAE(**WAN_VAE_CONFIG))
+    # ComfyUI before 0.33 has no image_channels / conv_out_channels arguments (its VAE is always RGB, as here)
+    accepted = inspect.signature(WanVAE.__init__).parameters
+    return F.meta_shapes(lambda: WanVAE(**{k: v for k, v in WAN_VAE_CONFIG.items() if k in accepted}))
 
 
 def lighttaew_shapes() -> dict[str, tuple[int, ...]]:
@@ -251,19 +256,21 @@ def text_embedding(text: str, tokens: int = 8, width: int = QWEN_CONTEXT_DIM) ->
 
 
 class AGGTestTextEmbedding:
-    """STRING -> CONDITIONING of Qwen-Image's context width, seeded by the text."""
+    """STRING -> CONDITIONING of a model's context width (default Qwen-Image's; Wan reads 4096), seeded by the
+    text."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"text": ("STRING", {"default": "a photo"}),
-                             "tokens": ("INT", {"default": 8, "min": 1, "max": 512})}}
+                             "tokens": ("INT", {"default": 8, "min": 1, "max": 512})},
+                "optional": {"width": ("INT", {"default": QWEN_CONTEXT_DIM, "min": 1, "max": 16384})}}
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "encode"
     CATEGORY = "AGG/testing"
 
-    def encode(self, text, tokens):
-        return ([[text_embedding(text, tokens), {}]],)
+    def encode(self, text, tokens, width=QWEN_CONTEXT_DIM):
+        return ([[text_embedding(text, tokens, width), {}]],)
 
 
 def register_nodes() -> None:
