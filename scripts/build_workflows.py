@@ -95,12 +95,24 @@ FLUX_T5 = Model(M.FLUX_T5, f"{HF}/comfyanonymous/flux_text_encoders/resolve/main
                 "T5-XXL text encoder (fp8)")
 FLUX_VAE = Model(M.FLUX_VAE, f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/{M.FLUX_VAE}",
                  "vae", "the Flux VAE")
+FLUX2_REPO = f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files"
+FLUX2 = Model(M.FLUX2, f"{FLUX2_REPO}/diffusion_models/{M.FLUX2}", "diffusion_models", "FLUX.2 dev (fp8 mixed)")
+FLUX2_TE = Model(M.FLUX2_TE, f"{FLUX2_REPO}/text_encoders/{M.FLUX2_TE}", "text_encoders",
+                 "Mistral 3 Small text encoder for FLUX.2 (fp8)")
+FLUX2_VAE = Model(M.FLUX2_VAE, f"{FLUX2_REPO}/vae/{M.FLUX2_VAE}", "vae", "the FLUX.2 VAE")
+QWEN_REPO = f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
+QWEN = Model(M.QWEN, f"{QWEN_REPO}/diffusion_models/{M.QWEN}", "diffusion_models", "Qwen-Image (fp8)")
+QWEN_TE = Model(M.QWEN_TE, f"{QWEN_REPO}/text_encoders/{M.QWEN_TE}", "text_encoders",
+                "Qwen2.5-VL 7B text encoder (fp8)")
+QWEN_VAE = Model(M.QWEN_VAE, f"{QWEN_REPO}/vae/{M.QWEN_VAE}", "vae", "the Qwen-Image VAE (Wan 2.1's)")
 CLIP_VISION = Model(M.CLIP_VISION, f"{HF}/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors",
                     "clip_vision", "the CLIP-ViT-H image encoder IPAdapter uses (saved under this name)")
 
 TAESD_URL = "https://github.com/madebyollin/taesd/raw/main/{}"
 TAESD = {"sd15": "taesd_decoder.pth", "sdxl": "taesdxl_decoder.pth", "sd3": "taesd3_decoder.pth",
-         "flux": "taef1_decoder.pth"}
+         "flux": "taef1_decoder.pth", "flux2": "taef2_decoder.pth", "qwen_image": "lighttaew2_1.safetensors"}
+# Tiny decoders published outside madebyollin/taesd: lighttaew2_1 (Wan 2.1 latents, which Qwen-Image uses)
+TAESD_LINKS = {"lighttaew2_1.safetensors": f"{HF}/lightx2v/Autoencoders/resolve/main/lighttaew2_1.safetensors"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,7 +213,8 @@ def model_lines(models: list[Model], taesd: str | None) -> str:
     for m in models:
         lines.append(f"- [{m.name}]({m.url}) → `ComfyUI/models/{m.directory}/`: {m.what}")
     if taesd:
-        lines += ["", f"**Fast decoder** (recommended): [{taesd}]({TAESD_URL.format(taesd)}) → "
+        url = TAESD_LINKS.get(taesd, TAESD_URL.format(taesd))
+        lines += ["", f"**Fast decoder** (recommended): [{taesd}]({url}) → "
                       "`ComfyUI/models/vae_approx/`. The loss nodes' `decoder` is `taesd`; without this file "
                       "they use the full VAE (slower) and say so in the log."]
     return "\n".join(lines)
@@ -335,12 +348,12 @@ def controlnet() -> Workflow:
 
 
 def text_guided_img2img(api: Api, model: list, clip: list, vae: list, negative: str, prefix: str, *,
-                        positive=None, **sampling) -> None:
-    """A 1024 px img2img with Apply AGG (Structure Loss on the source latent + CLIP Direction Loss) under a
+                        positive=None, size: int = 1024, **sampling) -> None:
+    """A `size` px (default 1024) img2img with Apply AGG (Structure Loss on the source latent + CLIP Direction Loss) under a
     KSampler, after the loaders: the shared texts, the prompts (`positive` may wrap the target prompt's
     conditioning, e.g. in FluxGuidance), the losses and the sampler."""
     src, tgt = text(api, "Source text", SOURCE), text(api, "Target text", TARGET)
-    image, latent = source_latent(api, vae, 1024)
+    image, latent = source_latent(api, vae, size)
     pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=clip)
     conditioning = [pos, 0] if positive is None else positive(pos)
     neg = api.add("CLIPTextEncode", "Negative prompt", text=negative, clip=clip)
@@ -384,6 +397,45 @@ def flux_text_guided() -> Workflow:
         "in-place blocks).",
         [FLUX, FLUX_CLIP_L, FLUX_T5, FLUX_VAE, OPEN_CLIP], TAESD["flux"], SHARED_TEXT_USE + STRENGTH_USE),
         Card("Text-guided translation", "FLUX.1 dev · FluxGuidance, cfg 1", target_text=TARGET))
+
+
+def flux2_text_guided() -> Workflow:
+    api = Api()
+    unet = api.add("UNETLoader", models=[FLUX2], unet_name=FLUX2.name, weight_dtype="default")
+    te = api.add("CLIPLoader", models=[FLUX2_TE], clip_name=FLUX2_TE.name, type="flux2")
+    vae_node = api.add("VAELoader", models=[FLUX2_VAE], vae_name=FLUX2_VAE.name)
+    clip, vae = [te, 0], [vae_node, 0]
+    text_guided_img2img(api, [unet, 0], clip, vae, "", "agg/flux2_text_guided", steps=20, cfg=1.0,
+                        scheduler="simple",
+                        positive=lambda pos: [api.add("FluxGuidance", conditioning=[pos, 0], guidance=4.0), 0])
+    return Workflow("agg_flux2_text_guided", api, note(
+        "AGG: text-guided translation (FLUX.2 dev)",
+        "FLUX.2 dev's loaders as in ComfyUI's own FLUX.2 templates (UNETLoader, CLIPLoader type flux2 with the "
+        "Mistral text encoder, the FLUX.2 VAE) and its guidance: FluxGuidance 4 on the prompt and cfg 1 (the "
+        "negative prompt is then ignored). Apply AGG on the model under an ordinary KSampler (euler, simple, 20 "
+        "steps, denoise 0.6, 1024 px): Structure Loss on the source latent, CLIP Direction Loss toward the target "
+        "text; at cfg 1 each guided step costs one extra model pass (finite_difference). Keep manifold = "
+        "finite_difference on FLUX.2 (autograd cannot go back through its in-place blocks).",
+        [FLUX2, FLUX2_TE, FLUX2_VAE, OPEN_CLIP], TAESD["flux2"], SHARED_TEXT_USE + STRENGTH_USE),
+        Card("Text-guided translation", "FLUX.2 dev · FluxGuidance, cfg 1", target_text=TARGET))
+
+
+def qwen_image_text_guided() -> Workflow:
+    api = Api()
+    unet = api.add("UNETLoader", models=[QWEN], unet_name=QWEN.name, weight_dtype="default")
+    te = api.add("CLIPLoader", models=[QWEN_TE], clip_name=QWEN_TE.name, type="qwen_image")
+    vae_node = api.add("VAELoader", models=[QWEN_VAE], vae_name=QWEN_VAE.name)
+    shifted = api.add("ModelSamplingAuraFlow", model=[unet, 0], shift=3.1)
+    text_guided_img2img(api, [shifted, 0], [te, 0], [vae_node, 0], NEGATIVE, "agg/qwen_image_text_guided",
+                        size=1328, steps=20, cfg=4.0, scheduler="simple")
+    return Workflow("agg_qwen_image_text_guided", api, note(
+        "AGG: text-guided translation (Qwen-Image)",
+        "Qwen-Image as ComfyUI's own Qwen-Image template sets it up (UNETLoader, CLIPLoader type qwen_image with "
+        "Qwen2.5-VL 7B, the Qwen-Image VAE, ModelSamplingAuraFlow shift 3.1, euler, simple, 20 steps, cfg 4, "
+        "1328 px), as img2img at denoise 0.6 with Apply AGG on the model: Structure Loss on the source latent, CLIP "
+        "Direction Loss toward the target text.",
+        [QWEN, QWEN_TE, QWEN_VAE, OPEN_CLIP], TAESD["qwen_image"], SHARED_TEXT_USE + STRENGTH_USE),
+        Card("Text-guided translation", "Qwen-Image · KSampler + Apply AGG, cfg 4", target_text=TARGET))
 
 
 def local_edit() -> Workflow:
@@ -439,7 +491,7 @@ def color_transfer() -> Workflow:
 
 
 BUILDERS = [text_guided, img2img_ksampler, image_style, controlnet, sdxl_img2img, sd3_text_guided, flux_text_guided,
-            local_edit, color_transfer]
+            flux2_text_guided, qwen_image_text_guided, local_edit, color_transfer]
 
 
 def workflows(available: set[str] | None = None) -> list[Workflow]:
@@ -622,7 +674,8 @@ GROUP_BY_TITLE = {"Source image": "Source image", "Resize source": "Source image
 GROUP_BY_TYPE = {
     "CheckpointLoaderSimple": "Load models", "UNETLoader": "Load models", "DualCLIPLoader": "Load models",
     "VAELoader": "Load models", "AGGCLIPLoader": "Load models", "CLIPVisionLoader": "Load models",
-    "ControlNetLoader": "Load models", "ModelSamplingSD3": "Load models",
+    "ControlNetLoader": "Load models", "ModelSamplingSD3": "Load models", "CLIPLoader": "Load models",
+    "ModelSamplingAuraFlow": "Load models",
     "VAEEncode": "Source image", "SetLatentNoiseMask": "Edit mask",
     "Canny": "ControlNet", "ControlNetApplyAdvanced": "ControlNet",
     "PrimitiveStringMultiline": "Prompts", "CLIPTextEncode": "Prompts", "FluxGuidance": "Prompts",

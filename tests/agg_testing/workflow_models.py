@@ -8,11 +8,16 @@ scripts/build_workflows.py:
 - ``link_workflow_models(models)``: links the fixtures only the workflows need into that tree: an SD3 checkpoint
   in the single-file form of ``sd3_medium_incl_clips_t5xxlfp8.safetensors`` (the SD3-shaped MMDiT, CLIP-L as its
   only text encoder and the 16-channel TAESD as its VAE, all from the cached agg_testing.sd3 files) and the
-  Flux-shaped DiT, a CLIP vision encoder (ViT-L/14, random) in models/clip_vision and, in models/vae, the 16-channel taef1 pair as one VAE file standing in for Flux's VAE.
-- ``runnable(prompt, names)``: an API prompt with the real names replaced, and the one loader the fixtures cannot
-  serve as the workflow has it replaced: Flux's DualCLIPLoader (CLIP-L + T5-XXL) becomes CLIPLoader type ``sd3``
-  with CLIP-L, the text path the Flux fixture is built for (T5-XXL's 4.7B parameters are out of reach of a CPU
-  test; agg_testing.sd3 explains the fixture).
+  Flux-shaped DiT, a CLIP vision encoder (ViT-L/14, random) in models/clip_vision and, in models/vae, the 16-channel taef1 pair as one VAE file standing in for Flux's VAE;
+  the Flux.2 and Qwen-Image fixtures of agg_testing.families (DiTs, VAEs, taef2 and lighttaew2_1).
+- ``runnable(prompt, names)``: an API prompt with the real names replaced, and the text encoders the fixtures
+  cannot serve as the workflows have them replaced (their encoders are built by ComfyUI at full size, out of reach
+  of a CPU test): Flux's DualCLIPLoader (CLIP-L + T5-XXL) and Flux.2's CLIPLoader type ``flux2`` (Mistral 3 Small)
+  become CLIPLoader type ``sd3`` with CLIP-L, the 4096-wide text path the Flux and Flux.2 fixtures are built for
+  (agg_testing.sd3, agg_testing.families); Qwen-Image's prompts (CLIPTextEncode on CLIPLoader type
+  ``qwen_image``, Qwen2.5-VL 7B) become ``AGGTestTextEmbedding`` nodes of Qwen-Image's context width on the same
+  texts, and that CLIPLoader goes. Nothing else in the graph changes. ``AGGTestTextEmbedding`` is a test node
+  (``agg_testing.families.register_nodes``): such prompts run in-process, not on a server.
 - ``copy_shipped_images(input_dir)``: the images the workflows load from ComfyUI's input folder and the pack
   ships in web/assets/ (the style image, the edit mask).
 
@@ -43,6 +48,12 @@ FLUX_CLIP_L = "clip_l.safetensors"
 FLUX_T5 = "t5xxl_fp8_e4m3fn.safetensors"
 FLUX_VAE = "ae.safetensors"
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+FLUX2 = "flux2_dev_fp8mixed.safetensors"
+FLUX2_TE = "mistral_3_small_flux2_fp8.safetensors"
+FLUX2_VAE = "flux2-vae.safetensors"
+QWEN = "qwen_image_fp8_e4m3fn.safetensors"
+QWEN_TE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+QWEN_VAE = "qwen_image_vae.safetensors"
 
 SD3_CHECKPOINT = "agg-tiny-sd3-all-in-one.safetensors"  # the fixture in SD3's single-file checkpoint form
 FLUX_VAE_FILE = "agg-tiny-flux-vae.safetensors"  # the taef1 pair as one VAELoader file in models/vae
@@ -111,8 +122,12 @@ def clip_vision(*, cache_dir: Path | None = None) -> Path:
 
 
 def link_workflow_models(models: F.ModelsTree, *, flux: bool = True) -> None:
-    """Link the SD3 single-file checkpoint (and, with `flux`, the Flux DiT) into the models tree."""
-    from agg_testing import sd3
+    """Link the SD3 single-file checkpoint (and, with `flux`, the Flux DiT), the Flux.2 and Qwen-Image fixtures
+    into the models tree."""
+    from agg_testing import families, sd3
+
+    families.link_flux2(models.root)
+    families.link_qwen(models.root)
 
     F._link(sd3_checkpoint(), models.root / "checkpoints" / SD3_CHECKPOINT)
     F._link(flux_vae(), models.root / "vae" / FLUX_VAE_FILE)
@@ -122,7 +137,7 @@ def link_workflow_models(models: F.ModelsTree, *, flux: bool = True) -> None:
 
 def fixture_names(models: F.ModelsTree) -> dict[str, str]:
     """Real model file name -> the fixture name that stands in for it (after link_workflow_models)."""
-    from agg_testing import sd3
+    from agg_testing import families, sd3
 
     names = {
         SD15: models.checkpoint,
@@ -134,6 +149,12 @@ def fixture_names(models: F.ModelsTree) -> dict[str, str]:
         FLUX_CLIP_L: sd3.CLIP_L,
         FLUX_T5: sd3.CLIP_L,  # replaced by runnable(): see the module docstring
         FLUX_VAE: FLUX_VAE_FILE,
+        FLUX2: families.FLUX2_DIFFUSION_MODEL,
+        FLUX2_TE: sd3.CLIP_L,  # replaced by runnable()
+        FLUX2_VAE: families.FLUX2_VAE,
+        QWEN: families.QWEN_DIFFUSION_MODEL,
+        QWEN_TE: sd3.CLIP_L,  # its loader is removed by runnable()
+        QWEN_VAE: families.QWEN_VAE,
     }
     if (models.root / "clip_vision" / CLIP_VISION_FILE).exists():
         names[CLIP_VISION] = CLIP_VISION_FILE
@@ -152,12 +173,19 @@ def substitute(obj, names: dict[str, str]):
 
 
 def runnable(prompt: dict, names: dict[str, str]) -> dict:
-    """An API prompt that runs on the fixtures: names substituted, Flux's DualCLIPLoader as CLIPLoader sd3."""
+    """An API prompt that runs on the fixtures: names substituted, the text encoders replaced (module docstring)."""
     from agg_testing import sd3
 
     p = substitute(copy.deepcopy(prompt), names)
+    qwen_te = {nid for nid, n in p.items() if n["class_type"] == "CLIPLoader" and n["inputs"].get("type") == "qwen_image"}
+    for nid in qwen_te:
+        del p[nid]
     for node in p.values():
-        if node["class_type"] == "DualCLIPLoader" and node["inputs"].get("type") == "flux":
+        if node["class_type"] == "CLIPTextEncode" and node["inputs"]["clip"][0] in qwen_te:
+            node["class_type"] = "AGGTestTextEmbedding"
+            node["inputs"] = {"text": node["inputs"]["text"], "tokens": 8}
+        if (node["class_type"] == "DualCLIPLoader" and node["inputs"].get("type") == "flux") or (
+                node["class_type"] == "CLIPLoader" and node["inputs"].get("type") == "flux2"):
             node["class_type"] = "CLIPLoader"
             node["inputs"] = {"clip_name": sd3.CLIP_L, "type": "sd3"}
         if node["class_type"] == "CLIPVisionLoader" and node["inputs"].get("clip_name") not in names.values():

@@ -1,7 +1,8 @@
 """The example workflows in workflows/ against a real ComfyUI server with the pack loaded: node types
 exist, links carry matching types, widget values are valid, every API twin runs on the test models (the SD3 and
-Flux ones on the 16-channel flow fixtures), and the properties users rely on: one shared text feeds the prompt
-and the loss, every loader names its download, the `taesd` decoder everywhere, the shipped images."""
+Flux ones on the 16-channel flow fixtures, the Flux.2 and Qwen-Image ones on their tiny fixtures, Qwen-Image's in
+process because its prompts come from a test node), and the properties users rely on: one shared text feeds the
+prompt and the loss, every loader names its download, the `taesd` decoder everywhere, the shipped images."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from agg_testing import families, sd3
 from agg_testing import workflow_models as W
 
 PACK = Path(__file__).resolve().parents[2]
@@ -27,23 +29,33 @@ LOADERS = {"CheckpointLoaderSimple": ["ckpt_name"], "UNETLoader": ["unet_name"],
            "DualCLIPLoader": ["clip_name1", "clip_name2"], "CLIPLoader": ["clip_name"],
            "ControlNetLoader": ["control_net_name"], "AGGCLIPLoader": ["clip_name"], "CLIPVisionLoader": ["clip_name"]}
 LOSSES = {"AGGStructureLoss", "AGGCLIPDirectionLoss", "AGGImageStyleLoss", "AGGColorLoss"}
-FLOW = {"agg_sd3_text_guided", "agg_flux_text_guided"}
+FLOW = {"agg_sd3_text_guided", "agg_flux_text_guided", "agg_flux2_text_guided", "agg_qwen_image_text_guided"}
 # The TAESD decoder file a workflow's model family needs (named, with its link, in the workflow's Note)
-TAESD_FILES = {"agg_sdxl_img2img": "taesdxl_decoder", "agg_sd3_text_guided": "taesd3_decoder",
-               "agg_flux_text_guided": "taef1_decoder"}
+TAESD_FILES = {"agg_sdxl_img2img": "taesdxl_decoder.pth", "agg_sd3_text_guided": "taesd3_decoder.pth",
+               "agg_flux_text_guided": "taef1_decoder.pth", "agg_flux2_text_guided": "taef2_decoder.pth",
+               "agg_qwen_image_text_guided": "lighttaew2_1.safetensors"}
+TAESD_URLS = {"lighttaew2_1.safetensors": "https://huggingface.co/lightx2v/Autoencoders/resolve/main/lighttaew2_1.safetensors"}
+# Twins whose runnable form holds a test node (AGGTestTextEmbedding for Qwen2.5-VL 7B): run in-process
+IN_PROCESS = {"agg_qwen_image_text_guided"}
+IMAGE_FAMILIES = ["agg_flux2_text_guided", "agg_qwen_image_text_guided"]
 
 
 def build_script():
     spec = importlib.util.spec_from_file_location("agg_build_workflows", PACK / "scripts" / "build_workflows.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
+    path = list(sys.path)
     spec.loader.exec_module(module)
+    # the script puts the pack root first on sys.path, where its nodes/ package would shadow ComfyUI's nodes.py
+    # for an in-process ComfyUI started later in this process
+    sys.path[:] = path
     return module
 
 
 def test_pack_ships_the_workflows():
     expected = {"agg_text_guided", "agg_img2img_ksampler", "agg_image_style", "agg_controlnet", "agg_sdxl_img2img",
-                "agg_sd3_text_guided", "agg_flux_text_guided", "agg_local_edit", "agg_color_transfer"}
+                "agg_sd3_text_guided", "agg_flux_text_guided", "agg_local_edit", "agg_color_transfer",
+                *IMAGE_FAMILIES}
     assert expected <= set(NAMES)
     from PIL import Image
 
@@ -212,9 +224,9 @@ def test_losses_decode_with_taesd_and_the_note_links_the_file(name):
     api = load_api(name)
     decoders = [n["inputs"]["decoder"] for n in api.values() if "decoder" in n["inputs"]]
     assert decoders and set(decoders) == {"taesd"}
-    taesd = TAESD_FILES.get(name, "taesd_decoder")
-    assert re.search(rf"\[{taesd}\.pth\]\(https://github\.com/madebyollin/taesd/raw/main/{taesd}\.pth\)",
-                     note_text(load_ui(name)))
+    taesd = TAESD_FILES.get(name, "taesd_decoder.pth")
+    url = TAESD_URLS.get(taesd, f"https://github.com/madebyollin/taesd/raw/main/{taesd}")
+    assert f"[{taesd}]({url})" in note_text(load_ui(name))
     assert "models/vae_approx" in note_text(load_ui(name))
 
 
@@ -392,7 +404,7 @@ def guided_steps_logged(server, since: int, timeout: float = 10.0) -> list[re.Ma
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in IN_PROCESS])
 def test_api_twin_runs_on_test_models(name, comfy_server, names):
     from PIL import Image
 
@@ -433,3 +445,85 @@ def test_flow_twins_load_the_flow_fixtures(names):
     ks = next(n["inputs"] for n in flux_p.values() if n["class_type"] == "KSampler")
     assert ks["cfg"] == 1.0 and flux_p[ks["positive"][0]]["class_type"] == "FluxGuidance"
     assert copy.deepcopy(flux_p) == flux_p
+
+
+def test_image_family_twins_replace_only_the_text_encoders(names):
+    """Flux.2 and Qwen-Image run on their tiny fixtures (agg_testing.families) as the workflows load them; only the
+    text encoders, which ComfyUI builds at full size, are replaced: Flux.2's Mistral by CLIP-L through CLIPLoader
+    type sd3 (the fixture's 4096-wide context), Qwen-Image's prompts by AGGTestTextEmbedding on the same texts."""
+    flux2 = load_api("agg_flux2_text_guided")
+    run = W.runnable(flux2, names)
+    loaders = {n["class_type"]: n["inputs"] for n in run.values() if n["class_type"] in LOADERS}
+    assert loaders["UNETLoader"]["unet_name"] == families.FLUX2_DIFFUSION_MODEL
+    assert loaders["VAELoader"]["vae_name"] == families.FLUX2_VAE
+    assert loaders["CLIPLoader"] == {"clip_name": sd3.CLIP_L, "type": "sd3"}
+    te = next(nid for nid, n in flux2.items() if n["class_type"] == "CLIPLoader")
+    assert flux2[te]["inputs"]["type"] == "flux2"
+    assert {k: v for k, v in run.items() if k != te} == W.substitute({k: v for k, v in flux2.items() if k != te}, names)
+    ks = next(n["inputs"] for n in run.values() if n["class_type"] == "KSampler")
+    assert ks["cfg"] == 1.0 and run[ks["positive"][0]]["class_type"] == "FluxGuidance"
+
+    qwen = load_api("agg_qwen_image_text_guided")
+    run = W.runnable(qwen, names)
+    te = next(nid for nid, n in qwen.items() if n["class_type"] == "CLIPLoader")
+    assert qwen[te]["inputs"]["type"] == "qwen_image" and te not in run
+    encoders = [nid for nid, n in qwen.items() if n["class_type"] == "CLIPTextEncode"]
+    assert len(encoders) == 2
+    for nid in encoders:
+        assert run[nid]["class_type"] == "AGGTestTextEmbedding"
+        assert run[nid]["inputs"]["text"] == qwen[nid]["inputs"]["text"]  # the shared Target text, the negative
+    rest = set(qwen) - {te, *encoders}
+    assert {k: run[k] for k in rest} == W.substitute({k: qwen[k] for k in rest}, names)
+    loaders = {n["class_type"]: n["inputs"] for n in run.values() if n["class_type"] in LOADERS}
+    assert loaders["UNETLoader"]["unet_name"] == families.QWEN_DIFFUSION_MODEL
+    assert loaders["VAELoader"]["vae_name"] == families.QWEN_VAE
+    shift = next(n for n in run.values() if n["class_type"] == "ModelSamplingAuraFlow")
+    assert shift["inputs"]["model"][0] in {k for k, n in run.items() if n["class_type"] == "UNETLoader"}
+
+
+def without_agg(prompt: dict) -> dict:
+    """The prompt with Apply AGG taken out: what it fed reads the model it patched (the losses are left unused)."""
+    p = copy.deepcopy(prompt)
+    for aid in [k for k, n in p.items() if n["class_type"] == "AGGApply"]:
+        model = p.pop(aid)["inputs"]["model"]
+        for node in p.values():
+            for k, v in node["inputs"].items():
+                if v == [aid, 0]:
+                    node["inputs"][k] = model
+    return p
+
+
+@pytest.mark.parametrize("name", IMAGE_FAMILIES)
+def test_image_family_twin_runs_in_process_and_guidance_changes_the_image(name, comfy, names, caplog):
+    """The Flux.2 and Qwen-Image twins (small_prompt) in an in-process ComfyUI: the image is saved, every step is
+    guided by both losses with a step of non-zero size, the family's tiny decoder is found, and the decoded image
+    differs from the same run without Apply AGG."""
+    import logging
+
+    import torch
+    from PIL import Image
+
+    families.register_nodes()
+    W.copy_shipped_images(comfy.dirs["input"])
+    prompt = small_prompt(load_api(name), names, seed=1 + NAMES.index(name))
+    with caplog.at_level(logging.WARNING):
+        r = comfy.run(prompt)
+    assert r.ok, r.error_text()
+    assert r.images, f"{name}: no image saved"
+    with Image.open(r.images[0]) as im:
+        assert im.size == (64, 64)
+    steps = r.events("agg.terms")
+    assert steps, f"{name}: no guided step"
+    for e in steps:
+        assert not e["skipped"] and e["delta_rms"] > 0, e
+        assert {"structure", "clip_direction"} <= set(e["terms"]), e
+    assert "decoder 'taesd' is not available" not in caplog.text  # taef2 / lighttaew2_1 were found
+
+    decode = next(nid for nid, n in prompt.items() if n["class_type"] == "VAEDecode")
+    plain = comfy.run(without_agg(prompt))
+    assert plain.ok, plain.error_text()
+    assert not plain.events("agg.terms")
+    guided, unguided = r.output(decode), plain.output(decode)
+    assert guided.shape == unguided.shape and torch.isfinite(guided).all()
+    # measured: mean absolute change 0.008 (Flux.2), 0.037 (Qwen-Image) after the one guided step of two
+    assert (guided - unguided).abs().mean() > 1e-3, f"{name}: Apply AGG did not change the image"
