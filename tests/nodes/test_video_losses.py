@@ -254,3 +254,65 @@ def test_a_mask_batch_that_fits_neither_frames_nor_clips_names_the_node(session,
     assert not r.ok
     text = r.error_text()
     assert "Color Loss" in text and "'mask'" in text and "one video" in text, text[:2000]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the image losses see of a clip's frames
+
+
+def test_decoders_give_each_judged_frame_as_comfyui_decodes_it_alone(session):
+    """The pack's `vae` and `taesd` decoders on a clip's frames [B, C, F, h, w]: one image per frame, each equal to
+    ComfyUI's VAEDecode of that latent frame as a one-frame clip (its own VAE; the tiny decoder lighttaew2_1 through
+    VAELoader)."""
+    decoders = probes.pack_module("nodes.decoders")
+    runtime = probes.pack_module("nodes.runtime")
+    g = clip_graph(seed=next(SEEDS), steps=1)
+    tiny = g.node("VAELoader", name="tiny", vae_name=wan.families.LIGHTTAEW)
+    g.node("PreviewImage", name="preview", images=g.node("VAEDecode", name="tiny_decode", samples=g["encode"][0],
+                                                         vae=tiny[0])[0])  # so the loader runs
+    r = session.run(g.prompt)
+    assert r.ok, r.error_text()[:3000]
+    model, latent = r.output(g["unet"].id).model, r.output(g["encode"].id)["samples"].float()
+    x0 = model.process_latent_in(latent)
+    info = runtime.RunInfo(model, "const", torch.device("cpu"), tuple(x0.shape), torch.tensor([1.0, 0.0]))
+    picked = [0, 2, 4]
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            got = {k: decoders.make_decoder(k, r.output(g["vae"].id), info, "test")(x0[:, :, picked].clone())
+                   for k in ("vae", "taesd")}
+    finally:
+        info.close()
+    for kind, vae in (("vae", r.output(g["vae"].id)), ("taesd", r.output(g["tiny"].id))):
+        assert got[kind].shape == (len(picked), 3, SIZE, SIZE), (kind, got[kind].shape)
+        want = torch.cat([probes.decoded(vae, latent[:, :, t : t + 1]) for t in picked]).movedim(-1, 1) * 2 - 1
+        inside = want.abs() < 0.999  # ComfyUI clamps its output to 0..1; the loss decoders do not
+        assert torch.allclose(got[kind][inside], want[inside], atol=1e-4), kind
+
+
+def centred_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity((a - a.mean()).flatten(), (b - b.mean()).flatten(), dim=0))
+
+
+def test_a_frame_decoded_alone_against_the_whole_clips_decode(session):
+    """How close a later latent frame decoded alone (what the image losses judge) is to its frame in ComfyUI's
+    decode of the whole clip (README's figures). Wan's causal VAE decodes each frame after the first from the
+    ones before it; the first frame is exact either way."""
+    g = clip_graph(seed=next(SEEDS), steps=1)
+    tiny = g.node("VAELoader", name="tiny", vae_name=wan.families.LIGHTTAEW)
+    g.node("PreviewImage", name="preview", images=g.node("VAEDecode", name="tiny_decode", samples=g["encode"][0],
+                                                         vae=tiny[0])[0])  # so the loader runs
+    r = session.run(g.prompt)
+    assert r.ok, r.error_text()[:3000]
+    latent = r.output(g["encode"].id)["samples"].float()
+    cos = {}
+    for kind, vae in (("vae", r.output(g["vae"].id)), ("taesd", r.output(g["tiny"].id))):
+        whole = probes.decoded(vae, latent)  # [17, H, W, 3]
+        assert whole.shape[0] == 17
+        alone = [probes.decoded(vae, latent[:, :, t : t + 1])[-1] for t in range(latent.shape[2])]
+        assert torch.allclose(alone[0], whole[0], atol=1e-4), kind  # the first frame decodes alike
+        cos[kind] = [centred_cosine(alone[t], whole[4 * t]) for t in range(1, latent.shape[2])]
+        print(f"{kind}: later frames decoded alone vs the whole clip's, pixel cosine "
+              + ", ".join(f"{c:.3f}" for c in cos[kind]))
+    # measured 0.909, 0.840, 0.772, 0.660 (taesd) and 0.078, -0.130, 0.199, 0.183 (vae) on the moving pattern
+    assert min(cos["taesd"]) > 0.6  # the tiny decoder judges a lone frame much as the clip shows it
+    assert max(cos["vae"]) < 0.5  # the narrowed test VAE does not: README says so
