@@ -394,11 +394,16 @@ AGG_ZONES = {"eta_edit": 0.0, "eta": 0.5, "eta_boost": 1.0, "edit_end": 0.25, "b
 
 
 def exact_graph(sampler: str, *, flux: bool, cfg: float, seed: int, steps: int, manifold: str) -> Graph:
-    """img2img with Structure Loss, the outer recorder before Apply AGG and the inner one after it. The AGG
-    sampler runs in SamplerCustom (role "custom") with BasicScheduler ("sigmas") on the KSampler's settings."""
-    tag = f"exact-{seed}"
     g = graphs.flow_img2img(flux=flux, size=SIZE, seed=seed, steps=steps, cfg=cfg,
                             sampler_name="euler" if sampler == "agg" else sampler)
+    return exact_wiring(g, sampler, seed=seed, steps=steps, manifold=manifold)
+
+
+def exact_wiring(g: Graph, sampler: str, *, seed: int, steps: int, manifold: str = "none") -> Graph:
+    """An img2img graph ("unet", "encode", "sampler", "save_latent"; its KSampler set to `sampler`, or euler for
+    "agg") with Structure Loss, the outer recorder before Apply AGG and the inner one after it. The AGG sampler
+    runs in SamplerCustom (role "custom") with BasicScheduler ("sigmas") on the KSampler's settings."""
+    tag = f"exact-{seed}"
     unet = g["unet"]
     outer = g.node("AGGTestStepRecorder", name="outer", model=unet[0], tag=tag, position="outer")
     loss = g.node("AGGStructureLoss", name="loss", weight=0.3, source=g["encode"][0])
@@ -411,9 +416,9 @@ def exact_graph(sampler: str, *, flux: bool, cfg: float, seed: int, steps: int, 
         sigmas = g.node("BasicScheduler", name="sigmas", model=unet[0], scheduler=ks["scheduler"], steps=steps,
                         denoise=ks["denoise"])
         select = g.node("AGGSampler", name="select", follow_guidance=False, **AGG_ZONES)  # zones as given
-        custom = g.node("SamplerCustom", name="custom", model=inner[0], add_noise=True, noise_seed=seed, cfg=cfg,
-                        positive=ks["positive"], negative=ks["negative"], sampler=select[0], sigmas=sigmas[0],
-                        latent_image=g["encode"][0])
+        custom = g.node("SamplerCustom", name="custom", model=inner[0], add_noise=True, noise_seed=seed,
+                        cfg=ks["cfg"], positive=ks["positive"], negative=ks["negative"], sampler=select[0],
+                        sigmas=sigmas[0], latent_image=g["encode"][0])
         g.set_input(g["save_latent"], samples=custom[0])
     return g
 
@@ -445,10 +450,23 @@ def expected_next(sampler: str, st: dict, noise, eta: float) -> torch.Tensor:
 
 
 def check_exact(session, sampler: str, *, flux: bool, cfg: float, seed: int, steps: int, manifold: str) -> float:
-    import comfy.k_diffusion.sampling as kds
-
     g = exact_graph(sampler, flux=flux, cfg=cfg, seed=seed, steps=steps, manifold=manifold)
     r = session.run(g.prompt)  # a new seed and tag: every node after the loaders runs again
+    taken, worst = check_realised(r, g, sampler, seed=seed, steps=steps)
+    if sampler in ("euler", "euler_ancestral"):
+        # the compensation is real: the value the sampler stepped with is not the displayed D + delta
+        assert any((st["returned"] - st["shown"]).abs().max() > 1e-3 for st in taken[:-1])
+    scale = max(float(st["next"].abs().max()) for st in taken)
+    print(f"{'flux' if flux else 'sd3'} {sampler} cfg {cfg}: max |realised - asymmetric step| {worst:.2e} "
+          f"(|x| up to {scale:.2f}, {steps} steps)")
+    return worst
+
+
+def check_realised(r, g: Graph, sampler: str, *, seed: int, steps: int) -> tuple[list[dict], float]:
+    """An exact_wiring run's realised steps, each checked against the asymmetric step written from (x_i, D_i,
+    delta_i) with the sampler's own noise (within TOL); (the steps, the largest difference)."""
+    import comfy.k_diffusion.sampling as kds
+
     taken = realised_steps(r, g, seed)
     assert len(taken) == steps
     if sampler == "agg":
@@ -467,13 +485,7 @@ def check_exact(session, sampler: str, *, flux: bool, cfg: float, seed: int, ste
         err = float((st["next"] - want).abs().max())
         worst = max(worst, err)
         assert err < TOL, (sampler, st["sigma"], err)
-    if sampler in ("euler", "euler_ancestral"):
-        # the compensation is real: the value the sampler stepped with is not the displayed D + delta
-        assert any((st["returned"] - st["shown"]).abs().max() > 1e-3 for st in taken[:-1])
-    scale = max(float(st["next"].abs().max()) for st in taken)
-    print(f"{'flux' if flux else 'sd3'} {sampler} cfg {cfg}: max |realised - asymmetric step| {worst:.2e} "
-          f"(|x| up to {scale:.2f}, {steps} steps)")
-    return worst
+    return taken, worst
 
 
 @pytest.mark.parametrize("cfg", [5.0, 1.0], ids=["cfg5", "cfg1"])

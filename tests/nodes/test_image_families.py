@@ -363,59 +363,17 @@ def test_matrix(session, agg_models, family, loss, decoder, manifold):
 # ---------------------------------------------------------------------------------------------------
 # Exact samplers: each realised step is the asymmetric step written from (x_i, D_i, delta_i), within 1e-4
 
-EXACT = ["euler", "euler_ancestral", "lcm", "agg"]
-AGG_ZONES = {"eta_edit": 0.0, "eta": 0.5, "eta_boost": 1.0, "edit_end": 0.25, "boost_start": 0.5}
+EXACT = FM.EXACT
 EXACT_STEPS = 3
-
-
-def exact_graph(family: str, sampler: str, *, seed: int) -> Graph:
-    tag = f"exact-{seed}"
-    g = img2img(family, seed=seed, steps=EXACT_STEPS, sampler_name="euler" if sampler == "agg" else sampler)
-    unet = g["unet"]
-    outer = g.node("AGGTestStepRecorder", name="outer", model=unet[0], tag=tag, position="outer")
-    loss = g.node("AGGStructureLoss", name="loss", weight=0.3, source=g["encode"][0])
-    agg = g.node("AGGApply", name="agg", model=outer[0], loss=loss[0], start_percent=0.0, end_percent=1.0,
-                 manifold="none", dds_steps=1, dds_lr=0.5, asymmetric=True)
-    inner = g.node("AGGTestStepRecorder", name="inner", model=agg[0], tag=tag, position="inner")
-    g.set_input(g["sampler"], model=inner[0])
-    if sampler == "agg":
-        ks = g.prompt.pop(g["sampler"].id)["inputs"]
-        sigmas = g.node("BasicScheduler", name="sigmas", model=unet[0], scheduler=ks["scheduler"],
-                        steps=EXACT_STEPS, denoise=ks["denoise"])
-        select = g.node("AGGSampler", name="select", follow_guidance=False, **AGG_ZONES)
-        custom = g.node("SamplerCustom", name="custom", model=inner[0], add_noise=True, noise_seed=seed,
-                        cfg=ks["cfg"], positive=ks["positive"], negative=ks["negative"], sampler=select[0],
-                        sigmas=sigmas[0], latent_image=g["encode"][0])
-        g.set_input(g["save_latent"], samples=custom[0])
-    return g
 
 
 @pytest.mark.parametrize("sampler", EXACT)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_samplers_realise_the_asymmetric_step(session, family, sampler):
-    import comfy.k_diffusion.sampling as kds
-
     seed = next(SEEDS)
-    g = exact_graph(family, sampler, seed=seed)
-    r = session.run(g.prompt)
-    taken = FM.realised_steps(r, g, seed)
-    assert len(taken) == EXACT_STEPS
-    if sampler == "agg":
-        sigmas = r.output(g["sigmas"].id).flatten().float()
-        eta_at = probes.pack_module("agg_kernels.sampler").sampler_eta_at
-        etas = [eta_at(sigmas, st["sigma"], **AGG_ZONES) for st in taken]
-        assert {0.0, 1.0} <= set(etas), etas
-    else:
-        etas = [1.0 if sampler == "euler_ancestral" else 0.0] * EXACT_STEPS
-    draw = kds.default_noise_sampler(taken[0]["x"], seed=seed)
-    noise = lambda: draw(None, None)  # noqa: E731 - the samplers' own generator, drawn in the same order
-    worst = 0.0
-    for st, eta in zip(taken, etas, strict=True):
-        assert st["delta"].abs().max() > 1e-3, "guidance did nothing"
-        want = FM.expected_next(sampler, st, noise, eta).float()
-        err = float((st["next"] - want).abs().max())
-        worst = max(worst, err)
-        assert err < TOL, (sampler, st["sigma"], err)
+    g = img2img(family, seed=seed, steps=EXACT_STEPS, sampler_name="euler" if sampler == "agg" else sampler)
+    r = session.run(FM.exact_wiring(g, sampler, seed=seed, steps=EXACT_STEPS).prompt)
+    taken, worst = FM.check_realised(r, g, sampler, seed=seed, steps=EXACT_STEPS)
     print(f"{family} {sampler} cfg {CFG[family]}: max |realised - asymmetric step| {worst:.2e} "
           f"(latent {tuple(taken[0]['x'].shape)})")
 

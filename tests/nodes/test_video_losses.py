@@ -260,18 +260,24 @@ def test_a_mask_batch_that_fits_neither_frames_nor_clips_names_the_node(session,
 # What the image losses see of a clip's frames
 
 
-def test_decoders_give_each_judged_frame_as_comfyui_decodes_it_alone(session):
-    """The pack's `vae` and `taesd` decoders on a clip's frames [B, C, F, h, w]: one image per frame, each equal to
-    ComfyUI's VAEDecode of that latent frame as a one-frame clip (its own VAE; the tiny decoder lighttaew2_1 through
-    VAELoader)."""
-    decoders = probes.pack_module("nodes.decoders")
-    runtime = probes.pack_module("nodes.runtime")
+def clip_with_tiny_vae(session) -> tuple[Graph, object]:
+    """A one-step clip graph that also loads the tiny decoder lighttaew2_1 through VAELoader ("tiny"), run."""
     g = clip_graph(seed=next(SEEDS), steps=1)
     tiny = g.node("VAELoader", name="tiny", vae_name=wan.families.LIGHTTAEW)
     g.node("PreviewImage", name="preview", images=g.node("VAEDecode", name="tiny_decode", samples=g["encode"][0],
                                                          vae=tiny[0])[0])  # so the loader runs
     r = session.run(g.prompt)
     assert r.ok, r.error_text()[:3000]
+    return g, r
+
+
+def test_decoders_give_each_judged_frame_as_comfyui_decodes_it_alone(session):
+    """The pack's `vae` and `taesd` decoders on a clip's frames [B, C, F, h, w]: one image per frame, each equal to
+    ComfyUI's VAEDecode of that latent frame as a one-frame clip (its own VAE; the tiny decoder lighttaew2_1 through
+    VAELoader)."""
+    decoders = probes.pack_module("nodes.decoders")
+    runtime = probes.pack_module("nodes.runtime")
+    g, r = clip_with_tiny_vae(session)
     model, latent = r.output(g["unet"].id).model, r.output(g["encode"].id)["samples"].float()
     x0 = model.process_latent_in(latent)
     info = runtime.RunInfo(model, "const", torch.device("cpu"), tuple(x0.shape), torch.tensor([1.0, 0.0]))
@@ -297,12 +303,7 @@ def test_a_frame_decoded_alone_against_the_whole_clips_decode(session):
     """How close a later latent frame decoded alone (what the image losses judge) is to its frame in ComfyUI's
     decode of the whole clip (README's figures). Wan's causal VAE decodes each frame after the first from the
     ones before it; the first frame is exact either way."""
-    g = clip_graph(seed=next(SEEDS), steps=1)
-    tiny = g.node("VAELoader", name="tiny", vae_name=wan.families.LIGHTTAEW)
-    g.node("PreviewImage", name="preview", images=g.node("VAEDecode", name="tiny_decode", samples=g["encode"][0],
-                                                         vae=tiny[0])[0])  # so the loader runs
-    r = session.run(g.prompt)
-    assert r.ok, r.error_text()[:3000]
+    g, r = clip_with_tiny_vae(session)
     latent = r.output(g["encode"].id)["samples"].float()
     cos = {}
     for kind, vae in (("vae", r.output(g["vae"].id)), ("taesd", r.output(g["tiny"].id))):
