@@ -272,16 +272,23 @@ def flow_img2img(
 
 def flow_inverted(g: Graph, *, steps: int = 3, denoise: float = 0.6, source_text: str = "a photo of a landscape",
                   sampler_name: str = "euler", scheduler: str = "simple") -> Graph:
-    """Turn a flow_img2img graph into the paper's chain: BasicScheduler ("sigmas") -> AGG Invert ("invert",
-    source prompt "source", cfg 1) -> SamplerCustomAdvanced ("custom", DisableNoise "noise", KSamplerSelect
-    "select", CFGGuider "guider" with the KSampler's model, prompts and cfg) on the inverted latent, with the
-    same sigmas. The KSampler is removed; SaveLatent reads the custom sampler."""
+    """Turn a flow_img2img graph into the paper's chain (inversion_chain) with a CLIPTextEncode source prompt."""
+    source = g.node("CLIPTextEncode", name="source", clip=g["clip"][0], text=source_text)
+    return inversion_chain(g, source[0], steps=steps, denoise=denoise, sampler_name=sampler_name, scheduler=scheduler)
+
+
+def inversion_chain(g: Graph, source: list, *, steps: int, denoise: float | None = None, sampler_name: str = "euler",
+                    scheduler: str = "simple") -> Graph:
+    """Turn an img2img graph ("sampler" a KSampler, "encode", "save_latent") into the paper's chain:
+    BasicScheduler ("sigmas") -> AGG Invert ("invert", the `source` conditioning, cfg 1) ->
+    SamplerCustomAdvanced ("custom", DisableNoise "noise", KSamplerSelect "select", CFGGuider "guider" with the
+    KSampler's model, prompts and cfg) on the inverted latent, with the same sigmas (the KSampler's denoise
+    unless given). The KSampler is removed; SaveLatent (and a "decode" node) read the custom sampler."""
     ks = g.prompt.pop(g["sampler"].id)["inputs"]
     model = ks["model"]
-    clip = g["clip"]
-    source = g.node("CLIPTextEncode", name="source", clip=clip[0], text=source_text)
-    sigmas = g.node("BasicScheduler", name="sigmas", model=model, scheduler=scheduler, steps=steps, denoise=denoise)
-    inv = g.node("AGGInvert", name="invert", model=model, latent=g["encode"][0], positive=source[0], sigmas=sigmas[0])
+    sigmas = g.node("BasicScheduler", name="sigmas", model=model, scheduler=scheduler, steps=steps,
+                    denoise=ks["denoise"] if denoise is None else denoise)
+    inv = g.node("AGGInvert", name="invert", model=model, latent=g["encode"][0], positive=source, sigmas=sigmas[0])
     guider = g.node("CFGGuider", name="guider", model=model, positive=ks["positive"], negative=ks["negative"],
                     cfg=ks["cfg"])
     select = g.node("KSamplerSelect", name="select", sampler_name=sampler_name)

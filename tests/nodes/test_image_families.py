@@ -17,7 +17,7 @@ import logging
 
 import pytest
 import torch
-from agg_testing import families, probes, sd3
+from agg_testing import families, graphs, probes, sd3
 from agg_testing.graphs import Graph, save_latent
 
 # test_flow_models' harness (its step recorder, judges and expected steps), imported by path as the suite does
@@ -89,20 +89,7 @@ def img2img(family: str, *, seed: int, steps: int = STEPS, cfg: float | None = N
 def inverted(g: Graph, family: str, *, steps: int, source_text: str = "a photo of a landscape") -> Graph:
     """The paper's chain (as graphs.flow_inverted): BasicScheduler ("sigmas") -> AGG Invert ("invert", source
     prompt "source") -> SamplerCustomAdvanced ("custom") with CFGGuider ("guider") and DisableNoise."""
-    ks = g.prompt.pop(g["sampler"].id)["inputs"]
-    model = ks["model"]
-    source = conditioning(g, family, source_text, "source")
-    sigmas = g.node("BasicScheduler", name="sigmas", model=model, scheduler="simple", steps=steps,
-                    denoise=ks["denoise"])
-    inv = g.node("AGGInvert", name="invert", model=model, latent=g["encode"][0], positive=source, sigmas=sigmas[0])
-    guider = g.node("CFGGuider", name="guider", model=model, positive=ks["positive"], negative=ks["negative"],
-                    cfg=ks["cfg"])
-    select = g.node("KSamplerSelect", name="select", sampler_name="euler")
-    noise = g.node("DisableNoise", name="noise")
-    custom = g.node("SamplerCustomAdvanced", name="custom", noise=noise[0], guider=guider[0], sampler=select[0],
-                    sigmas=sigmas[0], latent_image=inv[0])
-    g.set_input(g["save_latent"], samples=custom[0])
-    return g
+    return graphs.inversion_chain(g, conditioning(g, family, source_text, "source"), steps=steps)
 
 
 def add_loss(g: Graph, family: str, kind: str, agg_models, decoder: str) -> list:

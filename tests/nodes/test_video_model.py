@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from agg_testing import probes, wan
+from agg_testing import graphs, probes, wan
 from agg_testing.graphs import Graph, save_latent
 
 # test_flow_models' harness (its step recorder and expected steps), imported by path as the suite does
@@ -77,20 +77,7 @@ def clip_img2img(*, seed: int, steps: int = STEPS, cfg: float = CFG, sampler_nam
 def inverted(g: Graph, *, steps: int) -> Graph:
     """The paper's chain: BasicScheduler ("sigmas") -> AGG Invert ("invert", source prompt "source") ->
     SamplerCustomAdvanced ("custom") with CFGGuider ("guider") and DisableNoise, on the KSampler's sigmas."""
-    ks = g.prompt.pop(g["sampler"].id)["inputs"]
-    model = ks["model"]
-    source = prompt(g, SOURCE_TEXT, "source")
-    sigmas = g.node("BasicScheduler", name="sigmas", model=model, scheduler="simple", steps=steps,
-                    denoise=ks["denoise"])
-    inv = g.node("AGGInvert", name="invert", model=model, latent=g["encode"][0], positive=source, sigmas=sigmas[0])
-    guider = g.node("CFGGuider", name="guider", model=model, positive=ks["positive"], negative=ks["negative"],
-                    cfg=ks["cfg"])
-    select = g.node("KSamplerSelect", name="select", sampler_name="euler")
-    noise = g.node("DisableNoise", name="noise")
-    custom = g.node("SamplerCustomAdvanced", name="custom", noise=noise[0], guider=guider[0], sampler=select[0],
-                    sigmas=sigmas[0], latent_image=inv[0])
-    g.set_input(g["save_latent"], samples=custom[0])
-    return g
+    return graphs.inversion_chain(g, prompt(g, SOURCE_TEXT, "source"), steps=steps)
 
 
 def structure_graph(reference: str, *, seed: int, guide: bool, manifold: str = "none",
