@@ -59,6 +59,13 @@ SOURCE = "a child's drawing of a girl in a pink dress on a green hill"
 TARGET = "a watercolor painting of a girl in a pink dress on a green hill"
 EDIT_TARGET = "a child's drawing of a girl in a blue dress on a green hill"
 NEGATIVE = "blurry, low quality, watermark"
+# The video workflow: what the clip shows and should become, and Wan 2.1's own negative prompt (ComfyUI's Wan 2.1
+# text-to-video template; the model was trained with it)
+VIDEO_SOURCE = "a video of waves rolling onto a sandy beach"
+VIDEO_TARGET = "a watercolor painting of waves rolling onto a sandy beach"
+WAN_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+                "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
+                "背景人很多，倒着走")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,12 +112,17 @@ QWEN = Model(M.QWEN, f"{QWEN_REPO}/diffusion_models/{M.QWEN}", "diffusion_models
 QWEN_TE = Model(M.QWEN_TE, f"{QWEN_REPO}/text_encoders/{M.QWEN_TE}", "text_encoders",
                 "Qwen2.5-VL 7B text encoder (fp8)")
 QWEN_VAE = Model(M.QWEN_VAE, f"{QWEN_REPO}/vae/{M.QWEN_VAE}", "vae", "the Qwen-Image VAE (Wan 2.1's)")
+WAN_REPO = f"{HF}/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+WAN = Model(M.WAN, f"{WAN_REPO}/diffusion_models/{M.WAN}", "diffusion_models", "Wan 2.1 text-to-video 1.3B (fp16)")
+WAN_TE = Model(M.WAN_TE, f"{WAN_REPO}/text_encoders/{M.WAN_TE}", "text_encoders", "umt5-xxl text encoder (fp8)")
+WAN_VAE = Model(M.WAN_VAE, f"{WAN_REPO}/vae/{M.WAN_VAE}", "vae", "the Wan 2.1 VAE")
 CLIP_VISION = Model(M.CLIP_VISION, f"{HF}/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors",
                     "clip_vision", "the CLIP-ViT-H image encoder IPAdapter uses (saved under this name)")
 
 TAESD_URL = "https://github.com/madebyollin/taesd/raw/main/{}"
 TAESD = {"sd15": "taesd_decoder.pth", "sdxl": "taesdxl_decoder.pth", "sd3": "taesd3_decoder.pth",
-         "flux": "taef1_decoder.pth", "flux2": "taef2_decoder.pth", "qwen_image": "lighttaew2_1.safetensors"}
+         "flux": "taef1_decoder.pth", "flux2": "taef2_decoder.pth", "qwen_image": "lighttaew2_1.safetensors",
+         "wan": "lighttaew2_1.safetensors"}
 # Tiny decoders published outside madebyollin/taesd: lighttaew2_1 (Wan 2.1 latents, which Qwen-Image uses)
 TAESD_LINKS = {"lighttaew2_1.safetensors": f"{HF}/lightx2v/Autoencoders/resolve/main/lighttaew2_1.safetensors"}
 
@@ -145,6 +157,7 @@ class Card:
     target_text: str | None = None
     target_image: str | None = None  # a shipped asset's file name
     mask: bool = False
+    video: bool = False  # the source: a drawn beach scene (beach_frame) as a film strip
     label: str | None = None  # under the target; default: "style", "edit (in the mask)" or "target text"
 
 
@@ -438,6 +451,57 @@ def qwen_image_text_guided() -> Workflow:
         Card("Text-guided translation", "Qwen-Image · KSampler + Apply AGG, cfg 4", target_text=TARGET))
 
 
+def wan_video_edit() -> Workflow:
+    """Wan 2.1 T2V 1.3B editing a source video: ComfyUI's video nodes in and out, Wan's loaders and settings as
+    ComfyUI's Wan 2.1 text-to-video template has them, and the paper's chain (AGG Invert on the source prompt,
+    AGG Guider with Structure Loss on the trajectory + CLIP Direction Loss, noise disabled)."""
+    api = Api()
+    unet = api.add("UNETLoader", models=[WAN], unet_name=WAN.name, weight_dtype="default")
+    te = api.add("CLIPLoader", models=[WAN_TE], clip_name=WAN_TE.name, type="wan")
+    vae = [api.add("VAELoader", models=[WAN_VAE], vae_name=WAN_VAE.name), 0]
+    model = [api.add("ModelSamplingSD3", model=[unet, 0], shift=8.0), 0]
+    src, tgt = text(api, "Source text", VIDEO_SOURCE), text(api, "Target text", VIDEO_TARGET)
+    load = api.add("LoadVideo", "Source video", file=M.SOURCE_VIDEO)
+    # the first 2 s (Wan 2.1's template makes 33 frames at 16 fps): longer clips cost memory and time in step
+    trim = api.add("Video Slice", "Trim video", video=[load, 0], start_time=0.0, duration=2.0, strict_duration=False)
+    parts = api.add("GetVideoComponents", "Video frames", video=[trim, 0])
+    frames = api.add("ImageScale", "Resize frames", image=[parts, 0], upscale_method="lanczos", width=832, height=480,
+                     crop="center")
+    first = api.add("ImageFromBatch", "First frame", image=[frames, 0], batch_index=0, length=1)
+    latent = [api.add("VAEEncode", "Encode frames", pixels=[frames, 0], vae=vae), 0]
+    pos_src = api.add("CLIPTextEncode", "Source prompt", text=[src, 0], clip=[te, 0])
+    pos = api.add("CLIPTextEncode", "Target prompt", text=[tgt, 0], clip=[te, 0])
+    neg = api.add("CLIPTextEncode", "Negative prompt", text=WAN_NEGATIVE, clip=[te, 0])
+    sigmas = api.add("BasicScheduler", model=model, scheduler="simple", steps=30, denoise=0.6)
+    inv = api.add("AGGInvert", model=model, latent=latent, positive=[pos_src, 0], sigmas=[sigmas, 0])
+    structure = api.add("AGGStructureLoss", weight=STRUCTURE_WEIGHT, trajectory=[inv, 1])
+    # the CLIP judges `frames` latent frames per guided step (each decoded alone), chosen afresh each step
+    loss = clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], [first, 0], [structure, 0], frames=2)
+    guider = api.add("AGGGuider", model=model, positive=[pos, 0], negative=[neg, 0], cfg=6.0, loss=loss,
+                     **agg_settings())
+    noise = api.add("DisableNoise")
+    sampler = api.add("AGGSampler", eta_edit=0.0, eta=0.0, eta_boost=1.0)
+    out = api.add("SamplerCustomAdvanced", noise=[noise, 0], guider=[guider, 0], sampler=[sampler, 0],
+                  sigmas=[sigmas, 0], latent_image=[inv, 0])
+    dec = api.add("VAEDecode", samples=[out, 0], vae=vae)
+    video = api.add("CreateVideo", images=[dec, 0], fps=[parts, 2])  # the source's frame rate
+    api.add("SaveVideo", video=[video, 0], filename_prefix="agg/wan_video_edit", format="auto", codec="auto")
+    return Workflow("agg_wan_video_edit", api, note(
+        "AGG: text-guided video editing (Wan 2.1 text-to-video 1.3B)",
+        "Load Video reads your clip; Trim Video keeps its first 2 seconds (0 = all of it), the frames are scaled to "
+        "832 x 480 and encoded by the Wan VAE (4 frames per latent frame after the first: a clip of 4k + 1 frames "
+        "comes back whole, up to 3 frames at the end are dropped otherwise). Wan's loaders and settings as in "
+        "ComfyUI's own Wan 2.1 text-to-video template (ModelSamplingSD3 shift 8, cfg 6, simple scheduler, 30 "
+        "steps); AGG Invert takes the clip back to denoise 0.6 under the source prompt, then AGG Guider + AGG "
+        "Sampler (noise disabled) edit it: Structure Loss follows the inversion's trajectory in every frame, CLIP "
+        "Direction Loss judges `frames` latent frames per step (2 here, chosen afresh each step; more = steadier "
+        "and slower). Create Video keeps the source's frame rate; Save Video writes an MP4 to ComfyUI's output "
+        "folder.",
+        [WAN, WAN_TE, WAN_VAE, OPEN_CLIP], TAESD["wan"],
+        "pick your video in **Source video** (upload). " + SHARED_TEXT_USE + STRENGTH_USE),
+        Card("Video editing", "Wan 2.1 T2V 1.3B · AGG Invert + AGG Guider", target_text=VIDEO_TARGET, video=True))
+
+
 def local_edit() -> Workflow:
     api = Api()
     model, clip, vae = sd_loaders(api, SD15)
@@ -491,7 +555,7 @@ def color_transfer() -> Workflow:
 
 
 BUILDERS = [text_guided, img2img_ksampler, image_style, controlnet, sdxl_img2img, sd3_text_guided, flux_text_guided,
-            flux2_text_guided, qwen_image_text_guided, local_edit, color_transfer]
+            flux2_text_guided, qwen_image_text_guided, wan_video_edit, local_edit, color_transfer]
 
 
 def workflows(available: set[str] | None = None) -> list[Workflow]:
@@ -584,6 +648,23 @@ def source_picture() -> Path:
     return COMFYUI / "input" / "example.png"
 
 
+def beach_frame(side: int):
+    """A flat drawing of waves rolling onto a beach (the video workflow's source text), for its card."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (side, side), (135, 196, 235))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse([side * 0.68, side * 0.1, side * 0.86, side * 0.28], fill=(255, 224, 120))
+    sea, sand = int(side * 0.42), int(side * 0.72)
+    draw.rectangle([0, sea, side, side], fill=(38, 110, 170))
+    draw.polygon([(0, sand), *[(x, sand - 10 * math.sin(x / side * 3 * math.pi)) for x in range(0, side + 1, 4)],
+                  (side, side), (0, side)], fill=(232, 205, 150))
+    for k, y in enumerate(range(sea + 14, sand - 6, 16)):  # white crests, each row shifted
+        for x0 in range(-40 + 17 * k % 40, side, 40):
+            draw.arc([x0, y - 6, x0 + 30, y + 6], 200, 340, fill=(240, 248, 255), width=3)
+    return img
+
+
 def thumbnail(card: Card, out: Path, size: tuple[int, int] = (512, 384)) -> None:
     """A designed card: title, source picture -> target (text or picture), subtitle."""
     from PIL import Image, ImageDraw
@@ -595,8 +676,11 @@ def thumbnail(card: Card, out: Path, size: tuple[int, int] = (512, 384)) -> None
     draw.text((18, 29), card.title, font=_font(28, bold=True), fill=(245, 245, 250), anchor="lm")
     draw.text((w - 16, 29), "AGG", font=_font(18, bold=True), fill=(242, 165, 65), anchor="rm")
     side, top = 196, 84
-    with Image.open(source_picture()) as src:
-        pic = src.convert("RGB").resize((side, side), Image.LANCZOS)
+    if card.video:
+        pic = beach_frame(side)
+    else:
+        with Image.open(source_picture()) as src:
+            pic = src.convert("RGB").resize((side, side), Image.LANCZOS)
     if card.mask:
         with Image.open(ASSETS / EDIT_MASK) as m:
             mask = m.convert("L").resize((side, side), Image.LANCZOS)
@@ -605,6 +689,12 @@ def thumbnail(card: Card, out: Path, size: tuple[int, int] = (512, 384)) -> None
         pic = Image.composite(pic, Image.blend(pic, Image.new("RGB", (side, side), (0, 0, 0)), 0.6), mask)
         edge = mask.filter(ImageFilter.FIND_EDGES).filter(ImageFilter.MaxFilter(3))
         pic.paste((242, 165, 65), (0, 0), edge)
+    if card.video:  # film-strip bands with sprocket holes along the top and bottom
+        strip = ImageDraw.Draw(pic)
+        for y0 in (0, side - 18):
+            strip.rectangle([0, y0, side, y0 + 18], fill=(18, 18, 22))
+            for x in range(6, side, 22):
+                strip.rounded_rectangle([x, y0 + 5, x + 11, y0 + 13], radius=2, fill=(235, 235, 240))
     img.paste(pic, (20, top))
     draw.rectangle([20, top, 20 + side, top + side], outline=(90, 96, 120), width=2)
     # arrow
@@ -660,17 +750,20 @@ CHART_ROOM = 124  # below Apply AGG / AGG Guider: the guidance chart the pack's 
 
 # The smallest sizes the nodes get (the frontend's computeSize wins where larger).
 NOTE_SIZE = (470, 500)
-PREFERRED = {"PrimitiveStringMultiline": (400, 150), "LoadImage": (300, 340), "SaveImage": (360, 360)}
+PREFERRED = {"PrimitiveStringMultiline": (400, 150), "LoadImage": (300, 340), "SaveImage": (360, 360),
+             "LoadVideo": (300, 340), "SaveVideo": (360, 360)}
 TEXT_BOX = (400, 150)  # a CLIPTextEncode whose text is typed in it (not linked from a String node)
 
 AGG_COLOR = "#b58b2a"  # LiteGraph's "yellow" group colour: the pack's part of the graph
 GROUP_COLOR = "#3f789e"  # the colour ComfyUI's own templates give their groups
 
 # The groups, in the order they are laid out (columns left to right, each column top to bottom).
-GROUPS = ["Load models", "Source image", "Edit mask", "Style image", "ControlNet", "Prompts", "Inversion",
+GROUPS = ["Load models", "Source image", "Source video", "Edit mask", "Style image", "ControlNet", "Prompts", "Inversion",
           "AGG guidance", "Sample and save"]
 GROUP_BY_TITLE = {"Source image": "Source image", "Resize source": "Source image", "Edit mask": "Edit mask",
-                  "Resize mask": "Edit mask", "Mask (white = edit)": "Edit mask", "Style image": "Style image"}
+                  "Resize mask": "Edit mask", "Mask (white = edit)": "Edit mask", "Style image": "Style image",
+                  "Source video": "Source video", "Trim video": "Source video", "Video frames": "Source video",
+                  "Resize frames": "Source video", "First frame": "Source video", "Encode frames": "Source video"}
 GROUP_BY_TYPE = {
     "CheckpointLoaderSimple": "Load models", "UNETLoader": "Load models", "DualCLIPLoader": "Load models",
     "VAELoader": "Load models", "AGGCLIPLoader": "Load models", "CLIPVisionLoader": "Load models",
@@ -684,6 +777,7 @@ GROUP_BY_TYPE = {
     "AGGColorLoss": "AGG guidance", "AGGApply": "AGG guidance", "AGGGuider": "AGG guidance",
     "KSampler": "Sample and save", "DisableNoise": "Sample and save", "AGGSampler": "Sample and save",
     "SamplerCustomAdvanced": "Sample and save", "VAEDecode": "Sample and save", "SaveImage": "Sample and save",
+    "CreateVideo": "Sample and save", "SaveVideo": "Sample and save",
 }
 GROUP_COLORS = {"Inversion": AGG_COLOR, "AGG guidance": AGG_COLOR}
 GUIDING = {"AGGApply", "AGGGuider"}

@@ -9,17 +9,21 @@ scripts/build_workflows.py:
   in the single-file form of ``sd3_medium_incl_clips_t5xxlfp8.safetensors`` (the SD3-shaped MMDiT, CLIP-L as its
   only text encoder and the 16-channel TAESD as its VAE, all from the cached agg_testing.sd3 files) and the
   Flux-shaped DiT, a CLIP vision encoder (ViT-L/14, random) in models/clip_vision and, in models/vae, the 16-channel taef1 pair as one VAE file standing in for Flux's VAE;
-  the Flux.2 and Qwen-Image fixtures of agg_testing.families (DiTs, VAEs, taef2 and lighttaew2_1).
+  the Flux.2 and Qwen-Image fixtures of agg_testing.families (DiTs, VAEs, taef2 and lighttaew2_1) and the Wan 2.1
+  T2V fixture of agg_testing.wan.
 - ``runnable(prompt, names)``: an API prompt with the real names replaced, and the text encoders the fixtures
   cannot serve as the workflows have them replaced (their encoders are built by ComfyUI at full size, out of reach
   of a CPU test): Flux's DualCLIPLoader (CLIP-L + T5-XXL) and Flux.2's CLIPLoader type ``flux2`` (Mistral 3 Small)
   become CLIPLoader type ``sd3`` with CLIP-L, the 4096-wide text path the Flux and Flux.2 fixtures are built for
   (agg_testing.sd3, agg_testing.families); Qwen-Image's prompts (CLIPTextEncode on CLIPLoader type
   ``qwen_image``, Qwen2.5-VL 7B) become ``AGGTestTextEmbedding`` nodes of Qwen-Image's context width on the same
-  texts, and that CLIPLoader goes. Nothing else in the graph changes. ``AGGTestTextEmbedding`` is a test node
+  texts, and that CLIPLoader goes; Wan's (CLIPLoader type ``wan``, umt5-xxl) the same at Wan's context width 4096.
+  Nothing else in the graph changes. ``AGGTestTextEmbedding`` is a test node
   (``agg_testing.families.register_nodes``): such prompts run in-process, not on a server.
 - ``copy_shipped_images(input_dir)``: the images the workflows load from ComfyUI's input folder and the pack
   ships in web/assets/ (the style image, the edit mask).
+- ``write_source_video(path)`` / ``video_frames(path)``: a small MP4 of agg_testing.wan's moving pattern for the
+  video workflow's Load Video, and a video file's frames and frame rate (PyAV).
 
 Without the CLIP-vision fixture in the models tree, ``runnable`` replaces CLIPVisionLoader by AGG CLIP Loader
 (open_clip): Image Style Loss's ``clip`` takes either.
@@ -31,6 +35,7 @@ import copy
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from agg_testing import fixtures as F
@@ -54,6 +59,10 @@ FLUX2_VAE = "flux2-vae.safetensors"
 QWEN = "qwen_image_fp8_e4m3fn.safetensors"
 QWEN_TE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
 QWEN_VAE = "qwen_image_vae.safetensors"
+WAN = "wan2.1_t2v_1.3B_fp16.safetensors"
+WAN_TE = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+SOURCE_VIDEO = "agg_source_video.mp4"  # the video workflow's Load Video default (a user picks their own)
 
 SD3_CHECKPOINT = "agg-tiny-sd3-all-in-one.safetensors"  # the fixture in SD3's single-file checkpoint form
 FLUX_VAE_FILE = "agg-tiny-flux-vae.safetensors"  # the taef1 pair as one VAELoader file in models/vae
@@ -124,10 +133,11 @@ def clip_vision(*, cache_dir: Path | None = None) -> Path:
 def link_workflow_models(models: F.ModelsTree, *, flux: bool = True) -> None:
     """Link the SD3 single-file checkpoint (and, with `flux`, the Flux DiT), the Flux.2 and Qwen-Image fixtures
     into the models tree."""
-    from agg_testing import families, sd3
+    from agg_testing import families, sd3, wan
 
     families.link_flux2(models.root)
     families.link_qwen(models.root)
+    wan.link_wan(models.root)
 
     F._link(sd3_checkpoint(), models.root / "checkpoints" / SD3_CHECKPOINT)
     F._link(flux_vae(), models.root / "vae" / FLUX_VAE_FILE)
@@ -137,7 +147,7 @@ def link_workflow_models(models: F.ModelsTree, *, flux: bool = True) -> None:
 
 def fixture_names(models: F.ModelsTree) -> dict[str, str]:
     """Real model file name -> the fixture name that stands in for it (after link_workflow_models)."""
-    from agg_testing import families, sd3
+    from agg_testing import families, sd3, wan
 
     names = {
         SD15: models.checkpoint,
@@ -155,6 +165,9 @@ def fixture_names(models: F.ModelsTree) -> dict[str, str]:
         QWEN: families.QWEN_DIFFUSION_MODEL,
         QWEN_TE: sd3.CLIP_L,  # its loader is removed by runnable()
         QWEN_VAE: families.QWEN_VAE,
+        WAN: wan.WAN_DIFFUSION_MODEL,
+        WAN_TE: sd3.CLIP_L,  # its loader is removed by runnable()
+        WAN_VAE: wan.WAN_VAE,
     }
     if (models.root / "clip_vision" / CLIP_VISION_FILE).exists():
         names[CLIP_VISION] = CLIP_VISION_FILE
@@ -174,16 +187,20 @@ def substitute(obj, names: dict[str, str]):
 
 def runnable(prompt: dict, names: dict[str, str]) -> dict:
     """An API prompt that runs on the fixtures: names substituted, the text encoders replaced (module docstring)."""
-    from agg_testing import sd3
+    from agg_testing import sd3, wan
 
     p = substitute(copy.deepcopy(prompt), names)
-    qwen_te = {nid for nid, n in p.items() if n["class_type"] == "CLIPLoader" and n["inputs"].get("type") == "qwen_image"}
-    for nid in qwen_te:
+    # text encoders built at full size whatever the file holds -> the context width their prompts have
+    widths = {"qwen_image": None, "wan": wan.WAN_CONTEXT_DIM}  # None: AGGTestTextEmbedding's default (Qwen's)
+    replaced = {nid: n["inputs"]["type"] for nid, n in p.items()
+                if n["class_type"] == "CLIPLoader" and n["inputs"].get("type") in widths}
+    for nid in replaced:
         del p[nid]
     for node in p.values():
-        if node["class_type"] == "CLIPTextEncode" and node["inputs"]["clip"][0] in qwen_te:
+        if node["class_type"] == "CLIPTextEncode" and node["inputs"]["clip"][0] in replaced:
+            width = widths[replaced[node["inputs"]["clip"][0]]]
             node["class_type"] = "AGGTestTextEmbedding"
-            node["inputs"] = {"text": node["inputs"]["text"], "tokens": 8}
+            node["inputs"] = {"text": node["inputs"]["text"], "tokens": 8, **({"width": width} if width else {})}
         if (node["class_type"] == "DualCLIPLoader" and node["inputs"].get("type") == "flux") or (
                 node["class_type"] == "CLIPLoader" and node["inputs"].get("type") == "flux2"):
             node["class_type"] = "CLIPLoader"
@@ -216,3 +233,36 @@ def copy_shipped_images(input_dir: Path) -> list[Path]:
             shutil.copyfile(src, dst)
         out.append(dst)
     return out
+
+
+def write_source_video(path: Path, frames: int = 17, size: int = 32, fps: int = 16) -> Path:
+    """An H.264 MP4 of agg_testing.wan's moving pattern (`frames` frames of `size` px at `fps`), for Load Video:
+    17 frames at 16 fps (about 1 s) stay whole through the video workflow's 2 s trim and the Wan VAE (4k + 1)."""
+    import av
+    import numpy as np
+
+    from agg_testing import wan
+
+    clip = (wan.moving_pattern(frames, size, size).numpy() * 255).round().astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        stream.options = {"crf": "10"}  # near-lossless: the frames the workflow reads are the pattern's
+        for frame in clip:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def video_frames(path: Path) -> tuple[np.ndarray, float]:
+    """A video file's frames ([T, H, W, 3] uint8) and frame rate, read with PyAV."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return np.stack(frames), float(stream.average_rate or stream.guessed_rate or 0)
