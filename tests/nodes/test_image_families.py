@@ -369,24 +369,34 @@ def test_exact_samplers_realise_the_asymmetric_step(session, family, sampler):
 # AGG Invert round trip on each latent format
 
 
+# 20 steps: at 6 the last step is too long for the inversion's first-order steps to come back (model space: Flux.2
+# L1 0.089 against 0.087 moved, Qwen-Image 0.24 against 0.31). Measured at 20: Flux.2 L1 0.037 against 0.121 moved
+# (|source| 0.091); Qwen-Image 0.066 against 0.383 (|source| 0.273).
+ROUND_TRIP_STEPS = {"flux2": 20, "qwen": 20}
+ROUND_TRIP_MAX_SHARE = 0.5
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_invert_round_trip(session, family):
-    """source -> AGG Invert (cfg 1, source prompt) -> noise-free euler on the same sigmas, cfg 1, source prompt."""
-    g = img2img(family, seed=0, steps=6, cfg=1.0)
-    inverted(g, family, steps=6)
+    """source -> AGG Invert (cfg 1, source prompt) -> noise-free euler on the same sigmas, cfg 1, source prompt.
+    Judged in the model's latent space, where the sampler runs, from the state the sampler starts at: AGG
+    Invert's LATENT is that state divided by 1 - sigma (DisableNoise sampling multiplies it back), so the saved
+    latents overstate how far the inversion moved."""
+    steps = ROUND_TRIP_STEPS[family]
+    g = img2img(family, seed=0, steps=steps, cfg=1.0)
+    inverted(g, family, steps=steps)
     g.set_input(g["guider"], positive=g["source"][0], negative=g["source"][0], cfg=1.0)
     r = session.run(g.prompt)
-    out = FM.samples(r, g)
-    source = r.output(g["encode"].id)["samples"]
-    inv = r.output(g["invert"].id)["samples"]
-    assert out.shape == source.shape == inv.shape
-    err, moved = float((out - source).abs().mean()), float((inv - source).abs().mean())
-    print(f"{family} round trip (6 steps): L1 {err:.2e}, inverted latent moved {moved:.3f}, "
-          f"|source| {float(source.abs().mean()):.3f}")
-    # measured: Flux.2 L1 0.089, moved 1.05, |source| 0.091; Qwen-Image L1 0.52, moved 4.57, |source| 0.23
-    assert moved > 0.5 * float(source.abs().mean())  # the inversion really noised the latent
-    assert err < 0.5 * moved  # and noise-free sampling brought it back
-    traj = r.output(g["invert"].id, index=1)
     model = r.output(g["unet"].id).model
-    assert torch.allclose(traj.denoised[0].reshape(source.shape), model.process_latent_in(source.float()),
-                          atol=1e-4)
+    out, source, inv = (model.process_latent_in(x.float()) for x in (
+        FM.samples(r, g), r.output(g["encode"].id)["samples"], r.output(g["invert"].id)["samples"]))
+    assert out.shape == source.shape == inv.shape
+    top = float(r.output(g["sigmas"].id).max())
+    state = (1 - top) * inv
+    err, moved, size = (float(t.abs().mean()) for t in (out - source, state - source, source))
+    print(f"{family} round trip ({steps} steps from sigma {top:.3f}), model space: L1 {err:.3f}, inverted state "
+          f"moved {moved:.3f}, |source| {size:.3f}")
+    assert moved > 0.5 * size  # the inversion really noised the latent
+    assert err < ROUND_TRIP_MAX_SHARE * moved  # and noise-free sampling brought it back
+    traj = r.output(g["invert"].id, index=1)
+    assert torch.allclose(traj.denoised[0].reshape(source.shape), source, atol=1e-4)
