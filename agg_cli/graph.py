@@ -1,5 +1,5 @@
 """API-format workflows: loading (an example name or a file), the command line's overrides, the
-photo's working size, and the same graph with AGG taken out (the unguided comparison)."""
+photo's (or video's) working size, and the same graph with AGG taken out (the unguided comparison)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ MODEL_INPUTS: dict[str, tuple[str, str, str]] = {
     "controlnet": ("ControlNetLoader", "control_net_name", "controlnet"),
 }
 SOURCE_TITLES, STYLE_TITLES = ("Source image",), ("Style image", "Reference image", "Color reference")
+VIDEO_TITLES = ("Source video",)
+# The input of each source loader that names the uploaded file
+SOURCE_INPUTS = {"LoadImage": "image", "LoadVideo": "file"}
+# Video nodes between Load Video and the frames' resize: the resize is still "fed by the source"
+VIDEO_PASS_THROUGH = {"Video Slice": "video", "GetVideoComponents": "video"}
+# Savers whose filename_prefix the command line sets
+SAVERS = ("SaveImage", "SaveVideo")
 MASK_TITLES = ("Edit mask",)
 # Pictures the example workflows load that ship with the pack (ComfyUI's input folder may lack them).
 ASSETS = PACK / "web" / "assets"
@@ -124,6 +131,22 @@ def source_image_nodes(api: dict) -> list[str]:
     return others
 
 
+def video_nodes(api: dict) -> list[str]:
+    """The Load Video nodes that take the source video: those titled 'Source video', else all of them."""
+    loads = nodes_of(api, "LoadVideo")
+    titled = [nid for nid in loads if title(api[nid]) in VIDEO_TITLES]
+    return titled or loads
+
+
+def is_video_workflow(api: dict) -> bool:
+    return bool(video_nodes(api))
+
+
+def source_nodes(api: dict) -> list[str]:
+    """The loaders the photo or the video goes into: Load Video in a video workflow, else the source LoadImage."""
+    return video_nodes(api) or source_image_nodes(api)
+
+
 def style_image_nodes(api: dict) -> list[str]:
     return [nid for nid in nodes_of(api, "LoadImage") if title(api[nid]) in STYLE_TITLES]
 
@@ -142,10 +165,25 @@ def shipped_images(api: dict) -> dict[str, Path]:
     return out
 
 
+def _fed_by(api: dict, ref: Any, sources: list[str]) -> bool:
+    """Whether a link comes from one of `sources`, directly or through Trim Video / Get Video Components."""
+    for _ in range(8):
+        if not is_link(ref):
+            return False
+        nid = str(ref[0])
+        if nid in sources:
+            return True
+        node = api.get(nid, {})
+        key = VIDEO_PASS_THROUGH.get(node.get("class_type"))
+        if key is None:
+            return False
+        ref = node["inputs"].get(key)
+    return False
+
+
 def resize_nodes(api: dict, sources: list[str]) -> list[str]:
-    """ImageScale nodes fed by a source LoadImage."""
-    return [nid for nid in nodes_of(api, "ImageScale")
-            if is_link(api[nid]["inputs"].get("image")) and str(api[nid]["inputs"]["image"][0]) in sources]
+    """ImageScale nodes fed by a source loader (a video's frames through Get Video Components)."""
+    return [nid for nid in nodes_of(api, "ImageScale") if _fed_by(api, api[nid]["inputs"].get("image"), sources)]
 
 
 def _text_node_upstream(api: dict, ref: Any, key: str, depth: int = 0) -> str | None:
@@ -205,7 +243,7 @@ def workflow_text(api: dict, role: str) -> str | None:
 def workflow_size(api: dict) -> int | None:
     """The longer side of the workflow's own source resize (e.g. 512), if it has one."""
     sizes = [max(int(api[n]["inputs"].get("width", 0)), int(api[n]["inputs"].get("height", 0)))
-             for n in resize_nodes(api, source_image_nodes(api))
+             for n in resize_nodes(api, source_nodes(api))
              if not is_link(api[n]["inputs"].get("width")) and not is_link(api[n]["inputs"].get("height"))]
     return max(sizes) if sizes else None
 
@@ -263,20 +301,20 @@ def check_applicable(api: dict, s: Settings, name: str, style_image: bool, size:
             raise GraphError(f"--{key}: the workflow {name} has no {ct} node")
     if style_image and not style_image_nodes(api):
         raise GraphError(f"--style-image: the workflow {name} has no LoadImage titled 'Style image'")
-    if size and not resize_nodes(api, source_image_nodes(api)):
-        raise GraphError(f"--size: the workflow {name} has no ImageScale fed by the source image")
+    if size and not resize_nodes(api, source_nodes(api)):
+        raise GraphError(f"--size: the workflow {name} has no ImageScale fed by the source image or video")
     for role in ("source", "target", "negative"):
         if getattr(s, role) is not None and not (role in text_roles(api).values() or (
                 role != "negative" and uses_text(api, role))):
             raise GraphError(f"--{role}: the workflow {name} has no {role} text")
-    if not source_image_nodes(api):
-        raise GraphError(f"the workflow {name} has no LoadImage for the photo")
+    if not source_nodes(api):
+        raise GraphError(f"the workflow {name} has no LoadImage for the photo (nor a Load Video for a video)")
 
 
 def customise(api: dict, s: Settings, image: str, size: tuple[int, int] | None, prefix: str,
               style: str | None = None, mask: str | None = None) -> dict:
-    """A copy of `api` with the settings, the uploaded image names, the working size and the
-    SaveImage prefix filled in (a style or mask picture not given keeps the workflow's own)."""
+    """A copy of `api` with the settings, the uploaded image (or video) names, the working size and the
+    SaveImage / SaveVideo prefix filled in (a style or mask picture not given keeps the workflow's own)."""
     p = copy.deepcopy(api)
     for key, targets in OVERRIDES.items():
         value = getattr(s, key)
@@ -298,9 +336,9 @@ def customise(api: dict, s: Settings, image: str, size: tuple[int, int] | None, 
         for role, inp in (("source", "source_text"), ("target", "target_text")):
             if getattr(s, role) is not None:
                 set_text(p, p[nid], inp, getattr(s, role))
-    sources = source_image_nodes(p)
+    sources = source_nodes(p)
     for nid in sources:
-        p[nid]["inputs"]["image"] = image
+        p[nid]["inputs"][SOURCE_INPUTS[p[nid]["class_type"]]] = image
     for nids, value in ((style_image_nodes(p), style), (mask_image_nodes(p), mask)):
         for nid in nids:
             if value is not None:
@@ -308,7 +346,7 @@ def customise(api: dict, s: Settings, image: str, size: tuple[int, int] | None, 
     if size is not None:
         for nid in resize_nodes(p, sources):
             p[nid]["inputs"].update(width=size[0], height=size[1], crop="disabled")
-    for nid in nodes_of(p, "SaveImage"):
+    for nid in nodes_of(p, *SAVERS):
         p[nid]["inputs"]["filename_prefix"] = prefix
     return p
 
@@ -346,8 +384,8 @@ def check_against_server(api: dict, info: dict, url: str, used: dict[tuple[str, 
             continue
         declared = {**spec.get("input", {}).get("required", {}), **spec.get("input", {}).get("optional", {})}
         for inp, value in node["inputs"].items():
-            if is_link(value) or inp not in declared or inp == "image":
-                continue
+            if is_link(value) or inp not in declared or SOURCE_INPUTS.get(ct) == inp:
+                continue  # the source file is uploaded when its turn comes
             options = _combo_options(declared[inp])
             if options is not None and value not in options:
                 arg = used.get((ct, inp))

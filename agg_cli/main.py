@@ -18,6 +18,16 @@ writes into --output-dir: NAME_agg.png, NAME_unguided.png, NAME_side_by_side.png
 | AGG), NAME_terms.json (every per-step AGG report) and NAME_terms.png (loss terms and step sizes),
 plus summary.json. Every path and option is checked before anything starts; the model names and
 sampler settings are checked against each server's node list before any image is queued.
+
+Videos: --video FILE edits a clip with the Wan 2.1 text-to-video workflow (wan_video_edit; its models
+in the ComfyUI's models folders, or on the --server):
+
+  python -m agg_cli --video clip.mp4 --source "a video of waves on a beach" \\
+      --target "a watercolor painting of waves on a beach" --clip ~/models/open_clip_model.safetensors
+
+The clip's frames go in (its first 2 s, scaled to 832 px on the longer side, or --size), and
+NAME_agg.mp4 / NAME_unguided.mp4 come out at the clip's frame rate, with the same report as for
+photos (NAME_side_by_side.png shows each video's middle frame).
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ from .work import ImageTask, Outcome, RunSpec, Translator, settings_meta, write_
 
 PACK = G.PACK
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+VIDEO_WORKFLOW = "wan_video_edit"  # what --video runs unless --workflow names another video workflow
+VIDEO_MULTIPLE = 16  # Wan's frames: 8x VAE compression and 2 x 2 patches
 CHECKPOINT_EXT = {".safetensors", ".ckpt", ".pt", ".pth"}
 TEST_MODEL_DEFAULTS = {"steps": 20, "size": 128}
 
@@ -63,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--image", type=Path, action="append", default=[], metavar="FILE",
                      help="a photo to translate (may be given several times)")
     io_.add_argument("--images-dir", type=Path, metavar="DIR", help="translate every image in this folder")
+    io_.add_argument("--video", type=Path, action="append", default=[], metavar="FILE",
+                     help=f"a video to edit (may be given several times): runs the video workflow ({VIDEO_WORKFLOW}, "
+                          "Wan 2.1 text-to-video, unless --workflow names another with a Load Video node) on its "
+                          "frames and writes NAME_agg.mp4 (and NAME_unguided.mp4) at the clip's frame rate, with the "
+                          "per-step report; --source / --target describe the clip and the result")
     io_.add_argument("--source", help="what the photo shows, e.g. 'a photo of a cat' (required with --image / "
                                       "--images-dir: it drives the inversion and the CLIP direction)")
     io_.add_argument("--target", help="what the result should show, e.g. 'a watercolor painting of a cat' "
@@ -77,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--output-dir", type=Path, metavar="DIR",
                      help="where results go (default: ./agg-output/DATE-TIME); must not hold an earlier run")
     wf = ap.add_argument_group("workflow and settings (default: the workflow's own values)")
-    wf.add_argument("--workflow", default="text_guided", metavar="NAME|FILE",
-                    help=f"an example ({', '.join(G.EXAMPLES)}; default text_guided) or an API-format JSON file "
-                         "with AGG nodes")
+    wf.add_argument("--workflow", metavar="NAME|FILE",
+                    help=f"an example ({', '.join(G.EXAMPLES)}; default text_guided, {VIDEO_WORKFLOW} with --video) "
+                         "or an API-format JSON file with AGG nodes")
     wf.add_argument("--seed", type=int)
     wf.add_argument("--steps", type=int, help="sampling steps")
     wf.add_argument("--size", type=int, help="longer side of the working size in pixels (the aspect ratio is "
-                                             "kept, both sides rounded to a multiple of 8)")
+                                             "kept, both sides rounded to a multiple of 8; of 16 for a video)")
     wf.add_argument("--denoise", type=float, help="how far from the photo to start (0..1]")
     wf.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     wf.add_argument("--sampler", help="sampler name for KSampler workflows (e.g. euler, ddim, dpmpp_2m)")
@@ -143,6 +160,29 @@ def check_image(path: Path, arg: str) -> tuple[int, int]:
             return im.size
     except (UnidentifiedImageError, OSError) as e:
         raise UsageError(f"{arg} {path}: not an image Pillow can read ({e})") from None
+
+
+def check_video(path: Path, arg: str) -> tuple[int, int]:
+    """The video's (width, height); raises UsageError, naming `arg`, for a file that is missing or that PyAV
+    (ComfyUI's video reader) cannot open and decode a frame of."""
+    if not path.exists():
+        raise UsageError(f"{arg} {path}: no such file")
+    if not path.is_file():
+        raise UsageError(f"{arg} {path}: not a file")
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("it has no video stream")
+            frame = next(container.decode(video=0), None)
+            if frame is None:
+                raise ValueError("no frame could be decoded")
+            return frame.width, frame.height
+    except ImportError:
+        raise UsageError(f"{arg}: reading videos needs PyAV (pip install av; ComfyUI's requirements have it)") from None
+    except (OSError, ValueError, av.error.FFmpegError) as e:  # PyAV's errors, most also OSError / ValueError
+        raise UsageError(f"{arg} {path}: not a video PyAV can read ({e})") from None
 
 
 def check_safetensors(path: Path, arg: str) -> None:
@@ -240,10 +280,25 @@ class Plan:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        if args.workflow is None:
+            args.workflow = VIDEO_WORKFLOW if args.video else "text_guided"
         self.workflow_name, self.api = G.load_workflow(args.workflow)
         check_numbers(args)
-        self.images = collect_images(args)
+        if args.video and (args.image or args.images_dir is not None):
+            raise UsageError("--video: not with --image / --images-dir (one run edits either photos or videos)")
+        self.video = G.is_video_workflow(self.api)
+        if args.video:
+            self.images = [p for p in args.video if check_video(p, "--video")]
+            if not self.video:
+                raise UsageError(f"--video: the workflow {self.workflow_name} has no Load Video node; leave --workflow "
+                                 f"out (--video runs {VIDEO_WORKFLOW}) or give a workflow that loads a video")
+        else:
+            self.images = collect_images(args)
+            if self.images and self.video:
+                raise UsageError(f"{'--image' if args.image else '--images-dir'}: the workflow {self.workflow_name} "
+                                 "edits a video; give the clip with --video FILE")
         self.own_images = bool(self.images)
+        given = "--video" if self.video else "--image / --images-dir"
         self.style = None
         if args.style_image is not None:
             check_image(args.style_image, "--style-image")
@@ -293,13 +348,15 @@ class Plan:
 
         # Texts: the workflow's own describe ComfyUI's example picture, not the user's photo.
         if self.own_images:
-            for role, example in (("source", "a photo of a cat"), ("target", "a watercolor painting of a cat")):
+            thing = "video" if self.video else "photo"
+            for role, example in (("source", f"a {thing} of a cat"), ("target", "a watercolor painting of a cat")):
                 if getattr(args, role) is None and G.uses_text(self.api, role):
                     own = G.workflow_text(self.api, role)
                     raise UsageError(
-                        f"--{role} is required with --image / --images-dir: describe "
-                        + ("what your photo shows" if role == "source" else "the result you want")
-                        + f", e.g. --{role} \"{example}\" (the workflow's own text, {own!r}, describes its example picture)")
+                        f"--{role} is required with {given}: describe "
+                        + (f"what your {thing} shows" if role == "source" else "the result you want")
+                        + f", e.g. --{role} \"{example}\" (the workflow's own text, {own!r}, "
+                        + ("is an example)" if self.video else "describes its example picture)"))
             if G.mask_image_nodes(self.api) and self.mask is None:
                 raise UsageError(f"--mask is required with --image / --images-dir for the workflow {self.workflow_name}: "
                                  "the workflow's own mask marks a region of its example picture")
@@ -359,6 +416,9 @@ class Plan:
                         and not (self.comfyui / "extra_model_paths.yaml").exists():
                     raise UsageError(f"--{key} is required: the workflow needs {default!r} and "
                                      f"{self.comfyui / 'models' / folder} has no such file")
+        if not self.images and self.video:
+            raise UsageError(f"--video is required: the workflow {self.workflow_name} edits a video "
+                             "(e.g. --video clip.mp4)")
         if not self.images:
             example = (self.comfyui / "input" / "example.png") if self.local else None
             if example is None or not example.is_file():
@@ -378,7 +438,7 @@ class Plan:
         except OSError as e:
             raise UsageError(f"--output-dir {out}: cannot write there ({e})") from None
         self.out = out.resolve()
-        self.sizes = {p: check_image(p, "--image") for p in self.images}
+        self.sizes = {p: check_video(p, "--video") if self.video else check_image(p, "--image") for p in self.images}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,20 +502,20 @@ def run_spec(plan: Plan, run_id: str) -> RunSpec:
 
 
 def image_tasks(plan: Plan) -> list[ImageTask]:
-    """One task per photo; the photo's bytes are read when the task is handed out (``load``)."""
+    """One task per photo (or video); its bytes are read when the task is handed out (``load``)."""
     tasks = []
     for i, (path, stem) in enumerate(zip(plan.images, stems(plan.images), strict=True)):
         size = None
         if plan.size is not None:
             w, h = plan.sizes[path]
-            size = G.fit_size(w, h, plan.size)
-        tasks.append(ImageTask(i, stem, str(path), b"", size))
+            size = G.fit_size(w, h, plan.size, VIDEO_MULTIPLE if plan.video else 8)
+        tasks.append(ImageTask(i, stem, str(path), b"", size, video=plan.video))
     return tasks
 
 
 def load(task: ImageTask) -> ImageTask:
-    """The task with its photo's bytes, decoded once here in full: a damaged file (which ComfyUI's
-    LoadImage would pass on half-grey) fails as an unreadable image. Raises ValueError."""
+    """The task with its photo's (or video's) bytes, decoded once here in full: a damaged file (which ComfyUI's
+    LoadImage would pass on half-grey) fails as an unreadable image (or video). Raises ValueError."""
     import io
     from dataclasses import replace
 
@@ -463,10 +523,20 @@ def load(task: ImageTask) -> ImageTask:
 
     try:
         data = Path(task.path).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except OSError as e:
-        raise ValueError(f"unreadable image {task.path}: {e}") from None
+        if task.video:
+            import av
+
+            try:
+                with av.open(io.BytesIO(data)) as container:
+                    if sum(1 for _ in container.decode(video=0)) == 0:
+                        raise ValueError("no frames")
+            except av.error.FFmpegError as e:
+                raise ValueError(str(e)) from None
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+    except (OSError, ValueError) as e:  # PyAV's errors are OSError / ValueError subclasses
+        raise ValueError(f"unreadable {'video' if task.video else 'image'} {task.path}: {e}") from None
     return replace(task, data=data)
 
 
@@ -678,7 +748,7 @@ def run(plan: Plan) -> int:
                    "test_models": bool(args.test_models)}
         (plan.out / "summary.json").write_text(json.dumps(summary, indent=1))
         done = sum(i["status"] == "done" for i in images)
-        print(f"done: {done} of {len(images)} images in {seconds:.1f} s -> {plan.out}")
+        print(f"done: {done} of {len(images)} {'videos' if plan.video else 'images'} in {seconds:.1f} s -> {plan.out}")
         for st in servers:
             extra = f"; LOST: {st['error']}" if st["lost"] else ""
             print(f"  {st['url']}: {st['done']} done, {st['failed']} failed, {st['busy_seconds']:.1f} s busy{extra}")

@@ -110,7 +110,8 @@ def short(url: str) -> str:
     return url.split("://", 1)[-1]
 
 
-def side_by_side(paths: list[Path], labels: list[str], out: Path, height: int = 384) -> None:
+def side_by_side(paths: list[Path | IO[bytes]], labels: list[str], out: Path, height: int = 384) -> None:
+    """The pictures (files, or file-like PNG bytes) in a row at one height, each under its label."""
     from PIL import Image, ImageDraw
 
     ims = []

@@ -8,6 +8,7 @@ folder is, once per finished image. Everything passed between the two is plain d
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class ImageTask:
     path: str  # the photo where the CLI runs (for the output files)
     data: bytes  # the photo itself (a worker may run on another machine)
     size: tuple[int, int] | None = None  # working size, or None for the workflow's own
+    video: bool = False  # a video for a video workflow (Load Video), not a photo
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Outcome:
     seconds: float = 0.0
     results: dict[str, list[bytes]] = field(default_factory=dict)  # "AGG" / "unguided" -> images
     terms: list[dict] = field(default_factory=list)
+    suffix: str = ".png"  # of the result files, as the server saved them (".mp4" from Save Video)
 
 
 # on_step(image stem, phase, value, total, loss text)
@@ -94,7 +97,7 @@ class Translator:
         input) comes back as a failed Outcome; a lost server raises ServerLost."""
         t0 = time.monotonic()
         try:
-            results, terms = self._run(task, on_step)
+            results, terms, suffix = self._run(task, on_step)
         except ServerLost:
             raise
         except JobFailed as e:
@@ -102,9 +105,9 @@ class Translator:
         except Exception as e:  # noqa: BLE001 - anything else about this one image fails it alone
             return Outcome(task.index, task.stem, False, f"{type(e).__name__}: {e}", self.client.url,
                            time.monotonic() - t0)
-        return Outcome(task.index, task.stem, True, None, self.client.url, time.monotonic() - t0, results, terms)
+        return Outcome(task.index, task.stem, True, None, self.client.url, time.monotonic() - t0, results, terms, suffix)
 
-    def _run(self, task: ImageTask, on_step: StepHook | None) -> tuple[dict[str, list[bytes]], list[dict]]:
+    def _run(self, task: ImageTask, on_step: StepHook | None) -> tuple[dict[str, list[bytes]], list[dict], str]:
         spec, client, s = self.spec, self.client, self.spec.settings
         suffix = Path(task.path).suffix.lower()
         image = client.upload_image(task.data, f"{spec.run_id}_{task.index:04d}_{task.stem}{suffix}")
@@ -118,6 +121,7 @@ class Translator:
             runs.append(("unguided", G.without_agg(self.with_shipped(unguided))))
         results: dict[str, list[bytes]] = {}
         terms: list[dict] = []
+        suffix = ".png"
         for phase, prompt in runs:
             titles = {nid: n.get("_meta", {}).get("title") or n["class_type"] for nid, n in prompt.items()}
 
@@ -129,11 +133,12 @@ class Translator:
             entry, prog = client.run(prompt, show, timeout=spec.timeout)
             refs = client.images(entry)
             if not refs:
-                raise JobFailed(f"the {phase} run produced no image (does the workflow end in SaveImage?)")
+                raise JobFailed(f"the {phase} run produced no image (does the workflow end in SaveImage or SaveVideo?)")
             results[phase] = [client.fetch(ref) for _nid, ref in refs]
+            suffix = Path(refs[0][1].get("filename", "")).suffix.lower() or ".png"
             if phase == "AGG":
                 terms = prog.terms
-        return results, terms
+        return results, terms, suffix
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -157,11 +162,11 @@ def write_outputs(out: Path, outcome: Outcome, photo: Path, meta: dict[str, Any]
 
 def _write_outputs(out: Path, outcome: Outcome, photo: Path, meta: dict[str, Any], test_models: bool,
                    files: dict[str, str]) -> dict[str, str]:
-    stem, terms = outcome.stem, outcome.terms
+    stem, terms, suffix = outcome.stem, outcome.terms, outcome.suffix
     for phase, blobs in outcome.results.items():
         tag = "agg" if phase == "AGG" else "unguided"
         for i, blob in enumerate(blobs):
-            path = out / (f"{stem}_{tag}.png" if i == 0 else f"{stem}_{tag}_{i}.png")
+            path = out / (f"{stem}_{tag}{suffix}" if i == 0 else f"{stem}_{tag}_{i}{suffix}")
             atomic_write(path, blob)
             files[tag if i == 0 else f"{tag}_{i}"] = str(path)
     info = {"image": str(photo), "server": outcome.where, **meta, "events": terms}
@@ -177,9 +182,29 @@ def _write_outputs(out: Path, outcome: Outcome, photo: Path, meta: dict[str, Any
         labels.append("unguided" + label)
     shown.append(Path(files["agg"]))
     labels.append("AGG" + label)
+    if suffix in VIDEO_SUFFIXES:  # each video's middle frame, read into memory
+        shown = [middle_frame(p) for p in shown]
+        labels = [f"{text}, middle frame" for text in labels]
     files["side_by_side"] = str(out / f"{stem}_side_by_side.png")
     side_by_side(shown, labels, out / f"{stem}_side_by_side.png")
     return files
+
+
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv"}  # what Save Video writes (format auto / mp4 / webm)
+
+
+def middle_frame(path: Path) -> io.BytesIO:
+    """The middle frame of a video file as PNG bytes (a file-like object PIL opens)."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [f.to_image() for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{path}: no frames")
+    buf = io.BytesIO()
+    frames[len(frames) // 2].save(buf, "PNG")
+    buf.seek(0)
+    return buf
 
 
 def settings_meta(workflow: str, size: tuple[int, int] | None, settings: G.Settings) -> dict[str, Any]:
