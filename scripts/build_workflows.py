@@ -53,6 +53,8 @@ WORKFLOWS = PACK / "workflows"
 ASSETS = PACK / "web" / "assets"
 STYLE_IMAGE = "agg_style.png"
 EDIT_MASK = "agg_edit_mask.png"
+SOURCE_VIDEO = M.SOURCE_VIDEO  # the video workflow's example clip (web/assets/, made by source_video)
+PREVIEW_WIDGET = "video-preview"  # the frontend's preview on Load Video, serialised with the node's inputs
 DECODER = "taesd"
 
 SOURCE = "a child's drawing of a girl in a pink dress on a green hill"
@@ -632,6 +634,7 @@ def write_assets() -> None:
     ASSETS.mkdir(parents=True, exist_ok=True)
     style_image().save(ASSETS / STYLE_IMAGE, optimize=True)
     edit_mask().save(ASSETS / EDIT_MASK, optimize=True)
+    write_clip(ASSETS / SOURCE_VIDEO)
 
 
 def _font(size: int, bold: bool = False):
@@ -648,21 +651,82 @@ def source_picture() -> Path:
     return COMFYUI / "input" / "example.png"
 
 
-def beach_frame(side: int):
-    """A flat drawing of waves rolling onto a beach (the video workflow's source text), for its card."""
+def beach_frame(width: int, height: int, t: float = 0.0):
+    """A flat drawing of waves rolling onto a beach (the video workflow's source text) at time `t` of a loop
+    (0..1): the crests travel left to right and the surf runs up the sand and back. The card's source picture and
+    the frames of the shipped example clip."""
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (side, side), (135, 196, 235))
+    u = height / 196  # the card's picture is 196 px: sizes below are in its pixels
+    img = Image.new("RGB", (width, height), (135, 196, 235))
     draw = ImageDraw.Draw(img)
-    draw.ellipse([side * 0.68, side * 0.1, side * 0.86, side * 0.28], fill=(255, 224, 120))
-    sea, sand = int(side * 0.42), int(side * 0.72)
-    draw.rectangle([0, sea, side, side], fill=(38, 110, 170))
-    draw.polygon([(0, sand), *[(x, sand - 10 * math.sin(x / side * 3 * math.pi)) for x in range(0, side + 1, 4)],
-                  (side, side), (0, side)], fill=(232, 205, 150))
-    for k, y in enumerate(range(sea + 14, sand - 6, 16)):  # white crests, each row shifted
-        for x0 in range(-40 + 17 * k % 40, side, 40):
-            draw.arc([x0, y - 6, x0 + 30, y + 6], 200, 340, fill=(240, 248, 255), width=3)
+    draw.ellipse([width - 58 * u, 20 * u, width - 23 * u, 55 * u], fill=(255, 224, 120))
+    sea = int(height * 0.42)
+    sand = height * 0.72 - 8 * u * math.sin(2 * math.pi * t)  # the surf's edge
+    draw.rectangle([0, sea, width, height], fill=(38, 110, 170))
+    shore = [(x, sand - 10 * u * math.sin(x / width * 3 * math.pi + 2 * math.pi * t)) for x in range(0, width + 1, 4)]
+    draw.polygon([(0, height), *shore, (width, height)], fill=(232, 205, 150))
+    draw.line(shore, fill=(245, 250, 255), width=max(2, round(3 * u)))  # foam along the surf's edge
+    step, span = 40 * u, 30 * u
+    for k, y in enumerate(range(sea + round(14 * u), round(height * 0.72 - 14 * u), round(16 * u))):
+        shift = (17 * k * u + t * step) % step  # each row of white crests offset, all moving on
+        x0 = shift - step
+        while x0 < width:
+            draw.arc([x0, y - 6 * u, x0 + span, y + 6 * u], 200, 340, fill=(240, 248, 255), width=max(2, round(3 * u)))
+            x0 += step
     return img
+
+
+def source_video(path: Path, width: int = 832, height: int = 480, frames: int = 33, fps: int = 16) -> None:
+    """The video workflow's example clip: `frames` frames of beach_frame (one loop of its waves) as H.264 MP4 at
+    Wan 2.1's template size, length and frame rate (one encoder thread, fixed settings and timestamps)."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w", format="mp4", options={"fflags": "+bitexact"}) as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.thread_count = 1
+        stream.options = {"crf": "20", "preset": "slow", "threads": "1", "x264-params": "threads=1:lookahead-threads=1"}
+        stream.time_base = Fraction(1, fps)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.asarray(beach_frame(width, height, i / frames)), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)  # explicit timestamps: the encoder's input is all given
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def clip_frames(path: Path):
+    """A video file's frames as one uint8 array [T, H, W, 3]."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def same_clip(a: Path, b: Path, tolerance: float = 1.0) -> bool:
+    """Whether two video files hold the same frames, to `tolerance` (mean absolute difference of 8-bit values)."""
+    import numpy as np
+
+    fa, fb = clip_frames(a), clip_frames(b)
+    return fa.shape == fb.shape and float(np.abs(fa.astype(np.float32) - fb).mean()) <= tolerance
+
+
+def write_clip(path: Path) -> None:
+    """source_video() into `path`, unless the file there already holds the same clip: x264's bytes differ with the
+    FFmpeg build PyAV loads, and a rebuild should leave the shipped file as it is."""
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / path.name
+        source_video(fresh)
+        if not (path.exists() and same_clip(path, fresh)):
+            shutil.copyfile(fresh, path)
 
 
 def thumbnail(card: Card, out: Path, size: tuple[int, int] = (512, 384)) -> None:
@@ -677,7 +741,7 @@ def thumbnail(card: Card, out: Path, size: tuple[int, int] = (512, 384)) -> None
     draw.text((w - 16, 29), "AGG", font=_font(18, bold=True), fill=(242, 165, 65), anchor="rm")
     side, top = 196, 84
     if card.video:
-        pic = beach_frame(side)
+        pic = beach_frame(side, side)
     else:
         with Image.open(source_picture()) as src:
             pic = src.convert("RGB").resize((side, side), Image.LANCZOS)
@@ -1010,7 +1074,7 @@ def build_graphs(selected: set[str] | None) -> int:
     yaml = fake_models_tree(work / "models")
     (WORKFLOWS / "api").mkdir(parents=True, exist_ok=True)
     with ComfyServer(COMFYUI, None, work / "server", extra_model_paths=yaml, cpu=None) as server:
-        for asset in (STYLE_IMAGE, EDIT_MASK):
+        for asset in (STYLE_IMAGE, EDIT_MASK, SOURCE_VIDEO):
             (server.dirs["input"] / asset).write_bytes((ASSETS / asset).read_bytes())
         available = set(json.loads(_get(server.url + "/object_info")))
         with Browser() as browser:
@@ -1028,6 +1092,8 @@ def build_graphs(selected: set[str] | None) -> int:
                 if notes != [[wf.note]]:
                     raise RuntimeError(f"{wf.name}: the Read me note is not this workflow's: {notes}")
                 api_out = res["api"]
+                for node in api_out.values():  # Load Video's preview widget: the page's, not an input of the node
+                    node["inputs"].pop(PREVIEW_WIDGET, None)
                 for nid, node in wf.api.prompt.items():  # keep the titles written above
                     if "_meta" in node and nid in api_out:
                         api_out[nid]["_meta"] = node["_meta"]

@@ -85,8 +85,6 @@ def load_api(name: str) -> dict:
 @pytest.fixture(scope="module")
 def object_info(comfy_server, names) -> dict:
     W.copy_shipped_images(comfy_server.input_dir)  # LoadImage and LoadVideo list the input folder
-    if not (comfy_server.input_dir / W.SOURCE_VIDEO).exists():
-        W.write_source_video(comfy_server.input_dir / W.SOURCE_VIDEO)
     return comfy_server.get("/object_info")
 
 
@@ -321,6 +319,25 @@ def test_shipped_images_are_the_generated_ones():
         m = np.asarray(mask.convert("L"))
         assert mask.size == (768, 768) and set(np.unique(m)) == {0, 255}
         assert 0.05 < (m == 255).mean() < 0.3  # a region, not the whole picture
+
+
+def test_shipped_clip_is_the_generated_one(tmp_path):
+    """web/assets/agg_source_video.mp4 is the build script's clip (the same frames to the codec's rounding: x264's
+    bytes vary with the FFmpeg build loaded), the drawn frames to within H.264's loss, at Wan 2.1's template size,
+    length and frame rate (832 x 480, 33 frames = 4 * 8 + 1, 16 fps), every frame moving on from the last."""
+    import numpy as np
+
+    b = build_script()
+    b.source_video(tmp_path / "clip.mp4")
+    shipped = W.ASSETS / W.SOURCE_VIDEO
+    assert b.same_clip(shipped, tmp_path / "clip.mp4")
+    assert shipped.stat().st_size < 300_000
+    frames, fps = W.video_frames(shipped)
+    assert frames.shape == (33, 480, 832, 3) and fps == 16
+    drawn = np.stack([np.asarray(b.beach_frame(832, 480, i / 33)) for i in (0, 16, 32)])
+    assert np.abs(frames[[0, 16, 32]].astype(float) - drawn).mean() < 3.0
+    steps = np.abs(np.diff(frames.astype(float), axis=0)).mean((1, 2, 3))
+    assert (steps > 0.5).all()
 
 
 def test_source_graphs_match_the_api_twins():
@@ -588,12 +605,18 @@ def test_wan_video_twin_replaces_only_the_text_encoder_and_keeps_the_video_chain
     assert one("SaveVideo")[1]["video"] == [create, 0]
 
 
+TEST_CLIP = "agg_test_clip.mp4"  # written by the test into ComfyUI's input folder (W.write_source_video)
+
+
 def small_video_prompt(names: dict[str, str]) -> dict:
-    """The Wan twin on the fixtures at 32 x 32 px (4 x 4 latents per frame), 2 steps, 2 CLIP cut-outs."""
+    """The Wan twin on the fixtures at 32 x 32 px (4 x 4 latents per frame), 2 steps, 2 CLIP cut-outs, loading the
+    test's clip."""
     p = small_prompt(load_api("agg_wan_video_edit"), names)
     for node in p.values():
         if node["class_type"] == "ImageScale":
             node["inputs"].update(width=32, height=32)
+        if node["class_type"] == "LoadVideo":
+            node["inputs"]["file"] = TEST_CLIP
     return p
 
 
@@ -617,7 +640,7 @@ def test_wan_video_twin_runs_in_process_and_guidance_changes_the_video(comfy, na
     from agg_testing import wan
 
     wan.register_nodes()
-    W.write_source_video(comfy.dirs["input"] / W.SOURCE_VIDEO, frames=17, size=32, fps=16)
+    W.write_source_video(comfy.dirs["input"] / TEST_CLIP, frames=17, size=32, fps=16)
     prompt = small_video_prompt(names)
     with caplog.at_level(logging.WARNING):
         r = comfy.run(prompt)

@@ -1,9 +1,10 @@
 // Asymmetric Gradient Guidance: the example images shipped with the pack (web/assets/).
 //
 // The pack's workflows load some images the pack ships itself (the style image of the image-style
-// workflow). When a workflow whose LoadImage names one of them is loaded and ComfyUI's input folder
-// lacks the file, it is uploaded through ComfyUI's own /upload/image endpoint, exactly as the
-// node's upload button would, and the node's image list and preview are refreshed. Only the files
+// workflow, the example clip of the video workflow). When a workflow whose LoadImage (or Load Video)
+// names one of them is loaded and ComfyUI's input folder lacks the file, it is uploaded through
+// ComfyUI's own /upload/image endpoint, exactly as the node's upload button would, and the node's
+// file list and preview are refreshed. Only the files
 // named in SHIPPED, only when missing, and never with "overwrite": a file of that name the user
 // already has is left as it is.
 
@@ -11,13 +12,16 @@ import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
 // The files in web/assets/ that workflows may name (tests/browser checks this list against the folder).
-export const SHIPPED = ["agg_edit_mask.png", "agg_style.png"];
+export const SHIPPED = ["agg_edit_mask.png", "agg_source_video.mp4", "agg_style.png"];
+// The file widget of each loader the shipped files go into
+const FILE_WIDGETS = { LoadImage: "image", LoadVideo: "file" };
 
 const ASSETS = new URL("../assets/", import.meta.url);
 const pending = new Map(); // file name -> Promise of the name the server stored it under (or null)
 
 function imageWidgets(node) {
-  return (node.widgets ?? []).filter((w) => w.name === "image" && w.type === "combo");
+  const name = FILE_WIDGETS[node.type ?? node.comfyClass] ?? "image";
+  return (node.widgets ?? []).filter((w) => w.name === name && w.type === "combo");
 }
 
 function comboValues(widget) {
@@ -38,7 +42,8 @@ async function upload(name) {
   if (!res.ok) throw new Error(`${name} is not in the pack's web/assets (${res.status})`);
   const blob = await res.blob();
   const body = new FormData();
-  body.append("image", new File([blob], name, { type: blob.type || "image/png" }));
+  const kind = name.endsWith(".mp4") ? "video/mp4" : "image/png";
+  body.append("image", new File([blob], name, { type: blob.type || kind }));
   body.append("type", "input");
   // No "overwrite": should a file of this name appear meanwhile, the server keeps it and stores
   // this one under a new name, which is then what the node loads.
@@ -60,7 +65,9 @@ function provide(name) {
 }
 
 function listEverywhere(stored) {
+  const video = stored.endsWith(".mp4");
   for (const n of app.graph?._nodes ?? app.graph?.nodes ?? []) {
+    if ((n.type === "LoadVideo") !== video) continue; // a clip is listed by Load Video only, a picture by the rest
     for (const w of imageWidgets(n)) {
       const values = comboValues(w);
       if (values && !values.includes(stored)) values.push(stored);
