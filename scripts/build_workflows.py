@@ -498,7 +498,9 @@ def wan_video_edit() -> Workflow:
         "Sampler (noise disabled) edit it: Structure Loss follows the inversion's trajectory in every frame, CLIP "
         "Direction Loss judges `frames` latent frames per step (2 here, chosen afresh each step; more = steadier "
         "and slower). Create Video keeps the source's frame rate; Save Video writes an MP4 to ComfyUI's output "
-        "folder.",
+        f"folder. The example clip `{SOURCE_VIDEO}` (waves on a beach, drawn by the pack's build script, free to use) "
+        "ships with the pack (web/assets/); the pack's frontend extension copies it into ComfyUI's input folder "
+        "when it is missing.",
         [WAN, WAN_TE, WAN_VAE, OPEN_CLIP], TAESD["wan"],
         "pick your video in **Source video** (upload). " + SHARED_TEXT_USE + STRENGTH_USE),
         Card("Video editing", "Wan 2.1 T2V 1.3B · AGG Invert + AGG Guider", target_text=VIDEO_TARGET, video=True))
