@@ -931,7 +931,8 @@ def frame(width: float, height: float, x0: float = 0.0, y0: float = 0.0) -> dict
     """The saved view (LiteGraph's DragAndScale: page = (canvas + offset) * scale) that centres the box
     [x0, y0, width, height] in VIEW, at scale 1 at most."""
     left, top, right, bottom = VIEW
-    scale = math.floor(min(1.0, (right - left) / width, (bottom - top) / height) * 1000) / 1000
+    # half a canvas unit to spare: the offset below is rounded to 0.1, which must not push the box out of view
+    scale = math.floor(min(1.0, (right - left) / (width + 0.5), (bottom - top) / (height + 0.5)) * 1000) / 1000
     offset = [round((left + right) / 2 / scale - (x0 + width / 2), 1), round((top + bottom) / 2 / scale - (y0 + height / 2), 1)]
     return {"scale": scale, "offset": offset}
 
