@@ -10,6 +10,9 @@ decoder and manifold once, and the exact samplers with the cheapest manifold.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from agg_testing import graphs, probes, sd3
@@ -73,6 +76,23 @@ def register_recorder() -> None:
 
     nodes.NODE_CLASS_MAPPINGS.setdefault("AGGTestStepRecorder", AGGTestStepRecorder)
     nodes.NODE_DISPLAY_NAME_MAPPINGS.setdefault("AGGTestStepRecorder", "AGGTestStepRecorder")
+
+
+@contextmanager
+def recorder_in_place() -> Iterator[None]:
+    """This module's recorder registered while the block runs. It records into this module's RECORDS, which its
+    step readers pop; another copy of this module (imported by path by another test file) may have registered
+    its own first, which is put back afterwards."""
+    import nodes
+
+    previous = nodes.NODE_CLASS_MAPPINGS.get("AGGTestStepRecorder")
+    nodes.NODE_CLASS_MAPPINGS["AGGTestStepRecorder"] = AGGTestStepRecorder
+    nodes.NODE_DISPLAY_NAME_MAPPINGS.setdefault("AGGTestStepRecorder", "AGGTestStepRecorder")
+    try:
+        yield
+    finally:
+        if previous is not None:
+            nodes.NODE_CLASS_MAPPINGS["AGGTestStepRecorder"] = previous
 
 
 # ---------------------------------------------------------------------------------------------------

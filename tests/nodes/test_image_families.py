@@ -34,20 +34,12 @@ TINY_VAE = {"flux2": "taef2", "qwen": families.LIGHTTAEW}  # VAELoader's names o
 
 @pytest.fixture(scope="module")
 def session(comfy, agg_models):
-    import nodes
-
     probes.register()
     families.register_nodes()
     families.link_flux2(agg_models.root)
     families.link_qwen(agg_models.root)
-    # FM's recorder records into FM.RECORDS, which FM's step readers pop; another copy of test_flow_models
-    # may have registered its own first, so this module's is put in place while it runs
-    previous = nodes.NODE_CLASS_MAPPINGS.get("AGGTestStepRecorder")
-    nodes.NODE_CLASS_MAPPINGS["AGGTestStepRecorder"] = FM.AGGTestStepRecorder
-    nodes.NODE_DISPLAY_NAME_MAPPINGS.setdefault("AGGTestStepRecorder", "AGGTestStepRecorder")
-    yield comfy
-    if previous is not None:
-        nodes.NODE_CLASS_MAPPINGS["AGGTestStepRecorder"] = previous
+    with FM.recorder_in_place():  # FM's step readers read what FM's recorder records
+        yield comfy
 
 
 # ---------------------------------------------------------------------------------------------------

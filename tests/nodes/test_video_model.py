@@ -34,19 +34,11 @@ SOURCE_TEXT = "colour bands with a white disc"
 
 @pytest.fixture(scope="module")
 def session(comfy, agg_models):
-    import nodes
-
     probes.register()
     wan.register_nodes()
     wan.link_wan(agg_models.root)
-    # FM's recorder records into FM.RECORDS, which FM's step readers pop; another copy of test_flow_models
-    # may have registered its own first, so this module's is put in place while it runs
-    previous = nodes.NODE_CLASS_MAPPINGS.get("AGGTestStepRecorder")
-    nodes.NODE_CLASS_MAPPINGS["AGGTestStepRecorder"] = FM.AGGTestStepRecorder
-    nodes.NODE_DISPLAY_NAME_MAPPINGS.setdefault("AGGTestStepRecorder", "AGGTestStepRecorder")
-    yield comfy
-    if previous is not None:
-        nodes.NODE_CLASS_MAPPINGS["AGGTestStepRecorder"] = previous
+    with FM.recorder_in_place():  # FM's step readers read what FM's recorder records
+        yield comfy
 
 
 # ---------------------------------------------------------------------------------------------------
