@@ -170,6 +170,8 @@ def _write_outputs(out: Path, outcome: Outcome, photo: Path, meta: dict[str, Any
             atomic_write(path, blob)
             files[tag if i == 0 else f"{tag}_{i}"] = str(path)
     info = {"image": str(photo), "server": outcome.where, **meta, "events": terms}
+    if suffix in VIDEO_SUFFIXES and "unguided" in files:
+        info["steadiness"] = video_steadiness(Path(files["agg"]), Path(files["unguided"]))
     files["terms_json"] = str(out / f"{stem}_terms.json")
     atomic_write(out / f"{stem}_terms.json", json.dumps(info, indent=1).encode())
     label = " (toy test model)" if test_models else ""
@@ -205,6 +207,27 @@ def middle_frame(path: Path) -> io.BytesIO:
     frames[len(frames) // 2].save(buf, "PNG")
     buf.seek(0)
     return buf
+
+
+def video_frames(path: Path):
+    """A video's frames as a float tensor [1, 3, T, H, W] in 0..1."""
+    import av
+    import numpy as np
+    import torch
+
+    with av.open(str(path)) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    return torch.from_numpy(frames).float().div(255).permute(3, 0, 1, 2)[None]
+
+
+def video_steadiness(guided: Path, unguided: Path) -> dict[str, float]:
+    """The guided video's mean frame-to-frame change against the unguided one's (agg_kernels.frames: 1 = no
+    flicker added), and each, in 0..1 pixel units."""
+    from agg_kernels.frames import steadiness, temporal_change
+
+    a, b = video_frames(guided), video_frames(unguided)
+    return {"ratio": float(steadiness(a, b)[0]), "agg_change": float(temporal_change(a)[0]),
+            "unguided_change": float(temporal_change(b)[0])}
 
 
 def settings_meta(workflow: str, size: tuple[int, int] | None, settings: G.Settings) -> dict[str, Any]:

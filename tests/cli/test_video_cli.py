@@ -205,6 +205,12 @@ def test_video_is_edited_end_to_end_with_the_report(capsys, agg_models, wan_serv
     steps = report["events"]
     assert steps and all({"structure", "clip_direction"} <= set(e["terms"]) and not e["skipped"] for e in steps), steps
     assert report["settings"]["steps"] == 2 and report["size"] == [64, 64]
+    # the run's steadiness: the AGG video's mean frame-to-frame change over the unguided video's, from the files
+    want = float(np.abs(np.diff(agg.astype(float) / 255, axis=0)).mean() /
+                 np.abs(np.diff(unguided.astype(float) / 255, axis=0)).mean())
+    print(f"steadiness of the edited clip: x{report['steadiness']['ratio']:.3f} (frame-to-frame change "
+          f"{report['steadiness']['agg_change']:.4f} against {report['steadiness']['unguided_change']:.4f})")
+    assert report["steadiness"]["ratio"] == pytest.approx(want, rel=1e-4)
     with Image.open(out / f"{stem}_side_by_side.png") as im:
         assert im.width > 3 * im.height * 0.9  # source | unguided | AGG
     summary = json.loads((out / "summary.json").read_text())
