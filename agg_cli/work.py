@@ -14,11 +14,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import graph as G
 from .comfy import Client, JobFailed, Progress, ServerLost
 from .report import loss_text, plot_terms, side_by_side, terms_summary
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -170,22 +173,22 @@ def _write_outputs(out: Path, outcome: Outcome, photo: Path, meta: dict[str, Any
             atomic_write(path, blob)
             files[tag if i == 0 else f"{tag}_{i}"] = str(path)
     info = {"image": str(photo), "server": outcome.where, **meta, "events": terms}
-    if suffix in VIDEO_SUFFIXES and "unguided" in files:
-        info["steadiness"] = video_steadiness(Path(files["agg"]), Path(files["unguided"]))
+    video = suffix in VIDEO_SUFFIXES
+    clips = {tag: video_frames(Path(files[tag])) for tag in ("agg", "unguided") if tag in files} if video else {}
+    if "unguided" in clips:
+        info["steadiness"] = video_steadiness(clips["agg"], clips["unguided"])
     files["terms_json"] = str(out / f"{stem}_terms.json")
     atomic_write(out / f"{stem}_terms.json", json.dumps(info, indent=1).encode())
     label = " (toy test model)" if test_models else ""
     files["terms_plot"] = str(out / f"{stem}_terms.png")
     if not plot_terms(terms, out / f"{stem}_terms.png", f"AGG per step: {stem}{label}"):
         del files["terms_plot"]
-    shown, labels = [photo], ["source"]
-    if "unguided" in files:
-        shown.append(Path(files["unguided"]))
-        labels.append("unguided" + label)
-    shown.append(Path(files["agg"]))
-    labels.append("AGG" + label)
-    if suffix in VIDEO_SUFFIXES:  # each video's middle frame, read into memory
-        shown = [middle_frame(p) for p in shown]
+    tags = ["source", *(["unguided"] if "unguided" in files else []), "agg"]
+    shown: list[Path | io.BytesIO] = [photo if t == "source" else Path(files[t]) for t in tags]
+    labels = ["source", *(("unguided" if t == "unguided" else "AGG") + label for t in tags[1:])]
+    if video:  # each video's middle frame (the results' frames read once, above)
+        clips["source"] = video_frames(photo)
+        shown = [middle_frame(clips[t]) for t in tags]
         labels = [f"{text}, middle frame" for text in labels]
     files["side_by_side"] = str(out / f"{stem}_side_by_side.png")
     side_by_side(shown, labels, out / f"{stem}_side_by_side.png")
@@ -195,37 +198,36 @@ def _write_outputs(out: Path, outcome: Outcome, photo: Path, meta: dict[str, Any
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv"}  # what Save Video writes (format auto / mp4 / webm)
 
 
-def middle_frame(path: Path) -> io.BytesIO:
-    """The middle frame of a video file as PNG bytes (a file-like object PIL opens)."""
+def video_frames(path: Path) -> np.ndarray:
+    """A video's frames, [T, H, W, 3] uint8 RGB."""
     import av
+    import numpy as np
 
     with av.open(str(path)) as container:
-        frames = [f.to_image() for f in container.decode(video=0)]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     if not frames:
         raise ValueError(f"{path}: no frames")
+    return np.stack(frames)
+
+
+def middle_frame(frames: np.ndarray) -> io.BytesIO:
+    """The middle frame of [T, H, W, 3] frames as PNG bytes (a file-like object PIL opens)."""
+    from PIL import Image
+
     buf = io.BytesIO()
-    frames[len(frames) // 2].save(buf, "PNG")
+    Image.fromarray(frames[len(frames) // 2]).save(buf, "PNG")
     buf.seek(0)
     return buf
 
 
-def video_frames(path: Path):
-    """A video's frames as a float tensor [1, 3, T, H, W] in 0..1."""
-    import av
-    import numpy as np
-    import torch
-
-    with av.open(str(path)) as container:
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-    return torch.from_numpy(frames).float().div(255).permute(3, 0, 1, 2)[None]
-
-
-def video_steadiness(guided: Path, unguided: Path) -> dict[str, float]:
+def video_steadiness(guided: np.ndarray, unguided: np.ndarray) -> dict[str, float]:
     """The guided video's mean frame-to-frame change against the unguided one's (agg_kernels.frames: 1 = no
     flicker added), and each, in 0..1 pixel units."""
+    import torch
+
     from agg_kernels.frames import steadiness, temporal_change
 
-    a, b = video_frames(guided), video_frames(unguided)
+    a, b = (torch.from_numpy(f).float().div(255).permute(3, 0, 1, 2)[None] for f in (guided, unguided))
     return {"ratio": float(steadiness(a, b)[0]), "agg_change": float(temporal_change(a)[0]),
             "unguided_change": float(temporal_change(b)[0])}
 

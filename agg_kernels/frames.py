@@ -16,6 +16,7 @@ unchanged: a one-frame latent is its own only frame.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -27,9 +28,9 @@ from .objective import Loss, LossContext, Terms, Weight, anchors_of, floors_of, 
 FRAME_SEED_MIX = 1_000_003
 
 
-def frame_count(x: torch.Tensor) -> int:
-    """Frames of a latent: T of [B, C, T, h, w], 1 of an image latent [B, C, h, w]."""
-    return int(x.shape[2]) if x.ndim == 5 else 1
+def frame_count(shape: Sequence[int]) -> int:
+    """Frames of a latent of this shape: T of [B, C, T, h, w], 1 of an image latent [B, C, h, w]."""
+    return int(shape[2]) if len(shape) == 5 else 1
 
 
 def chosen_frames(n: int, frames: int, seed: int, step: int) -> list[int]:
@@ -69,10 +70,10 @@ class OnFrames:
         self.loss, self.frames, self.seed = loss, int(frames), int(seed)
 
     def chosen(self, x0: torch.Tensor, ctx: LossContext) -> list[int]:
-        return chosen_frames(frame_count(x0), self.frames, self.seed, ctx.step)
+        return chosen_frames(frame_count(x0.shape), self.frames, self.seed, ctx.step)
 
     def __call__(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        if frame_count(x0) <= 1:
+        if frame_count(x0.shape) <= 1:
             return self.loss(x0, ctx)
         idx = self.chosen(x0, ctx)
         return self.loss(frames_of(x0, idx), replace(ctx, x=frames_of(ctx.x, idx)))
@@ -97,7 +98,7 @@ def on_frames(loss: Loss, frames: int, seed: int) -> OnFrames:
 def temporal_change(x: torch.Tensor) -> torch.Tensor:
     """Mean absolute change from each frame to the next, per clip [B]: the flicker a clip shows
     (0 for a still clip; an image latent has none)."""
-    if frame_count(x) <= 1:
+    if frame_count(x.shape) <= 1:
         return torch.zeros(x.shape[0], device=x.device)
     return (x[:, :, 1:] - x[:, :, :-1]).abs().flatten(1).mean(1)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..agg_kernels.frames import on_frames
+from ..agg_kernels.frames import frame_count, on_frames
 from ..agg_kernels.losses import (
     Trajectory,
     check_reference,
@@ -108,35 +108,34 @@ def mask_input(role: str) -> io.Input:
                          "same mask in Set Latent Noise Mask to keep the rest of the image exactly.")
 
 
-def run_frames(run: RunInfo) -> int:
-    """Latent frames of the run's latent: T of a video latent [B, C, T, h, w], else 1."""
-    return int(run.latent_shape[2]) if len(run.latent_shape) == 5 else 1
-
-
 def latent_region(mask: torch.Tensor, run: RunInfo, node: str) -> torch.Tensor:
     """The node's mask on the run's latent grid, [B or 1, 1, h, w] on the run's device; for the 5-D latents
     [B, C, T, h, w] (video, and Qwen-Image's one-frame latents) [B or 1, 1, T or 1, h, w]: one mask per clip
     holds for all its frames, one mask per video frame for its latent frame (agg_kernels.mask.video_region)."""
     shape = tuple(run.latent_shape)
-    checked(node, "mask", check_mask, mask, shape[0], run_frames(run))
+    checked(node, "mask", check_mask, mask, shape[0], frame_count(shape))
     if len(shape) == 5:
-        return video_region(mask, shape[0], run_frames(run), shape[-2:]).to(run.device)
+        return video_region(mask, shape[0], frame_count(shape), shape[-2:]).to(run.device)
     return resize_mask(mask, shape[-2:]).to(run.device)
+
+
+def region_of(mask: torch.Tensor | None, run: RunInfo, node: str) -> torch.Tensor | None:
+    """latent_region, or None without a mask: made (and checked) once per loss, before anything is decoded."""
+    return None if mask is None else latent_region(mask, run, node)
 
 
 def judged_mask(mask: torch.Tensor | None, run: RunInfo) -> torch.Tensor | None:
     """The mask an image loss looks through: a video's per-frame masks together (the frames it judges are
     chosen each step; each frame's pull is still held to its own mask by on_region)."""
-    if mask is not None and per_frame(mask, run.latent_shape[0], run_frames(run)):
+    if mask is not None and per_frame(mask, run.latent_shape[0], frame_count(run.latent_shape)):
         return union_mask(mask)
     return mask
 
 
-def on_region(loss: Loss, mask: torch.Tensor | None, run: RunInfo, node: str, *, outside: bool = False) -> Loss:
-    """The loss acting only inside the node's mask (or only outside it); unchanged without a mask."""
-    if mask is None:
+def on_region(loss: Loss, region: torch.Tensor | None, *, outside: bool = False) -> Loss:
+    """The loss acting only inside a latent region (region_of; or only outside it); unchanged without one."""
+    if region is None:
         return loss
-    region = latent_region(mask, run, node)
     return restrict(loss, 1 - region if outside else region)
 
 
@@ -190,7 +189,7 @@ class AGGStructureLoss(io.ComfyNode):
                 reference = grad_constant(run.model.process_latent_in(source_samples.to(run.device)), run.device)
             checked(node, input_name, check_reference, reference, probe, f"the {input_name} latent")
             held = structure_loss(weight, reference)
-            return on_region(held, mask, run, node, outside=True)
+            return on_region(held, region_of(mask, run, node), outside=True)
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))
 
@@ -217,16 +216,15 @@ def clip_loss_spec(node: str, clip: AGGClip | VisionClip, vae, decoder: str, mas
     weight included), as it would be alone."""
 
     def build(run: RunInfo) -> Loss:
-        if mask is not None:
-            latent_region(mask, run, node)  # the whole batch's check first
+        region = region_of(mask, run, node)
         view = judged_mask(mask, run)
         if view is None or as_mask(view).shape[0] == 1:
             decode = pixels_of(decoder, vae, view, run, node)
-            return on_region(on_frames(judged(run, decode, clip_on(clip, run)), frames, seed), mask, run, node)
+            return on_region(on_frames(judged(run, decode, clip_on(clip, run)), frames, seed), region)
         decode, c = make_decoder(decoder, vae, run, node), clip_on(clip, run)
-        masks = [mask[i : i + 1] for i in range(mask.shape[0])]
-        return per_sample_loss([on_region(on_frames(judged(run, focused(decode, m), c), frames, seed), m, run, node)
-                                for m in masks])
+        # one mask per image: image i is judged through its own mask's crop, its pull held to its own region
+        return per_sample_loss([on_region(on_frames(judged(run, focused(decode, mask[i : i + 1]), c), frames, seed),
+                                          region[i : i + 1]) for i in range(mask.shape[0])])
 
     return LossSpec(node, build)
 
@@ -384,12 +382,11 @@ class AGGColorLoss(io.ComfyNode):
         ref_mean, ref_std = ref_mean.cpu(), ref_std.cpu()
 
         def build(run: RunInfo) -> Loss:
-            if mask is not None:
-                latent_region(mask, run, node)  # the mask's check, before anything is decoded
+            region = region_of(mask, run, node)
             decode = make_decoder(decoder, vae, run, node)
             view = judged_mask(mask, run)
             judged = color_loss(weight, decode, grad_constant(ref_mean, run.device), grad_constant(ref_std, run.device),
                                 mask=None if view is None else grad_constant(view, run.device))
-            return on_region(on_frames(judged, frames, seed), mask, run, node)
+            return on_region(on_frames(judged, frames, seed), region)
 
         return io.NodeOutput(chain(loss, LossSpec(node, build)))

@@ -210,7 +210,7 @@ class AGGRun:
             result = delta()
         self.step += 1
         change = None
-        if result.delta is not None and frame_count(denoised) > 1:
+        if result.delta is not None and frame_count(denoised.shape) > 1:
             # a video: how much the guided step changed the clean estimate's frame-to-frame change (flicker)
             change = float(steadiness(denoised.float() + result.delta.to(denoised.device), denoised).max())
             self.frame_changes.append(change)
