@@ -7,7 +7,7 @@ from comfy_api.v0_0_2 import io
 
 from ..agg_kernels.manifold import MANIFOLD_MODES
 from .runtime import AGGPatch
-from .settings import AGGSettings, require_family
+from .settings import AGGSettings, guidance_settings, require_family
 from .types import AGGLossType
 
 DEFAULTS = AGGSettings()
@@ -50,7 +50,7 @@ def settings_inputs() -> list:
             "Off: ordinary clean-estimate guidance (the symmetric ablation), which moves the sample much less.",
         ),
         io.Float.Input(
-            "trust_region", display_name="step cap (expert)", default=DEFAULTS.trust, min=0.01, max=10.0, step=0.01, optional=True,
+            "trust_region", display_name="step cap (expert)", default=DEFAULTS.trust_region, min=0.01, max=10.0, step=0.01, optional=True,
             tooltip="Cap on the guided change of the clean estimate, in posterior standard deviations of the model at "
             "that noise level (RMS) per reference step of the schedule. A step that would go farther has all its "
             "weights scaled down together until it fits, and says so in the log. Above about 0.3 a very large "
@@ -60,7 +60,7 @@ def settings_inputs() -> list:
 
 
 def make_patch(model, loss, node_name: str, node_id: str | None = None, **settings) -> AGGPatch:
-    patch_settings = AGGSettings(**settings).validate(node_name)
+    patch_settings = guidance_settings(node_name, **settings)
     require_family(model.get_model_object("model_sampling"), node_name)
     if loss is None:
         raise ValueError(f"{node_name}: input 'loss' is required (connect a Structure Loss, CLIP Direction Loss or Image Style Loss).")
@@ -86,12 +86,8 @@ class AGGApply(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, loss, start_percent, end_percent, manifold, dds_steps, dds_lr, asymmetric,
-                trust_region=DEFAULTS.trust) -> io.NodeOutput:
-        patch = make_patch(
-            model, loss, "Apply AGG", node_id=cls.hidden.unique_id, start_percent=start_percent, end_percent=end_percent, manifold=manifold,
-            dds_steps=dds_steps, dds_lr=dds_lr, asymmetric=asymmetric, trust=trust_region,
-        )
+    def execute(cls, model, loss, **settings) -> io.NodeOutput:
+        patch = make_patch(model, loss, "Apply AGG", node_id=cls.hidden.unique_id, **settings)
         return io.NodeOutput(patch.install(model))
 
 
@@ -124,12 +120,8 @@ class AGGGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, cfg, loss, start_percent, end_percent, manifold, dds_steps, dds_lr,
-                asymmetric, trust_region=DEFAULTS.trust) -> io.NodeOutput:
-        patch = make_patch(
-            model, loss, "AGG Guider", node_id=cls.hidden.unique_id, start_percent=start_percent, end_percent=end_percent, manifold=manifold,
-            dds_steps=dds_steps, dds_lr=dds_lr, asymmetric=asymmetric, trust=trust_region,
-        )
+    def execute(cls, model, positive, negative, cfg, loss, **settings) -> io.NodeOutput:
+        patch = make_patch(model, loss, "AGG Guider", node_id=cls.hidden.unique_id, **settings)
         guider = Guider_AGG(model, patch)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

@@ -59,11 +59,6 @@ def compute_dtype(patcher: Any) -> torch.dtype:
     return cast if cast is not None else (patcher.model_dtype() or torch.float32)
 
 
-def fd_step_for(dtype: torch.dtype, requested: float | None) -> float:
-    """The finite-difference probe's size relative to sigma, for a model that computes in `dtype`."""
-    return requested if requested is not None else fd_rel_step_for(dtype)
-
-
 class AGGRun:
     """State of one sampling run: built loss, schedule, sampler description, logs. Never shared between runs."""
 
@@ -89,7 +84,7 @@ class AGGRun:
         self.probe_is_conditional = False
         patcher = getattr(guider, "model_patcher", None)
         self.compute_dtype = compute_dtype(patcher) if patcher is not None else torch.float32
-        self.fd_rel_step = fd_step_for(self.compute_dtype, settings.fd_rel_step)
+        self.fd_rel_step = fd_rel_step_for(self.compute_dtype)
         # half precision: a two-sided probe each guided step (one more conditional pass) estimates its own error
         self.fd_max_error = FD_MAX_ERROR if reduced_precision(self.compute_dtype) else None
 
@@ -193,7 +188,7 @@ class AGGRun:
             denoise = self.denoiser(executor, timestep, model_options, seed, x.dtype)
             return guided_delta(
                 self.loss, x, denoised, ctx, settings.manifold, denoise, settings.dds_steps, settings.dds_lr,
-                fd_rel_step=self.fd_rel_step, probe_base=self.probe_base(denoise, x, captured), trust=settings.trust,
+                fd_rel_step=self.fd_rel_step, probe_base=self.probe_base(denoise, x, captured), trust=settings.trust_region,
                 fd_max_error=self.fd_max_error, rate=rate,
             )
 

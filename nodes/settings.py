@@ -10,10 +10,7 @@ from typing import Any, TypeVar
 import comfy.model_sampling
 import torch
 
-from ..agg_kernels.guidance import DEFAULT_DDS_LR, DEFAULT_DDS_STEPS
-from ..agg_kernels.manifold import MANIFOLD_MODES
-from ..agg_kernels.schedule import REFERENCE_END_PERCENT, check_window
-from ..agg_kernels.strength import DEFAULT_TRUST
+from ..agg_kernels.settings import AGGSettings, SettingError, check_guidance
 
 T = TypeVar("T")
 
@@ -62,27 +59,15 @@ def require_family(model_sampling: Any, node: str, input_name: str = "model") ->
     return family
 
 
-@dataclass(frozen=True)
-class AGGSettings:
-    start_percent: float = 0.0
-    end_percent: float = round(REFERENCE_END_PERCENT, 4)
-    manifold: str = "finite_difference"
-    dds_steps: int = DEFAULT_DDS_STEPS
-    dds_lr: float = DEFAULT_DDS_LR
-    asymmetric: bool = True
-    trust: float = DEFAULT_TRUST
-    fd_rel_step: float | None = None  # None: by the model's precision (see fd_step_for)
-
-    def validate(self, node: str) -> AGGSettings:
-        checked(node, ("start_percent", "end_percent"), check_window, self.start_percent, self.end_percent)
-        if self.manifold not in MANIFOLD_MODES:
-            raise AGGError(f"{node}: input 'manifold' must be one of {', '.join(MANIFOLD_MODES)}, got {self.manifold!r}.")
-        if self.dds_steps < 0 or not 0.0 <= self.dds_lr <= 1.0:
-            raise AGGError(f"{node}: input 'dds_steps' must not be negative and 'dds_lr' must lie in 0..1 "
-                           f"(got {self.dds_steps}, {self.dds_lr}).")
-        if not self.trust > 0:
-            raise AGGError(f"{node}: input 'trust_region' must be above 0 (got {self.trust}).")
-        return self
+def guidance_settings(node: str, **inputs: Any) -> AGGSettings:
+    """The node's guidance inputs as AGGSettings, checked once (agg_kernels.settings.check_guidance)."""
+    settings = AGGSettings(**inputs)
+    try:
+        check_guidance(settings)
+    except SettingError as e:
+        label = ("input " if len(e.inputs) == 1 else "inputs ") + " / ".join(f"'{n}'" for n in e.inputs)
+        raise AGGError(f"{node}: {label}: {e}") from e
+    return settings
 
 
 @dataclass

@@ -136,7 +136,7 @@ def run_sampler(name: str, family: str, sigmas, x0, noise, mixtures, guide_step:
     settings = runtime.AGGSettings(start_percent=0.0, end_percent=1.0, manifold="finite_difference", dds_steps=1,
                                    dds_lr=0.5, asymmetric=True)
     # 0.5 posterior standard deviations per step: shifts large enough that float32 rounding stays far below 1e-4
-    settings = replace(settings, trust=0.5 / per_share)
+    settings = replace(settings, trust_region=0.5 / per_share)
     patch = runtime.AGGPatch(loss, settings, "Apply AGG")
     identity = lambda t: t  # noqa: E731
     guider = SimpleNamespace(conds={"positive": ["POSITIVE"]})

@@ -181,12 +181,12 @@ def measure(patcher, reference, old_probe: bool = False) -> dict[float, dict]:
     its error estimate, and with `old_probe` the cosine of the one-sided 0.02 probe (the storage-dtype lookup's)."""
     import comfy.model_management
 
-    from agg_kernels.manifold import checked_covariance_product, fd_is_noise, reduced_precision
+    from agg_kernels.manifold import checked_covariance_product, fd_is_noise, fd_rel_step_for, reduced_precision
 
     runtime = pack_module("nodes.runtime")
     comfy.model_management.load_models_gpu([patcher])  # applies the compute dtype (an object patch) to the model
     dtype = runtime.compute_dtype(patcher)
-    rel, two_sided = runtime.fd_step_for(dtype, None), reduced_precision(dtype)
+    rel, two_sided = fd_rel_step_for(dtype), reduced_precision(dtype)
     latents = T.load_data(T.sd15_trained_files()["data"])["test_latents"]
     z, target = latents[:SAMPLES], latents[SAMPLES: 2 * SAMPLES]
     g = torch.Generator().manual_seed(3)
