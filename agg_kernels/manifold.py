@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from .autograd import grad_enabled as grad_enabled
+from .autograd import plain as plain
 from .coordinates import expand_sigma
 from .strength import covariance_scale, posterior_variance
 
@@ -42,30 +44,6 @@ FD_MAX_ERROR = 0.35
 
 # The words the fallback's report uses when the probe is rounding noise (the runtime warns once per reason).
 FD_NOISE_REASON = "below the model's rounding noise"
-
-
-def grad_enabled():
-    """A context that allows autograd inside ComfyUI's inference_mode / no_grad."""
-    return _GradContext()
-
-
-class _GradContext:
-    def __enter__(self):
-        self._inf = torch.inference_mode(False)
-        self._grad = torch.enable_grad()
-        self._inf.__enter__()
-        self._grad.__enter__()
-
-    def __exit__(self, *exc):
-        self._grad.__exit__(*exc)
-        self._inf.__exit__(*exc)
-        return False
-
-
-def plain(t: torch.Tensor) -> torch.Tensor:
-    """A detached copy that is an ordinary tensor (not an inference tensor), so autograd may save it."""
-    with torch.inference_mode(False):
-        return t.detach().clone()
 
 
 def vjp_autograd(denoise: Denoiser, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
