@@ -30,25 +30,20 @@ import math
 import sys
 import tempfile
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PACK = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK))
-sys.path.append(str(PACK / "tests"))
-from agg_testing import workflow_models as M  # noqa: E402
-from agg_testing.comfy_env import COMFYUI_DIR as COMFYUI  # noqa: E402
-from agg_testing.graphs import Graph  # noqa: E402
-
-from agg_kernels.guidance import DEFAULT_DDS_LR as DDS_LR  # noqa: E402
-from agg_kernels.guidance import DEFAULT_DDS_STEPS as DDS_STEPS  # noqa: E402
-from agg_kernels.schedule import REFERENCE_END_PERCENT  # noqa: E402
+from agg_dev import workflow_models as M  # noqa: E402
+from agg_dev.comfy_env import COMFYUI_DIR as COMFYUI  # noqa: E402
+from agg_dev.graphs import Graph  # noqa: E402
+from agg_kernels.settings import AGGSettings  # noqa: E402
 from agg_kernels.strength import DEFAULT_CLIP_WEIGHT as CLIP_WEIGHT  # noqa: E402
 from agg_kernels.strength import DEFAULT_COLOR_WEIGHT as COLOR_WEIGHT  # noqa: E402
 from agg_kernels.strength import DEFAULT_STRUCTURE_WEIGHT as STRUCTURE_WEIGHT  # noqa: E402
 from agg_kernels.strength import DEFAULT_STYLE_WEIGHT as STYLE_WEIGHT  # noqa: E402
 
-END_PERCENT = round(REFERENCE_END_PERCENT, 4)  # the nodes' default (nodes.runtime.AGGSettings)
 WORKFLOWS = PACK / "workflows"
 ASSETS = PACK / "web" / "assets"
 STYLE_IMAGE = "agg_style.png"
@@ -134,7 +129,7 @@ TAESD_LINKS = {"lighttaew2_1.safetensors": f"{HF}/lightx2v/Autoencoders/resolve/
 
 
 class Api(Graph):
-    """An API prompt under construction, on the tests' own graph builder (agg_testing.graphs.Graph), with node
+    """An API prompt under construction, on the pack's graph builder (agg_dev.graphs.Graph), with node
     titles and the model files each loader needs: add() returns the node id; outputs are [id, slot]."""
 
     def __init__(self) -> None:
@@ -201,8 +196,8 @@ def open_clip(api: Api) -> list:
 
 
 def agg_settings() -> dict:
-    return dict(start_percent=0.0, end_percent=END_PERCENT, manifold="finite_difference", dds_steps=DDS_STEPS,
-                dds_lr=DDS_LR, asymmetric=True)
+    """Apply AGG's and AGG Guider's guidance inputs at the nodes' defaults (written out, so the graphs show them)."""
+    return asdict(AGGSettings())
 
 
 def clip_direction(api: Api, clip: list, vae: list, source: list, target: list, image: list, upstream: list,
@@ -1071,14 +1066,19 @@ def fake_models_tree(root: Path) -> Path:
 
 
 def build_graphs(selected: set[str] | None) -> int:
-    from agg_testing.browser import Browser, ComfyServer, open_comfy
+    from agg_cli.comfy import LocalServer
+    from agg_dev.browser import Browser, open_comfy
 
     work = Path(tempfile.mkdtemp(prefix="agg-build-"))
     yaml = fake_models_tree(work / "models")
     (WORKFLOWS / "api").mkdir(parents=True, exist_ok=True)
-    with ComfyServer(COMFYUI, None, work / "server", extra_model_paths=yaml, cpu=None) as server:
-        for asset in (STYLE_IMAGE, EDIT_MASK, SOURCE_VIDEO):
-            (server.dirs["input"] / asset).write_bytes((ASSETS / asset).read_bytes())
+    server = LocalServer(COMFYUI, work / "server", extra_model_paths=yaml)
+    inputs = server.dirs["input"]
+    inputs.mkdir(parents=True, exist_ok=True)
+    # the images the graphs load, in the server's input folder: the loaders' lists show them as a user's would
+    for image in (source_picture(), *(ASSETS / asset for asset in (STYLE_IMAGE, EDIT_MASK, SOURCE_VIDEO))):
+        (inputs / image.name).write_bytes(image.read_bytes())
+    with server:
         available = set(json.loads(_get(server.url + "/object_info")))
         with Browser() as browser:
             open_comfy(browser, server)

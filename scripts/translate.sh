@@ -8,7 +8,7 @@
 #   bash scripts/translate.sh --help              # every option (python -m agg_cli --help)
 #
 # Builds the environment first if needed (scripts/setup.sh). Without --checkpoint, --clip and
-# --server it uses small generated test models (scripts/make_fixtures.py, cached under
+# --server it uses small generated test models (tests/make_fixtures.py, cached under
 # $AGG_HOME/fixtures) and says so: a toy SD1.5 trained on this machine on a few photos (about 5
 # minutes the first time), which can follow a colour reference (Structure + Color Loss, the default
 # demo workflow) but knows nothing of text; CLIP-guided workflows run on it only to show the job runs.
@@ -17,7 +17,7 @@ PACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 AGG_HOME="${AGG_HOME:-$HOME/.cache/agg-comfyui}"
 PY="${AGG_PYTHON:-$AGG_HOME/venv/bin/python}"
 
-# The test models of the demo run, in the tree scripts/make_fixtures.py lays out. Change these
+# The test models of the demo run, in the tree tests/make_fixtures.py lays out. Change these
 # lines (and only these) to demo other test models.
 DEMO_MODELS="$AGG_HOME/fixtures/demo-models"
 DEMO_CHECKPOINT="checkpoints/agg-trained-sd15.safetensors"
@@ -51,7 +51,7 @@ demo=()
 if ! given --server "$@" && ! given --checkpoint "$@" && ! given --clip "$@"; then
   echo "=============================================================================="
   echo "NOTE: no --checkpoint / --clip / --server given: using GENERATED TEST MODELS"
-  echo "(made on this machine by scripts/make_fixtures.py): a TOY SD1.5 trained in"
+  echo "(made on this machine by tests/make_fixtures.py): a TOY SD1.5 trained in"
   echo "minutes on a few photos, blurry and 128 px. The demo moves the colours of a"
   echo "photo of a coffee cup toward those of a rocket at dusk while keeping its layout"
   echo "(Structure + Color Loss, workflow color_transfer): a toy's translation, not what"
@@ -62,7 +62,7 @@ if ! given --server "$@" && ! given --checkpoint "$@" && ! given --clip "$@"; th
   if [ ! -e "$DEMO_MODELS/$DEMO_CHECKPOINT" ]; then
     echo "making the test models (the toy model is trained once, about 5 minutes on 2 cores; log: $AGG_HOME/fixtures/demo-models.txt)"
   fi
-  "$PY" "$PACK_DIR/scripts/make_fixtures.py" "$DEMO_MODELS" --no-kl --trained --no-evidence \
+  "$PY" "$PACK_DIR/tests/make_fixtures.py" "$DEMO_MODELS" --no-kl --trained --no-evidence \
     > "$AGG_HOME/fixtures/demo-models.txt" 2>&1 || { cat "$AGG_HOME/fixtures/demo-models.txt" >&2; exit 1; }
   for f in "$DEMO_CHECKPOINT" "$DEMO_CLIP" "$DEMO_CONTROLNET" "$DEMO_VAE_APPROX" "$DEMO_SOURCE" "$DEMO_REFERENCE"; do
     [ -e "$DEMO_MODELS/$f" ] || { echo "error: the test model $DEMO_MODELS/$f was not generated (see $AGG_HOME/fixtures/demo-models.txt)" >&2; exit 1; }

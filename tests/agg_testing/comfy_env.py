@@ -1,4 +1,4 @@
-"""Where the test environment lives and how to make ComfyUI importable (tests, benchmarks, scripts).
+"""How to make ComfyUI importable (tests, benchmarks); where it lives is agg_dev.comfy_env's.
 
 ComfyUI goes first on sys.path (its top-level `nodes` module must win over the pack's `nodes/`
 package); the pack root and tests/ come last so `agg_kernels` and `agg_testing` import alone.
@@ -11,12 +11,10 @@ import sys
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
-sys.path.append(str(PACK_ROOT))  # agg_cli: where the pack's tools look for the ComfyUI the set-up builds
-from agg_cli.main import SETUP_COMFYUI  # noqa: E402
+sys.path.append(str(PACK_ROOT))  # agg_dev, agg_cli: the pack's tools, shared with scripts/
+from agg_dev.comfy_env import AGG_HOME, COMFYUI_DIR  # noqa: E402
 
-AGG_HOME = Path(os.environ.get("AGG_HOME", Path.home() / ".cache" / "agg-comfyui"))
-# The ComfyUI scripts/setup.sh builds; AGG_COMFYUI selects another (the older ones).
-COMFYUI_DIR = Path(os.environ.get("AGG_COMFYUI", AGG_HOME / SETUP_COMFYUI))
+__all__ = ["AGG_HOME", "COMFYUI_DIR", "PACK_ROOT", "configure_comfy", "make_importable"]
 
 
 def make_importable() -> None:

@@ -1,7 +1,7 @@
 """The model files the example workflows (workflows/*.json) name, and the test fixtures that stand in for them.
 
-One mapping for every test that loads or runs the shipped workflows (tests/workflows, tests/browser) and for
-scripts/build_workflows.py:
+One mapping, from the real names (agg_dev.workflow_models, re-exported here), for every test that loads or runs
+the shipped workflows (tests/workflows, tests/browser):
 
 - ``fixture_names(models)``: real file name -> the name of the fixture file that stands in for it in a models
   tree laid out by ``agg_testing.fixtures.models_dir`` and ``link_workflow_models``.
@@ -38,31 +38,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agg_dev.workflow_models import (
+    CANNY,
+    CLIP_VISION,
+    FLUX,
+    FLUX2,
+    FLUX2_TE,
+    FLUX2_VAE,
+    FLUX_CLIP_L,
+    FLUX_T5,
+    FLUX_VAE,
+    OPEN_CLIP,
+    QWEN,
+    QWEN_TE,
+    QWEN_VAE,
+    SD3,
+    SD15,
+    SDXL,
+    SOURCE_VIDEO,
+    WAN,
+    WAN_TE,
+    WAN_VAE,
+)
 from agg_testing import fixtures as F
+
+__all__ = ["CANNY", "CLIP_VISION", "FLUX", "FLUX2", "FLUX2_TE", "FLUX2_VAE", "FLUX_CLIP_L", "FLUX_T5", "FLUX_VAE",
+           "OPEN_CLIP", "QWEN", "QWEN_TE", "QWEN_VAE", "SD3", "SD15", "SDXL", "SOURCE_VIDEO", "WAN", "WAN_TE",
+           "WAN_VAE"]  # the real names (agg_dev.workflow_models), re-exported next to their fixtures
 
 PACK = Path(__file__).resolve().parents[2]
 ASSETS = PACK / "web" / "assets"
-
-SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
-SDXL = "sd_xl_base_1.0.safetensors"
-OPEN_CLIP = "open_clip_model.safetensors"
-CANNY = "control_v11p_sd15_canny_fp16.safetensors"
-SD3 = "sd3_medium_incl_clips_t5xxlfp8.safetensors"
-FLUX = "flux1-dev.safetensors"
-FLUX_CLIP_L = "clip_l.safetensors"
-FLUX_T5 = "t5xxl_fp8_e4m3fn.safetensors"
-FLUX_VAE = "ae.safetensors"
-CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
-FLUX2 = "flux2_dev_fp8mixed.safetensors"
-FLUX2_TE = "mistral_3_small_flux2_fp8.safetensors"
-FLUX2_VAE = "flux2-vae.safetensors"
-QWEN = "qwen_image_fp8_e4m3fn.safetensors"
-QWEN_TE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
-QWEN_VAE = "qwen_image_vae.safetensors"
-WAN = "wan2.1_t2v_1.3B_fp16.safetensors"
-WAN_TE = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
-WAN_VAE = "wan_2.1_vae.safetensors"
-SOURCE_VIDEO = "agg_source_video.mp4"  # the video workflow's example clip (web/assets/; a user picks their own)
 
 SD3_CHECKPOINT = "agg-tiny-sd3-all-in-one.safetensors"  # the fixture in SD3's single-file checkpoint form
 FLUX_VAE_FILE = "agg-tiny-flux-vae.safetensors"  # the taef1 pair as one VAELoader file in models/vae

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the random-weight test models and lay them out as a ComfyUI models tree.
 
-    python scripts/make_fixtures.py DEST [--full] [--no-kl] [--trained [--no-evidence]] [--yaml PATH]
+    python tests/make_fixtures.py DEST [--full] [--no-kl] [--trained [--no-evidence]] [--yaml PATH]
 
 DEST gets checkpoints/, controlnet/, vae_approx/ and open_clip/ with links to the cached files
 ($AGG_HOME/fixtures, generated on first use); one line per file is printed: folder, name, size,
@@ -12,7 +12,8 @@ the demo's photos in demo/ (color_source.png, color_reference.png); it prints th
 denoiser (error table on held-back latents, Jacobian symmetry, finite-difference vs autograd manifold
 gradients, the decoder's reconstruction error) unless --no-evidence. --yaml writes an
 extra_model_paths.yaml for `main.py --extra-model-paths-config` naming those folders and ComfyUI's
-custom_nodes folder. Run it with the environment's Python (scripts/setup.sh builds it).
+custom_nodes folder. Run it with the environment's Python (scripts/setup.sh builds it); scripts/translate.sh
+runs it for its demo.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # the shared agg_testing helpers
+sys.path.append(str(Path(__file__).resolve().parent))  # the test models live in agg_testing, next to it
 from agg_testing.comfy_env import COMFYUI_DIR, configure_comfy  # noqa: E402
 
 
