@@ -12,20 +12,12 @@ eta = 0 everywhere is plain DDIM (Euler); eta = 1 everywhere is euler_ancestral.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
-from .schedule import (
-    DEFAULT_BOOST_START,
-    DEFAULT_EDIT_END,
-    DEFAULT_ETA,
-    DEFAULT_ETA_BOOST,
-    DEFAULT_ETA_EDIT,
-    step_index,
-    window_edit_end,
-    zone_eta,
-)
+from .schedule import DEFAULT_ZONES, Zones, step_index, window_edit_end, zone_eta
 from .step import ancestral_sigmas, ddim_step
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -83,16 +75,13 @@ def sample_agg(
     extra_args: dict | None = None,
     callback: Callable[[dict], None] | None = None,
     disable: bool | None = None,
-    eta_edit: float = DEFAULT_ETA_EDIT,
-    eta: float = DEFAULT_ETA,
-    eta_boost: float = DEFAULT_ETA_BOOST,
-    edit_end: float = DEFAULT_EDIT_END,
-    boost_start: float = DEFAULT_BOOST_START,
+    zones: Zones = DEFAULT_ZONES,
     s_noise: float = 1.0,
     noise_sampler: NoiseSampler | None = None,
     family: str = "eps",
 ) -> torch.Tensor:
-    """Three-zone DDIM: eta_edit on steps [0, edit_end), eta on [edit_end, boost_start), eta_boost after.
+    """Three-zone DDIM: zones.eta_edit on steps [0, edit_end), zones.eta on [edit_end, boost_start),
+    zones.eta_boost after.
 
     family is one of coordinates.FAMILIES and the zones satisfy schedule.check_zones: the caller checks both
     once (the AGG Sampler node does, before sampling starts).
@@ -107,7 +96,7 @@ def sample_agg(
         denoised = model(x, sigma * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        step_eta = zone_eta(i, n_steps, eta_edit, eta, eta_boost, edit_end, boost_start)
+        step_eta = zone_eta(i, n_steps, zones)
         x = ancestral_step(
             x,
             denoised,
@@ -121,29 +110,17 @@ def sample_agg(
     return x
 
 
-ZONE_OPTIONS = ("eta_edit", "eta", "eta_boost", "edit_end", "boost_start")
+def resolved_zones(zones: Zones, follow_guidance: bool, sigmas: torch.Tensor | Sequence[float],
+                   window_low: float | None, family: str) -> Zones:
+    """The zones a run of `sigmas` steps with: with `follow_guidance` and a guidance window ending at sigma
+    `window_low`, the edit zone is the window's steps (window_edit_end, at most boost_start). The AGG
+    sampler and the guided step both resolve through here, from the same window."""
+    if not follow_guidance or window_low is None:
+        return zones
+    return replace(zones, edit_end=min(window_edit_end(sigmas, window_low, family), zones.boost_start))
 
 
-def resolve_zones(options: Mapping[str, object], sigmas: torch.Tensor | Sequence[float],
-                  window_low: float | None, family: str) -> dict:
-    """The eta-zone options `sample_agg` runs with: with options["follow_guidance"] and a guidance window
-    ending at sigma `window_low`, the edit zone is the window's steps (window_edit_end, at most boost_start)."""
-    out = {k: options[k] for k in ZONE_OPTIONS if k in options}
-    if options.get("follow_guidance") and window_low is not None:
-        boost = float(out.get("boost_start", DEFAULT_BOOST_START))  # type: ignore[arg-type]
-        out["edit_end"] = min(window_edit_end(sigmas, window_low, family), boost)
-    return out
-
-
-def sampler_eta_at(
-    sigmas: torch.Tensor | Sequence[float],
-    sigma: torch.Tensor | float,
-    eta_edit: float = DEFAULT_ETA_EDIT,
-    eta: float = DEFAULT_ETA,
-    eta_boost: float = DEFAULT_ETA_BOOST,
-    edit_end: float = DEFAULT_EDIT_END,
-    boost_start: float = DEFAULT_BOOST_START,
-) -> float | None:
+def sampler_eta_at(sigmas: torch.Tensor | Sequence[float], sigma: torch.Tensor | float, zones: Zones = DEFAULT_ZONES) -> float | None:
     """The eta `sample_agg` uses for the step starting at `sigma` of the run `sigmas`; None off the schedule.
 
     Pass the run's own schedule (transformer_options["sample_sigmas"]) so zones match the sampler's.
@@ -152,5 +129,4 @@ def sampler_eta_at(
     i = step_index(sigmas, sigma)
     if i is None:
         return None
-    n_steps = len(sigmas) - 1
-    return zone_eta(i, n_steps, eta_edit, eta, eta_boost, edit_end, boost_start)
+    return zone_eta(i, len(sigmas) - 1, zones)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -154,27 +155,46 @@ def window_edit_end(schedule: torch.Tensor | Sequence[float], sigma_low: float, 
     return guided / n_steps
 
 
-def check_zones(edit_end: float, boost_start: float) -> None:
+@dataclass(frozen=True)
+class Zones:
+    """The AGG sampler's eta in each of its three zones, and the zones' bounds as fractions of the run's steps:
+    [0, edit_end) edit, [edit_end, boost_start) middle, [boost_start, 1] boost (check_zones)."""
+
+    eta_edit: float = DEFAULT_ETA_EDIT
+    eta: float = DEFAULT_ETA
+    eta_boost: float = DEFAULT_ETA_BOOST
+    edit_end: float = DEFAULT_EDIT_END
+    boost_start: float = DEFAULT_BOOST_START
+
+
+DEFAULT_ZONES = Zones()
+
+
+def check_zones(zones: Zones) -> None:
     """Raise a ValueError unless 0 <= edit_end <= boost_start <= 1 (the rule zone_eta assumes)."""
-    if not 0.0 <= edit_end <= boost_start <= 1.0:
+    if not 0.0 <= zones.edit_end <= zones.boost_start <= 1.0:
         raise ValueError(
-            f"eta zones need 0 <= edit_end <= boost_start <= 1; got edit_end={edit_end}, boost_start={boost_start}"
+            f"eta zones need 0 <= edit_end <= boost_start <= 1; got edit_end={zones.edit_end}, "
+            f"boost_start={zones.boost_start}"
         )
 
 
-def zone_eta(
-    i: int,
-    n_steps: int,
-    eta_edit: float = DEFAULT_ETA_EDIT,
-    eta: float = DEFAULT_ETA,
-    eta_boost: float = DEFAULT_ETA_BOOST,
-    edit_end: float = DEFAULT_EDIT_END,
-    boost_start: float = DEFAULT_BOOST_START,
-) -> float:
-    """Eta of step i (0 <= i < n_steps): the zone is chosen by the step fraction i / n_steps (zones as check_zones)."""
+def zone_eta(i: int, n_steps: int, zones: Zones = DEFAULT_ZONES) -> float:
+    """Eta of step i (0 <= i < n_steps): the zone is chosen by the step fraction i / n_steps."""
     frac = i / n_steps
-    if frac < edit_end:
-        return float(eta_edit)
-    if frac < boost_start:
-        return float(eta)
-    return float(eta_boost)
+    if frac < zones.edit_end:
+        return float(zones.eta_edit)
+    if frac < zones.boost_start:
+        return float(zones.eta)
+    return float(zones.eta_boost)
+
+
+def schedule_rate(schedule: torch.Tensor | Sequence[float], sigma: float, window: Window, family: str) -> float:
+    """The share of schedule time (step_rate) of the evaluation at `sigma` of a run of `schedule`: an evaluation
+    between schedule points (heun's corrector, sde midpoints) counts to the next schedule point below."""
+    sigma_next = next_sigma(schedule, sigma)
+    if sigma_next is None:
+        sigma_next = following_sigma(schedule, sigma)
+    if sigma_next is None:
+        return 0.0
+    return step_rate(sigma, sigma_next, window, family)

@@ -181,6 +181,14 @@ APPROXIMATE_SAMPLERS: dict[str, str] = {
 }
 UNKNOWN_REASON = "is not one the pack classifies; it is assumed to take an Euler step"
 
+# The eta a stock sampler runs with when its options set none: k-diffusion's default (1 for these, 0 for the
+# rest), the same on ComfyUI 0.3.52 to 0.33.
+DEFAULT_ETAS: dict[str, float] = dict.fromkeys((
+    "euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
+    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "exp_heun_2_x0_sde", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+    "seeds_2", "seeds_3"), 1.0)
+
 
 def is_classified(sampler: str | None) -> bool:
     """Whether the pack knows how `sampler` steps from the returned value (exact or approximate, with its reason)."""

@@ -6,7 +6,7 @@ import comfy.samplers
 from comfy_api.v0_0_2 import io
 
 from ..agg_kernels.manifold import MANIFOLD_MODES
-from .runtime import AGGPatch
+from .runtime import install
 from .settings import AGGSettings, guidance_settings, require_family
 from .types import AGGLossType
 
@@ -59,12 +59,13 @@ def settings_inputs() -> list:
     ]
 
 
-def make_patch(model, loss, node_name: str, node_id: str | None = None, **settings) -> AGGPatch:
+def guided_model(model, loss, node_name: str, node_id: str | None = None, **settings):
+    """A clone of `model` carrying AGG guidance by `loss`, after checking the node's inputs."""
     patch_settings = guidance_settings(node_name, **settings)
     require_family(model.get_model_object("model_sampling"), node_name)
     if loss is None:
         raise ValueError(f"{node_name}: input 'loss' is required (connect a Structure Loss, CLIP Direction Loss or Image Style Loss).")
-    return AGGPatch(loss, patch_settings, node_name, node_id=node_id)
+    return install(model, loss, patch_settings, node_name, node_id)
 
 
 class AGGApply(io.ComfyNode):
@@ -87,15 +88,7 @@ class AGGApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, loss, **settings) -> io.NodeOutput:
-        patch = make_patch(model, loss, "Apply AGG", node_id=cls.hidden.unique_id, **settings)
-        return io.NodeOutput(patch.install(model))
-
-
-class Guider_AGG(comfy.samplers.CFGGuider):
-    """A CFG guider whose model carries an AGG patch."""
-
-    def __init__(self, model_patcher, patch: AGGPatch):
-        super().__init__(patch.install(model_patcher))
+        return io.NodeOutput(guided_model(model, loss, "Apply AGG", cls.hidden.unique_id, **settings))
 
 
 class AGGGuider(io.ComfyNode):
@@ -121,8 +114,7 @@ class AGGGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, loss, **settings) -> io.NodeOutput:
-        patch = make_patch(model, loss, "AGG Guider", node_id=cls.hidden.unique_id, **settings)
-        guider = Guider_AGG(model, patch)
+        guider = comfy.samplers.CFGGuider(guided_model(model, loss, "AGG Guider", cls.hidden.unique_id, **settings))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)

@@ -3,7 +3,6 @@ that describes a ComfyUI sampler object to the guided step (SamplerSpec)."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import comfy.k_diffusion.sampling
@@ -12,9 +11,10 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..agg_kernels import schedule
-from ..agg_kernels.sampler import resolve_zones, sample_agg, sampler_eta_at
-from ..agg_kernels.step import SamplerSpec
-from .settings import RUNS_KEY, checked, require_family
+from ..agg_kernels.sampler import resolved_zones, sample_agg, sampler_eta_at
+from ..agg_kernels.schedule import DEFAULT_ZONES, Zones, edit_window
+from ..agg_kernels.step import DEFAULT_ETAS, SamplerSpec
+from .settings import WINDOWS_KEY, checked, require_family
 
 
 class PackSampler(comfy.samplers.KSAMPLER):
@@ -28,15 +28,6 @@ class PackSampler(comfy.samplers.KSAMPLER):
 
 def is_guided(sampler: Any) -> bool:
     return not (isinstance(sampler, PackSampler) and sampler.stepping is None)
-
-
-def default_eta(fn: Any) -> float:
-    """A k-diffusion sampler function's default eta (0 when it has none)."""
-    try:
-        eta = inspect.signature(fn).parameters["eta"].default
-    except (KeyError, ValueError, TypeError):
-        return 0.0
-    return float(eta) if isinstance(eta, (int, float)) else 0.0
 
 
 # k-diffusion function names that differ from the name ComfyUI lists the sampler under.
@@ -54,40 +45,45 @@ def stepping_name(fn: Any, inpaint_options: dict | None = None) -> str:
     return name
 
 
+def guidance_window_low(model_options: dict, model_sampling: Any) -> float | None:
+    """The lowest sigma any AGG window on the model reaches (None without AGG guidance): every run on the model
+    and the AGG sampler resolve the sampler's zones from this one value."""
+    windows = model_options.get("transformer_options", {}).get(WINDOWS_KEY, {})
+    lows = [edit_window(model_sampling.percent_to_sigma, start, end)[1] for start, end in windows.values()]
+    return min(lows) if lows else None
+
+
 def sampler_spec(sampler: Any, sigmas: torch.Tensor, window_low: float | None, family: str) -> SamplerSpec:
     """What the guided step needs to know of a ComfyUI sampler object (see agg_kernels.step.SamplerSpec).
 
-    The AGG sampler's zones are resolved here exactly as it resolves them (its edit zone may follow the
-    guidance window ending at sigma `window_low`)."""
+    The AGG sampler's zones are resolved here exactly as it resolves them (resolved_zones, from the same
+    window_low: guidance_window_low)."""
     options = dict(getattr(sampler, "extra_options", {}) or {})
     if isinstance(sampler, PackSampler) and sampler.stepping == "agg":
-        zones = resolve_zones(options, sigmas, window_low, family)
-        return SamplerSpec("agg", 0.0, eta_at=lambda sigma: sampler_eta_at(sigmas, sigma, **zones))
+        zones = resolved_zones(options["zones"], options["follow_guidance"], sigmas, window_low, family)
+        return SamplerSpec("agg", 0.0, eta_at=lambda sigma: sampler_eta_at(sigmas, sigma, zones))
     fn = getattr(sampler, "sampler_function", None)
     if fn is None:
         return SamplerSpec(None)
     name = stepping_name(fn, getattr(sampler, "inpaint_options", None))
     eta = options.get("eta")
-    return SamplerSpec(name, float(eta) if isinstance(eta, (int, float)) else default_eta(fn))
+    return SamplerSpec(name, float(eta) if isinstance(eta, (int, float)) else DEFAULT_ETAS.get(name, 0.0))
 
 
-def sample_agg_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, follow_guidance=False,
-                     s_noise=1.0, **options):
+def sample_agg_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, zones: Zones = DEFAULT_ZONES,
+                     follow_guidance=False, s_noise=1.0, noise_sampler=None):
     extra_args = extra_args or {}
     model_sampling = model.inner_model.inner_model.model_sampling
     family = require_family(model_sampling, "AGG Sampler")
     # ComfyUI 0.33 scales every sampler's fresh noise by the family's noise_scale (1 unless the model sets it).
     s_noise = s_noise * getattr(model_sampling, "noise_scale", 1.0)
-    runs = extra_args.get("model_options", {}).get("transformer_options", {}).get(RUNS_KEY, {})
-    lows = [run.window[1] for run in runs.values()]
-    zones = resolve_zones({**options, "follow_guidance": follow_guidance}, sigmas, min(lows) if lows else None, family)
-    if options.get("noise_sampler") is None:
+    low = guidance_window_low(extra_args.get("model_options", {}), model_sampling)
+    if noise_sampler is None:
         # ComfyUI's own seeded noise, so that the AGG sampler at eta 1 draws what euler_ancestral draws on
         # every ComfyUI version (0.33 offsets the CPU seed by one).
-        options["noise_sampler"] = comfy.k_diffusion.sampling.default_noise_sampler(
-            x, seed=extra_args.get("seed"))
-    return sample_agg(model, x, sigmas, extra_args, callback, disable, family=family, s_noise=s_noise,
-                      **{**options, **zones})
+        noise_sampler = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
+    return sample_agg(model, x, sigmas, extra_args, callback, disable, resolved_zones(zones, follow_guidance, sigmas, low, family),
+                      s_noise, noise_sampler, family)
 
 
 class AGGSampler(io.ComfyNode):
@@ -122,8 +118,8 @@ class AGGSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, eta_edit, eta, eta_boost, edit_end, boost_start, s_noise=1.0, follow_guidance=True) -> io.NodeOutput:
-        checked("AGG Sampler", ("edit_end", "boost_start"), schedule.check_zones, edit_end, boost_start)
-        options = {"eta_edit": eta_edit, "eta": eta, "eta_boost": eta_boost, "edit_end": edit_end,
-                   "boost_start": boost_start, "s_noise": s_noise, "follow_guidance": bool(follow_guidance)}
+    def execute(cls, s_noise=1.0, follow_guidance=True, **zone_inputs) -> io.NodeOutput:
+        zones = Zones(**zone_inputs)
+        checked("AGG Sampler", ("edit_end", "boost_start"), schedule.check_zones, zones)
+        options = {"zones": zones, "s_noise": s_noise, "follow_guidance": bool(follow_guidance)}
         return io.NodeOutput(PackSampler(sample_agg_comfy, "agg", extra_options=options))

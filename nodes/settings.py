@@ -15,6 +15,7 @@ from ..agg_kernels.settings import AGGSettings, SettingError, check_guidance
 T = TypeVar("T")
 
 RUNS_KEY = "agg_runs"  # transformer_options entry holding the open runs of this sampling call
+WINDOWS_KEY = "agg_windows"  # transformer_options entry: {patch key: (start_percent, end_percent)} of each AGG patch
 
 
 class AGGError(ValueError):

@@ -8,7 +8,7 @@ import torch
 from agg_testing.analytic import KModel, ancestral_expected, asymmetric_closed_form, mixture
 
 from agg_kernels.sampler import sample_agg, sampler_eta_at
-from agg_kernels.schedule import next_sigma, zone_eta
+from agg_kernels.schedule import Zones, next_sigma, zone_eta
 from agg_kernels.step import compensated_denoised, compensation_target
 
 FAMILIES = ("eps", "v_prediction", "const")
@@ -70,7 +70,7 @@ def relerr(a, b):
 def test_eta_zero_everywhere_is_comfy_euler(family):
     sigmas = schedule(family)
     mix, x = start(family, sigmas)
-    ours = sample_agg(exact_model(mix, family), x, sigmas, disable=True, eta_edit=0, eta=0, eta_boost=0, family=family)
+    ours = sample_agg(exact_model(mix, family), x, sigmas, disable=True, zones=Zones(0, 0, 0), family=family)
     ref = kds.sample_euler(exact_model(mix, family), x, sigmas, disable=True)
     err = relerr(ours, ref)
     record(f"agg(eta=0) vs comfy euler {family}", err)
@@ -84,7 +84,7 @@ def test_constant_eta_is_comfy_euler_ancestral(family, eta):
     sigmas = schedule(family)
     mix, x = start(family, sigmas)
     _, _, noise = noise_table(sigmas)
-    ours = sample_agg(exact_model(mix, family), x, sigmas, disable=True, eta_edit=eta, eta=eta, eta_boost=eta,
+    ours = sample_agg(exact_model(mix, family), x, sigmas, disable=True, zones=Zones(eta, eta, eta),
                       noise_sampler=noise, family=family)
     ref = kds.sample_euler_ancestral(exact_model(mix, family), x, sigmas, disable=True, eta=eta, noise_sampler=noise)
     err = relerr(ours, ref)
@@ -97,7 +97,7 @@ def test_default_noise_is_seeded(family):
     # (Inside ComfyUI the AGG Sampler passes ComfyUI's own noise sampler: tests/nodes/test_runtime.py.)
     sigmas = schedule(family, 6)
     mix, x = start(family, sigmas)
-    kw = {"disable": True, "eta_edit": 1.0, "eta": 1.0, "eta_boost": 1.0, "family": family}
+    kw = {"disable": True, "zones": Zones(1.0, 1.0, 1.0), "family": family}
     a = sample_agg(exact_model(mix, family), x, sigmas, extra_args={"seed": 11}, **kw)
     b = sample_agg(exact_model(mix, family), x, sigmas, extra_args={"seed": 11}, **kw)
     c = sample_agg(exact_model(mix, family), x, sigmas, extra_args={"seed": 12}, **kw)
@@ -110,10 +110,10 @@ def test_three_zones_step_by_step(family):
     sigmas = schedule(family, n)
     mix, x = start(family, sigmas)
     _, calls, noise = noise_table(sigmas)
-    etas = {"eta_edit": 0.3, "eta": 0.0, "eta_boost": 1.0, "edit_end": 0.25, "boost_start": 0.75}
+    zones = Zones(eta_edit=0.3, eta=0.0, eta_boost=1.0, edit_end=0.25, boost_start=0.75)
     seen = []
     out = sample_agg(exact_model(mix, family), x, sigmas, callback=seen.append, disable=True, noise_sampler=noise,
-                     family=family, **etas)
+                     family=family, zones=zones)
     # Fresh noise only where eta > 0 (edit steps 0-2, boost steps 9-10; the last step lands on D).
     assert calls == [float(sigmas[i]) for i in (0, 1, 2, 9, 10)]
     assert [c["i"] for c in seen] == list(range(n))
@@ -123,8 +123,8 @@ def test_three_zones_step_by_step(family):
     table, _, _ = noise_table(sigmas)
     for i in range(n):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
-        eta = zone_eta(i, n, **etas)
-        assert sampler_eta_at(sigmas, sigmas[i], **etas) == eta
+        eta = zone_eta(i, n, zones)
+        assert sampler_eta_at(sigmas, sigmas[i], zones) == eta
         d = mix.denoise(ref, torch.full((SHAPE[0],), s, dtype=torch.float64), family)
         ref = ancestral_expected(ref, d, torch.zeros_like(d), s, sn, eta, family, table.get(s, torch.zeros(SHAPE)))
     err = relerr(out, ref)
@@ -136,8 +136,8 @@ def test_sampler_eta_at_off_schedule():
     sigmas = schedule("eps", 10)
     assert sampler_eta_at(sigmas, 123.0) is None
     assert sampler_eta_at(sigmas, sigmas[-1]) is None
-    assert sampler_eta_at(sigmas, sigmas[0], eta_edit=0.7) == 0.7
-    assert sampler_eta_at(sigmas, sigmas[-2], eta_boost=0.9) == 0.9
+    assert sampler_eta_at(sigmas, sigmas[0], Zones(eta_edit=0.7)) == 0.7
+    assert sampler_eta_at(sigmas, sigmas[-2], Zones(eta_boost=0.9)) == 0.9
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -157,12 +157,12 @@ def test_compensation_one_step(family, eta_edit):
 
         def fn(xx, sigma, d=d, delta=delta, sigmas=sigmas):
             sf = float(sigma[0])
-            eta = sampler_eta_at(sigmas, sf, eta_edit=eta_edit)
+            eta = sampler_eta_at(sigmas, sf, Zones(eta_edit=eta_edit))
             target, exact = compensation_target("agg", sf, next_sigma(sigmas, sf), family, eta)
             assert exact
             return compensated_denoised(d, delta, sf, target, family)
 
-        out = sample_agg(KModel(fn, family), x, sigmas, disable=True, eta_edit=eta_edit, noise_sampler=lambda a, b, z=z: z,
+        out = sample_agg(KModel(fn, family), x, sigmas, disable=True, zones=Zones(eta_edit=eta_edit), noise_sampler=lambda a, b, z=z: z,
                          family=family)
         s32, sn32 = float(sigmas[0]), float(sigmas[1])
         err = (out.double() - ancestral_expected(x, d, delta, s32, sn32, eta_edit, family, z)).abs().max().item()
@@ -179,7 +179,7 @@ def test_compensation_whole_run(family):
     sigmas = schedule(family, n)
     mix, x = start(family, sigmas)
     table, _, noise = noise_table(sigmas)
-    etas = {"eta_edit": 0.4, "eta": 0.0, "eta_boost": 1.0, "edit_end": 0.3, "boost_start": 0.6}
+    zones = Zones(eta_edit=0.4, eta=0.0, eta_boost=1.0, edit_end=0.3, boost_start=0.6)
     goal = mix.means[2]
 
     def den(xx, s):
@@ -188,17 +188,17 @@ def test_compensation_whole_run(family):
     def fn(xx, sigma):
         s = float(sigma[0])
         d = den(xx, s)
-        eta = sampler_eta_at(sigmas, s, **etas)
+        eta = sampler_eta_at(sigmas, s, zones)
         target, exact = compensation_target("agg", s, next_sigma(sigmas, s), family, eta)
         assert exact
         return compensated_denoised(d, 0.2 * (goal - d), s, target, family)
 
-    out = sample_agg(KModel(fn, family), x, sigmas, disable=True, noise_sampler=noise, family=family, **etas)
+    out = sample_agg(KModel(fn, family), x, sigmas, disable=True, noise_sampler=noise, family=family, zones=zones)
     ref = x.double()
     for i in range(n):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
         d = den(ref, s)
-        ref = ancestral_expected(ref, d, 0.2 * (goal - d), s, sn, zone_eta(i, n, **etas), family,
+        ref = ancestral_expected(ref, d, 0.2 * (goal - d), s, sn, zone_eta(i, n, zones), family,
                                  table.get(s, torch.zeros(SHAPE)))
     err = relerr(out, ref)
     record(f"agg compensation whole run {family} (relative)", err)
@@ -221,13 +221,14 @@ def test_sampler_module_does_not_import_comfyui():
         assert not [m for m in mods if m.split(".")[0] in {"comfy", "comfy_api", "nodes", "folder_paths", "comfy_extras"}]
 
 
-def test_resolve_zones_follows_the_guidance_window_only_when_asked():
-    from agg_kernels.sampler import resolve_zones
+def test_resolved_zones_follow_the_guidance_window_only_when_asked():
+    from agg_kernels.sampler import resolved_zones
 
     sigmas = torch.tensor([10.0, 6.0, 3.0, 1.0, 0.5, 0.0])
-    options = {"eta_edit": 0.0, "eta": 0.0, "eta_boost": 1.0, "edit_end": 0.2, "boost_start": 0.8, "s_noise": 1.0}
-    assert resolve_zones(options, sigmas, 3.0, "eps") == {k: v for k, v in options.items() if k != "s_noise"}
-    followed = resolve_zones({**options, "follow_guidance": True}, sigmas, 3.0, "eps")
-    assert followed["edit_end"] == pytest.approx(0.4)  # the steps from 10 and 6: the one from 3 is below the window
-    assert resolve_zones({**options, "follow_guidance": True}, sigmas, None, "eps")["edit_end"] == 0.2  # no AGG run
-    assert resolve_zones({**options, "follow_guidance": True}, sigmas, 0.1, "eps")["edit_end"] == 0.8  # never past the boost
+    zones = Zones(eta_edit=0.0, eta=0.0, eta_boost=1.0, edit_end=0.2, boost_start=0.8)
+    assert resolved_zones(zones, False, sigmas, 3.0, "eps") == zones
+    followed = resolved_zones(zones, True, sigmas, 3.0, "eps")
+    assert followed.edit_end == pytest.approx(0.4)  # the steps from 10 and 6: the one from 3 is below the window
+    assert followed == Zones(0.0, 0.0, 1.0, followed.edit_end, 0.8)  # only the edit zone's end moves
+    assert resolved_zones(zones, True, sigmas, None, "eps").edit_end == 0.2  # no AGG run
+    assert resolved_zones(zones, True, sigmas, 0.1, "eps").edit_end == 0.8  # never past the boost

@@ -94,29 +94,29 @@ def test_step_index():
 
 
 def test_zone_eta_three_zones():
-    etas = [sc.zone_eta(i, 9, 0.1, 0.2, 0.3, 1 / 3, 2 / 3) for i in range(9)]
+    etas = [sc.zone_eta(i, 9, sc.Zones(0.1, 0.2, 0.3, 1 / 3, 2 / 3)) for i in range(9)]
     assert etas == [0.1] * 3 + [0.2] * 3 + [0.3] * 3
 
 
 def test_zone_eta_reference_split():
     # 60 steps: the first 19 use eta_edit, the last third eta_boost.
-    etas = [sc.zone_eta(i, sc.REFERENCE_STEPS, 0.5, 0.0, 1.0) for i in range(sc.REFERENCE_STEPS)]
+    etas = [sc.zone_eta(i, sc.REFERENCE_STEPS, sc.Zones(0.5, 0.0, 1.0)) for i in range(sc.REFERENCE_STEPS)]
     assert etas.count(0.5) == sc.REFERENCE_GUIDED_STEPS == 19
     assert etas.count(1.0) == 20 and etas[-1] == 1.0 and etas[19] == 0.0
 
 
 def test_zone_eta_edge_zones():
     # Empty zones are allowed; an empty edit zone starts in the middle zone.
-    assert sc.zone_eta(0, 10, 0.1, 0.2, 0.3, 0.0, 0.5) == 0.2
-    assert sc.zone_eta(9, 10, 0.1, 0.2, 0.3, 1.0, 1.0) == 0.1
-    assert sc.zone_eta(5, 10, 0.1, 0.2, 0.3, 0.5, 0.5) == 0.3
+    assert sc.zone_eta(0, 10, sc.Zones(0.1, 0.2, 0.3, 0.0, 0.5)) == 0.2
+    assert sc.zone_eta(9, 10, sc.Zones(0.1, 0.2, 0.3, 1.0, 1.0)) == 0.1
+    assert sc.zone_eta(5, 10, sc.Zones(0.1, 0.2, 0.3, 0.5, 0.5)) == 0.3
 
 
 @pytest.mark.parametrize("edit_end,boost_start", [(0.6, 0.4), (-0.1, 0.5), (0.5, 1.2)])
 def test_zone_bounds_are_checked(edit_end, boost_start):
     with pytest.raises(ValueError, match="edit_end"):
-        sc.check_zones(edit_end, boost_start)
-    sc.check_zones(boost_start=1.0, edit_end=0.0)
+        sc.check_zones(sc.Zones(edit_end=edit_end, boost_start=boost_start))
+    sc.check_zones(sc.Zones(boost_start=1.0, edit_end=0.0))
 
 
 def test_paper_defaults():

@@ -18,11 +18,13 @@ end percent that guide exactly one step of a schedule.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -260,7 +262,8 @@ def add_agg(g, *, weight: float = 0.05, manifold: str = "finite_difference", asy
 
 @contextmanager
 def guided_steps() -> Iterator[list[dict]]:
-    """Record every evaluation the pack's guidance hook (AGGRun.guide) handles inside the block.
+    """Record every evaluation the pack's guidance hook (the guide closure of nodes.runtime.open_run) handles
+    inside the block.
 
     Each record: node (the AGG node's display name), family, sigma, x (the sampler state), D (the guider's
     denoised), returned (what the sampler got), guided (inside the window and not skipped), delta (the
@@ -268,33 +271,61 @@ def guided_steps() -> Iterator[list[dict]]:
     reported figures: step, sigma, the loss terms, skipped, a video's frame_change). Observation only: the hook's result is returned unchanged.
     """
     runtime = pack_module("nodes.runtime")
-    original, original_report = runtime.AGGRun.guide, runtime.report
+    original_open, original_report = runtime.open_run, runtime.report
     calls: list[dict] = []
-    reported: list[dict] = []
+    reported: list[tuple[dict, object]] = []
 
     def report(node_name, step, sigma, result, node_id=None, frame_change=None):
-        reported.append({"step": step, "sigma": sigma, **result.terms, "skipped": result.skipped, "rate": result.rate,
-                         "frame_change": frame_change})
+        reported.append(({"step": step, "sigma": sigma, **result.terms, "skipped": result.skipped, "rate": result.rate,
+                          "frame_change": frame_change}, result))
         return original_report(node_name, step, sigma, result, node_id, frame_change=frame_change)
 
-    def guide(self, executor, x, timestep, model_options, seed, denoised):
-        before = len(reported)
-        out = original(self, executor, x, timestep, model_options, seed, denoised)
-        entry = reported[-1] if len(reported) > before else None
-        guided = entry is not None and not entry["skipped"] and self.pending is not None
-        calls.append({
-            "node": self.node_name, "family": self.family, "sigma": float(timestep.flatten()[0]),
-            "x": x.detach().float().clone(), "D": denoised.detach().float().clone(),
-            "returned": out.detach().float().clone(), "guided": guided, "terms": entry,
-            "delta": (self.pending[1].float() - denoised.float()).clone() if guided else None,
-        })
-        return out
+    def open_run(*args, **kwargs):
+        run = original_open(*args, **kwargs)
 
-    runtime.AGGRun.guide, runtime.report = guide, report
+        def guide(executor, x, timestep, model_options, seed, denoised):
+            before = len(reported)
+            out = run.guide(executor, x, timestep, model_options, seed, denoised)
+            entry, result = reported[-1] if len(reported) > before else (None, None)
+            guided = entry is not None and not entry["skipped"] and result.delta is not None
+            calls.append({
+                "node": run.node_name, "family": run.family, "sigma": float(timestep.flatten()[0]),
+                "x": x.detach().float().clone(), "D": denoised.detach().float().clone(),
+                "returned": out.detach().float().clone(), "guided": guided, "terms": entry,
+                "delta": ((denoised + result.delta).float() - denoised.float()).clone() if guided else None,
+            })
+            return out
+
+        return replace(run, guide=guide)
+
+    runtime.open_run, runtime.report = open_run, report
     try:
         yield calls
     finally:
-        runtime.AGGRun.guide, runtime.report = original, original_report
+        runtime.open_run, runtime.report = original_open, original_report
+
+
+class FakePatcher:
+    """The ModelPatcher methods nodes.runtime.install uses, recording what it installs (for harnesses that drive
+    the hook closures without a model). `clone` deep-copies model_options, as ComfyUI's does."""
+
+    def __init__(self):
+        self.model_options: dict = {"transformer_options": {}}
+        self.wrappers: dict[str, list] = {}  # kind -> the installed wrappers, outermost first
+        self.post_cfg: list = []
+
+    def clone(self) -> FakePatcher:
+        n = FakePatcher()
+        n.model_options = copy.deepcopy(self.model_options)
+        n.wrappers = {k: list(v) for k, v in self.wrappers.items()}
+        n.post_cfg = list(self.post_cfg)
+        return n
+
+    def add_wrapper_with_key(self, kind, key, fn):
+        self.wrappers.setdefault(kind, []).append(fn)
+
+    def set_model_sampler_post_cfg_function(self, fn):
+        self.post_cfg.append(fn)
 
 
 def percent_for_sigma(percent_to_sigma: Callable[[float], float], sigma: float) -> float:
@@ -518,7 +549,7 @@ def loss_values(r, g, loss_role: str, latents: list[torch.Tensor]) -> list[dict[
     """The loss a loss node built for run `r` of graph `g`, evaluated by the pack's own builder on clean latents
     (VAE latent space, as the sampler returns them) at sigma 0 with the first guided step's cut-outs:
     {term: raw value} per latent."""
-    from agg_kernels.objective import LossContext
+    from agg_kernels.objective import LossContext, evaluate
 
     runtime = pack_module("nodes.runtime")
     model = r.output(g["ckpt"].id).model
@@ -530,7 +561,7 @@ def loss_values(r, g, loss_role: str, latents: list[torch.Tensor]) -> list[dict[
             for lat in latents:
                 x0 = model.process_latent_in(lat.float()).clone()
                 ctx = LossContext(sigma=torch.zeros(x0.shape[0]), x=x0, family="eps", step=0)
-                out.append({k: float(v.mean()) for k, v in loss(x0, ctx).items()})
+                out.append({k: float(v.mean()) for k, v in evaluate(loss, x0, ctx).items()})
     finally:
         info.close()
     return out

@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/: the shared agg_testing helpers
@@ -149,17 +150,28 @@ class SampleTimer:
         comfy.sample.sample = timed
         runtime = next(
             m for name, m in list(sys.modules.items())
-            if name.endswith("nodes.runtime") and isinstance(getattr(m, "AGGRun", None), type)
+            if name.endswith("nodes.runtime") and callable(getattr(m, "open_run", None))
         )
-        close = runtime.AGGRun.close
+        open_run, report = runtime.open_run, runtime.report
         timer = self
+        steps = [0]  # guided steps reported since the run opened
 
-        def counting_close(run):
-            timer.guided.append(run.step)
-            timer.sigmas.append([float(s) for s in run.sigmas])
-            return close(run)
+        def counting_report(*args, **kwargs):
+            steps[0] += 1
+            return report(*args, **kwargs)
 
-        runtime.AGGRun.close = counting_close
+        def counting_open(*args, **kwargs):
+            run = open_run(*args, **kwargs)
+            steps[0] = 0
+
+            def close():
+                timer.guided.append(steps[0])
+                timer.sigmas.append([float(s) for s in run.sigmas])
+                return run.close()
+
+            return replace(run, close=close)
+
+        runtime.open_run, runtime.report = counting_open, counting_report
 
 
 def sync() -> None:

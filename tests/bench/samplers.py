@@ -7,7 +7,7 @@ For every sampler in comfy.samplers.KSampler.SAMPLERS, the real sampler object
 stand-in guider: a conditional and an unconditional analytic Gaussian-mixture denoiser (different data,
 tests/agg_testing/analytic.py) combined by CFG, with the post-CFG functions run as ComfyUI's
 sampling_function runs them (the cfg_pp samplers keep the uncond estimate there). The guidance is the
-pack's own hook: AGGPatch.predict_noise and AGGRun (nodes/runtime.py) with a Structure Loss toward a
+pack's own hook: the closures of nodes/runtime.py (install, open_run) with a Structure Loss toward a
 target and finite differences on, whose conditional probe pass is answered by the conditional denoiser
 (comfy.samplers.calc_cond_batch stands in for the model pass).
 
@@ -37,6 +37,7 @@ from types import SimpleNamespace
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/: the shared agg_testing helpers
 from agg_testing.comfy_env import PACK_ROOT, configure_comfy  # noqa: E402
+from agg_testing.probes import FakePatcher, window_isolating  # noqa: E402
 
 EXACT_TOL = 1e-4
 
@@ -73,7 +74,7 @@ class ModelWrap:
     `inner_model.model_patcher.get_model_object`, a call returning the denoised), with AGG's PREDICT_NOISE
     hook around its prediction."""
 
-    def __init__(self, cond, uncond, family: str, cfg: float, patch, run):
+    def __init__(self, cond, uncond, family: str, cfg: float, hook, run):
         import comfy.model_sampling
         import torch
         from agg_testing.analytic import COMFY_SAMPLING
@@ -94,7 +95,7 @@ class ModelWrap:
         )
         self.model_patcher = self.inner_model.model_patcher
         self.cond, self.uncond, self.family, self.cfg = cond, uncond, family, cfg
-        self.patch, self.run = patch, run
+        self.hook, self.run = hook, run  # hook: the installed FakePatcher (agg_testing.probes)
         self.seen: list[tuple[float, object]] = []  # (sigma, x) of every evaluation
 
     def prediction(self, x, timestep, model_options, seed):
@@ -102,20 +103,24 @@ class ModelWrap:
         c = self.cond.denoise(x.float(), timestep.float(), self.family)
         u = self.uncond.denoise(x.float(), timestep.float(), self.family)
         d = u + self.cfg * (c - u)
-        for fn in [self.patch.capture_cond, *model_options.get("sampler_post_cfg_function", [])]:
+        for fn in [*self.hook.post_cfg, *model_options.get("sampler_post_cfg_function", [])]:
             d = fn({"denoised": d, "cond_denoised": c, "uncond_denoised": u, "model": self.inner_model,
                     "sigma": timestep, "input": x, "model_options": model_options, "cond": None, "uncond": None,
                     "cond_scale": self.cfg})
         return d
 
     def __call__(self, x, sigma, model_options=None, seed=None, **kwargs):
+        import comfy.patcher_extension
+
         runtime = pack_runtime()
         options = dict(model_options or {})
         topts = dict(options.get("transformer_options", {}))
-        topts[runtime.RUNS_KEY] = {self.patch.key: self.run}
+        key = next(iter(self.hook.model_options["transformer_options"][runtime.WINDOWS_KEY]))
+        topts[runtime.RUNS_KEY] = {key: self.run}
         options["transformer_options"] = topts
         self.seen.append((float(sigma.flatten()[0]), x.clone()))
-        return self.patch.predict_noise(self.prediction, x, sigma, options, seed)
+        (predict_noise,) = self.hook.wrappers[comfy.patcher_extension.WrappersMP.PREDICT_NOISE]
+        return predict_noise(self.prediction, x, sigma, options, seed)
 
 
 def run_sampler(name: str, family: str, sigmas, x0, noise, mixtures, guide_step: int | None, target, weight: float,
@@ -137,7 +142,13 @@ def run_sampler(name: str, family: str, sigmas, x0, noise, mixtures, guide_step:
                                    dds_lr=0.5, asymmetric=True)
     # 0.5 posterior standard deviations per step: shifts large enough that float32 rounding stays far below 1e-4
     settings = replace(settings, trust_region=0.5 / per_share)
-    patch = runtime.AGGPatch(loss, settings, "Apply AGG")
+    model = ModelWrap(cond, uncond, family, cfg, None, None)
+    if guide_step is None:  # no schedule time: the hook runs and guides nothing
+        window = (1.0 - 1e-8, 1.0)
+    else:  # exactly step i: its neighbours only touch the window's ends
+        window = window_isolating(model.model_sampling.percent_to_sigma, sigmas.tolist(), guide_step)
+    settings = replace(settings, start_percent=window[0], end_percent=window[1])
+    model.hook = runtime.install(FakePatcher(), loss, settings, "Apply AGG")
     identity = lambda t: t  # noqa: E731
     guider = SimpleNamespace(conds={"positive": ["POSITIVE"]})
 
@@ -146,41 +157,33 @@ def run_sampler(name: str, family: str, sigmas, x0, noise, mixtures, guide_step:
         assert conds == [["POSITIVE"]], conds
         return [cond.denoise(x.float(), timestep.float(), family)]
 
-    model = ModelWrap(cond, uncond, family, cfg, patch, None)
     inner = SimpleNamespace(model_sampling=model.model_sampling, process_latent_in=identity,
                             process_latent_out=identity, latent_format=None, diffusion_model=torch.nn.Identity())
     guider.inner_model = inner
-    run = runtime.AGGRun(patch.node_name, settings, loss, guider, sigmas.float(), sampler, tuple(noise.shape))
+    run = runtime.open_run("Apply AGG", None, settings, loss, guider, sigmas.float(), sampler, tuple(noise.shape), None)
     model.run = run
-    if guide_step is None:
-        run.window = (0.0, 0.0)  # no schedule time: the hook runs and guides nothing
-    else:
-        # exactly step i: its neighbours only touch the window's ends
-        run.window = (float(sigmas[guide_step]), float(sigmas[guide_step + 1]))
     deltas: dict[int, torch.Tensor] = {}
-    guide = run.guide
+    report = runtime.report
 
-    def recording_guide(executor, x, timestep, model_options, seed, denoised):
-        before = run.step
-        out = guide(executor, x, timestep, model_options, seed, denoised)
-        if guide_step is not None and run.step > before and run.pending is not None:
-            deltas.setdefault(guide_step, (run.pending[1] - denoised).clone())
-        return out
+    def recording_report(node_name, step, sigma, result, *args, **kwargs):
+        # the guided step's delta on the clean estimate, as the previews show it (observation only)
+        if guide_step is not None and result.delta is not None and guide_step not in deltas:
+            deltas[guide_step] = result.delta.float().clone()
+        return report(node_name, step, sigma, result, *args, **kwargs)
 
-    run.guide = recording_guide
     states: dict[int, torch.Tensor] = {}
 
     def callback(i, denoised, x, total):
         states.setdefault(i, x.clone())
 
     original = comfy.samplers.calc_cond_batch
-    comfy.samplers.calc_cond_batch = calc_cond_batch
+    comfy.samplers.calc_cond_batch, runtime.report = calc_cond_batch, recording_report
     try:
         torch.manual_seed(0)
         out = sampler.sample(model, sigmas, {"model_options": {}, "seed": 0}, callback, noise.clone(), x0.clone(),
                              None, True)
     finally:
-        comfy.samplers.calc_cond_batch = original
+        comfy.samplers.calc_cond_batch, runtime.report = original, report
         run.close()
     n = len(sigmas) - 1
     if len(states) < 2 or torch.equal(states.get(1, states[0]), states[0]):

@@ -14,6 +14,7 @@ import torch
 from agg_testing import probes
 from agg_testing.analytic import ddim_flow_step, ddim_vp_step
 
+from agg_kernels.schedule import schedule_rate
 from agg_kernels.step import asymmetric_step, compensated_denoised, symmetric_step
 from agg_kernels.strength import substeps
 
@@ -55,12 +56,13 @@ def test_the_pack_asymmetric_step_is_the_ddim_step(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ddim_sampler_object_realises_the_ddim_step(family, monkeypatch):
     """comfy.samplers.sampler_object("ddim") (Euler with its random-noise inpaint option) run through
-    KSAMPLER.sample, with a guider whose cond and uncond differ (cfg 4), the real AGGPatch / AGGRun and the
+    KSAMPLER.sample, with a guider whose cond and uncond differ (cfg 4), the real hook closures and the
     finite-difference probe: every realised state is the DDIM step from (x, D, delta)."""
     rt = probes.node_test_module("test_runtime")
     CFGHarness, assert_guided, realised, reference = rt.CFGHarness, rt.assert_guided, rt.realised, rt.reference
     ddim = comfy.samplers.sampler_object("ddim")
     assert ddim.inpaint_options.get("random")  # ComfyUI's ddim, not plain euler
+    rt.record_reports(monkeypatch)
     h = CFGHarness(family, ddim.sampler_function, monkeypatch)
     h.inner_model.model_sampling = h.sampling  # KSAMPLER.sample reads model_wrap.inner_model.model_sampling
     h.model_patcher = h.inner_model.model_patcher  # and ComfyUI 0.33's first-step log line names its model's class
@@ -68,11 +70,11 @@ def test_ddim_sampler_object_realises_the_ddim_step(family, monkeypatch):
     z = torch.randn(h.start().shape, generator=torch.Generator().manual_seed(3))
     latent = reference().expand_as(z).clone() if family == "const" else torch.zeros_like(z)
     seen = []
-    callback = h.run.wrap_callback(lambda i, x0, x, total: seen.append(x0.clone()))
+    callback = h.run.preview(lambda i, x0, x, total: seen.append(x0.clone()))
     out = ddim.sample(h, h.sigmas, {"model_options": {}, "seed": 0}, callback, z, latent, None, True)
     assert_guided(h)
     # one conditional probe pass per sub-step of each guided step (this run's window is the whole schedule)
-    assert len(h.probes) == sum(substeps(h.run.rate(st["sigma"])) for st in h.steps if st["guided"])
+    assert len(h.probes) == sum(substeps(schedule_rate(h.sigmas, st["sigma"], h.run.window, family)) for st in h.steps if st["guided"])
     assert max(float((st["D"] - st["U"]).abs().max()) for st in h.steps) > 0.1  # cond and uncond really differ
     for st, x_next, sn in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), strict=True):
         want = oracle(st["x"], st["D"], st["delta"], st["sigma"], sn, family).float()

@@ -129,21 +129,25 @@ def graph(case: str, seed: int = 3, coarse: bool = False) -> Graph:
 def sample(session, case: str, caplog, seed: int = 3, coarse: bool = False):
     """Run the case's graph (a seed of its own per test, so the sampler runs again while the loaders come from
     ComfyUI's cache): (its MODEL, the run's probe settings, the agg.terms events, AGG's warnings)."""
+    from agg_kernels.manifold import FD_MAX_ERROR, fd_rel_step_for, reduced_precision
+
     runtime = pack_module("nodes.runtime")
-    original = runtime.AGGRun.guide
+    original = runtime.covariance_operator
     seen: list[dict] = []
 
-    def guide(self, *args, **kwargs):  # observation only: the pack's own hook, its result unchanged
-        seen.append({"fd_rel_step": self.fd_rel_step, "fd_max_error": getattr(self, "fd_max_error", None)})
-        return original(self, *args, **kwargs)
+    def operator(mode, *args, dtype=torch.float32, **kwargs):  # observation only: the kernel's operator, unchanged
+        if mode == "finite_difference":
+            seen.append({"fd_rel_step": fd_rel_step_for(dtype),
+                         "fd_max_error": FD_MAX_ERROR if reduced_precision(dtype) else None})
+        return original(mode, *args, dtype=dtype, **kwargs)
 
     g = graph(case, seed, coarse)
-    runtime.AGGRun.guide = guide
+    runtime.covariance_operator = operator
     try:
         with caplog.at_level(logging.INFO, logger="AGG"):
             r = session.run(g.prompt)
     finally:
-        runtime.AGGRun.guide = original
+        runtime.covariance_operator = original
     assert r.ok, r.error_text()
     warnings = [rec.getMessage() for rec in caplog.records if rec.name == "AGG" and rec.levelno >= logging.WARNING]
     return r.output(g["model"].id), seen[0], r.events("agg.terms"), warnings
@@ -181,12 +185,13 @@ def measure(patcher, reference, old_probe: bool = False) -> dict[float, dict]:
     its error estimate, and with `old_probe` the cosine of the one-sided 0.02 probe (the storage-dtype lookup's)."""
     import comfy.model_management
 
-    from agg_kernels.manifold import checked_covariance_product, fd_is_noise, fd_rel_step_for, reduced_precision
+    from agg_kernels.coordinates import expand_sigma
+    from agg_kernels.manifold import covariance_operator, jvp_finite_difference
+    from agg_kernels.strength import covariance_scale
 
     runtime = pack_module("nodes.runtime")
     comfy.model_management.load_models_gpu([patcher])  # applies the compute dtype (an object patch) to the model
     dtype = runtime.compute_dtype(patcher)
-    rel, two_sided = fd_rel_step_for(dtype), reduced_precision(dtype)
     latents = T.load_data(T.sd15_trained_files()["data"])["test_latents"]
     z, target = latents[:SAMPLES], latents[SAMPLES: 2 * SAMPLES]
     g = torch.Generator().manual_seed(3)
@@ -205,16 +210,17 @@ def measure(patcher, reference, old_probe: bool = False) -> dict[float, dict]:
         def full(t, sigma=sigma):
             return T.denoise(reference, t, sigma)
 
-        exact = checked_covariance_product("autograd", v, x, None, s, "eps", full)[0]
+        exact = covariance_operator("autograd", x, s, "eps", full)(v).value
         with torch.no_grad():
-            fd32 = checked_covariance_product("finite_difference", v, x, d32, s, "eps", full, 0.02)[0]
+            fd32 = covariance_operator("finite_difference", x, s, "eps", full, base=d32)(v).value
         d = half(x)
-        step, error = checked_covariance_product("finite_difference", v, x, d, s, "eps", half, rel, two_sided)
-        noise = fd_is_noise(error) if error is not None else torch.zeros(SAMPLES, dtype=torch.bool)
+        product = covariance_operator("finite_difference", x, s, "eps", half, base=d, dtype=dtype)(v)
+        step = product.value
+        noise = product.noise if product.noise is not None else torch.zeros(SAMPLES, dtype=torch.bool)
         out[sigma] = {"cos": cosine(step, exact), "fd32": cosine(step, fd32), "floor": cosine(fd32, exact),
-                      "noise": noise, "error": error}
+                      "noise": noise}
         if old_probe:
-            one_sided = checked_covariance_product("finite_difference", v, x, d, s, "eps", half, 0.02)[0]
+            one_sided = covariance_scale(expand_sigma(s, v), "eps") * jvp_finite_difference(half, x, d, v, s, 0.02)
             out[sigma]["old"] = cosine(one_sided, exact)
     return out
 

@@ -18,7 +18,7 @@ def runtime_module():
     import nodes
 
     apply = sys.modules[nodes.NODE_CLASS_MAPPINGS["AGGApply"].__module__]
-    return sys.modules[apply.AGGPatch.__module__]
+    return sys.modules[apply.install.__module__]
 
 
 def plain(seed: int, sampler_id: str | None = None, steps: int = 4) -> Graph:
@@ -104,7 +104,7 @@ def test_autograd_mode_restores_weights_and_drops_the_gradient_copy(comfy, monke
     assert all(p.grad is None for p in params), "a gradient was left on the model's weights"
     assert [p.requires_grad for p in params] == flags0
     assert live("GradientWeights") == [], "a gradient copy of the weights outlived the run"
-    assert live("AGGRun") == [], "a run's state outlived the run"
+    assert live("Run") == [], "a run's closures outlived the run"
 
     g1 = plain(seed=72, sampler_id="902")
     assert torch.equal(latent(comfy.run(g1.prompt), g1), before)
@@ -127,5 +127,5 @@ def test_rss_does_not_grow_over_repeated_guided_runs(comfy, agg_models):
     growth = max(figures) - figures[0]
     print(f"RSS MiB: warm-up {[round(v, 1) for v in warm]}, runs {[round(v, 1) for v in figures]}, "
           f"growth {growth:.1f} MiB")
-    assert live("AGGRun") == [] and live("GradientWeights") == []
+    assert live("Run") == [] and live("GradientWeights") == []
     assert growth < 48.0, f"RSS grew {growth:.1f} MiB over 5 guided runs: {figures}"

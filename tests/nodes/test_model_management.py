@@ -125,17 +125,17 @@ def seen(monkeypatch):
     """What each AGG run was opened on: the guider's patcher and model, and the module autograd went through."""
     runtime = probes.pack_module("nodes.runtime")
     runs: list[dict] = []
-    init, weights_init = runtime.AGGRun.__init__, runtime.GradientWeights.__init__
+    open_run, weights_init = runtime.open_run, runtime.GradientWeights.__init__
 
-    def record_run(self, node_name, settings, loss, guider, *args, **kwargs):
+    def record_run(node_name, node_id, settings, loss, guider, *args, **kwargs):
         runs.append({"patcher": guider.model_patcher, "model": guider.inner_model, "autograd": []})
-        init(self, node_name, settings, loss, guider, *args, **kwargs)
+        return open_run(node_name, node_id, settings, loss, guider, *args, **kwargs)
 
     def record_weights(self, module):
         runs[-1]["autograd"].append(module)
         weights_init(self, module)
 
-    monkeypatch.setattr(runtime.AGGRun, "__init__", record_run)
+    monkeypatch.setattr(runtime, "open_run", record_run)
     monkeypatch.setattr(runtime.GradientWeights, "__init__", record_weights)
     return runs
 

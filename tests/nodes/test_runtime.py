@@ -1,7 +1,7 @@
 """The guidance hook realises the asymmetric step exactly inside ComfyUI's own k-diffusion samplers.
 
-No neural network: an exact mixture denoiser stands in for the model, the real AGGPatch.predict_noise
-and AGGRun run around it, and the real sampler functions (comfy.k_diffusion.sampling and the AGG
+No neural network: an exact mixture denoiser stands in for the model, the real hook closures (nodes.runtime
+install / open_run) run around it, and the real sampler functions (comfy.k_diffusion.sampling and the AGG
 sampler) step with what the hook returns. Each realised x_{i+1} is compared with the asymmetric step
 written from (x_i, D_i, delta_i).
 """
@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from agg_testing.analytic import ancestral_expected, mixture
-from agg_testing.probes import pack_module
+from agg_testing.probes import FakePatcher, pack_module
 
 from agg_kernels.coordinates import alpha
 from agg_kernels.losses import structure_loss
+from agg_kernels.schedule import Zones, schedule_rate
 from agg_kernels.step import asymmetric_step, symmetric_step
 from agg_kernels.strength import substeps
 
@@ -59,8 +60,31 @@ def reference():
     return torch.randn((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(1))
 
 
+# Every guided step's GuidanceResult, as the hook reports it (observation only).
+REPORTS: list = []
+
+
+def record_reports(monkeypatch) -> list:
+    """From now until the test ends, every guided step's GuidanceResult goes to REPORTS as well."""
+    runtime = pack_module("nodes.runtime")
+    original = runtime.report
+
+    def record(node_name, step, sigma, result, node_id=None, frame_change=None):
+        REPORTS.append(result)
+        return original(node_name, step, sigma, result, node_id, frame_change=frame_change)
+
+    REPORTS.clear()
+    monkeypatch.setattr(runtime, "report", record)
+    return REPORTS
+
+
+@pytest.fixture(autouse=True)
+def reports(monkeypatch):
+    return record_reports(monkeypatch)
+
+
 class Harness:
-    """A fake guider / model around the real AGGPatch and AGGRun, recording every step."""
+    """A fake guider / model around the real hook closures (install, open_run), recording every step."""
 
     def __init__(self, family, sampler_fn, extra_options=None, manifold="finite_difference", asymmetric=True,
                  weight=2.0, sampler_obj=None):
@@ -71,16 +95,22 @@ class Harness:
         self.sigmas = schedule(self.sampling)
         ref = reference()
         loss = losses.AGGLoss((losses.LossSpec("Structure Loss", lambda run: structure_loss(weight, ref)),))
+        self.loss = loss
         settings = runtime.AGGSettings(start_percent=0.0, end_percent=1.0, manifold=manifold, dds_steps=1,
                                        dds_lr=0.05, asymmetric=asymmetric)
-        self.patch = runtime.AGGPatch(loss, settings, "Apply AGG")
+        import comfy.patcher_extension
+
+        patched = runtime.install(FakePatcher(), loss, settings, "Apply AGG")
+        (self.predict_noise,) = patched.wrappers[comfy.patcher_extension.WrappersMP.PREDICT_NOISE]
+        self.capture_cond = patched.post_cfg[0]
+        key = next(iter(patched.model_options["transformer_options"][runtime.WINDOWS_KEY]))
         identity = lambda t: t  # noqa: E731
         inner = SimpleNamespace(model_sampling=self.sampling, process_latent_in=identity, process_latent_out=identity,
                                 latent_format=None, diffusion_model=torch.nn.Identity())
         self.guider = SimpleNamespace(inner_model=inner)
         self.sampler_obj = sampler_obj or SimpleNamespace(sampler_function=sampler_fn, extra_options=dict(extra_options or {}))
-        self.run = runtime.AGGRun(self.patch.node_name, settings, loss, self.guider, self.sigmas, self.sampler_obj, SHAPE)
-        self.model_options = {"transformer_options": {runtime.RUNS_KEY: {self.patch.key: self.run}}}
+        self.run = runtime.open_run("Apply AGG", None, settings, loss, self.guider, self.sigmas, self.sampler_obj, SHAPE, None)
+        self.model_options = {"transformer_options": {runtime.RUNS_KEY: {key: self.run}}}
         self.mix = data()
         self.executor_calls: list[torch.Tensor] = []
         self.steps: list[dict] = []
@@ -96,12 +126,13 @@ class Harness:
         return d
 
     def __call__(self, x, sigma, **extra):
-        n = len(self.executor_calls)
-        returned = self.patch.predict_noise(self.executor, x, sigma, self.model_options, 0)
+        n, r = len(self.executor_calls), len(REPORTS)
+        returned = self.predict_noise(self.executor, x, sigma, self.model_options, 0)
         d = self.executor_calls[n]
-        guided = self.run.pending is not None  # a step with no schedule time in the window is not guided
-        ret, shown = self.run.pending if guided else (d, d)
-        assert ret is returned
+        # a step with no schedule time in the window is not guided
+        result = REPORTS[-1] if len(REPORTS) > r else None
+        guided = result is not None and result.delta is not None
+        shown = d + result.delta if guided else d
         self.steps.append({"x": x.clone(), "sigma": float(sigma.flatten()[0]), "D": d, "shown": shown.clone(),
                            "delta": shown - d, "returned": returned.clone(), "guided": guided})
         return returned
@@ -110,7 +141,7 @@ class Harness:
         def record(step, x0, x, total):
             self.callbacks.append({"step": step, "x0": x0.clone()})
 
-        wrapped = self.run.wrap_callback(record)
+        wrapped = self.run.preview(record)
         return lambda info: wrapped(info["i"], info["denoised"], info["x"], len(self.sigmas) - 1)
 
     def start(self, seed: int = 3) -> torch.Tensor:
@@ -147,7 +178,7 @@ def assert_guided(h: Harness):
     live = [st for st in h.steps if st["sigma"] > 0.05]
     assert len(live) >= len(h.steps) - 1
     assert all(st["guided"] and st["delta"].abs().max() > 1e-3 for st in live), "guidance did nothing"
-    assert h.run.step == sum(st["guided"] for st in h.steps)
+    assert len(REPORTS) == sum(st["guided"] for st in h.steps)
 
 
 def k():
@@ -211,12 +242,13 @@ def test_agg_sampler_realises_the_asymmetric_step(family):
     from agg_kernels.sampler import sampler_eta_at
 
     sampler = pack_module("nodes.sampler")
-    options = {"eta_edit": 0.0, "eta": 0.5, "eta_boost": 1.0, "edit_end": 0.4, "boost_start": 0.6}
+    zones = Zones(eta_edit=0.0, eta=0.5, eta_boost=1.0, edit_end=0.4, boost_start=0.6)
+    options = {"zones": zones, "follow_guidance": False}
     h = Harness(family, sampler.sample_agg_comfy, sampler_obj=sampler.PackSampler(sampler.sample_agg_comfy, "agg", options))
     noise = FixedNoise()
     out = sampler.sample_agg_comfy(h, h.start(), h.sigmas, {}, h.callback(), True, noise_sampler=noise, **options)
     assert_guided(h)
-    etas = [sampler_eta_at(h.sigmas, s, **options) for s in h.sigmas[:-1].tolist()]
+    etas = [sampler_eta_at(h.sigmas, s, zones) for s in h.sigmas[:-1].tolist()]
     assert {0.0, 0.5, 1.0} <= set(etas)  # every zone is exercised
     drawn = iter(noise.drawn)
     for st, x_next, sn, eta in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), etas, strict=True):
@@ -237,9 +269,9 @@ def test_agg_sampler_draws_comfyuis_own_noise(family):
     model = KModel(lambda x, s: mix.denoise(x, s, family), family)
     sigmas = schedule(model_sampling(family))
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * sigmas[0]
-    options = {"eta_edit": 1.0, "eta": 1.0, "eta_boost": 1.0, "edit_end": 0.4, "boost_start": 0.6}
-    ours = sampler.sample_agg_comfy(model, x, sigmas, {"seed": 11}, None, True, **options)
-    again = sampler.sample_agg_comfy(model, x, sigmas, {"seed": 12}, None, True, **options)
+    zones = Zones(eta_edit=1.0, eta=1.0, eta_boost=1.0, edit_end=0.4, boost_start=0.6)
+    ours = sampler.sample_agg_comfy(model, x, sigmas, {"seed": 11}, None, True, zones)
+    again = sampler.sample_agg_comfy(model, x, sigmas, {"seed": 12}, None, True, zones)
     ref = k().sample_euler_ancestral(model, x, sigmas, extra_args={"seed": 11}, disable=True)
     assert (ours - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
     assert (again - ref).abs().max() > 0.1  # another seed draws other noise
@@ -265,13 +297,18 @@ def test_outside_the_window_or_without_a_run_the_model_output_is_untouched():
     x = h.start()
     sig = h.sigmas[0:1].repeat(SHAPE[0])
     # no open run for this patch (e.g. another sampling call): pass-through
-    out = h.patch.predict_noise(h.executor, x, sig, {"transformer_options": {runtime.RUNS_KEY: {}}}, 0)
+    out = h.predict_noise(h.executor, x, sig, {"transformer_options": {runtime.RUNS_KEY: {}}}, 0)
     assert out is h.executor_calls[-1]
     # a run whose window lies below this sigma: pass-through, no guided step recorded
-    low = float(h.sigmas[-2])
-    h.run.window = (low, low / 2)
-    out = h.patch.predict_noise(h.executor, x, sig, h.model_options, 0)
-    assert out is h.executor_calls[-1] and h.run.step == 0 and h.run.pending is None
+    settings = runtime.AGGSettings(start_percent=0.99, end_percent=1.0)
+    run = runtime.open_run("Apply AGG", None, settings, h.loss, h.guider, h.sigmas, h.sampler_obj, SHAPE, None)
+    assert run.window[0] < float(h.sigmas[1])  # the first step lies wholly above the window
+    key = next(iter(h.model_options["transformer_options"][runtime.RUNS_KEY]))
+    out = h.predict_noise(h.executor, x, sig, {"transformer_options": {runtime.RUNS_KEY: {key: run}}}, 0)
+    assert out is h.executor_calls[-1] and REPORTS == []
+    seen = []
+    run.preview(lambda step, x0, x, total: seen.append(x0))(0, out, x, 1)
+    assert seen[0] is out  # nothing pending: previews show the model's own estimate
 
 
 # -- cfg_pp samplers: a guider with cond != uncond, finite differences on ----------------------------
@@ -303,8 +340,8 @@ class CFGHarness(Harness):
         c = self.mix.denoise(x.float(), timestep.float(), self.family)
         u = self.uncond.denoise(x.float(), timestep.float(), self.family)
         d = u + self.cfg * (c - u)
-        # the patch's own post-CFG hook sits in the model's options (AGGPatch.install), the sampler's after it
-        for fn in [self.patch.capture_cond, *model_options.get("sampler_post_cfg_function", [])]:
+        # the patch's own post-CFG hook sits in the model's options (nodes.runtime.install), the sampler's after it
+        for fn in [self.capture_cond, *model_options.get("sampler_post_cfg_function", [])]:
             d = fn({"denoised": d, "cond_denoised": c, "uncond_denoised": u, "model_options": model_options,
                     "sigma": timestep, "input": x, "cond_scale": self.cfg})
         self.executor_calls.append(d)
@@ -313,11 +350,12 @@ class CFGHarness(Harness):
     def __call__(self, x, sigma, **extra):
         options = dict(extra.get("model_options", {}))
         options["transformer_options"] = self.model_options["transformer_options"]
-        n = len(self.executor_calls)
-        returned = self.patch.predict_noise(self.executor, x, sigma, options, 0)
+        n, r = len(self.executor_calls), len(REPORTS)
+        returned = self.predict_noise(self.executor, x, sigma, options, 0)
         d = self.executor_calls[n]
-        guided = self.run.pending is not None
-        ret, shown = self.run.pending if guided else (returned, returned)
+        result = REPORTS[-1] if len(REPORTS) > r else None
+        guided = result is not None and result.delta is not None
+        shown = d + result.delta if guided else returned
         self.steps.append({"x": x.clone(), "sigma": float(sigma.flatten()[0]), "D": d, "shown": shown.clone(),
                            "delta": shown - returned if not guided else shown - d, "returned": returned.clone(),
                            "guided": guided, "U": self.uncond.denoise(x.float(), sigma.float(), self.family)})
@@ -337,7 +375,7 @@ def test_cfg_pp_samplers_realise_the_step_with_the_probe_on(family, eta, monkeyp
     out = fn(h, h.start(), h.sigmas, extra_args={"model_options": {}}, callback=h.callback(), disable=True, **kwargs)
     assert_guided(h)
     # one conditional probe per sub-step of each guided step (this run's window is the whole schedule)
-    assert len(h.probes) == sum(substeps(h.run.rate(st["sigma"])) for st in h.steps if st["guided"])
+    assert len(h.probes) == sum(substeps(schedule_rate(h.sigmas, st["sigma"], h.run.window, family)) for st in h.steps if st["guided"])
     lam = lambda s: torch.tensor(float(alpha(torch.tensor(s), family)))  # noqa: E731  alpha_s of the sampler
     drawn = iter(noise.drawn)
     for st, x_next, sn in zip(h.steps, realised(h, out), h.sigmas[1:].tolist(), strict=True):
@@ -352,3 +390,52 @@ def test_cfg_pp_samplers_realise_the_step_with_the_probe_on(family, eta, monkeyp
             if eta:
                 want = want + a_t * next(drawn) * up
         assert torch.allclose(x_next, want, atol=TOL), (st["sigma"], (x_next - want).abs().max())
+
+
+def test_two_patches_on_one_model_resolve_the_agg_samplers_zones_to_one_answer():
+    """Two Apply AGG on one model (windows ending at 30 % and at 60 %) and an AGG Sampler following the guidance
+    window: each run's guided step and the sampler take the same edit zone, the one of the longer window."""
+    import comfy.patcher_extension
+
+    from agg_kernels.sampler import resolved_zones, sampler_eta_at
+
+    runtime, sampler, losses = pack_module("nodes.runtime"), pack_module("nodes.sampler"), pack_module("nodes.losses")
+    sampling = model_sampling("eps")
+    sigmas = schedule(sampling)
+    ref = reference()
+    loss = losses.AGGLoss((losses.LossSpec("Structure Loss", lambda run: structure_loss(0.1, ref)),))
+    first = runtime.install(FakePatcher(), loss, runtime.AGGSettings(end_percent=0.3), "Apply AGG")
+    both = runtime.install(first, loss, runtime.AGGSettings(end_percent=0.6), "Apply AGG")
+    zones = Zones(eta_edit=0.5, eta=0.0, eta_boost=1.0, edit_end=0.1, boost_start=0.9)
+    agg = sampler.PackSampler(sampler.sample_agg_comfy, "agg", {"zones": zones, "follow_guidance": True})
+    identity = lambda t: t  # noqa: E731
+    guider = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling, process_latent_in=identity,
+                                                         process_latent_out=identity, latent_format=None))
+    runs = []
+
+    class Executor:
+        def __init__(self, fn):
+            self.fn, self.class_obj = fn, agg
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+    def sampling_call(guider, sigmas, extra_args, *rest):
+        runs.extend(extra_args["model_options"]["transformer_options"][runtime.RUNS_KEY].values())
+
+    outer, inner = both.wrappers[comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE]
+    extra_args = {"model_options": both.model_options}
+    noise = torch.zeros(SHAPE)
+    outer(Executor(lambda *a: inner(Executor(sampling_call), *a)), guider, sigmas, extra_args, None, noise, noise,
+          None, True)
+    assert len(runs) == 2 and runs[0].window != runs[1].window
+    # the sampler's own zones: what sample_agg_comfy resolves from the same model options
+    low = sampler.guidance_window_low(extra_args["model_options"], sampling)
+    assert low == min(run.window[1] for run in runs)
+    theirs = resolved_zones(zones, True, sigmas, low, "eps")
+    want = [sampler_eta_at(sigmas, s, theirs) for s in sigmas[:-1].tolist()]
+    for run in runs:
+        assert [run.sampler.eta_at(s) for s in sigmas[:-1].tolist()] == want
+    # each window alone would give another edit zone: the answer above is not one by chance
+    alone = [resolved_zones(zones, True, sigmas, run.window[1], "eps").edit_end for run in runs]
+    assert alone[0] != alone[1]

@@ -415,7 +415,7 @@ def small_prompt(api: dict, names: dict[str, str], seed: int = 1) -> dict:
     return p
 
 
-# The pack's log line per guided step (nodes/runtime.py AGGPatch.report): node, step, sigma, terms, step size.
+# The pack's log line per guided step (nodes/runtime.py report): node, step, sigma, terms, step size.
 STEP_LINE = re.compile(r"(Apply AGG|AGG Guider) step (\d+) sigma [^:]+: (.*); step rms ([^,\s]+)(.*)$", re.M)
 
 
