@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +42,10 @@ FD_REL_STEP_HALF = 1e-1
 # which leaves room for the difference between J v and J^T v (a trained network's Jacobian is not exactly
 # symmetric) within cos 0.9 of the exact autograd step.
 FD_MAX_ERROR = 0.35
+
+# The mode a run takes for the rest of its steps when its own cannot go through the model (autograd through
+# inference weights, in-place updates or fused kernels without a backward).
+FALLBACK_MODES = {"autograd": "finite_difference"}
 
 # The words the fallback's report uses when the probe is rounding noise (the runtime warns once per reason).
 FD_NOISE_REASON = "below the model's rounding noise"
@@ -125,60 +130,66 @@ def jvp_central_difference(
     return (up - down) / (2 * h), fd_error_estimate((up - denoised) / h, (denoised - down) / h)
 
 
-def manifold_gradient(
+class CovarianceProduct(NamedTuple):
+    """Cov[x0 | x] v by `mode`, with `noise` ([B] bool, two-sided probes only) marking the samples whose
+    estimate is rounding noise, and `reason` saying so for the report."""
+
+    value: torch.Tensor
+    mode: str = "none"
+    noise: torch.Tensor | None = None
+    reason: str | None = None
+
+
+# v -> Cov[x0 | x] v at one step's state: what the guided step carries its pull through.
+Covariance = Callable[[torch.Tensor], CovarianceProduct]
+
+
+def prior_covariance(sigma: torch.Tensor | float, family: str) -> Covariance:
+    """v -> the unit-variance prior's covariance sigma^2 / (alpha^2 + sigma^2) times v (mode `none`)."""
+    return lambda v: CovarianceProduct(posterior_variance(expand_sigma(sigma, v), family) * v)
+
+
+def covariance_operator(
     mode: str,
-    grad_denoised: torch.Tensor,
     x: torch.Tensor,
-    denoised: torch.Tensor,
     sigma: torch.Tensor | float,
+    family: str,
     denoise: Denoiser | None = None,
-    rel_step: float = FD_REL_STEP,
-) -> torch.Tensor:
-    """J^T v for v = grad_denoised, by the chosen mode (`none`: v itself, J ~ I)."""
+    base: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    differentiable: Denoiser | None = None,
+) -> Covariance:
+    """The covariance product of one step, decided once from the mode (the one place that reads it):
+    (sigma^2 / alpha) J v from the denoiser by autograd or finite differences, or the prior's (`none`).
+
+    `denoise` is the denoiser probed by finite differences, `differentiable` the one autograd goes back
+    through (default: `denoise`); `base` is the denoiser's value at x (one more pass when not given);
+    `dtype` is the dtype the model computes in: in half precision the finite difference probes wider and
+    two-sided and marks the samples whose estimated relative error is above FD_MAX_ERROR as noise.
+    """
     if mode == "none":
-        return grad_denoised
+        return prior_covariance(sigma, family)
+    if mode not in MANIFOLD_MODES:
+        raise ValueError(f"unknown manifold mode {mode!r}; expected one of {', '.join(MANIFOLD_MODES)}")
     if denoise is None:
         raise ValueError(f"manifold mode {mode!r} needs a denoiser")
-    if mode == "finite_difference":
-        return jvp_finite_difference(denoise, x, denoised, grad_denoised, sigma, rel_step)
+    x = plain(x).float()
+    scale = covariance_scale(expand_sigma(sigma, x), family)
     if mode == "autograd":
-        return vjp_autograd(denoise, x, grad_denoised)
-    raise ValueError(f"unknown manifold mode {mode!r}; expected one of {', '.join(MANIFOLD_MODES)}")
+        through = differentiable or denoise
+        return lambda v: CovarianceProduct(scale * vjp_autograd(through, x, v), mode)
+    base = denoise(x) if base is None else plain(base).float()
+    rel_step = fd_rel_step_for(dtype)
+    if not reduced_precision(dtype):
+        return lambda v: CovarianceProduct(scale * jvp_finite_difference(denoise, x, base, v, sigma, rel_step), mode)
 
+    def two_sided(v: torch.Tensor) -> CovarianceProduct:
+        jv, error = jvp_central_difference(denoise, x, base, v, sigma, rel_step)
+        noise = fd_is_noise(error, FD_MAX_ERROR)
+        reason = None
+        if bool(noise.any()):
+            reason = (f"{mode} probe {FD_NOISE_REASON} (estimated error {float(error[noise].max()):.0%}) on "
+                      f"{int(noise.sum())} of {len(noise)} samples")
+        return CovarianceProduct(scale * jv, mode, noise, reason)
 
-def covariance_product(
-    mode: str,
-    v: torch.Tensor,
-    x: torch.Tensor,
-    denoised: torch.Tensor,
-    sigma: torch.Tensor | float,
-    family: str,
-    denoise: Denoiser | None = None,
-    rel_step: float = FD_REL_STEP,
-) -> torch.Tensor:
-    """Cov[x0 | x] v: (sigma^2 / alpha) J v from the denoiser, or the unit-variance prior's for `none`."""
-    return checked_covariance_product(mode, v, x, denoised, sigma, family, denoise, rel_step)[0]
-
-
-def checked_covariance_product(
-    mode: str,
-    v: torch.Tensor,
-    x: torch.Tensor,
-    denoised: torch.Tensor,
-    sigma: torch.Tensor | float,
-    family: str,
-    denoise: Denoiser | None = None,
-    rel_step: float = FD_REL_STEP,
-    two_sided: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(Cov[x0 | x] v, its [B] estimated relative error or None). With `two_sided`, finite_difference probes
-    both sides (one more denoiser call) and estimates its error; every other case has no estimate."""
-    s = expand_sigma(sigma, v)
-    if mode == "none":
-        return posterior_variance(s, family) * v, None
-    if mode == "finite_difference" and two_sided:
-        if denoise is None:
-            raise ValueError(f"manifold mode {mode!r} needs a denoiser")
-        jv, error = jvp_central_difference(denoise, x, denoised, v, sigma, rel_step)
-        return covariance_scale(s, family) * jv, error
-    return covariance_scale(s, family) * manifold_gradient(mode, v, x, denoised, sigma, denoise, rel_step), None
+    return two_sided

@@ -20,7 +20,7 @@ import torch
 
 from ..agg_kernels.frames import frame_count, steadiness
 from ..agg_kernels.guidance import GuidanceResult, guided_delta
-from ..agg_kernels.manifold import FD_NOISE_REASON, covariance_operator
+from ..agg_kernels.manifold import FALLBACK_MODES, FD_NOISE_REASON, covariance_operator
 from ..agg_kernels.objective import LossContext
 from ..agg_kernels.schedule import Window, edit_window, schedule_rate
 from ..agg_kernels.settings import AGGSettings
@@ -136,26 +136,23 @@ def open_run(node_name: str, node_id: str | None, settings: AGGSettings, loss: A
         return agg_callback
 
     def covariance(mode, executor, x, timestep, model_options, seed, captured):
-        """The step's covariance operator (agg_kernels.manifold.covariance_operator) on the probed denoiser."""
-        if mode == "none":
-            return covariance_operator(mode, x, timestep.detach().float(), family)
-        if mode == "autograd":
-            # ComfyUI's multi-GPU sampling runs the conds on each device's clone of the model in worker threads,
-            # under no_grad: the autograd pass runs on the main device's model (the one whose weights are swapped
-            # for gradient-capable views below), as a single-device calc_cond_batch.
-            model_options = single_device_options(model_options)
+        """The step's covariance operator (agg_kernels.manifold.covariance_operator) on the conditional denoiser."""
         forward, conditional = conditional_denoiser(executor, guider, timestep, model_options, seed, x.dtype)
-        if mode == "autograd":
-            def differentiable(xp: torch.Tensor) -> torch.Tensor:
-                if state["weights"] is None:
-                    state["weights"] = GradientWeights(model.diffusion_model)
-                with state["weights"]:
-                    return forward(xp)
+        # ComfyUI's multi-GPU sampling runs the conds on each device's clone of the model in worker threads,
+        # under no_grad: an autograd pass runs on the main device's model (the one whose weights are swapped
+        # for gradient-capable views below), as a single-device calc_cond_batch.
+        single, _ = conditional_denoiser(executor, guider, timestep, single_device_options(model_options), seed, x.dtype)
 
-            return covariance_operator(mode, x, timestep.detach().float(), family, differentiable)
+        def differentiable(xp: torch.Tensor) -> torch.Tensor:
+            if state["weights"] is None:
+                state["weights"] = GradientWeights(model.diffusion_model)
+            with state["weights"]:
+                return single(xp)
+
         # the probe's base: the conditional prediction the guider just made, when the probe is conditional
         base = captured if conditional and captured is not None and captured.shape == x.shape else None
-        return covariance_operator(mode, x, timestep.detach().float(), family, forward, base=base, dtype=dtype)
+        return covariance_operator(mode, x, timestep.detach().float(), family, forward, base=base, dtype=dtype,
+                                   differentiable=differentiable)
 
     def guide(executor, x: torch.Tensor, timestep: torch.Tensor, model_options: dict, seed, denoised: torch.Tensor) -> torch.Tensor:
         sigma = float(timestep.flatten()[0])
@@ -174,13 +171,14 @@ def open_run(node_name: str, node_id: str | None, settings: AGGSettings, loss: A
         try:
             result = delta()
         except RuntimeError as e:
-            if state["manifold"] != "autograd" or not any(m in str(e) for m in AUTOGRAD_LIMITS):
+            fallback = FALLBACK_MODES.get(state["manifold"])
+            if fallback is None or not any(m in str(e) for m in AUTOGRAD_LIMITS):
                 raise
             # A patch outside the diffusion model (e.g. a ControlNet) holds inference weights, or the model adds
             # in place (Flux's blocks): the exact Jacobian is out of reach, so the run's covariance operator
             # becomes the finite-difference one.
-            warn_once("autograd", f"autograd through the model failed ({e}); using finite_difference instead.")
-            state["manifold"] = "finite_difference"
+            warn_once(state["manifold"], f"{state['manifold']} through the model failed ({e}); using {fallback} instead.")
+            state["manifold"] = fallback
             result = delta()
         state["step"] += 1
         state["previous"] = result
