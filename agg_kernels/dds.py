@@ -4,28 +4,43 @@ from __future__ import annotations
 
 import torch
 
-from .manifold import grad_enabled
-from .objective import Loss, LossContext, Terms, anchors_of, floors_of, weights_of
+from .autograd import grad_enabled
+from .mask import region_scale
+from .objective import Loss, LossContext, Term, Terms, value_of
 from .strength import Weight, sample_weights, term_pull
 
 
+def term_weight(term: Term) -> Weight:
+    """The weight a step gives the term: its own, times sqrt(mean r) of each sample's region when it has one
+    (mask.region_scale), so a masked term still pulls by its weight per element of its region."""
+    if term.region is None:
+        return term.weight
+    return torch.as_tensor(term.weight, dtype=torch.float32).reshape(-1).cpu() * region_scale(term.region)
+
+
 def term_gradients(loss: Loss, x0: torch.Tensor, ctx: LossContext) -> tuple[Terms, Terms]:
-    """(each term's per-sample value, detached; each term's gradient w.r.t. x0), one backward pass a term."""
+    """(each term's per-sample value, detached; each term's gradient w.r.t. x0), one backward pass a term; each
+    term judged through its region (objective.value_of)."""
+    if not loss:
+        raise ValueError("a loss has no terms")
+    values: Terms = {}
+    grads: Terms = {}
     with grad_enabled():
         xg = x0.detach().clone().requires_grad_(True)
-        terms = loss(xg, ctx)
-        if not terms:
-            raise ValueError("a loss returned no terms")
-        names = list(terms)
-        grads: Terms = {}
-        for i, name in enumerate(names):
-            value = terms[name]
+        for term in loss:
+            value = value_of(term, xg, ctx)
+            values[term.name] = value.detach()
             if not value.requires_grad:
-                grads[name] = torch.zeros_like(xg)
+                grads[term.name] = torch.zeros_like(xg)
                 continue
-            (g,) = torch.autograd.grad(value.sum(), xg, retain_graph=i < len(names) - 1, allow_unused=True)
-            grads[name] = torch.zeros_like(xg) if g is None else g.detach()
-    return {k: v.detach() for k, v in terms.items()}, grads
+            (g,) = torch.autograd.grad(value.sum(), xg, allow_unused=True)
+            grads[term.name] = torch.zeros_like(xg) if g is None else g.detach()
+    return values, grads
+
+
+def anchors_at(loss: Loss, x0: torch.Tensor, ctx: LossContext) -> Terms:
+    """{name: reference} of the loss's anchored terms at x0."""
+    return {term.name: term.anchor(x0, ctx) for term in loss if term.anchor is not None}
 
 
 def term_pulls(loss: Loss, x0: torch.Tensor, ctx: LossContext, grads: Terms, values: Terms | None = None,
@@ -36,11 +51,14 @@ def term_pulls(loss: Loss, x0: torch.Tensor, ctx: LossContext, grads: Terms, val
     `scale` (a number or [B]) multiplies every weight: the step's share of schedule time and, at the trust
     region, the factor that makes the step fit it.
     """
-    weights = weights_of(loss)
-    anchors = anchors_of(loss, x0, ctx)
-    floors = floors_of(loss) if values is not None else {}
-    return {k: term_pull(g, sample_weights(weights.get(k, 1.0), g) * sample_weights(scale, g), x0, anchors.get(k),
-                         None if values is None else values.get(k), floors.get(k)) for k, g in grads.items()}
+    anchors = anchors_at(loss, x0, ctx)
+    pulls: Terms = {}
+    for term in loss:
+        g = grads[term.name]
+        pulls[term.name] = term_pull(g, sample_weights(term_weight(term), g) * sample_weights(scale, g), x0,
+                                     anchors.get(term.name), None if values is None else values.get(term.name),
+                                     None if values is None else term.floor)
+    return pulls
 
 
 def summed(pulls: Terms, like: torch.Tensor) -> torch.Tensor:

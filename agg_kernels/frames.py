@@ -1,8 +1,8 @@
 """Video clips [B, C, T, h, w]: which frames an image loss judges at each guided step, and how steady a clip is.
 
 Image losses (CLIP, style, colour) judge pixels. Decoding every frame of a clip at every guided step would make
-the step's cost grow with the clip's length. `on_frames` instead gives the loss `frames` latent frames of
-the clip, chosen afresh at each guided step by a generator seeded with (seed, step). Every evaluation within
+the step's cost grow with the clip's length. `on_frames` instead gives each term of the loss `frames` latent
+frames of the clip (it wraps each term's value function, `on_chosen_frames`), chosen afresh at each guided step by a generator seeded with (seed, step). Every evaluation within
 a step sees the same frames, a rerun sees them again, and over a run every frame takes its turn.
 
 The loss sees the chosen frames as a shorter clip [B, C, F, h, w]. Its decoder folds them into the batch
@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from .objective import Loss, LossContext, Terms, Weight, anchors_of, floors_of, weights_of
+from .objective import Loss, LossContext, TermFn
 
 # Mixed into the frame generator's seed: the same node seed drives the cut-outs (seed + step), and the frames
 # a step judges should not follow the crops it draws.
@@ -62,37 +62,25 @@ def frames_of(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return x[:, :, idx]
 
 
-class OnFrames:
-    """`loss` judging `frames` latent frames of a clip per guided step (see the module docstring); its weights,
-    floors and anchors are the loss's own. An image latent is judged whole."""
+def on_chosen_frames(fn: TermFn, frames: int, seed: int) -> TermFn:
+    """A term's value function judging `frames` latent frames of a clip, drawn for each guided step (chosen_frames
+    from (seed, ctx.step)); the state is cut to the same frames. An image latent is judged whole."""
+    frames, seed = int(frames), int(seed)
 
-    def __init__(self, loss: Loss, frames: int, seed: int):
-        self.loss, self.frames, self.seed = loss, int(frames), int(seed)
+    def judged(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+        n = frame_count(x0.shape)
+        if n <= 1:
+            return fn(x0, ctx)
+        idx = chosen_frames(n, frames, seed, ctx.step)
+        return fn(frames_of(x0, idx), replace(ctx, x=frames_of(ctx.x, idx)))
 
-    def chosen(self, x0: torch.Tensor, ctx: LossContext) -> list[int]:
-        return chosen_frames(frame_count(x0.shape), self.frames, self.seed, ctx.step)
-
-    def __call__(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        if frame_count(x0.shape) <= 1:
-            return self.loss(x0, ctx)
-        idx = self.chosen(x0, ctx)
-        return self.loss(frames_of(x0, idx), replace(ctx, x=frames_of(ctx.x, idx)))
-
-    @property
-    def weights(self) -> dict[str, Weight]:
-        return weights_of(self.loss)
-
-    @property
-    def floors(self) -> dict[str, float]:
-        return floors_of(self.loss)
-
-    def anchors(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        return anchors_of(self.loss, x0, ctx)
+    return judged
 
 
-def on_frames(loss: Loss, frames: int, seed: int) -> OnFrames:
-    """The loss judging `frames` frames of a clip per guided step, chosen afresh each step (OnFrames)."""
-    return OnFrames(loss, frames, seed)
+def on_frames(loss: Loss, frames: int, seed: int) -> Loss:
+    """The loss judging `frames` frames of a clip per guided step, chosen afresh each step: each term's value
+    function wrapped (on_chosen_frames); weights, anchors, floors and regions stay the term's own."""
+    return tuple(replace(term, fn=on_chosen_frames(term.fn, frames, seed)) for term in loss)
 
 
 def temporal_change(x: torch.Tensor) -> torch.Tensor:

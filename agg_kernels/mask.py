@@ -1,10 +1,11 @@
 """Local edits: a mask (1 = the region to change) restricts what a loss judges and where it pulls.
 
   region      = the mask resized to the latent (or pixel) grid, values in [0, 1]
-  restrict    = the loss evaluated at  r * x0 + (1 - r) * stop_grad(x0):  same values, gradient r * grad,
-                its weights scaled by sqrt(mean r) of each sample's own region, so a weight still means an RMS
-                pull of that size per element of the region (a term's pull is normalised over the whole latent,
-                see strength), whatever the other images' masks
+  a term's region (objective.Term.region): the term is judged at  r * x0 + (1 - r) * stop_grad(x0)
+                (at_region: same values, gradient r * grad), its weight scaled by sqrt(mean r) of each sample's
+                own region (region_scale), so a weight still means an RMS pull of that size per element of the
+                region (a term's pull is normalised over the whole latent, see strength), whatever the other
+                images' masks
   focused     = a decoder of the latent cropped to the mask's box (plus a margin) whose pixels outside the
                 mask are mid-grey, so an image loss (CLIP) sees only the region it is asked to change and
                 decodes only that region
@@ -18,8 +19,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-from .objective import Loss, LossContext, Terms, Weight, anchors_of, floors_of, weights_of
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -105,39 +104,10 @@ def region_scale(region: torch.Tensor) -> torch.Tensor:
     return region.detach().float().flatten(1).mean(1).clamp_min(1e-12).sqrt().cpu()
 
 
-class Restricted:
-    """`loss` judged with gradient only where `region` > 0 (see the module docstring). Its anchors pass through."""
-
-    def __init__(self, loss: Loss, region: torch.Tensor):
-        # a video latent's region keeps its frame axis, [B or 1, 1, T or 1, h, w]
-        self.loss = loss
-        self.region = region.detach().float().clamp(0, 1) if region.ndim == 5 else as_mask(region)
-        self.scale = region_scale(self.region)
-
-    def _at(self, x0: torch.Tensor) -> torch.Tensor:
-        r = self.region.to(device=x0.device, dtype=x0.dtype)
-        return r * x0 + (1 - r) * x0.detach()
-
-    def __call__(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        return self.loss(self._at(x0), ctx)
-
-    @property
-    def weights(self) -> dict[str, Weight]:
-        return {k: torch.as_tensor(v, dtype=torch.float32).reshape(-1).cpu() * self.scale
-                for k, v in weights_of(self.loss).items()}
-
-    def anchors(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        return anchors_of(self.loss, x0, ctx)
-
-    @property
-    def floors(self) -> dict[str, float]:
-        return floors_of(self.loss)
-
-
-def restrict(loss: Loss, region: torch.Tensor) -> Restricted:
-    """The loss acting only on `region` ([B or 1, 1, h, w] on the latent grid, 1 = acts; a video latent's
-    [B or 1, 1, T or 1, h, w])."""
-    return Restricted(loss, region)
+def at_region(x0: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """r * x0 + (1 - r) * stop_grad(x0): x0's values, with gradient only where the region is (scaled by r)."""
+    r = region.to(device=x0.device, dtype=x0.dtype)
+    return r * x0 + (1 - r) * x0.detach()
 
 
 def box(mask: torch.Tensor) -> tuple[int, int, int, int]:

@@ -1,19 +1,26 @@
-"""What every AGG loss is: named per-sample terms of the clean estimate at one step, each with a strength.
+"""What every AGG loss is: a tuple of named terms of the clean estimate at one step, each with its strength.
 
-A loss is a callable (x0_hat [B, C, H, W], context) -> {name: [B] raw value}. Its strength lives beside it,
-not inside the values: `weights_of(loss)` gives each term's weight, a latent-space distance per guided step
-(see agg_kernels.strength), so multiplying a loss by a constant changes nothing. A term may also name an
-anchor (`anchors_of`): a reference its minimum lies at, which its step never passes (Structure Loss), or a
-floor (`floors_of`): the least value it can take, near which its pull fades (range, colour, CLIP terms).
-A weight is a number or a per-sample [B] tensor (a mask's or an adaptive multiplier's per image).
+A term (`Term`) is frozen: its raw per-sample value `fn(x0_hat, ctx) -> [B]`, its weight (a latent-space
+distance per reference step, see agg_kernels.strength; a number or a per-sample [B] tensor), and optionally
+  anchor:   (x0, ctx) -> the reference its minimum lies at, which its step never passes (Structure Loss);
+  floor:    the least value it can take, near which its pull fades (range, colour, style, CLIP terms);
+  region:   the latent cells it acts on, [B or 1, 1, h, w] ([B or 1, 1, T or 1, h, w] on a video latent), 1 =
+            acts: the term is judged at r x0 + (1 - r) stop_grad(x0) and its weight scaled per sample by
+            sqrt(mean r) (agg_kernels.mask); a mask is `dataclasses.replace(term, region=...)`;
+  adaptive: a rule that sets a multiplier on its weight each guided step from the previous step's raw value
+            (the CLIP direction loss's); the guided step applies it (guidance.guided_delta's `previous`).
+A loss (`Loss`) is a tuple of terms, each named once: `chained` joins several losses and gives a repeated name a
+suffix. Multiplying a term's value by a constant changes nothing (its gradient is normalised).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from .mask import at_region
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,10 @@ class LossContext:
 
 
 Terms = dict[str, torch.Tensor]
-# A loss maps (x0_hat [B, C, H, W], context) to named, raw (unweighted), per-sample terms ([B] each).
-Loss = Callable[[torch.Tensor, LossContext], Terms]
-Anchors = Callable[[torch.Tensor, LossContext], Terms]
 Weight = float | torch.Tensor
+# A term's raw (unweighted) per-sample value [B] of the clean estimate, and its reference (same shape as x0).
+TermFn = Callable[[torch.Tensor, LossContext], torch.Tensor]
+AnchorFn = Callable[[torch.Tensor, LossContext], torch.Tensor]
 
 
 def as_weight(v: float | torch.Tensor) -> Weight:
@@ -44,45 +51,99 @@ def as_weight(v: float | torch.Tensor) -> Weight:
     return v.detach() if isinstance(v, torch.Tensor) else float(v)
 
 
-class WeightedLoss:
-    """A loss with its strength: `weights` maps each term to its weight; `anchor`, if given, maps
-    (x0, ctx) to {term: reference} for terms whose step must never pass their reference; `floors` maps
-    terms to the least value they can take (their pull fades as they reach it, agg_kernels.strength)."""
-
-    def __init__(self, fn: Loss, weights: Mapping[str, float | torch.Tensor], anchor: Anchors | None = None,
-                 floors: Mapping[str, float] | None = None):
-        self.fn, self._weights, self._anchor = fn, {k: as_weight(v) for k, v in weights.items()}, anchor
-        self._floors = {k: float(v) for k, v in (floors or {}).items()}
-
-    def __call__(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        return self.fn(x0, ctx)
-
-    @property
-    def weights(self) -> dict[str, Weight]:
-        return dict(self._weights)
-
-    @property
-    def floors(self) -> dict[str, float]:
-        return dict(self._floors)
-
-    def anchors(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        return {} if self._anchor is None else self._anchor(x0, ctx)
+def as_region(region: torch.Tensor) -> torch.Tensor:
+    """A region as float in [0, 1] with its channel axis: [h, w], [B, h, w] or [B, 1, h, w] as [B, 1, h, w]; a
+    video latent's [B or 1, 1, T or 1, h, w] as it is."""
+    r = region.detach().float().clamp(0, 1)
+    if r.ndim == 2:
+        r = r[None]
+    if r.ndim == 3:
+        r = r[:, None]
+    if r.ndim not in (4, 5) or r.shape[1] != 1:
+        raise ValueError(f"a region must be [h, w], [B, h, w], [B, 1, h, w] or [B, 1, T, h, w]; got shape "
+                         f"{tuple(region.shape)}")
+    return r
 
 
-def weights_of(loss: Loss) -> dict[str, Weight]:
-    """Each term's weight (a number or a [B] tensor); a term the loss does not weigh has weight 1."""
-    return dict(getattr(loss, "weights", {}) or {})
+@dataclass(frozen=True)
+class AdaptiveRule:
+    """A weight multiplier set afresh each guided step from the term's previous raw value, per sample.
+
+    For the CLIP direction loss (-mean cos, in [-1, 1]): a previous value above `threshold` (-0.5: cosine below
+    0.5, the image does not follow the direction yet) gives `factor`; below it, 1 / factor; exactly at it, 1.
+    It never compounds across steps. A non-finite previous value (a skipped step) keeps the previous multiplier;
+    the first step has none and takes 1.
+    """
+
+    threshold: float = -0.5
+    factor: float = 2.0
+
+    def multiplier(self, previous_value: torch.Tensor, previous_multiplier: Weight = 1.0) -> torch.Tensor:
+        """[B] float32 multipliers on the CPU, one per sample of `previous_value` ([B])."""
+        prev = previous_value.detach().double().reshape(-1).cpu()
+        new = torch.where(prev > self.threshold, self.factor,
+                          torch.where(prev < self.threshold, 1 / self.factor, 1.0)).double()
+        old = torch.as_tensor(previous_multiplier, dtype=torch.float64).reshape(-1).cpu().expand_as(new)
+        return torch.where(torch.isfinite(prev), new, old).float()
 
 
-def floors_of(loss: Loss) -> dict[str, float]:
-    """{term: the least value it can take} for the terms that declare one (none for a plain callable)."""
-    return dict(getattr(loss, "floors", {}) or {})
+@dataclass(frozen=True, eq=False)
+class Term:
+    """One named term of a loss (see the module docstring). `region` is kept as float in [0, 1] (as_region)."""
+
+    name: str
+    fn: TermFn
+    weight: Weight = 1.0
+    anchor: AnchorFn | None = None
+    region: torch.Tensor | None = None
+    floor: float | None = None
+    adaptive: AdaptiveRule | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", as_weight(self.weight))
+        if self.region is not None:
+            object.__setattr__(self, "region", as_region(self.region))
+        if self.floor is not None:
+            object.__setattr__(self, "floor", float(self.floor))
 
 
-def anchors_of(loss: Loss, x0: torch.Tensor, ctx: LossContext) -> Terms:
-    """{term: reference} for the loss's anchored terms (none for a plain callable)."""
-    fn = getattr(loss, "anchors", None)
-    return fn(x0, ctx) if fn is not None else {}
+# A loss: its terms, each named once (chained names repeated ones).
+Loss = tuple[Term, ...]
+
+
+def unique_name(name: str, taken: set[str] | Mapping[str, object]) -> str:
+    """`name`, or name_2, name_3, ... : the first not taken."""
+    key, n = name, 2
+    while key in taken:
+        key, n = f"{name}_{n}", n + 1
+    return key
+
+
+def chained(*losses: Loss) -> Loss:
+    """The losses' terms in order, as one loss; a name already taken gets a suffix ("structure", "structure_2")."""
+    taken: set[str] = set()
+    out = []
+    for loss in losses:
+        for term in loss:
+            name = unique_name(term.name, taken)
+            taken.add(name)
+            out.append(term if name == term.name else replace(term, name=name))
+    return tuple(out)
+
+
+def value_of(term: Term, x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+    """The term's raw per-sample value [B] at x0, judged through its region if it has one."""
+    return term.fn(x0 if term.region is None else at_region(x0, term.region), ctx)
+
+
+def evaluate(loss: Loss, x0: torch.Tensor, ctx: LossContext) -> Terms:
+    """{name: raw per-sample value [B]} of every term of the loss at x0."""
+    return {term.name: value_of(term, x0, ctx) for term in loss}
+
+
+def base_weights(loss: Loss) -> dict[str, Weight]:
+    """{name: the weight it was given} (before a region's or an adaptive rule's factor)."""
+    return {term.name: term.weight for term in loss}
 
 
 def total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, Weight] | None = None) -> torch.Tensor:
@@ -96,66 +157,6 @@ def total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, Weight] | Non
     return out
 
 
-def _unique(name: str, taken: Mapping[str, object] | set[str]) -> str:
-    key, n = name, 2
-    while key in taken:
-        key, n = f"{name}_{n}", n + 1
-    return key
-
-
-class Composed:
-    """The union of several losses' terms, weights and anchors (a repeated name gets a suffix)."""
-
-    def __init__(self, losses: tuple[Loss, ...]):
-        self.losses = losses
-
-    def _merge(self, parts: list[Mapping[str, object]]) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for part in parts:
-            for name, value in part.items():
-                out[_unique(name, out)] = value
-        return out
-
-    def _names(self) -> list[dict[str, str]]:
-        """Per part, its own term names -> the composed names (from the parts' weights)."""
-        taken: set[str] = set()
-        maps = []
-        for loss in self.losses:
-            m = {}
-            for name in weights_of(loss):
-                m[name] = _unique(name, taken)
-                taken.add(m[name])
-            maps.append(m)
-        return maps
-
-    def __call__(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        return self._merge([loss(x0, ctx) for loss in self.losses])  # type: ignore[return-value]
-
-    @property
-    def weights(self) -> dict[str, Weight]:
-        return self._merge([weights_of(loss) for loss in self.losses])  # type: ignore[return-value]
-
-    @property
-    def floors(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for loss, names in zip(self.losses, self._names(), strict=True):
-            for name, floor in floors_of(loss).items():
-                out[names.get(name, name)] = floor
-        return out
-
-    def anchors(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        out: Terms = {}
-        for loss, names in zip(self.losses, self._names(), strict=True):
-            for name, ref in anchors_of(loss, x0, ctx).items():
-                out[names.get(name, name)] = ref
-        return out
-
-
-def compose(*losses: Loss) -> Composed:
-    """A loss whose terms, weights, anchors and floors are the union of the given losses'."""
-    return Composed(losses)
-
-
 def sample_slice(ctx: LossContext, i: int) -> LossContext:
     """The context of sample i alone (sigma and x of batch 1; a shared [1] sigma stays shared)."""
     sigma = ctx.sigma.reshape(-1)
@@ -163,33 +164,39 @@ def sample_slice(ctx: LossContext, i: int) -> LossContext:
                        step=ctx.step, extra=ctx.extra)
 
 
-class PerSample:
-    """One loss per sample of the batch (e.g. a CLIP loss seeing each image through its own mask's crop):
-    sample i is judged by losses[i] alone, as if it ran in a batch of one. Every part has the same terms."""
-
-    def __init__(self, losses: tuple[Loss, ...]):
-        self.losses = losses
-
-    def _stack(self, parts: list[Terms]) -> Terms:
-        return {k: torch.cat([p[k].reshape(-1) if p[k].ndim <= 1 else p[k] for p in parts]) for k in parts[0]}
-
-    def __call__(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        return self._stack([loss(x0[i : i + 1], sample_slice(ctx, i)) for i, loss in enumerate(self.losses)])
-
-    @property
-    def weights(self) -> dict[str, Weight]:
-        parts = [weights_of(loss) for loss in self.losses]
-        return {k: torch.cat([torch.as_tensor(p[k], dtype=torch.float32).reshape(-1).cpu() for p in parts]) for k in parts[0]}
-
-    def anchors(self, x0: torch.Tensor, ctx: LossContext) -> Terms:
-        parts = [anchors_of(loss, x0[i : i + 1], sample_slice(ctx, i)) for i, loss in enumerate(self.losses)]
-        return self._stack(parts) if parts and parts[0] else {}
-
-    @property
-    def floors(self) -> dict[str, float]:
-        return floors_of(self.losses[0])
+def _stacked(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) if v.ndim <= 1 else v for v in values])
 
 
-def per_sample_loss(losses: list[Loss] | tuple[Loss, ...]) -> Loss:
-    """Sample i of the batch judged by losses[i] alone (see PerSample); one loss is returned as it is."""
-    return losses[0] if len(losses) == 1 else PerSample(tuple(losses))
+def _per_sample_fn(fns: Sequence[TermFn]) -> Callable[[torch.Tensor, LossContext], torch.Tensor]:
+    def each(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+        return _stacked([fn(x0[i : i + 1], sample_slice(ctx, i)) for i, fn in enumerate(fns)])
+
+    return each
+
+
+def _per_sample_term(parts: Sequence[Term]) -> Term:
+    first = parts[0]
+    weight = torch.cat([torch.as_tensor(p.weight, dtype=torch.float32).reshape(-1).cpu() for p in parts])
+    anchored = [p.anchor is not None for p in parts]
+    if any(anchored) and not all(anchored):
+        raise ValueError(f"term {first.name!r} is anchored in some per-sample losses and not in others")
+    anchor = _per_sample_fn([p.anchor for p in parts]) if all(anchored) else None  # type: ignore[misc]
+    region = None
+    if any(p.region is not None for p in parts):
+        like = next(p.region for p in parts if p.region is not None)[:1]
+        region = torch.cat([p.region if p.region is not None else torch.ones_like(like) for p in parts])
+    return Term(first.name, _per_sample_fn([p.fn for p in parts]), weight, anchor, region, first.floor, first.adaptive)
+
+
+def per_sample(parts: Sequence[Loss]) -> Loss:
+    """Sample i of the batch judged by parts[i] alone, as if it ran in a batch of one (e.g. a CLIP loss seeing each
+    image through its own mask's crop): one term per name whose value dispatches sample i to parts[i]'s term and
+    whose weight and region are the parts' stacked per sample. Every part has the same terms, in the same order;
+    one part is returned as it is."""
+    if len(parts) == 1:
+        return tuple(parts[0])
+    names = [[t.name for t in p] for p in parts]
+    if any(n != names[0] for n in names):
+        raise ValueError(f"per-sample losses must have the same terms; got {names}")
+    return tuple(_per_sample_term([p[j] for p in parts]) for j in range(len(parts[0])))

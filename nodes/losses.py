@@ -1,10 +1,10 @@
-"""Loss nodes. Each outputs an AGG_LOSS: an immutable list of loss specs that build a fresh loss per
-sampling run (per-run caches, adaptive weights and decoder copies never outlive the run)."""
+"""Loss nodes. Each outputs an AGG_LOSS: an immutable list of loss specs that build a fresh loss (a tuple of
+terms, agg_kernels.objective) per sampling run (per-run caches and decoder copies never outlive the run)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from comfy_api.v0_0_2 import io
@@ -28,11 +28,10 @@ from ..agg_kernels.mask import (
     focused,
     per_frame,
     resize_mask,
-    restrict,
     union_mask,
     video_region,
 )
-from ..agg_kernels.objective import Loss, compose, per_sample_loss
+from ..agg_kernels.objective import Loss, chained, per_sample
 from ..agg_kernels.strength import (
     DEFAULT_CLIP_WEIGHT,
     DEFAULT_COLOR_WEIGHT,
@@ -43,6 +42,7 @@ from .clip_model import AGGClip, VisionClip, image_encoder
 from .decoders import DECODERS, DEFAULT_DECODER, Decoder, make_decoder
 from .settings import AGGError, RunInfo, checked
 from .types import AGGClipType, AGGLossType, AGGTrajectoryType
+from .weights import grad_constant, ordinary_tensors
 
 DEFAULT_CUTOUTS = 8
 DEFAULT_FRAMES = 2
@@ -67,19 +67,14 @@ class AGGLoss:
         return AGGLoss((*self.specs, spec))
 
     def build(self, run: RunInfo) -> Loss:
-        """The composed loss for one run (built outside inference mode so its constants can enter autograd)."""
-        with torch.inference_mode(False):
-            return compose(*(spec.build(run) for spec in self.specs))
+        """The chained loss for one run, its terms each named once (built outside inference mode so its constants
+        can enter autograd)."""
+        with ordinary_tensors():
+            return chained(*(spec.build(run) for spec in self.specs))
 
 
 def chain(upstream: AGGLoss | None, spec: LossSpec) -> AGGLoss:
     return (upstream or AGGLoss()).plus(spec)
-
-
-def grad_constant(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy usable inside autograd (inference tensors cannot be saved for backward)."""
-    with torch.inference_mode(False):
-        return t.detach().to(device=device, dtype=torch.float32).clone()
 
 
 def loss_input() -> io.Input:
@@ -133,10 +128,12 @@ def judged_mask(mask: torch.Tensor | None, run: RunInfo) -> torch.Tensor | None:
 
 
 def on_region(loss: Loss, region: torch.Tensor | None, *, outside: bool = False) -> Loss:
-    """The loss acting only inside a latent region (region_of; or only outside it); unchanged without one."""
+    """The loss acting only inside a latent region (region_of; or only outside it): each term with that region
+    (agg_kernels.objective.Term.region); unchanged without one."""
     if region is None:
         return loss
-    return restrict(loss, 1 - region if outside else region)
+    acts = 1 - region if outside else region
+    return tuple(replace(term, region=acts) for term in loss)
 
 
 def pixels_of(decoder: str, vae, mask: torch.Tensor | None, run: RunInfo, node: str):
@@ -212,8 +209,8 @@ def clip_loss_spec(node: str, clip: AGGClip | VisionClip, vae, decoder: str, mas
                    frames: int, seed: int, judged: Callable[[RunInfo, Decoder, AGGClip | VisionClip], Loss]) -> LossSpec:
     """A CLIP loss for each run: `judged` built on the run's decoder (seeing only the mask's region) and the
     CLIP model on the run's device, judging `frames` frames of a video per step, acting only inside the mask.
-    With one mask per image, each image is judged through its own mask's crop by its own loss (its adaptive
-    weight included), as it would be alone."""
+    With one mask per image, each image is judged through its own mask's crop by its own terms (agg_kernels.objective.
+    per_sample; its adaptive weight follows its own value), as it would be alone."""
 
     def build(run: RunInfo) -> Loss:
         region = region_of(mask, run, node)
@@ -223,8 +220,8 @@ def clip_loss_spec(node: str, clip: AGGClip | VisionClip, vae, decoder: str, mas
             return on_region(on_frames(judged(run, decode, clip_on(clip, run)), frames, seed), region)
         decode, c = make_decoder(decoder, vae, run, node), clip_on(clip, run)
         # one mask per image: image i is judged through its own mask's crop, its pull held to its own region
-        return per_sample_loss([on_region(on_frames(judged(run, focused(decode, mask[i : i + 1]), c), frames, seed),
-                                          region[i : i + 1]) for i in range(mask.shape[0])])
+        return per_sample([on_region(on_frames(judged(run, focused(decode, mask[i : i + 1]), c), frames, seed),
+                                     region[i : i + 1]) for i in range(mask.shape[0])])
 
     return LossSpec(node, build)
 
@@ -301,7 +298,7 @@ class AGGCLIPDirectionLoss(io.ComfyNode):
                                          n_cuts=cutouts, cut_size=c.image_size, seed=seed)]
             if range_weight > 0:
                 parts.append(range_loss(range_weight, decode))
-            return compose(*parts)
+            return chained(*parts)
 
         return io.NodeOutput(chain(loss, clip_loss_spec(node, clip, vae, decoder, mask, frames, seed, judged)))
 

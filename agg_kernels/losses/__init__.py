@@ -1,12 +1,10 @@
-"""AGG losses: each maps (x0_hat [B, C, H, W] in model latent space, LossContext) to weighted [B] terms.
+"""AGG losses: each is a tuple of named terms (objective.Term) of x0_hat [B, C, H, W] in model latent space.
 
 structure (latent L1 to the source / inversion trajectory, optional pixel and ViT self-similarity
 variants), range (decoded pixels outside [-1, 1]), CLIP direction (text-guided) and image style.
 """
 
 from .clip import (
-    AdaptiveWeight,
-    CLIPDirectionLoss,
     center_square,
     clip_direction_loss,
     cut_embeddings,
@@ -29,8 +27,6 @@ from .structure import (
 from .trajectory import Trajectory, TrajectoryRecorder, trajectory_at
 
 __all__ = [
-    "AdaptiveWeight",
-    "CLIPDirectionLoss",
     "Trajectory",
     "TrajectoryRecorder",
     "center_square",

@@ -10,16 +10,14 @@ The encoders are plain callables, so any CLIP (or a toy linear map in tests) can
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..augment import clip_normalize, random_cutouts
 from ..coordinates import expand_sigma, vp_noise_fraction, vp_state
-from ..objective import Loss, LossContext, WeightedLoss
+from ..objective import AdaptiveRule, Loss, LossContext, Term
 
 TextEncoder = Callable[[list[str]], torch.Tensor]
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
@@ -147,99 +145,33 @@ def as_rows(e: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return e.detach().to(device=like.device, dtype=like.dtype).clone()
 
 
-@dataclass
-class AdaptiveWeight:
-    """Per-run multiplier on a loss weight, set afresh each step from the previous step's unweighted loss.
+def clip_direction_loss(
+    weight: float,
+    decode: Decoder,
+    encode_image: ImageEncoder,
+    direction: torch.Tensor,
+    n_cuts: int = 16,
+    cut_size: int = 224,
+    seed: int = 0,
+    adaptive: bool = True,
+    noisy_aug: bool = True,
+) -> Loss:
+    """Term "clip_direction" = -mean over cut-outs of cos(E_I(cut), v), per sample, with strength `weight`.
 
-    The direction loss is -mean cos, in [-1, 1]. A previous loss above `threshold` (-0.5: cosine below
-    0.5, the image does not follow the direction yet) makes the multiplier `factor`; below it, 1 / factor.
-    It never compounds across steps. Given a per-sample loss ([B] tensor) it is set per sample, so each image
-    of a batch gets the multiplier its own loss calls for. One instance per loss object: never share.
+    adaptive: its weight is multiplied each guided step by AdaptiveRule's multiplier, set per sample from the
+    term's raw value at the previous step's first evaluation (at the model's own clean estimate): x2 while the
+    cosine stays below 0.5, x1/2 above it, never compounding (guidance.guided_delta's `previous` carries it).
+    Floor -1 (cosine 1): the pull fades only where the first-order model says the image would reach the
+    direction exactly.
     """
+    v_dir = F.normalize(direction.detach().float(), dim=-1)
 
-    threshold: float = -0.5
-    factor: float = 2.0
-    multiplier: float | torch.Tensor = 1.0
+    def value(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+        emb = cut_embeddings(x0, ctx, decode, encode_image, n_cuts, cut_size, seed, noisy_aug)
+        v = as_rows(v_dir, emb)
+        return -(F.normalize(emb, dim=-1) * v[:, None, :]).sum(-1).mean(1)
 
-    def current(self, weight: float) -> float | torch.Tensor:
-        return weight * self.multiplier
-
-    def update(self, previous_loss: float | torch.Tensor) -> None:
-        if isinstance(previous_loss, torch.Tensor):
-            prev = previous_loss.detach().double().reshape(-1).cpu()
-            new = torch.where(prev > self.threshold, self.factor,
-                              torch.where(prev < self.threshold, 1 / self.factor, 1.0)).double()
-            old = torch.as_tensor(self.multiplier, dtype=torch.float64).reshape(-1).expand_as(new)
-            self.multiplier = torch.where(torch.isfinite(prev), new, old).float()  # a non-finite loss keeps its own
-            return
-        if not math.isfinite(previous_loss):
-            return
-        if previous_loss > self.threshold:
-            self.multiplier = self.factor
-        elif previous_loss < self.threshold:
-            self.multiplier = 1 / self.factor
-        else:
-            self.multiplier = 1.0
-
-
-class CLIPDirectionLoss:
-    """Term "clip_direction" = -mean over cut-outs of cos(E_I(cut), v), per sample; its weight (`weights`) is
-    `weight`, or the AdaptiveWeight's current value. The adaptive state advances when a call
-    carries a larger ctx.step than the last one (with the unweighted loss of the first evaluation of
-    the previous step, i.e. at the model's own clean estimate), per sample. Calls with the same step share one
-    weight; the state is per run: build a new loss for each run. Floor -1 (cosine 1): the pull fades only where
-    the first-order model says the image would reach the direction exactly.
-    """
-
-    floors = {"clip_direction": -1.0}
-
-    def __init__(
-        self,
-        weight: float,
-        decode: Decoder,
-        encode_image: ImageEncoder,
-        direction: torch.Tensor,
-        n_cuts: int = 16,
-        cut_size: int = 224,
-        seed: int = 0,
-        adaptive: bool = True,
-        noisy_aug: bool = True,
-    ):
-        self.weight = float(weight)
-        self.decode, self.encode_image = decode, encode_image
-        self.direction = F.normalize(direction.detach().float(), dim=-1)
-        self.n_cuts, self.cut_size, self.seed, self.noisy_aug = n_cuts, cut_size, seed, noisy_aug
-        self.adaptive = AdaptiveWeight() if adaptive else None
-        self._step: int | None = None
-        self._step_loss: torch.Tensor | None = None
-
-    def _observe(self, step: int) -> None:
-        if self._step is not None and step > self._step and self.adaptive is not None and self._step_loss is not None:
-            self.adaptive.update(self._step_loss)
-        if step != self._step:
-            self._step, self._step_loss = step, None
-
-    def current_weight(self) -> float | torch.Tensor:
-        return self.adaptive.current(self.weight) if self.adaptive is not None else self.weight
-
-    @property
-    def weights(self) -> dict[str, float | torch.Tensor]:
-        return {"clip_direction": self.current_weight()}
-
-    def __call__(self, x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        self._observe(int(ctx.step))
-        emb = cut_embeddings(
-            x0, ctx, self.decode, self.encode_image, self.n_cuts, self.cut_size, self.seed, self.noisy_aug
-        )
-        v = as_rows(self.direction, emb)
-        cos = (F.normalize(emb, dim=-1) * v[:, None, :]).sum(-1).mean(1)
-        if self._step_loss is None:
-            self._step_loss = (-cos).detach().float().cpu()  # per sample: each image's multiplier follows its own loss
-        return {"clip_direction": -cos}
-
-
-# The kernel's functional name: make a new one per run (its adaptive weight is per-run state).
-clip_direction_loss = CLIPDirectionLoss
+    return (Term("clip_direction", value, weight, floor=-1.0, adaptive=AdaptiveRule() if adaptive else None),)
 
 
 STYLE_METRICS = ("cosine", "mse")
@@ -282,21 +214,19 @@ def style_loss(
         raise ValueError(f"unknown style metric {metric!r}; expected one of {', '.join(STYLE_METRICS)}")
     target = style_embedding.detach().float()
 
-    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
+    def value(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
         emb = cut_embeddings(x0, ctx, decode, encode_image, n_cuts, cut_size, seed, noisy_aug)
         e = as_rows(target, emb)[:, None, :]
         if metric == "cosine":
-            value = 1 - (F.normalize(emb, dim=-1) * F.normalize(e, dim=-1)).sum(-1).mean(1)
-        else:
-            value = (emb - e).square().mean(-1).mean(1)
-        terms = {"style": value}
-        if style_latent is not None and latent_mse_weight:
-            ref = match_latent(style_latent, x0)
-            terms["style_latent"] = (x0 - ref).square().flatten(1).mean(1)
-        return terms
+            return 1 - (F.normalize(emb, dim=-1) * F.normalize(e, dim=-1)).sum(-1).mean(1)
+        return (emb - e).square().mean(-1).mean(1)
 
-    weights = {"style": weight}
-    if style_latent is not None and latent_mse_weight:
-        weights["style_latent"] = latent_mse_weight
     # every term is >= 0 (1 - cos, a squared distance): its pull fades as it reaches 0
-    return WeightedLoss(loss, weights, floors=dict.fromkeys(weights, 0.0))
+    terms = [Term("style", value, weight, floor=0.0)]
+    if style_latent is not None and latent_mse_weight:
+
+        def latent_value(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+            return (x0 - match_latent(style_latent, x0)).square().flatten(1).mean(1)
+
+        terms.append(Term("style_latent", latent_value, latent_mse_weight, floor=0.0))
+    return tuple(terms)

@@ -20,7 +20,7 @@ import torch
 
 from ..frames import per_clip
 from ..mask import resize_mask
-from ..objective import Loss, LossContext, WeightedLoss
+from ..objective import Loss, LossContext, Term
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,8 +86,8 @@ def color_loss(weight: float, decode: Decoder, ref_mean: torch.Tensor, ref_std: 
     rs = ref_std.detach().float().clone()
     m = None if mask is None else mask.detach().float().clone()
 
-    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
+    def value(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
         pixels = decode(x0)  # a clip's frames decode to one image each: each clip's term is its frames' mean
-        return {"color": per_clip(color_distance((pixels.float() + 1) / 2, rm, rs, m), x0.shape[0])}
+        return per_clip(color_distance((pixels.float() + 1) / 2, rm, rs, m), x0.shape[0])
 
-    return WeightedLoss(loss, {"color": weight}, floors={"color": 0.0})  # 0: the statistics match
+    return (Term("color", value, weight, floor=0.0),)  # 0: the statistics match

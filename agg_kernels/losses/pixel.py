@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..frames import per_clip
-from ..objective import Loss, LossContext, WeightedLoss
+from ..objective import Loss, LossContext, Term
 
 
 def range_penalty(pixels: torch.Tensor) -> torch.Tensor:
@@ -23,8 +23,8 @@ def range_loss(weight: float, decode: Callable[[torch.Tensor], torch.Tensor]) ->
     inside the range); the same penalty as clamping and taking the squared clamp error.
     """
 
-    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        return {"range": per_clip(range_penalty(decode(x0)), x0.shape[0])}  # a clip: its frames' mean
+    def value(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+        return per_clip(range_penalty(decode(x0)), x0.shape[0])  # a clip: its frames' mean
 
     # floor 0: the pull fades as the last pixels come back into range instead of pushing them at full weight
-    return WeightedLoss(loss, {"range": weight}, floors={"range": 0.0})
+    return (Term("range", value, weight, floor=0.0),)

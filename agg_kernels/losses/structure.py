@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..augment import clip_normalize
 from ..coordinates import alpha
-from ..objective import Loss, LossContext, WeightedLoss
+from ..objective import Loss, LossContext, Term
 from .trajectory import Trajectory, trajectory_at, trajectory_state_at
 
 Reference = torch.Tensor | Trajectory
@@ -116,13 +116,13 @@ def structure_loss(weight: float, reference: Reference) -> Loss:
     if not isinstance(reference, Trajectory):
         reference = reference.detach()
 
-    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        return {"structure": mean_abs(x0, reference_at(reference, x0, ctx))}
+    def value(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+        return mean_abs(x0, reference_at(reference, x0, ctx))
 
-    def anchor(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        return {"structure": reference_at(reference, x0, ctx).expand_as(x0)}
+    def anchor(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+        return reference_at(reference, x0, ctx).expand_as(x0)
 
-    return WeightedLoss(loss, {"structure": weight}, anchor)
+    return (Term("structure", value, weight, anchor),)
 
 
 class _ReferenceCache:
@@ -155,11 +155,11 @@ def pixel_structure_loss(weight: float, reference: Reference, decode: Decoder) -
         reference = reference.detach()
     decoded_ref = _ReferenceCache(reference, decode)
 
-    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
+    def value(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
         ref = decoded_ref(x0, ctx)
-        return {"structure_pixel": mean_abs(decode(x0), ref)}
+        return mean_abs(decode(x0), ref)
 
-    return WeightedLoss(loss, {"structure_pixel": weight}, floors={"structure_pixel": 0.0})
+    return (Term("structure_pixel", value, weight, floor=0.0),)
 
 
 def to_clip_input(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -191,7 +191,7 @@ def self_similarity_loss(
 
     ref_sim = _ReferenceCache(reference, sim)
 
-    def loss(x0: torch.Tensor, ctx: LossContext) -> dict[str, torch.Tensor]:
-        return {"structure_vit": mean_abs(sim(x0), ref_sim(x0, ctx))}
+    def value(x0: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+        return mean_abs(sim(x0), ref_sim(x0, ctx))
 
-    return WeightedLoss(loss, {"structure_vit": weight}, floors={"structure_vit": 0.0})
+    return (Term("structure_vit", value, weight, floor=0.0),)

@@ -5,19 +5,19 @@ from __future__ import annotations
 import torch
 
 from agg_kernels.dds import dds_refine, term_gradients, term_pulls
-from agg_kernels.objective import LossContext, WeightedLoss, compose
+from agg_kernels.objective import Loss, LossContext, Term, chained
 from agg_kernels.strength import rms
 
 CTX = LossContext(sigma=torch.ones(3), x=torch.zeros(3, 4, 8, 8), family="eps")
 
 
-def mse_to(goal: torch.Tensor, weight: float, scale: float = 1.0) -> WeightedLoss:
-    return WeightedLoss(lambda x0, ctx: {"mse": scale * (x0 - goal).pow(2).flatten(1).mean(1)}, {"mse": weight})
+def mse_to(goal: torch.Tensor, weight: float, scale: float = 1.0) -> Loss:
+    return (Term("mse", lambda x0, ctx: scale * (x0 - goal).pow(2).flatten(1).mean(1), weight),)
 
 
-def l1_to(goal: torch.Tensor, weight: float) -> WeightedLoss:
-    return WeightedLoss(lambda x0, ctx: {"l1": (x0 - goal).abs().flatten(1).mean(1)}, {"l1": weight},
-                        lambda x0, ctx: {"l1": goal.expand_as(x0)})
+def l1_to(goal: torch.Tensor, weight: float) -> Loss:
+    return (Term("l1", lambda x0, ctx: (x0 - goal).abs().flatten(1).mean(1), weight,
+                 lambda x0, ctx: goal.expand_as(x0)),)
 
 
 def data(seed=0):
@@ -27,7 +27,7 @@ def data(seed=0):
 
 def test_term_gradients_are_separate_per_term():
     x0, goal = data()
-    loss = compose(mse_to(goal, 1.0), l1_to(-goal, 1.0))
+    loss = chained(mse_to(goal, 1.0), l1_to(-goal, 1.0))
     values, grads = term_gradients(loss, x0, CTX)
     n = x0[0].numel()
     assert set(values) == set(grads) == {"mse", "l1"}

@@ -9,6 +9,7 @@ from agg_kernels.frames import (
     chosen_frames,
     fold_frames,
     frame_count,
+    on_chosen_frames,
     on_frames,
     per_clip,
     steadiness,
@@ -16,7 +17,7 @@ from agg_kernels.frames import (
 )
 from agg_kernels.losses import clip_direction_loss, range_loss, style_loss
 from agg_kernels.losses.color import color_loss
-from agg_kernels.objective import LossContext, weights_of
+from agg_kernels.objective import LossContext, evaluate
 
 
 def ctx(x: torch.Tensor, step: int = 0) -> LossContext:
@@ -69,13 +70,13 @@ def test_on_frames_judges_and_pulls_only_the_chosen_frames():
     c = ctx(clip(2, 7, seed=1), step=3)
     seen: list[torch.Tensor] = []
 
-    def loss(x, cx):
+    def value(x, cx):
         seen.append(x.detach())
         assert cx.x.shape == x.shape  # the state is cut to the same frames
-        return {"t": x.square().flatten(1).mean(1)}
+        return x.square().flatten(1).mean(1)
 
-    judged = on_frames(loss, 2, seed=9)
-    terms = judged(x0, c)
+    judged = on_chosen_frames(value, 2, seed=9)
+    terms = {"t": judged(x0, c)}
     assert terms["t"].shape == (2,)
     idx = chosen_frames(7, 2, 9, 3)
     assert seen[0].shape == (2, 4, 2, 8, 8) and torch.equal(seen[0], x0.detach()[:, :, idx])
@@ -88,9 +89,9 @@ def test_on_frames_leaves_images_and_weights_alone():
     image = torch.randn(2, 4, 8, 8)
     loss = range_loss(0.3, frame_decoder)
     judged = on_frames(loss, 2, seed=0)
-    assert torch.equal(judged(image, ctx(image))["range"], loss(image, ctx(image))["range"])
-    assert weights_of(judged) == weights_of(loss) == {"range": 0.3}
-    assert judged.floors == {"range": 0.0}
+    assert torch.equal(evaluate(judged, image, ctx(image))["range"], evaluate(loss, image, ctx(image))["range"])
+    assert [(t.name, t.weight, t.floor, t.anchor, t.region) for t in judged] == [("range", 0.3, 0.0, None, None)]
+    assert judged[0].fn is not loss[0].fn  # only the value function is wrapped
 
 
 def still(image: torch.Tensor, t: int) -> torch.Tensor:
@@ -109,8 +110,8 @@ def test_image_losses_give_a_still_clip_its_frames_value():
         lambda: color_loss(0.1, frame_decoder, torch.tensor([0.3, 0.5, 0.6]), torch.tensor([0.2, 0.2, 0.3])),
         lambda: range_loss(0.1, frame_decoder),
     ):
-        want = make()(image, ctx(image))
-        got = on_frames(make(), 3, seed=2)(video, ctx(video))
+        want = evaluate(make(), image, ctx(image))
+        got = evaluate(on_frames(make(), 3, seed=2), video, ctx(video))
         for name, value in want.items():
             assert got[name].shape == (2,)
             assert torch.allclose(got[name], value, atol=1e-5), (name, got[name], value)

@@ -1,11 +1,13 @@
-"""agg_kernels.mask: regions on the latent grid, restricted losses, focused decoders."""
+"""agg_kernels.mask: regions on the latent grid, terms restricted to a region, focused decoders."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
-from agg_kernels.dds import term_gradients, term_pulls
+from agg_kernels.dds import term_gradients, term_pulls, term_weight
 from agg_kernels.losses import structure_loss
 from agg_kernels.mask import (
     MARGIN,
@@ -19,12 +21,20 @@ from agg_kernels.mask import (
     per_frame,
     region_scale,
     resize_mask,
-    restrict,
     union_mask,
     video_region,
 )
-from agg_kernels.objective import LossContext, WeightedLoss, weights_of
+from agg_kernels.objective import Loss, LossContext, Term, evaluate
 from agg_kernels.strength import rms
+
+
+def restricted(loss: Loss, region: torch.Tensor) -> Loss:
+    """Every term of the loss acting only on `region` (how the nodes mask a loss)."""
+    return tuple(replace(term, region=region) for term in loss)
+
+
+def squared_to(target: torch.Tensor, weight: float) -> Loss:
+    return (Term("t", lambda x0, c: (x0 - target).square().flatten(1).mean(1), weight),)
 
 
 def pulls(loss, x0: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -69,27 +79,60 @@ def test_check_mask_refuses_an_empty_mask_and_a_wrong_batch():
 
 def test_restricted_gradient_is_zero_outside_and_unchanged_inside():
     target = torch.randn(1, 4, 8, 8)
-    loss = WeightedLoss(lambda x0, c: {"t": (x0 - target).square().flatten(1).mean(1)}, {"t": 0.1})
+    loss = squared_to(target, 0.1)
     region = resize_mask(half_mask(), (8, 8))
     x0 = torch.randn(1, 4, 8, 8, requires_grad=True)
-    (g_full,) = torch.autograd.grad(loss(x0, ctx())["t"].sum(), x0)
-    r = restrict(loss, region)
-    terms = r(x0, ctx())
-    assert torch.allclose(terms["t"], loss(x0, ctx())["t"])  # the value is the loss's own
+    (g_full,) = torch.autograd.grad(evaluate(loss, x0, ctx())["t"].sum(), x0)
+    r = restricted(loss, region)
+    terms = evaluate(r, x0, ctx())
+    assert torch.allclose(terms["t"], evaluate(loss, x0, ctx())["t"])  # the value is the loss's own
     (g,) = torch.autograd.grad(terms["t"].sum(), x0)
     assert torch.equal(g[..., 4:], torch.zeros_like(g[..., 4:]))
     assert torch.allclose(g[..., :4], g_full[..., :4])
+
+
+def test_a_term_with_a_region_is_judged_at_the_mixed_estimate_and_weighted_by_its_own_coverage():
+    # A soft region per image (two images, different coverage): the term's value is its own, its gradient the
+    # unmasked one times r, and its weight w * sqrt(mean r) per image (each image's own coverage), exactly the
+    # estimate r x0 + (1 - r) stop_grad(x0) and the scale mask.region_scale give.
+    g = torch.Generator().manual_seed(2)
+    target = torch.randn(2, 4, 8, 8, generator=g)
+    region = torch.rand(2, 1, 8, 8, generator=g)
+    region[1, ..., 4:] = 0
+    loss = squared_to(target, 0.3)
+    masked = restricted(loss, region)
+    assert masked[0].name == "t" and masked[0].weight == 0.3 and loss[0].region is None
+    x0 = torch.randn(2, 4, 8, 8, generator=g, requires_grad=True)
+    plain_value = evaluate(loss, x0, ctx(2))["t"]
+    (g_plain,) = torch.autograd.grad(plain_value.sum(), x0)
+    value = evaluate(masked, x0, ctx(2))["t"]
+    (g_masked,) = torch.autograd.grad(value.sum(), x0)
+    # equal up to rounding: r x0 + (1 - r) x0 is x0 to within an ulp
+    assert torch.allclose(value, plain_value, rtol=1e-6, atol=0)
+    assert torch.allclose(g_masked, region * g_plain, rtol=1e-5, atol=1e-9)
+    values, grads = term_gradients(masked, x0, ctx(2))
+    assert torch.equal(values["t"], plain_value.detach()) and torch.equal(grads["t"], g_masked)
+    scale = region.flatten(1).mean(1).sqrt()
+    assert torch.equal(term_weight(masked[0]), torch.tensor(0.3, dtype=torch.float32) * scale)
+    assert term_weight(loss[0]) == 0.3
+    # the pull: the weight times the region's scale on the unit-normalised masked gradient, per image
+    pull = term_pulls(masked, x0.detach(), ctx(2), grads)["t"]
+    for i in range(2):
+        assert float(rms(pull[i : i + 1])) == pytest.approx(0.3 * float(scale[i]), rel=1e-5)
+    # a 2-D mask is kept as a [1, 1, h, w] region in [0, 1]
+    assert replace(loss[0], region=2 * torch.ones(8, 8)).region.shape == (1, 1, 8, 8)
+    assert float(replace(loss[0], region=2 * torch.ones(8, 8)).region.max()) == 1.0
 
 
 def test_restricted_pull_keeps_the_weight_per_element_of_the_region():
     # A region of a quarter of the latent: each element inside moves by the weight (RMS), as it would
     # without a mask; outside nothing moves.
     target = torch.randn(1, 4, 8, 8)
-    loss = WeightedLoss(lambda x0, c: {"t": (x0 - target).square().flatten(1).mean(1)}, {"t": 0.2})
+    loss = squared_to(target, 0.2)
     region = torch.zeros(1, 1, 8, 8)
     region[..., :4, :4] = 1
-    r = restrict(loss, region)
-    assert float(weights_of(r)["t"]) == pytest.approx(0.2 * float(region_scale(region))) == pytest.approx(0.1)
+    r = restricted(loss, region)
+    assert float(term_weight(r[0])) == pytest.approx(0.2 * float(region_scale(region))) == pytest.approx(0.1)
     x0 = torch.randn(1, 4, 8, 8)
     pull = pulls(r, x0)["t"]
     inside, outside = pull[..., :4, :4], pull[..., 4:, :]
@@ -101,7 +144,7 @@ def test_restricted_pull_keeps_the_weight_per_element_of_the_region():
 def test_restricted_structure_holds_only_outside_the_mask():
     ref = torch.zeros(1, 4, 8, 8)
     keep = 1 - resize_mask(half_mask(), (8, 8))  # structure holds the right half
-    s = restrict(structure_loss(0.1, ref), keep)
+    s = restricted(structure_loss(0.1, ref), keep)
     x0 = torch.full((1, 4, 8, 8), 1.0)
     pull = pulls(s, x0)["structure"]
     assert float(pull[..., :4].abs().max()) == 0.0
@@ -192,7 +235,7 @@ def test_video_region_per_frame_or_for_every_frame():
 def test_restricted_video_loss_pulls_each_frame_inside_its_own_mask():
     x0 = torch.randn(1, 4, 5, 8, 8)
     region = video_region(stripes(5), 1, 5, (8, 8))
-    loss = restrict(structure_loss(0.2, torch.zeros_like(x0)), region)
+    loss = restricted(structure_loss(0.2, torch.zeros_like(x0)), region)
     c = LossContext(sigma=torch.full((1,), 2.0), x=torch.zeros_like(x0), family="eps")
     _, grads = term_gradients(loss, x0, c)
     g = grads["structure"][0].abs().sum(0)  # [T, h, w]

@@ -79,7 +79,7 @@ def style_term(r, g: Graph, latents: list[torch.Tensor]) -> list[float]:
     """The built style loss's raw term on clean latents (sigma 0, the first step's cut-outs)."""
     from agg_testing.probes import pack_module
 
-    from agg_kernels.objective import LossContext
+    from agg_kernels.objective import LossContext, evaluate
 
     runtime = pack_module("nodes.runtime")
     model = r.output(g["ckpt"].id).model
@@ -91,7 +91,7 @@ def style_term(r, g: Graph, latents: list[torch.Tensor]) -> list[float]:
             for lat in latents:
                 x0 = model.process_latent_in(lat.float()).clone()
                 ctx = LossContext(sigma=torch.zeros(x0.shape[0]), x=x0, family="eps", step=0)
-                out.append(float(loss(x0, ctx)["style"].mean()))
+                out.append(float(evaluate(loss, x0, ctx)["style"].mean()))
             return out
     finally:
         info.close()

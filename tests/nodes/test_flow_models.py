@@ -206,7 +206,7 @@ def final_loss(r, g: Graph, latent: torch.Tensor) -> float:
         with torch.inference_mode(False), torch.no_grad():
             x0 = x0.clone()
             ctx = objective.LossContext(sigma=torch.full((x0.shape[0],), 1e-3), x=x0, family="const")
-            return float(objective.total(loss(x0, ctx), objective.weights_of(loss)).mean())
+            return float(objective.total(objective.evaluate(loss, x0, ctx), objective.base_weights(loss)).mean())
     finally:
         info.close()
 

@@ -4,6 +4,8 @@ bounded, and the default window guides the paper's 19 of 60 steps."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from agg_testing import probes
@@ -41,23 +43,17 @@ class ScaleLoss:
 
     def scale(self, loss, factor):
         losses = probes.pack_module("nodes.losses")
-        objective = probes.pack_module("agg_kernels.objective")
 
-        class Scaled:
-            def __init__(self, inner):
-                self.inner = inner
+        def times(fn):
+            return lambda x0, ctx: factor * fn(x0, ctx)
 
-            def __call__(self, x0, ctx):
-                return {k: factor * v for k, v in self.inner(x0, ctx).items()}
+        def scaled(term):
+            # the value, its floor and the adaptive rule's threshold all in the scaled loss's units
+            adaptive = None if term.adaptive is None else replace(term.adaptive, threshold=factor * term.adaptive.threshold)
+            floor = None if term.floor is None else factor * term.floor
+            return replace(term, fn=times(term.fn), floor=floor, adaptive=adaptive)
 
-            @property
-            def weights(self):
-                return objective.weights_of(self.inner)
-
-            def anchors(self, x0, ctx):
-                return objective.anchors_of(self.inner, x0, ctx)
-
-        specs = tuple(losses.LossSpec(s.node, lambda run, b=s.build: Scaled(b(run))) for s in loss.specs)
+        specs = tuple(losses.LossSpec(s.node, lambda run, b=s.build: tuple(scaled(t) for t in b(run))) for s in loss.specs)
         return (losses.AGGLoss(specs),)
 
 

@@ -7,7 +7,7 @@ import torch
 from agg_testing import analytic
 
 from agg_kernels.losses.color import color_distance, color_loss, color_stats, image_stats, mask_weights
-from agg_kernels.objective import LossContext, weights_of
+from agg_kernels.objective import LossContext, evaluate
 
 
 def ctx_for(x0: torch.Tensor) -> LossContext:
@@ -49,11 +49,11 @@ def test_distance_is_zero_at_the_reference_with_zero_gradient():
         ref_mean, ref_std = color_stats((decode(z) + 1) / 2)
     loss = color_loss(0.1, decode, ref_mean, ref_std)
     x0 = z.clone().requires_grad_(True)
-    value = loss(x0, ctx_for(x0))["color"]
+    value = evaluate(loss, x0, ctx_for(x0))["color"]
     assert value.shape == (2,) and float(value.detach().abs().max()) < 1e-10
     (grad,) = torch.autograd.grad(value.sum(), x0)
     assert float(grad.abs().max()) < 1e-6
-    assert weights_of(loss) == {"color": 0.1}
+    assert [(t.name, t.weight, t.floor) for t in loss] == [("color", 0.1, 0.0)]
 
 
 def test_a_step_along_minus_the_gradient_moves_both_statistics_toward_the_reference():
@@ -64,14 +64,14 @@ def test_a_step_along_minus_the_gradient_moves_both_statistics_toward_the_refere
     ref_std = torch.tensor([[0.05, 0.1, 0.2]])
     loss = color_loss(1.0, decode, ref_mean, ref_std)
     x0 = z.clone().requires_grad_(True)
-    value = loss(x0, ctx_for(x0))["color"]
+    value = evaluate(loss, x0, ctx_for(x0))["color"]
     (grad,) = torch.autograd.grad(value.sum(), x0)
     mean0, std0 = color_stats((decode(z) + 1) / 2)
     d_mean0, d_std0 = (mean0 - ref_mean).abs(), (std0 - ref_std).abs()
     z_t = z
     for k in range(60):  # normalised steps of shrinking size: the statistics converge toward the reference
         x = z_t.clone().requires_grad_(True)
-        (gr,) = torch.autograd.grad(loss(x, ctx_for(x))["color"].sum(), x)
+        (gr,) = torch.autograd.grad(evaluate(loss, x, ctx_for(x))["color"].sum(), x)
         rms = gr.flatten(1).pow(2).mean(1).sqrt().view(-1, 1, 1, 1)
         z_t = (z_t - 0.2 * 0.95**k * gr / rms).detach()
     one = (z - 1e-2 * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).detach()
@@ -94,13 +94,13 @@ def test_a_mask_judges_only_its_region():
     ref_mean, ref_std = torch.tensor([[0.9, 0.1, 0.1]]), torch.tensor([[0.1, 0.1, 0.1]])
     loss = color_loss(1.0, decode, ref_mean, ref_std, mask=mask)
     x0 = z.clone().requires_grad_(True)
-    value = loss(x0, ctx_for(x0))["color"]
+    value = evaluate(loss, x0, ctx_for(x0))["color"]
     # changing pixels outside the mask changes nothing: compare with a decoder whose right half differs
     def decode_right_changed(t: torch.Tensor) -> torch.Tensor:
         p = decode(t)
         return torch.cat([p[..., :8], p[..., 8:] * 0 + 0.7], dim=-1)
 
-    other = color_loss(1.0, decode_right_changed, ref_mean, ref_std, mask=mask)(x0, ctx_for(x0))["color"]
+    other = evaluate(color_loss(1.0, decode_right_changed, ref_mean, ref_std, mask=mask), x0, ctx_for(x0))["color"]
     assert torch.allclose(value, other)
     (grad,) = torch.autograd.grad(value.sum(), x0)
     # the toy decoder's x4 bilinear upsampling couples neighbouring latent columns: the rightmost latent column
