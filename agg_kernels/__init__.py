@@ -11,8 +11,8 @@ assume input that passed and do not check it again (docs/DESIGN.md §2).
 from .coordinates import FAMILIES, alpha, eps_from_denoised, noisy_from_clean
 from .dds import dds_refine
 from .guidance import GuidanceResult, guided_delta
-from .manifold import MANIFOLD_MODES, covariance_product, manifold_gradient
-from .objective import LossContext, WeightedLoss, anchors_of, compose, total, weights_of
+from .manifold import MANIFOLD_MODES, covariance_operator
+from .objective import AdaptiveRule, Loss, LossContext, Term, chained, evaluate, per_sample, total
 from .schedule import next_sigma
 from .step import (
     SamplerSpec,
@@ -32,22 +32,24 @@ __all__ = [
     "MANIFOLD_MODES",
     "GuidanceResult",
     "SamplerSpec",
+    "AdaptiveRule",
+    "Loss",
     "LossContext",
-    "WeightedLoss",
+    "Term",
     "alpha",
-    "anchors_of",
     "asymmetric_step",
     "compensated_denoised",
     "compensation_target",
-    "compose",
+    "chained",
     "ddim_step",
     "dds_refine",
     "eps_from_denoised",
+    "evaluate",
     "guided_delta",
-    "covariance_product",
-    "manifold_gradient",
+    "covariance_operator",
     "next_sigma",
     "noisy_from_clean",
+    "per_sample",
     "posterior_variance",
     "realise",
     "symmetric_denoised",
@@ -55,5 +57,4 @@ __all__ = [
     "term_pull",
     "total",
     "trust_radius",
-    "weights_of",
 ]

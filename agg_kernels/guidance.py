@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .dds import dds_refine, summed, term_gradients, term_pulls
-from .manifold import FD_NOISE_REASON, FD_REL_STEP, Denoiser, checked_covariance_product, fd_is_noise, plain
-from .objective import Loss, LossContext, Terms, anchors_of, floors_of, weights_of
+from .dds import anchors_at, dds_refine, summed, term_gradients, term_pulls, term_weight
+from .manifold import Covariance, plain, prior_covariance
+from .objective import Loss, LossContext, Term, Terms
 from .strength import (
     DEFAULT_TRUST,
     ELEMENT_BOUND,
@@ -19,7 +19,6 @@ from .strength import (
     fit_factor,
     is_descent,
     per_sample,
-    posterior_variance,
     rms,
     substeps,
     trust_radius,
@@ -41,6 +40,9 @@ class GuidanceResult:
     pull although they are above their floor (a gradient that is zero, e.g. underflowed), with the reason;
     rate: the step's share of schedule time, in reference steps, that scaled every weight; substeps: how many
     sub-steps it was taken in (strength.substeps), each with its own gradient and covariance product.
+    values: each term's raw per-sample value [B] (float32, CPU) at the step's first evaluation, at the model's
+    own clean estimate; multipliers: the per-sample multiplier [B] each adaptive term's weight had in this step
+    (objective.AdaptiveRule). The next step's adaptive weights follow from these two (guided_delta's `previous`).
     """
 
     delta: torch.Tensor | None
@@ -55,6 +57,8 @@ class GuidanceResult:
     idle: dict[str, str] = field(default_factory=dict)
     rate: float = 1.0
     substeps: int = 1
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    multipliers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def report(self) -> dict:
         """The step's figures as plain JSON values."""
@@ -88,15 +92,39 @@ def within_anchors(delta: torch.Tensor, x0: torch.Tensor, pulls: Terms, anchors:
 def idle_terms(loss: Loss, values: Terms, grads: Terms) -> dict[str, str]:
     """Terms of non-zero weight whose gradient is exactly zero on a sample where their value is above their
     floor (0 when none is declared): a pull that vanished (e.g. a gradient below fp32's range) is reported."""
-    weights, floors = weights_of(loss), floors_of(loss)
     out = {}
-    for k, g in grads.items():
-        w = torch.as_tensor(weights.get(k, 1.0)).reshape(-1)
-        above = values[k].detach().reshape(-1).double() > floors.get(k, 0.0)
+    for term in loss:
+        k, g = term.name, grads[term.name]
+        w = torch.as_tensor(term_weight(term)).reshape(-1)
+        above = values[k].detach().reshape(-1).double() > (0.0 if term.floor is None else term.floor)
         still = ~g.flatten(1).any(1)
         if bool((w != 0).any()) and bool((above.to(still.device) & still).any()):
             out[k] = "zero gradient above its floor (flat, or below float32's range)"
     return out
+
+
+def adaptive_multipliers(loss: Loss, previous: GuidanceResult | None, batch: int) -> dict[str, torch.Tensor]:
+    """{name: [B] multiplier} of each adaptive term for this step, by its rule (objective.AdaptiveRule) from the
+    previous step's report: its raw value at that step's first evaluation and the multiplier it had then
+    (kept where that value is not finite). 1 at a run's first step (no previous step)."""
+    out = {}
+    for term in loss:
+        if term.adaptive is None:
+            continue
+        had = previous.multipliers.get(term.name) if previous is not None else None
+        had = torch.ones(batch) if had is None else had
+        value = previous.values.get(term.name) if previous is not None else None
+        out[term.name] = had.float() if value is None else term.adaptive.multiplier(value, had)
+    return out
+
+
+def adapted(loss: Loss, multipliers: dict[str, torch.Tensor]) -> Loss:
+    """The loss with each adaptive term's weight times its multiplier for this step (the others as they are)."""
+    def scaled(term: Term) -> Term:
+        m = multipliers[term.name]
+        return replace(term, weight=term.weight * (m.to(term.weight.device) if isinstance(term.weight, torch.Tensor) else m))
+
+    return tuple(scaled(term) if term.name in multipliers else term for term in loss)
 
 
 def is_finite(t: torch.Tensor) -> bool:
@@ -107,32 +135,23 @@ def mean_of(t: torch.Tensor) -> float:
     return float(t.float().mean())
 
 
-def covariance_step(
-    manifold: str, pull: torch.Tensor, x: torch.Tensor, base: torch.Tensor, ctx: LossContext,
-    denoise: Denoiser | None, fd_rel_step: float, fd_max_error: float | None,
-) -> tuple[torch.Tensor, str | None]:
+def covariance_step(covariance: Covariance, pull: torch.Tensor, ctx: LossContext) -> tuple[torch.Tensor, str | None]:
     """(Cov[x0 | x] pull, why the prior covariance replaced it on some samples, or None).
 
-    A sample whose step would not lower the loss (a Jacobian that is not a covariance), or whose two-sided
-    finite-difference probe is rounding noise (`fd_max_error`), takes the unit-variance prior's step.
+    A sample whose step would not lower the loss (a Jacobian that is not a covariance), or whose
+    finite-difference probe is rounding noise, takes the unit-variance prior's step.
     """
-    prior = posterior_variance(ctx.sigma.reshape(-1, *([1] * (pull.ndim - 1))), ctx.family) * pull
-    if manifold == "none":
-        return prior, None
-    step, error = checked_covariance_product(manifold, pull, plain(x).float(), base, ctx.sigma, ctx.family, denoise,
-                                             fd_rel_step, two_sided=fd_max_error is not None)
+    product = covariance(pull)
+    step = product.value
     descent = is_descent(pull, step)
-    error = error.to(descent.device) if error is not None else None
-    noise = fd_is_noise(error, fd_max_error) if error is not None else torch.zeros_like(descent)
+    noise = product.noise.to(descent.device) if product.noise is not None else torch.zeros_like(descent)
     ok = descent & ~noise
     if bool(ok.all()):
         return step, None
-    reasons = []
-    if bool(noise.any()):
-        worst = float(error[noise].max())
-        reasons.append(f"{manifold} probe {FD_NOISE_REASON} (estimated error {worst:.0%}) on {int(noise.sum())} of {len(ok)} samples")
+    reasons = [product.reason] if bool(noise.any()) and product.reason else []
     if bool((~descent & ~noise).any()):
-        reasons.append(f"{manifold} step not a descent direction on {int((~descent & ~noise).sum())} of {len(ok)} samples")
+        reasons.append(f"{product.mode} step not a descent direction on {int((~descent & ~noise).sum())} of {len(ok)} samples")
+    prior = prior_covariance(ctx.sigma, ctx.family)(pull).value
     step = torch.where(ok.reshape(-1, *([1] * (pull.ndim - 1))), torch.nan_to_num(step), prior)
     return step, "; ".join(reasons) + "; used the prior covariance"
 
@@ -142,16 +161,13 @@ def guided_delta(
     x: torch.Tensor,
     denoised: torch.Tensor,
     ctx: LossContext,
-    manifold: str = "finite_difference",
-    denoise: Denoiser | None = None,
+    covariance: Covariance | None = None,
     dds_steps: int = DEFAULT_DDS_STEPS,
     dds_lr: float = DEFAULT_DDS_LR,
-    fd_rel_step: float = FD_REL_STEP,
     *,
-    probe_base: torch.Tensor | None = None,
     trust: float = DEFAULT_TRUST,
-    fd_max_error: float | None = None,
     rate: float = 1.0,
+    previous: GuidanceResult | None = None,
 ) -> GuidanceResult:
     """delta = x_tilde - D for one step, in model-independent units (see agg_kernels.strength).
 
@@ -164,21 +180,27 @@ def guided_delta(
     down together until the covariance step fits, and the refinement runs at those weights: the step's
     direction and size are decided together, and a weight past the cap gives the step the cap gives.
 
-    `denoise` is the denoiser whose Jacobian carries the pull (autograd, finite_difference), and
-    `probe_base` its value at x (default: `denoised`). Where its step would not lower the loss (a Jacobian
-    that is not a covariance), the sample falls back to the unit-variance prior's step, and says so.
-    With `fd_max_error` (half-precision models), finite_difference probes two-sided and a sample whose
-    estimated relative error exceeds it (the probe is rounding noise) falls back the same way.
+    `covariance` is the step's covariance product (manifold.covariance_operator; default the unit-variance
+    prior's). Where its step would not lower the loss (a Jacobian that is not a covariance), or it marks a
+    sample's estimate as rounding noise, the sample falls back to the prior's step, and says so.
     Inputs are assumed valid (the nodes check them); a NaN or inf loss skips the step and says why.
+
+    `previous` is the result of the run's previous guided step (None at its first): an adaptive term's weight
+    (objective.AdaptiveRule) is set from it, once for the whole step (sub-steps and refinement included), and
+    the result carries what the next step needs (`values`, `multipliers`). A retry of the same step passes the
+    same `previous`.
     """
     rate = float(rate)
     work = plain(denoised).float()
     ctx = replace(ctx, sigma=plain(ctx.sigma).float(), x=plain(ctx.x).float())
-    base = work if probe_base is None else plain(probe_base).float()
+    covariance = covariance or prior_covariance(ctx.sigma, ctx.family)
     n = substeps(rate)
     part = rate / n
     radius = trust_radius(ctx.sigma, ctx.family, trust * part)
+    multipliers = adaptive_multipliers(loss, previous, work.shape[0])
+    loss = adapted(loss, multipliers)
     x0, first = work, None
+    first_values: dict[str, torch.Tensor] = {}
     terms: dict[str, float] = {}
     grad_rms: dict[str, float] = {}
     step_rms: dict[str, float] = {}
@@ -189,9 +211,10 @@ def guided_delta(
         if first is None:  # the step reports its loss at the model's own estimate
             terms = {k: mean_of(v) for k, v in values.items()}
             grad_rms = {k: mean_of(rms(g)) for k, g in grads.items()}
+            first_values = {k: v.detach().float().cpu() for k, v in values.items()}
         if not all(is_finite(v) for v in values.values()) or not all(is_finite(g) for g in grads.values()):
             return GuidanceResult(None, terms, "non-finite loss or gradient", grad_rms, step_rms, fallback=fallback,
-                                  idle=idle, rate=rate)
+                                  idle=idle, rate=rate, values=first_values, multipliers=multipliers)
         pulls = term_pulls(loss, x0, ctx, grads, values, part)
         first = pulls if first is None else first
         for k, p in pulls.items():
@@ -200,7 +223,7 @@ def guided_delta(
         pull = summed(pulls, x0)
         if not bool(pull.any()):
             break
-        step, reason = covariance_step(manifold, pull, x, base, ctx, denoise, fd_rel_step, fd_max_error)
+        step, reason = covariance_step(covariance, pull, ctx)
         fallback = fallback or reason
         fit = fit_factor(step, radius)
         refined = dds_refine(loss, x0 - step * per_sample(fit, step), ctx, dds_steps, dds_lr, fit * part)
@@ -208,8 +231,9 @@ def guided_delta(
         capped = capped or bool((hit | (fit < 1)).any())
         x0 = x0 + move
     delta, clamped = clamp_elements(x0 - work, element_limit(ctx.sigma, ctx.family, ELEMENT_BOUND * min(rate, 1.0)))
-    delta = within_anchors(delta, work, first, anchors_of(loss, work, ctx))
+    delta = within_anchors(delta, work, first, anchors_at(loss, work, ctx))
     if not is_finite(delta):
-        return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback, idle=idle, rate=rate)
+        return GuidanceResult(None, terms, "non-finite delta", grad_rms, step_rms, fallback=fallback, idle=idle, rate=rate,
+                              values=first_values, multipliers=multipliers)
     return GuidanceResult(delta.to(denoised.dtype), terms, None, grad_rms, step_rms, mean_of(rms(delta)), capped, fallback,
-                          bool(clamped.any()), idle, rate, n)
+                          bool(clamped.any()), idle, rate, n, first_values, multipliers)

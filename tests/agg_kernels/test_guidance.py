@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from agg_testing.analytic import mixture
 
 from agg_kernels.guidance import guided_delta
-from agg_kernels.objective import LossContext, WeightedLoss, compose
+from agg_kernels.manifold import covariance_operator
+from agg_kernels.objective import AdaptiveRule, LossContext, Term, chained, evaluate
 from agg_kernels.strength import DEFAULT_TRUST, posterior_variance, rms, trust_radius, unit
 
 FAMILIES = ("eps", "v_prediction", "const")
@@ -30,7 +33,7 @@ def setup(family, sigma=None):
 
 
 def pull(goal, weight=0.05, scale=1.0):
-    return WeightedLoss(lambda x0, ctx: {"pull": scale * (x0 - goal).pow(2).flatten(1).mean(1)}, {"pull": weight})
+    return (Term("pull", lambda x0, ctx: scale * (x0 - goal).pow(2).flatten(1).mean(1), weight),)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -38,10 +41,10 @@ def pull(goal, weight=0.05, scale=1.0):
 def test_finite_case_gives_finite_delta_that_lowers_the_loss(family, manifold):
     mix, x, s, d, ctx = setup(family)
     loss = pull(mix.means[1], 0.05)
-    res = guided_delta(loss, x, d, ctx, manifold, lambda z: mix.denoise(z, s, family), dds_steps=2, dds_lr=0.5)
+    res = guided_delta(loss, x, d, ctx, covariance_operator(manifold, x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, family), base=d), dds_steps=2, dds_lr=0.5)
     assert res.skipped is None and res.delta is not None and res.fallback is None
     assert torch.isfinite(res.delta).all() and res.delta.shape == d.shape
-    before, after = loss(d, ctx)["pull"], loss(d + res.delta, ctx)["pull"]
+    before, after = evaluate(loss, d, ctx)["pull"], evaluate(loss, d + res.delta, ctx)["pull"]
     assert (after < before).all(), (before, after)
     assert set(res.terms) == {"pull"} and res.terms["pull"] == pytest.approx(before.mean().item(), rel=1e-5)
     assert res.step_rms["pull"] == pytest.approx(0.05, rel=1e-4) and res.delta_rms > 0
@@ -53,7 +56,7 @@ def test_delta_is_the_covariance_step_when_no_refinement(family):
     mix, x, s, d, ctx = setup(family)
     goal = torch.zeros(SHAPE[1:])
     w = 0.2
-    res = guided_delta(pull(goal, w), x, d, ctx, "autograd", lambda z: mix.denoise(z, s, family), dds_steps=0, trust=100)
+    res = guided_delta(pull(goal, w), x, d, ctx, covariance_operator("autograd", x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, family), base=d), dds_steps=0, trust=100)
     p = w * unit(d - goal)
     with torch.enable_grad():
         xg = x.clone().requires_grad_(True)
@@ -67,12 +70,12 @@ def test_delta_is_the_covariance_step_when_no_refinement(family):
 @pytest.mark.parametrize("family", ["eps", "const"])
 def test_invariant_to_the_raw_size_of_the_loss(manifold, family):
     mix, x, s, d, ctx = setup(family)
-    structure = WeightedLoss(lambda x0, ctx: {"structure": (x0 - mix.means[0]).abs().flatten(1).mean(1)},
-                             {"structure": 0.1}, lambda x0, ctx: {"structure": mix.means[0].expand_as(x0)})
+    structure = (Term("structure", lambda x0, ctx: (x0 - mix.means[0]).abs().flatten(1).mean(1), 0.1,
+                      lambda x0, ctx: mix.means[0].expand_as(x0)),)
     ref = None
     for c in (1e-4, 1e-2, 1.0, 1e2, 1e4):
-        loss = compose(pull(mix.means[1], 0.2, c), structure)
-        res = guided_delta(loss, x, d, ctx, manifold, lambda z: mix.denoise(z, s, family))
+        loss = chained(pull(mix.means[1], 0.2, c), structure)
+        res = guided_delta(loss, x, d, ctx, covariance_operator(manifold, x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, family), base=d))
         if ref is None:
             ref = res.delta
         rel = float((rms(res.delta - ref) / rms(ref)).max())
@@ -87,7 +90,7 @@ def test_weight_zero_is_exactly_no_guidance_and_no_model_call():
         calls.append(1)
         return mix.denoise(z, s, "eps")
 
-    res = guided_delta(pull(mix.means[1], 0.0), x, d, ctx, "finite_difference", denoise, dds_steps=3)
+    res = guided_delta(pull(mix.means[1], 0.0), x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, denoise, base=d), dds_steps=3)
     assert torch.equal(res.delta, torch.zeros_like(d)) and not calls
 
 
@@ -95,7 +98,7 @@ def test_a_larger_weight_moves_further_until_the_trust_region():
     mix, x, s, d, ctx = setup("eps", 4.0)
     sizes = []
     for w in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 30.0):
-        res = guided_delta(pull(mix.means[1], w), x, d, ctx, "none", dds_steps=0)
+        res = guided_delta(pull(mix.means[1], w), x, d, ctx, None, dds_steps=0)
         sizes.append((res.delta_rms, res.trust_region))
     radius = float(trust_radius(s, "eps")[0])
     assert all(b[0] >= a[0] - 1e-6 for a, b in zip(sizes, sizes[1:], strict=False)), sizes
@@ -113,9 +116,8 @@ def test_past_the_cap_a_larger_weight_gives_the_step_the_cap_gives(manifold):
     goals = (mix.means[1], mix.means[0] * 0.3)
     steps = {}
     for m in (1, 3, 10, 100):
-        loss = compose(pull(goals[0], 2.0 * m), WeightedLoss(lambda x0, c: {"far": (x0 - goals[1]).abs().flatten(1).mean(1)},
-                                                             {"far": 0.8 * m}))
-        res = guided_delta(loss, x, d, ctx, manifold, denoise, dds_steps=2)
+        loss = chained(pull(goals[0], 2.0 * m), (Term("far", lambda x0, c: (x0 - goals[1]).abs().flatten(1).mean(1), 0.8 * m),))
+        res = guided_delta(loss, x, d, ctx, covariance_operator(manifold, x, ctx.sigma, ctx.family, denoise, base=d), dds_steps=2)
         assert res.trust_region
         steps[m] = res.delta
     # every sample at the cap already at x1
@@ -128,11 +130,11 @@ def test_rate_scales_every_weight_and_the_trust_radius():
     """A step of `rate` reference steps pulls as a step of rate x the weights, and may move rate x as far."""
     mix, x, s, d, ctx = setup("eps", 2.0)
     for w, rate in ((0.02, 3.0), (0.1, 0.25)):
-        scaled = guided_delta(pull(mix.means[1], w), x, d, ctx, "none", rate=rate)
-        plain = guided_delta(pull(mix.means[1], w * rate), x, d, ctx, "none", trust=DEFAULT_TRUST * rate)
+        scaled = guided_delta(pull(mix.means[1], w), x, d, ctx, None, rate=rate)
+        plain = guided_delta(pull(mix.means[1], w * rate), x, d, ctx, None, trust=DEFAULT_TRUST * rate)
         assert not scaled.trust_region
         assert torch.allclose(scaled.delta, plain.delta, atol=1e-6)
-    capped = guided_delta(pull(mix.means[1], 30.0), x, d, ctx, "none", rate=0.25)
+    capped = guided_delta(pull(mix.means[1], 30.0), x, d, ctx, None, rate=0.25)
     assert torch.allclose(rms(capped.delta), trust_radius(s, "eps", DEFAULT_TRUST * 0.25), rtol=1e-4)
 
 
@@ -140,30 +142,30 @@ def test_non_descent_jacobian_falls_back_and_says_so():
     # A denoiser whose Jacobian is -I points the covariance step uphill: the prior covariance is used instead.
     mix, x, s, d, ctx = setup("eps")
     loss = pull(mix.means[1], 0.1)
-    res = guided_delta(loss, x, d, ctx, "finite_difference", lambda z: -z, dds_steps=0)
+    res = guided_delta(loss, x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: -z, base=d), dds_steps=0)
     assert res.fallback and "descent" in res.fallback
-    none = guided_delta(loss, x, d, ctx, "none", dds_steps=0)
+    none = guided_delta(loss, x, d, ctx, None, dds_steps=0)
     assert torch.allclose(res.delta, none.delta)
-    assert (loss(d + res.delta, ctx)["pull"] < loss(d, ctx)["pull"]).all()
+    assert (evaluate(loss, d + res.delta, ctx)["pull"] < evaluate(loss, d, ctx)["pull"]).all()
 
 
 def test_nan_loss_skips_with_a_reason():
     mix, x, s, d, ctx = setup("eps")
-    bad = WeightedLoss(lambda x0, ctx: {"bad": (x0 * float("nan")).flatten(1).mean(1)}, {"bad": 1.0})
-    res = guided_delta(bad, x, d, ctx, "finite_difference", lambda z: mix.denoise(z, s, "eps"))
+    bad = (Term("bad", lambda x0, ctx: (x0 * float("nan")).flatten(1).mean(1), 1.0),)
+    res = guided_delta(bad, x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, "eps"), base=d))
     assert res.delta is None and res.skipped and "non-finite" in res.skipped
 
 
 def test_nan_denoiser_falls_back_to_the_prior_step():
     mix, x, s, d, ctx = setup("eps")
-    res = guided_delta(pull(mix.means[1]), x, d, ctx, "finite_difference", lambda z: torch.full_like(z, float("nan")))
+    res = guided_delta(pull(mix.means[1]), x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: torch.full_like(z, float("nan")), base=d))
     assert res.delta is not None and torch.isfinite(res.delta).all() and res.fallback
 
 
 def test_inf_gradient_skips():
     mix, x, s, d, ctx = setup("const")
-    explode = WeightedLoss(lambda x0, ctx: {"e": torch.exp(1e4 * x0).flatten(1).mean(1)}, {"e": 1.0})
-    res = guided_delta(explode, x, d, ctx, "none")
+    explode = (Term("e", lambda x0, ctx: torch.exp(1e4 * x0).flatten(1).mean(1), 1.0),)
+    res = guided_delta(explode, x, d, ctx, None)
     assert res.delta is None and res.skipped
 
 
@@ -172,17 +174,16 @@ def test_context_tensors_made_under_inference_mode_can_enter_autograd(family):
     # ComfyUI runs every prompt under inference_mode: sigma and x reach the losses as inference tensors.
     # A loss that multiplies the estimate by them (as the CLIP noisy mix does) must still be differentiable.
     mix, x, s, d, _ = setup(family)
-    loss = WeightedLoss(lambda x0, ctx: {"mix": ((ctx.sigma[:, None, None, None] * x0 + ctx.x) ** 2).flatten(1).mean(1)},
-                        {"mix": 0.1})
+    loss = (Term("mix", lambda x0, ctx: ((ctx.sigma[:, None, None, None] * x0 + ctx.x) ** 2).flatten(1).mean(1), 0.1),)
     with torch.inference_mode():
         xi, si, di = x.clone(), s.clone(), d.clone()
-        res = guided_delta(loss, xi, di, LossContext(sigma=si, x=xi, family=family), "none")
+        res = guided_delta(loss, xi, di, LossContext(sigma=si, x=xi, family=family), None)
     assert res.delta is not None and torch.isfinite(res.delta).all()
 
 
 def test_dtype_is_kept():
     mix, x, s, d, ctx = setup("eps")
-    res = guided_delta(pull(mix.means[1], 0.05), x, d.half(), ctx, "none", dds_steps=1)
+    res = guided_delta(pull(mix.means[1], 0.05), x, d.half(), ctx, None, dds_steps=1)
     assert res.delta.dtype == torch.float16 and torch.isfinite(res.delta).all()
 
 
@@ -190,7 +191,7 @@ def test_report_is_plain_json():
     import json
 
     mix, x, s, d, ctx = setup("eps")
-    res = guided_delta(pull(mix.means[1], 0.05), x, d, ctx, "none")
+    res = guided_delta(pull(mix.means[1], 0.05), x, d, ctx, None)
     rep = json.loads(json.dumps(res.report()))
     assert set(rep) >= {"terms", "grad_rms", "step_rms", "delta_rms", "trust_region", "fallback", "skipped"}
 
@@ -200,11 +201,71 @@ def test_structure_alone_never_moves_an_element_away_from_or_past_its_reference(
     # close to the reference would pass it.
     mix, x, s, d, ctx = setup("eps")
     ref = mix.means[0]
-    structure = WeightedLoss(lambda x0, ctx: {"structure": (x0 - ref).abs().flatten(1).mean(1)},
-                             {"structure": 1.0}, lambda x0, ctx: {"structure": ref.expand_as(x0)})
-    res = guided_delta(structure, x, d, ctx, "finite_difference", lambda z: 3 * z, dds_steps=1, trust=100)
+    structure = (Term("structure", lambda x0, ctx: (x0 - ref).abs().flatten(1).mean(1), 1.0,
+                      lambda x0, ctx: ref.expand_as(x0)),)
+    res = guided_delta(structure, x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: 3 * z, base=d), dds_steps=1, trust=100)
     gap = ref - d
     moved = res.delta
     assert (moved * gap >= -1e-6).all()  # never away
     assert (moved.abs() <= gap.abs() + 1e-6).all()  # never past
     assert float(moved.abs().sum()) > 0.1 * float(gap.abs().sum())  # and it does move
+
+
+# -- terms: one name each, and the adaptive weight carried from step to step -------------------------------------
+
+
+def test_chaining_names_each_term_once():
+    mix, x, s, d, ctx = setup("eps")
+    loss = chained(pull(mix.means[0]), pull(mix.means[1]), pull(mix.means[0], 0.1), pull(mix.means[1]))
+    names = [t.name for t in loss]
+    assert names == ["pull", "pull_2", "pull_3", "pull_4"]
+    assert [t.weight for t in loss] == [0.05, 0.05, 0.1, 0.05]
+    # a name that already carries a suffix keeps its own, and the repeat of it gets one more
+    again = chained(loss[:2], (loss[1],), pull(mix.means[0]))
+    assert [t.name for t in again] == ["pull", "pull_2", "pull_2_2", "pull_3"]
+    res = guided_delta(loss, x, d, ctx, None)
+    assert list(res.terms) == names and list(res.values) == names and list(res.step_rms) == names
+    assert all(v.shape == (SHAPE[0],) for v in res.values.values())
+    assert all(a is b for a, b in zip(chained(loss), loss, strict=True))  # already unique: the same terms
+
+
+def adaptive_pull(goal: torch.Tensor, values: list[list[float]]):
+    """A loss whose term follows `goal` but reports the raw values given per step (per sample), with the CLIP
+    direction loss's adaptive rule: the multiplier each step uses follows the previous step's values."""
+
+    def fn(x0, ctx):
+        fake = torch.tensor(values[ctx.step], dtype=x0.dtype)
+        pulled = (x0 - goal).pow(2).flatten(1).mean(1)
+        return pulled - pulled.detach() + fake  # the values given, the gradient of the pull
+
+    return (Term("clip_direction", fn, 0.05, adaptive=AdaptiveRule()),)
+
+
+def test_the_adaptive_multiplier_follows_each_samples_previous_value_through_guided_delta():
+    # Per sample: above -0.5 -> x2, below -> x1/2, at it -> x1, a non-finite value keeps the sample's previous
+    # multiplier; 1 at the first step; never compounding. The step is sized by the multiplied weight.
+    mix, x, s, d, _ = setup("eps")
+    nan = float("nan")
+    values = [[-0.2, -0.9, -0.5], [-0.2, nan, 0.0], [-0.8, -0.5, -0.3], [nan, 0.3, -0.7], [0.1, 0.1, 0.1]]
+    want = [[1.0, 1.0, 1.0], [2.0, 0.5, 1.0], [2.0, 0.5, 2.0], [0.5, 1.0, 2.0], [0.5, 2.0, 0.5]]
+    loss = adaptive_pull(mix.means[1], values)
+    previous = None
+    fixed = (replace(loss[0], adaptive=None),)
+    for step in range(4):
+        ctx = LossContext(sigma=s, x=x, family="eps", step=step)
+        res = guided_delta(loss, x, d, ctx, None, dds_steps=0, previous=previous)
+        # a non-finite value skips the step, and its report still carries what the next step needs
+        assert (res.delta is None) == any(v != v for v in values[step])
+        assert torch.equal(res.multipliers["clip_direction"], torch.tensor(want[step])), (step, res.multipliers)
+        assert torch.allclose(res.values["clip_direction"], torch.tensor(values[step]), equal_nan=True)
+        if res.delta is not None:  # the pull is the base weight times the sample's multiplier
+            plain = guided_delta(fixed, x, d, ctx, None, dds_steps=0)
+            for i, m in enumerate(want[step]):
+                assert float(rms(res.delta[i : i + 1])) == pytest.approx(m * float(rms(plain.delta[i : i + 1])), rel=1e-5)
+        previous = res
+    # the same `previous` again (a retry of the step) gives the same multipliers; none at all starts afresh
+    ctx = LossContext(sigma=s, x=x, family="eps", step=4)
+    again = [guided_delta(loss, x, d, ctx, None, dds_steps=0, previous=previous) for _ in range(2)]
+    assert all(torch.equal(r.multipliers["clip_direction"], torch.tensor(want[4])) for r in again)
+    assert torch.equal(guided_delta(loss, x, d, ctx, None, dds_steps=0).multipliers["clip_direction"], torch.ones(3))
+    assert loss[0].weight == 0.05  # the term itself never changes

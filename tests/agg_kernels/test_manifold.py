@@ -6,22 +6,32 @@ import pytest
 import torch
 from agg_testing.analytic import gaussian, gaussian_posterior_gain, mixture
 
+from agg_kernels.coordinates import expand_sigma
 from agg_kernels.manifold import (
     FD_MAX_ERROR,
     FD_NOISE_REASON,
     FD_REL_STEP,
     FD_REL_STEP_HALF,
-    checked_covariance_product,
-    covariance_product,
+    covariance_operator,
     fd_is_noise,
     fd_rel_step_for,
     fd_step_size,
     grad_enabled,
     jvp_central_difference,
-    manifold_gradient,
+    jvp_finite_difference,
     reduced_precision,
 )
-from agg_kernels.strength import posterior_variance
+from agg_kernels.strength import covariance_scale, posterior_variance
+
+
+def covariance_product(mode, v, x, d, s, family, denoise=None, dtype=torch.float32):
+    """Cov[x0 | x] v by the kernel's operator for `mode` (d: the denoiser's value at x)."""
+    return covariance_operator(mode, x, s, family, denoise, base=d, dtype=dtype)(v).value
+
+
+def manifold_gradient(mode, v, x, d, s, denoise=None, family="eps"):
+    """J v (J^T v for autograd): the covariance product without its sigma^2 / alpha scale."""
+    return covariance_product(mode, v, x, d, s, family, denoise) / covariance_scale(expand_sigma(s, v), family)
 
 FAMILIES = ("eps", "v_prediction", "const")
 SIGMAS = {"eps": [14.6, 4.0, 1.0, 0.3, 0.08], "const": [0.95, 0.7, 0.4, 0.15, 0.05]}
@@ -146,11 +156,30 @@ def test_none_is_the_unit_variance_covariance(family):
 
 def test_none_mode_and_errors():
     v = torch.randn(2, 3)
-    assert manifold_gradient("none", v, v, v, 1.0) is v
+    none = covariance_operator("none", v, 1.0, "eps")(v)
+    assert torch.equal(none.value, posterior_variance(1.0, "eps") * v) and none.mode == "none" and none.noise is None
     with pytest.raises(ValueError, match="needs a denoiser"):
-        manifold_gradient("autograd", v, v, v, 1.0)
+        covariance_operator("autograd", v, 1.0, "eps")
     with pytest.raises(ValueError, match="unknown manifold mode"):
-        manifold_gradient("exact", v, v, v, 1.0, denoise=lambda z: z)
+        covariance_operator("exact", v, 1.0, "eps", denoise=lambda z: z)
+
+
+def test_the_operator_is_decided_by_the_compute_dtype():
+    # float32: one one-sided probe of FD_REL_STEP; half precision: two probes of FD_REL_STEP_HALF, with an error check
+    calls = []
+
+    def denoise(z):
+        calls.append(z.clone())
+        return 0.5 * z
+
+    x, v = torch.ones(1, 4), torch.ones(1, 4)
+    for dtype, probes, rel in ((torch.float32, 1, FD_REL_STEP), (torch.bfloat16, 2, FD_REL_STEP_HALF)):
+        calls.clear()
+        out = covariance_operator("finite_difference", x, 2.0, "eps", denoise, base=0.5 * x, dtype=dtype)(v)
+        assert len(calls) == probes and out.mode == "finite_difference"
+        assert torch.allclose((calls[0] - x).abs(), torch.full_like(x, rel * 2.0))
+        assert (out.noise is None) == (probes == 1)
+        assert torch.allclose(out.value, 4.0 * 0.5 * v)
 
 
 def test_fd_probe_size_is_relative_to_sigma():
@@ -258,28 +287,29 @@ def test_half_precision_step_is_close_to_exact_or_falls_back(family, dtype):
         exact = covariance_product("autograd", v, x, None, s, family, lambda z, s=s: mix.denoise(z, s, family))
         half = rounded(mix, sigma, family, dtype)
         d = half(x)
-        step, error = checked_covariance_product("finite_difference", v, x, d, s, family, half,
-                                                 fd_rel_step_for(dtype), two_sided=True)
+        jv, error = jvp_central_difference(half, x, d, v, s, fd_rel_step_for(dtype))
+        step = covariance_scale(expand_sigma(s, v), family) * jv
         noise = fd_is_noise(error)
+        assert torch.equal(covariance_operator("finite_difference", x, s, family, half, base=d, dtype=dtype)(v).noise, noise)
         cos = cosine(step, exact)
         kept = cos[~noise]
         print(f"{family} {dtype} sigma {sigma}: flagged {int(noise.sum())} of {len(noise)}, "
               f"min cos of the kept {float(kept.min()) if len(kept) else float('nan'):.3f}")
         assert (noise | (cos >= 0.9)).all(), (family, sigma, dtype, cos, error)
         if (family, sigma, dtype) in NOISY_CASES:
-            one_sided = covariance_product("finite_difference", v, x, d, s, family, half, FD_REL_STEP_HALF)
+            one_sided = covariance_scale(expand_sigma(s, v), family) * jvp_finite_difference(half, x, d, v, s, FD_REL_STEP_HALF)
             assert cosine(one_sided, exact).min() < 0.5  # the old probe's step: mostly noise
             assert noise.any(), (family, sigma, dtype, error)
 
 
 def test_guided_step_falls_back_to_the_prior_where_the_probe_is_rounding_noise():
     from agg_kernels.guidance import guided_delta
-    from agg_kernels.objective import LossContext, WeightedLoss
+    from agg_kernels.objective import LossContext, Term
 
     g = torch.Generator().manual_seed(0)
     mix = mixture(torch.randn(3, *HALF_SHAPE[1:], generator=g), [0.3, 0.6, 1.0], [0.4, 0.4, 0.2])
     goal = torch.randn(HALF_SHAPE[1:], generator=g)
-    loss = WeightedLoss(lambda x0, ctx: {"pull": (x0 - goal).pow(2).flatten(1).mean(1)}, {"pull": 0.05})
+    loss = (Term("pull", lambda x0, ctx: (x0 - goal).pow(2).flatten(1).mean(1), 0.05),)
     for sigma, dtype, falls_back in ((14.6, torch.bfloat16, True), (14.6, torch.float32, False)):
         gs = torch.Generator().manual_seed(1)
         x = mix.noised(mix.sample(HALF_SHAPE[0], gs)[0], sigma, "eps", gs)
@@ -287,9 +317,9 @@ def test_guided_step_falls_back_to_the_prior_where_the_probe_is_rounding_noise()
         model = rounded(mix, sigma, "eps", dtype)
         d = model(x)
         ctx = LossContext(sigma=s, x=x, family="eps")
-        res = guided_delta(loss, x, d, ctx, "finite_difference", model, dds_steps=0,
-                           fd_rel_step=fd_rel_step_for(dtype), fd_max_error=FD_MAX_ERROR)
-        prior = guided_delta(loss, x, d, ctx, "none", dds_steps=0)
+        res = guided_delta(loss, x, d, ctx, covariance_operator("finite_difference", x, s, "eps", model, base=d, dtype=dtype),
+                           dds_steps=0)
+        prior = guided_delta(loss, x, d, ctx, None, dds_steps=0)
         if falls_back:
             # per sample: the flagged ones take the prior's step, the others keep their own; the report counts them
             assert res.fallback and FD_NOISE_REASON in res.fallback and "prior covariance" in res.fallback

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,16 +12,9 @@ from agg_testing.analytic import mixture, toy_decoder
 
 from agg_kernels.guidance import guided_delta
 from agg_kernels.losses import clip_direction_loss, range_loss, structure_loss
-from agg_kernels.mask import focused, restrict
-from agg_kernels.objective import (
-    LossContext,
-    WeightedLoss,
-    anchors_of,
-    compose,
-    floors_of,
-    per_sample_loss,
-    weights_of,
-)
+from agg_kernels.manifold import covariance_operator
+from agg_kernels.mask import focused
+from agg_kernels.objective import Loss, LossContext, Term, chained, evaluate, per_sample
 from agg_kernels.strength import ELEMENT_BOUND, MAX_SUBSTEP_RATE, posterior_variance, rms, substeps, unit
 
 SIGMA = 14.6  # SD1.5's largest sigma: posterior variance 0.9953, so the bound is about 2 latent units
@@ -31,15 +25,20 @@ def ctx(b: int, sigma: float = SIGMA, step: int = 0, family: str = "eps") -> Los
     return LossContext(sigma=torch.full((b,), sigma), x=torch.zeros(b, *LATENT), family=family, step=step)
 
 
-def one_element_over(by: float, weight: float, floor: float | None) -> WeightedLoss:
+def restricted(loss: Loss, region: torch.Tensor) -> Loss:
+    """Every term of the loss acting only on `region` (how the nodes mask a loss)."""
+    return tuple(replace(term, region=region) for term in loss)
+
+
+def one_element_over(by: float, weight: float, floor: float | None) -> Loss:
     """A range-style loss on one latent element: mean over the latent of relu(x0 - 1)^2, so its gradient lives on
     element [0, 0, 0] only (the whole pull on one of 16384 elements)."""
 
     def fn(x0, c):
         over = (x0[:, 0, 0, 0] - 1).clamp_min(0).square()
-        return {"range": over / x0[0].numel() + 0 * x0.flatten(1).sum(1)}
+        return over / x0[0].numel() + 0 * x0.flatten(1).sum(1)
 
-    return WeightedLoss(fn, {"range": weight}, floors=None if floor is None else {"range": floor})
+    return (Term("range", fn, weight, floor=floor),)
 
 
 def at_limit(by: float, b: int = 1) -> torch.Tensor:
@@ -53,7 +52,7 @@ def test_a_sparse_gradient_moves_no_element_past_the_bound(weight):
     # No floor, so only the bounds act: the pull is weight * 128 on one element (RMS = weight). The RMS trust
     # region alone lets that element move 0.5 * 0.998 * 128 = 63.9 at w 1, and 12.7 at w 0.1.
     x0 = at_limit(0.001)
-    res = guided_delta(one_element_over(0.001, weight, None), x0, x0, ctx(1), "none", dds_steps=1)
+    res = guided_delta(one_element_over(0.001, weight, None), x0, x0, ctx(1), None, dds_steps=1)
     bound = ELEMENT_BOUND * float(posterior_variance(SIGMA, "eps")) ** 0.5
     moved = float(res.delta.abs().max())
     # measured: 1.9953 (= the bound, 2 x 0.99766) at both weights; without the bound 12.74 at w 0.1, 63.85 at w 1
@@ -69,7 +68,7 @@ def test_a_term_near_its_floor_asks_only_for_what_reaches_it(weight):
     # reaches 0 after a pull of (value - floor) / gradient = 0.0005 on that element (half the overshoot: the loss
     # is quadratic), whatever the weight; refinement adds half of the remaining one.
     x0 = at_limit(0.001)
-    res = guided_delta(one_element_over(0.001, weight, 0.0), x0, x0, ctx(1), "none", dds_steps=1)
+    res = guided_delta(one_element_over(0.001, weight, 0.0), x0, x0, ctx(1), None, dds_steps=1)
     moved = float(res.delta.abs().max())
     # measured: 0.000623 at w 0.1 and at w 1 (1.9953, the bound, without the floor): never past the limit
     assert moved <= 0.001, moved
@@ -81,10 +80,10 @@ def test_the_range_loss_declares_its_floor_and_fades_near_it():
     decode = toy_decoder(4, seed=0)
     x0 = torch.zeros(1, 4, 8, 8)
     loss = range_loss(1.0, decode)
-    assert floors_of(loss) == {"range": 0.0}
+    assert [(t.name, t.floor) for t in loss] == [("range", 0.0)]
     pixels = decode(x0)
     assert float(pixels.abs().max()) < 1  # inside the range: no gradient, no pull, and nothing reported idle
-    res = guided_delta(loss, x0, x0, ctx(1, 2.0), "none")
+    res = guided_delta(loss, x0, x0, ctx(1, 2.0), None)
     assert float(res.delta.abs().max()) == 0.0 and not res.idle
 
 
@@ -133,10 +132,10 @@ def edit_loss(sources: torch.Tensor, region: torch.Tensor, direction: torch.Tens
     for i in range(region.shape[0]):
         m = region[i : i + 1]
         seen = focused(decode, F.interpolate(m, scale_factor=4))
-        judged = compose(clip_direction_loss(0.1, seen, encoder(), direction, n_cuts=2, cut_size=8),
+        judged = chained(clip_direction_loss(0.1, seen, encoder(), direction, n_cuts=2, cut_size=8),
                          range_loss(0.1, seen))
-        parts.append(restrict(judged, m))
-    return compose(restrict(structure_loss(0.1, sources), 1 - region), per_sample_loss(parts))
+        parts.append(restricted(judged, m))
+    return chained(restricted(structure_loss(0.1, sources), 1 - region), per_sample(parts))
 
 
 @pytest.mark.parametrize("rate", [1.0, 6.2])  # a step taken whole, and one taken in 4 sub-steps
@@ -150,17 +149,18 @@ def test_a_batch_of_two_with_different_masks_and_sources_gives_each_image_what_i
     region = masks()
     batch_loss = edit_loss(sources, region, direction)
     alone_loss = [edit_loss(sources[i : i + 1], region[i : i + 1], direction) for i in range(2)]
-    # three steps: the adaptive CLIP multiplier is set from step 1 on, per image
+    # three steps: the adaptive CLIP multiplier is set from step 1 on, per image (from each run's previous step)
     worst = 0.0
+    batch, alone_runs = None, [None, None]
     for step, sigma in enumerate((2.0, 1.5, 1.0)):
         d = data.denoise(x, torch.full((2,), sigma), "eps")
-        batch = guided_delta(batch_loss, x, d, small_ctx(x, sigma, step), manifold,
-                             lambda z, s=sigma: data.denoise(z, torch.full((z.shape[0],), s), "eps"), rate=rate)
+        batch = guided_delta(batch_loss, x, d, small_ctx(x, sigma, step), covariance_operator(manifold, x, torch.full((2,), sigma), "eps", lambda z, s=sigma: data.denoise(z, torch.full((z.shape[0],), s), "eps"), base=d), rate=rate, previous=batch)
         for i in range(2):
             xi = x[i : i + 1]
-            alone = guided_delta(alone_loss[i], xi, d[i : i + 1], small_ctx(xi, sigma, step), manifold,
-                                 lambda z, s=sigma: data.denoise(z, torch.full((z.shape[0],), s), "eps"), rate=rate)
+            alone = guided_delta(alone_loss[i], xi, d[i : i + 1], small_ctx(xi, sigma, step), covariance_operator(manifold, xi, torch.full((1,), sigma), "eps", lambda z, s=sigma: data.denoise(z, torch.full((z.shape[0],), s), "eps"), base=d[i : i + 1]), rate=rate, previous=alone_runs[i])
             worst = max(worst, float((batch.delta[i] - alone.delta[0]).abs().max()))
+            assert torch.equal(batch.multipliers["clip_direction"][i : i + 1], alone.multipliers["clip_direction"])
+            alone_runs[i] = alone
         x = x + batch.delta  # move on as a sampler would
     print(f"\n{manifold}, rate {rate}: largest |batch - alone| {worst:.2e}")
     # measured: 0.0 for both manifolds, whole or in sub-steps. One CLIP loss over the batch (the crop box of both masks) differs by 0.82
@@ -175,7 +175,7 @@ def test_a_masked_term_pulls_each_image_by_its_weight_per_element_of_its_own_reg
 
     target = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     region = masks()
-    loss = restrict(WeightedLoss(lambda x0, c: {"t": (x0 - target).square().flatten(1).mean(1)}, {"t": 0.1}), region)
+    loss = restricted((Term("t", lambda x0, c: (x0 - target).square().flatten(1).mean(1), 0.1),), region)
     x0 = torch.zeros(2, 4, 8, 8)
     c = small_ctx(x0, 2.0, 0)
     values, grads = term_gradients(loss, x0, c)
@@ -184,39 +184,28 @@ def test_a_masked_term_pulls_each_image_by_its_weight_per_element_of_its_own_reg
     assert inside == pytest.approx([0.1, 0.1], rel=1e-5), inside
 
 
-def test_per_sample_loss_slices_the_context_and_stacks_anchors():
+def test_per_sample_slices_the_context_and_stacks_anchors():
     refs = torch.randn(2, 4, 8, 8)
     parts = [structure_loss(0.1, refs[i : i + 1]) for i in range(2)]
-    loss = per_sample_loss(parts)
+    loss = per_sample(parts)
     x0 = torch.zeros(2, 4, 8, 8)
     c = small_ctx(x0, 1.0, 0)
-    assert torch.allclose(loss(x0, c)["structure"], refs.abs().flatten(1).mean(1))
-    assert torch.equal(anchors_of(loss, x0, c)["structure"], refs)
-    assert torch.equal(weights_of(loss)["structure"], torch.tensor([0.1, 0.1]))
+    assert [t.name for t in loss] == ["structure"]
+    assert torch.allclose(evaluate(loss, x0, c)["structure"], refs.abs().flatten(1).mean(1))
+    assert torch.equal(loss[0].anchor(x0, c), refs)
+    assert torch.equal(loss[0].weight, torch.tensor([0.1, 0.1]))
 
 
 # -- the raw size of a loss, to the ends of float32 ----------------------------------------------------------
 
 
-class Scaled:
-    """A loss times a constant: its terms and its floors (weights and anchors kept)."""
+def scaled(inner: Loss, factor: float) -> Loss:
+    """A loss times a constant: its terms' values and floors (weights and anchors kept)."""
 
-    def __init__(self, inner, factor: float):
-        self.inner, self.factor = inner, factor
+    def times(fn):
+        return lambda x0, c: factor * fn(x0, c)
 
-    def __call__(self, x0, c):
-        return {k: self.factor * v for k, v in self.inner(x0, c).items()}
-
-    @property
-    def weights(self):
-        return weights_of(self.inner)
-
-    @property
-    def floors(self):
-        return {k: self.factor * v for k, v in floors_of(self.inner).items()}
-
-    def anchors(self, x0, c):
-        return anchors_of(self.inner, x0, c)
+    return tuple(replace(t, fn=times(t.fn), floor=None if t.floor is None else factor * t.floor) for t in inner)
 
 
 @pytest.mark.parametrize("manifold", ["none", "finite_difference"])
@@ -229,16 +218,15 @@ def test_a_loss_times_1e30_or_1e_30_gives_the_same_pulls(manifold):
     d = data.denoise(x, torch.full((2,), 2.0), "eps")
     decode = toy_decoder(4, seed=0)
     direction = F.normalize(torch.randn(8, generator=g), dim=0)
-    inner = compose(
-        WeightedLoss(lambda x0, c: {"pull": (x0 - goal).square().flatten(1).mean(1)}, {"pull": 0.2}),
+    inner = chained(
+        (Term("pull", lambda x0, c: (x0 - goal).square().flatten(1).mean(1), 0.2),),
         structure_loss(0.1, sources),
         clip_direction_loss(0.1, decode, encoder(), direction, n_cuts=2, cut_size=8),
         range_loss(0.1, lambda z: 3 * decode(z)),  # some pixels out of range
     )
     results = {}
     for factor in (1.0, 1e-30, 1e30):
-        res = guided_delta(Scaled(inner, factor), x, d, small_ctx(x, 2.0, 0), manifold,
-                           lambda z: data.denoise(z, torch.full((z.shape[0],), 2.0), "eps"))
+        res = guided_delta(scaled(inner, factor), x, d, small_ctx(x, 2.0, 0), covariance_operator(manifold, x, small_ctx(x, 2.0, 0).sigma, small_ctx(x, 2.0, 0).family, lambda z: data.denoise(z, torch.full((z.shape[0],), 2.0), "eps"), base=d))
         assert res.skipped is None and not res.idle, (factor, res.skipped, res.idle)
         results[factor] = res
     ref = results[1.0]
@@ -258,16 +246,14 @@ def test_a_gradient_below_float32_is_reported_not_dropped_silently():
     # its value (1) is above its floor. No pull can come from it, and the report says so. (At 1e-45 the gradient
     # is an fp32 subnormal and the term still pulls at its full weight.)
     goal = torch.ones(1, 4, 8, 8)
-    loss = WeightedLoss(lambda x0, c: {"tiny": (1 + 1e-46 * (x0.double() - goal).square().flatten(1).sum(1)).float()},
-                        {"tiny": 0.1})
+    loss = (Term("tiny", lambda x0, c: (1 + 1e-46 * (x0.double() - goal).square().flatten(1).sum(1)).float(), 0.1),)
     x0 = torch.zeros(1, 4, 8, 8)
-    res = guided_delta(loss, x0, x0, small_ctx(x0, 2.0, 0), "none")
+    res = guided_delta(loss, x0, x0, small_ctx(x0, 2.0, 0), None)
     assert float(res.delta.abs().max()) == 0.0
     assert "tiny" in res.idle and "zero gradient" in res.idle["tiny"]
     assert "tiny" in res.report()["idle"]
-    subnormal = WeightedLoss(lambda x0, c: {"tiny": (1 + 1e-45 * (x0.double() - goal).square().flatten(1).sum(1)).float()},
-                             {"tiny": 0.1})
-    res = guided_delta(subnormal, x0, x0, small_ctx(x0, 2.0, 0), "none", dds_steps=0)
+    subnormal = (Term("tiny", lambda x0, c: (1 + 1e-45 * (x0.double() - goal).square().flatten(1).sum(1)).float(), 0.1),)
+    res = guided_delta(subnormal, x0, x0, small_ctx(x0, 2.0, 0), None, dds_steps=0)
     assert res.step_rms["tiny"] == pytest.approx(0.1, rel=1e-5) and not res.idle
 
 
@@ -289,10 +275,9 @@ RUN_SHAPE = (1, 4, 8, 8)
 MULTIPLES = (0, 1, 3, 10, 30)
 
 
-def toward(target: torch.Tensor, weight: float) -> WeightedLoss:
+def toward(target: torch.Tensor, weight: float) -> Loss:
     """A target term with no anchor (as CLIP Direction's): mean squared distance to a latent, floor 0."""
-    return WeightedLoss(lambda x0, c: {"target": (x0 - target).pow(2).flatten(1).mean(1)}, {"target": weight},
-                        floors={"target": 0.0})
+    return (Term("target", lambda x0, c: (x0 - target).pow(2).flatten(1).mean(1), weight, floor=0.0),)
 
 
 def whole_run(family: str, steps: int, seed: int, loss_for, *, sampler: str = "ddim", manifold: str = "none",
@@ -326,8 +311,7 @@ def whole_run(family: str, steps: int, seed: int, loss_for, *, sampler: str = "d
         if loss is None or rate <= 0:
             return None
         c = LossContext(sigma=torch.tensor([sigma]), x=x, family=family)
-        return guided_delta(loss, x, d, c, manifold, lambda xp: sampling.denoise(xp, torch.full((1,), sigma), family),
-                            rate=rate).delta
+        return guided_delta(loss, x, d, c, covariance_operator(manifold, x, c.sigma, c.family, lambda xp: sampling.denoise(xp, torch.full((1,), sigma), family), base=d), rate=rate).delta
 
     def run(step_fn):
         return guided_run(sampling, src, sigmas, family, step_fn, seed=seed, sampler=sampler, state=top)
@@ -388,10 +372,10 @@ def test_a_long_step_closes_in_on_a_floor_as_several_steps_would(rate):
     c = LossContext(sigma=torch.tensor([1.5]), x=x0, family="eps")
     loss = toward(target, 0.1)
     assert substeps(rate) == math.ceil(rate / MAX_SUBSTEP_RATE) > 1
-    long = guided_delta(loss, x0, x0, c, "none", rate=rate).delta
+    long = guided_delta(loss, x0, x0, c, None, rate=rate).delta
     with pytest.MonkeyPatch.context() as m:  # the same step taken whole
         m.setattr("agg_kernels.guidance.substeps", lambda r: 1)
-        whole = guided_delta(loss, x0, x0, c, "none", rate=rate).delta
+        whole = guided_delta(loss, x0, x0, c, None, rate=rate).delta
     gap = lambda d: float((x0 + d - target).pow(2).mean())  # noqa: E731
     print(f"\nrate {rate}: squared distance left {gap(long):.4f} in sub-steps, {gap(whole):.4f} whole (from {gap(0 * x0):.4f})")
     # measured: 0.0078 / 0.0004 / 0.0001 left in sub-steps at rate 2.5 / 6.2 / 9.2, 0.0257 whole (from 0.1068)

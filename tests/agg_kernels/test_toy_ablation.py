@@ -16,7 +16,8 @@ import torch
 from agg_testing.analytic import mixture
 
 from agg_kernels.guidance import guided_delta
-from agg_kernels.objective import LossContext
+from agg_kernels.manifold import covariance_operator
+from agg_kernels.objective import LossContext, Term
 from agg_kernels.schedule import step_rate
 from agg_kernels.step import asymmetric_step, compensated_denoised, symmetric_step
 
@@ -62,11 +63,10 @@ def translate(family: str, update: str, structure: float) -> dict[str, torch.Ten
     n = source.shape[0]
     sigmas = schedule(family)
 
-    def loss(x0, ctx):
-        terms = {"target": WEIGHT * (x0 - TARGET).pow(2).mean(1)}
-        if structure:
-            terms["structure"] = structure * (x0 - source).abs().mean(1)
-        return terms
+    # raw terms at weight 1: the sizes are in the values
+    loss = (Term("target", lambda x0, ctx: WEIGHT * (x0 - TARGET).pow(2).mean(1)),)
+    if structure:
+        loss += (Term("structure", lambda x0, ctx: structure * (x0 - source).abs().mean(1)),)
 
     for i in range(STEPS):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
@@ -80,8 +80,7 @@ def translate(family: str, update: str, structure: float) -> dict[str, torch.Ten
         if i < GUIDED and update != "none":
             # the window is the first GUIDED steps: each step pulls by its share of schedule time
             rate = step_rate(s, sn, (float(sigmas[0]), float(sigmas[GUIDED])), family)
-            res = guided_delta(loss, x, d, LossContext(sigma=sv, x=x, family=family, step=i), "finite_difference",
-                               denoise, dds_steps=1, dds_lr=0.05, rate=rate)
+            res = guided_delta(loss, x, d, LossContext(sigma=sv, x=x, family=family, step=i), covariance_operator("finite_difference", x, LossContext(sigma=sv, x=x, family=family, step=i).sigma, LossContext(sigma=sv, x=x, family=family, step=i).family, denoise, base=d), dds_steps=1, dds_lr=0.05, rate=rate)
             assert res.delta is not None, res.skipped
             if update == "asymmetric":
                 r = compensated_denoised(d, res.delta, s, sn, family)

@@ -60,18 +60,18 @@ def run_variant(name: str, cfg: dict | None, mix, source, noise, sigmas, window_
 
     from agg_kernels.guidance import guided_delta
     from agg_kernels.losses.structure import structure_loss
-    from agg_kernels.objective import LossContext, WeightedLoss, compose
+    from agg_kernels.manifold import covariance_operator
+    from agg_kernels.objective import LossContext, Term, chained
     from agg_kernels.step import compensated_denoised
 
     target_value = mix.means[1, 0]
 
-    target_loss = WeightedLoss(lambda x0, ctx: {"target": (x0[:, 0] - target_value).pow(2).flatten(1).mean(1)},
-                               {"target": weights["target"]})
+    target_loss = (Term("target", lambda x0, ctx: (x0[:, 0] - target_value).pow(2).flatten(1).mean(1), weights["target"]),)
 
     loss = None
     if cfg is not None:
         parts = [target_loss] + ([structure_loss(weights["structure"], source)] if cfg["structure"] else [])
-        loss = compose(*parts)
+        loss = chained(*parts)
     den = mix.denoiser("eps")
     x = source + sigmas[0] * noise
     curve = []
@@ -83,7 +83,8 @@ def run_variant(name: str, cfg: dict | None, mix, source, noise, sigmas, window_
         r = d
         if cfg is not None and i < window_steps:
             ctx = LossContext(sigma=sig, x=x, family="eps", step=i)
-            res = guided_delta(loss, x, d, ctx, cfg["manifold"], lambda xp, sig=sig: den(xp, sig), cfg["dds_steps"], weights["dds_lr"])
+            res = guided_delta(loss, x, d, ctx, covariance_operator(cfg["manifold"], x, ctx.sigma, ctx.family, lambda xp, sig=sig: den(xp, sig), base=d),
+                               cfg["dds_steps"], weights["dds_lr"])
             if res.delta is not None:
                 if cfg["asymmetric"]:
                     r = compensated_denoised(d, res.delta, sig, float(sn), "eps")

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from agg_testing.analytic import mixture
 
     from agg_kernels.guidance import guided_delta
-    from agg_kernels.objective import LossContext, WeightedLoss
+    from agg_kernels.manifold import covariance_operator
+    from agg_kernels.objective import LossContext, Term
 
     g = torch.Generator().manual_seed(0)
     shape = (4, args.size, args.size)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     uncond = mixture(means, stds)
     cond = mixture(means, stds, [0.9] + [0.1 / (args.modes - 1)] * (args.modes - 1))
     goal = means[1]
-    loss = WeightedLoss(lambda x0, ctx: {"target": (x0 - goal).pow(2).flatten(1).mean(1)}, {"target": 0.1})
+    loss = (Term("target", lambda x0, ctx: (x0 - goal).pow(2).flatten(1).mean(1), 0.1),)
     print(f"latent 4x{args.size}x{args.size}, {args.modes} modes (separation {args.separation}), cfg {args.cfg}, "
           f"batch {args.batch}")
     print(f"{'sigma':>6} | {'non-descent: CFG J':>18} {'cond J':>7} | {'loss drop vs prior: CFG J':>25} {'cond J':>7}")
@@ -69,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         d = d_u + args.cfg * (d_c - d_u)
         ctx = LossContext(sigma=s, x=x, family="eps")
         base = loss(d, ctx)["target"]
-        prior = guided_delta(loss, x, d, ctx, "none", dds_steps=0, trust=1e9)
+        prior = guided_delta(loss, x, d, ctx, None, dds_steps=0, trust=1e9)
         drop_prior = base - loss(d + prior.delta, ctx)["target"]
         row = {"sigma": sigma}
         for name, den, probe_base in (("cfg", cfg_out, d), ("cond", lambda z, s=s: cond.denoise(z, s), d_c)):
-            res = guided_delta(loss, x, d, ctx, "finite_difference", den, dds_steps=0, trust=1e9, probe_base=probe_base)
+            res = guided_delta(loss, x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, den, base=probe_base), dds_steps=0, trust=1e9)
             bad = 0 if res.fallback is None else int(res.fallback.split(" on ")[1].split(" of ")[0])
             drop = base - loss(d + res.delta, ctx)["target"]  # with the pack's fallback where it acted
             row[name] = (bad / args.batch, float((drop / drop_prior).median()))
