@@ -41,6 +41,7 @@ import struct
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import graph as G
@@ -275,170 +276,233 @@ def pack_in_custom_nodes(comfyui: Path) -> bool:
         return False
 
 
+@dataclass(frozen=True)
 class Plan:
-    """Everything checked, ready to run."""
+    """Everything checked, ready to run: the values decided from the command line (plan_from)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        if args.workflow is None:
-            args.workflow = VIDEO_WORKFLOW if args.video else "text_guided"
-        self.workflow_name, self.api = G.load_workflow(args.workflow)
-        check_numbers(args)
-        if args.video and (args.image or args.images_dir is not None):
-            raise UsageError("--video: not with --image / --images-dir (one run edits either photos or videos)")
-        self.video = G.is_video_workflow(self.api)
-        if args.video:
-            self.images = [p for p in args.video if check_video(p, "--video")]
-            if not self.video:
-                raise UsageError(f"--video: the workflow {self.workflow_name} has no Load Video node; leave --workflow "
-                                 f"out (--video runs {VIDEO_WORKFLOW}) or give a workflow that loads a video")
-        else:
-            self.images = collect_images(args)
-            if self.images and self.video:
-                raise UsageError(f"{'--image' if args.image else '--images-dir'}: the workflow {self.workflow_name} "
-                                 "edits a video; give the clip with --video FILE")
-        self.own_images = bool(self.images)
-        given = "--video" if self.video else "--image / --images-dir"
-        self.style = None
-        if args.style_image is not None:
-            check_image(args.style_image, "--style-image")
-            self.style = args.style_image
-        self.mask = None
-        if args.mask is not None:
-            check_image(args.mask, "--mask")
-            if not G.mask_image_nodes(self.api):
-                raise UsageError(f"--mask: the workflow {self.workflow_name} has no LoadImage titled 'Edit mask'")
-            self.mask = args.mask
-        self.servers = []
-        for url in args.server:
-            try:
-                self.servers.append(normalise_url(url))
-            except ValueError as e:
-                raise UsageError(f"--server {e}") from None
-        if len(set(self.servers)) != len(self.servers):
-            raise UsageError("--server: the same URL is given twice")
-        self.local = not self.servers
-        self.cluster = args.ray is not None or len(self.servers) > 1
-        if args.workers is not None:
-            if args.ray is None:
-                raise UsageError("--workers: only with --ray")
-            if self.servers:
-                raise UsageError("--workers: not with --server (there is one worker per server)")
-            if args.workers < 1:
-                raise UsageError(f"--workers {args.workers}: must be at least 1")
-        if args.work_dir is not None and (args.ray is None or self.servers):
-            raise UsageError("--work-dir: only with --ray and no --server (for the ComfyUIs the workers start)")
-        if self.cluster:
-            try:
-                import importlib.util
+    workflow_name: str
+    api: dict
+    video: bool  # the workflow edits a video (it has a Load Video node)
+    images: list[Path]  # the photos or videos to run, in order (ComfyUI's example picture when none is given)
+    sizes: dict[Path, tuple[int, int]]  # each one's (width, height)
+    style: Path | None  # --style-image, unless the workflow has no place for it (--test-models)
+    mask: Path | None
+    servers: list[str]  # normalised --server URLs
+    local: bool  # a ComfyUI is started here (no --server)
+    cluster: bool  # on Ray (--ray, or several --server)
+    local_files: dict[str, Path]  # the model files given for the ComfyUI started here, by MODEL_INPUTS key
+    settings: G.Settings
+    size: int | None  # longer side of the working size (None: the workflow's own sizes)
+    out: Path
+    comfyui: Path | None = None  # the ComfyUI started here, and its Python (local only)
+    python: str | None = None
+    # the command line's run options, as given
+    no_unguided: bool = False
+    test_models: bool = False
+    timeout: float = 3600.0
+    ray: str | None = None
+    workers: int | None = None
+    work_dir: Path | None = None
+    vae_approx: Path | None = None
+    cpu: bool = False
 
-                found = importlib.util.find_spec("ray") is not None
-            except ValueError:
-                found = True
-            if not found:
-                raise UsageError(("--ray" if args.ray is not None else "several --server") + ": " + INSTALL_HINT)
-        if args.test_models:
-            args.steps = args.steps or TEST_MODEL_DEFAULTS["steps"]
-            args.size = args.size or TEST_MODEL_DEFAULTS["size"]
-            # one set of test models serves every workflow: what this one has no place for is left out
-            if args.clip is not None and not G.nodes_of(self.api, G.MODEL_INPUTS["clip"][0]):
-                args.clip = None
-            if self.style is not None and not G.style_image_nodes(self.api):
-                self.style = None
 
-        # Texts: the workflow's own describe ComfyUI's example picture, not the user's photo.
-        if self.own_images:
-            thing = "video" if self.video else "photo"
-            for role, example in (("source", f"a {thing} of a cat"), ("target", "a watercolor painting of a cat")):
-                if getattr(args, role) is None and G.uses_text(self.api, role):
-                    own = G.workflow_text(self.api, role)
-                    raise UsageError(
-                        f"--{role} is required with {given}: describe "
-                        + (f"what your {thing} shows" if role == "source" else "the result you want")
-                        + f", e.g. --{role} \"{example}\" (the workflow's own text, {own!r}, "
-                        + ("is an example)" if self.video else "describes its example picture)"))
-            if G.mask_image_nodes(self.api) and self.mask is None:
-                raise UsageError(f"--mask is required with --image / --images-dir for the workflow {self.workflow_name}: "
-                                 "the workflow's own mask marks a region of its example picture")
+def plan_from(args: argparse.Namespace) -> Plan:
+    """Check the command line and decide the run: the workflow and its settings, the inputs, the servers, the
+    output folder (made here, and checked writable). Raises UsageError (or GraphError) naming the argument;
+    `args` is left as parsed."""
+    workflow = args.workflow
+    if workflow is None:
+        workflow = VIDEO_WORKFLOW if args.video else "text_guided"
+    workflow_name, api = G.load_workflow(workflow)
+    check_numbers(args)
+    video = G.is_video_workflow(api)
+    images = _inputs(args, workflow_name, video)
+    style = None
+    if args.style_image is not None:
+        check_image(args.style_image, "--style-image")
+        style = args.style_image
+    mask = None
+    if args.mask is not None:
+        check_image(args.mask, "--mask")
+        if not G.mask_image_nodes(api):
+            raise UsageError(f"--mask: the workflow {workflow_name} has no LoadImage titled 'Edit mask'")
+        mask = args.mask
+    servers = _servers(args)
+    local = not servers
+    cluster = args.ray is not None or len(servers) > 1
+    steps, size, models = args.steps, args.size, {key: getattr(args, key) for key in G.MODEL_INPUTS}
+    if args.test_models:
+        steps = steps or TEST_MODEL_DEFAULTS["steps"]
+        size = size or TEST_MODEL_DEFAULTS["size"]
+        # one set of test models serves every workflow: what this one has no place for is left out
+        if models["clip"] is not None and not G.nodes_of(api, G.MODEL_INPUTS["clip"][0]):
+            models["clip"] = None
+        if style is not None and not G.style_image_nodes(api):
+            style = None
+    if images:
+        _require_texts(args, api, workflow_name, video, mask)
 
-        self.local_files: dict[str, Path] = {}
-        for key in G.MODEL_INPUTS:
-            value = getattr(args, key)
-            if value is None:
-                continue
-            suffixes = {".safetensors"} if key == "clip" else CHECKPOINT_EXT
-            if self.local:
-                self.local_files[key] = check_model_file(value, f"--{key}", suffixes)
-            elif Path(value).expanduser().is_file():
-                # a local copy of a file the server holds: use the name
-                setattr(args, key, Path(value).name)
-        if args.vae_approx is not None:
-            if not self.local:
-                raise UsageError("--vae-approx: only for the ComfyUI started here; a --server uses its own models/vae_approx")
-            if not args.vae_approx.is_dir():
-                raise UsageError(f"--vae-approx {args.vae_approx}: no such folder")
-        if args.decoder == "taesd" and self.local and args.vae_approx is None and not args.test_models:
-            comfy_va = default_comfyui(args) / "models" / "vae_approx"
-            if not any(comfy_va.glob("taesd*_decoder.*")):
-                raise UsageError("--decoder taesd needs the TAESD decoder files: pass --vae-approx DIR (a folder "
-                                 "with taesd_decoder.safetensors / taesdxl_decoder.safetensors) or put them in "
-                                 f"{comfy_va}")
+    models, local_files = _model_names(models, local)
+    _check_vae_approx(args, local)
 
-        self.settings = G.Settings(
-            source=args.source, target=args.target, negative=args.negative, seed=args.seed, steps=args.steps,
-            denoise=args.denoise, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, decoder=args.decoder,
-            structure_weight=args.structure_weight, clip_weight=args.clip_weight, style_weight=args.style_weight,
-            color_weight=args.color_weight,
-            checkpoint=(self.local_files["checkpoint"].name if "checkpoint" in self.local_files else args.checkpoint),
-            clip=(self.local_files["clip"].name if "clip" in self.local_files else args.clip),
-            controlnet=(self.local_files["controlnet"].name if "controlnet" in self.local_files else args.controlnet),
-        )
-        G.check_applicable(self.api, self.settings, self.workflow_name, style_image=self.style is not None,
-                           size=args.size is not None)
-        if args.size is None and G.workflow_size(self.api) is None:
-            self.size = None
-        else:
-            self.size = args.size or G.workflow_size(self.api)
+    settings = G.Settings(
+        source=args.source, target=args.target, negative=args.negative, seed=args.seed, steps=steps,
+        denoise=args.denoise, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, decoder=args.decoder,
+        structure_weight=args.structure_weight, clip_weight=args.clip_weight, style_weight=args.style_weight,
+        color_weight=args.color_weight, **models)
+    G.check_applicable(api, settings, workflow_name, style_image=style is not None, size=size is not None)
+    size = size or G.workflow_size(api)
 
-        if self.local:
-            self.comfyui = default_comfyui(args)
-            if not (self.comfyui / "main.py").is_file():
-                raise UsageError(f"--comfyui {self.comfyui}: no ComfyUI there (main.py missing); run "
-                                 "scripts/setup.sh, or pass --comfyui DIR, or use --server URL")
-            self.python = args.python or sys.executable
-            if shutil.which(self.python) is None and not Path(self.python).is_file():
-                raise UsageError(f"--python {self.python}: not found")
-            for key, (ct, inp, folder) in G.MODEL_INPUTS.items():
-                if key in self.local_files or not G.nodes_of(self.api, ct):
-                    continue
-                default = self.api[G.nodes_of(self.api, ct)[0]]["inputs"].get(inp)
-                if isinstance(default, str) and not (self.comfyui / "models" / folder / default).exists() \
-                        and not (self.comfyui / "extra_model_paths.yaml").exists():
-                    raise UsageError(f"--{key} is required: the workflow needs {default!r} and "
-                                     f"{self.comfyui / 'models' / folder} has no such file")
-        if not self.images and self.video:
-            raise UsageError(f"--video is required: the workflow {self.workflow_name} edits a video "
-                             "(e.g. --video clip.mp4)")
-        if not self.images:
-            example = (self.comfyui / "input" / "example.png") if self.local else None
-            if example is None or not example.is_file():
-                raise UsageError("--image or --images-dir is required" + ("" if self.local else " with --server"))
-            self.images = [example]
+    comfyui = python = None
+    if local:
+        comfyui, python = _local_comfyui(args, api, local_files)
+    if not images and video:
+        raise UsageError(f"--video is required: the workflow {workflow_name} edits a video (e.g. --video clip.mp4)")
+    if not images:
+        example = (comfyui / "input" / "example.png") if comfyui is not None else None
+        if example is None or not example.is_file():
+            raise UsageError("--image or --images-dir is required" + ("" if local else " with --server"))
+        images = [example]
+    out = _output_dir(args.output_dir)
+    sizes = {p: check_video(p, "--video") if video else check_image(p, "--image") for p in images}
+    return Plan(workflow_name=workflow_name, api=api, video=video, images=images, sizes=sizes, style=style, mask=mask,
+                servers=servers, local=local, cluster=cluster, local_files=local_files, settings=settings, size=size,
+                out=out, comfyui=comfyui, python=python, no_unguided=bool(args.no_unguided),
+                test_models=bool(args.test_models), timeout=args.timeout, ray=args.ray, workers=args.workers,
+                work_dir=args.work_dir, vae_approx=args.vae_approx, cpu=bool(args.cpu))
 
-        out = args.output_dir or Path.cwd() / "agg-output" / time.strftime("%Y%m%d-%H%M%S")
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--output-dir {out}: exists and is not a folder")
-        if (out / "summary.json").exists():
-            raise UsageError(f"--output-dir {out}: already holds a run (summary.json); choose another folder")
+
+def _inputs(args: argparse.Namespace, workflow_name: str, video: bool) -> list[Path]:
+    """The photos (--image, --images-dir) or videos (--video) given, checked against the workflow's kind."""
+    if args.video and (args.image or args.images_dir is not None):
+        raise UsageError("--video: not with --image / --images-dir (one run edits either photos or videos)")
+    if args.video:
+        videos = [p for p in args.video if check_video(p, "--video")]
+        if not video:
+            raise UsageError(f"--video: the workflow {workflow_name} has no Load Video node; leave --workflow "
+                             f"out (--video runs {VIDEO_WORKFLOW}) or give a workflow that loads a video")
+        return videos
+    images = collect_images(args)
+    if images and video:
+        raise UsageError(f"{'--image' if args.image else '--images-dir'}: the workflow {workflow_name} "
+                         "edits a video; give the clip with --video FILE")
+    return images
+
+
+def _servers(args: argparse.Namespace) -> list[str]:
+    """The --server URLs, normalised, with the cluster options checked against them."""
+    servers = []
+    for url in args.server:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".agg-write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UsageError(f"--output-dir {out}: cannot write there ({e})") from None
-        self.out = out.resolve()
-        self.sizes = {p: check_video(p, "--video") if self.video else check_image(p, "--image") for p in self.images}
+            servers.append(normalise_url(url))
+        except ValueError as e:
+            raise UsageError(f"--server {e}") from None
+    if len(set(servers)) != len(servers):
+        raise UsageError("--server: the same URL is given twice")
+    if args.workers is not None:
+        if args.ray is None:
+            raise UsageError("--workers: only with --ray")
+        if servers:
+            raise UsageError("--workers: not with --server (there is one worker per server)")
+        if args.workers < 1:
+            raise UsageError(f"--workers {args.workers}: must be at least 1")
+    if args.work_dir is not None and (args.ray is None or servers):
+        raise UsageError("--work-dir: only with --ray and no --server (for the ComfyUIs the workers start)")
+    if args.ray is not None or len(servers) > 1:
+        try:
+            import importlib.util
+
+            found = importlib.util.find_spec("ray") is not None
+        except ValueError:
+            found = True
+        if not found:
+            raise UsageError(("--ray" if args.ray is not None else "several --server") + ": " + INSTALL_HINT)
+    return servers
+
+
+def _require_texts(args: argparse.Namespace, api: dict, workflow_name: str, video: bool, mask: Path | None) -> None:
+    """With the user's own photos or videos: the texts (and the mask) the workflow's own describe its example."""
+    given = "--video" if video else "--image / --images-dir"
+    thing = "video" if video else "photo"
+    for role, example in (("source", f"a {thing} of a cat"), ("target", "a watercolor painting of a cat")):
+        if getattr(args, role) is None and G.uses_text(api, role):
+            own = G.workflow_text(api, role)
+            raise UsageError(
+                f"--{role} is required with {given}: describe "
+                + (f"what your {thing} shows" if role == "source" else "the result you want")
+                + f", e.g. --{role} \"{example}\" (the workflow's own text, {own!r}, "
+                + ("is an example)" if video else "describes its example picture)"))
+    if G.mask_image_nodes(api) and mask is None:
+        raise UsageError(f"--mask is required with --image / --images-dir for the workflow {workflow_name}: "
+                         "the workflow's own mask marks a region of its example picture")
+
+
+def _model_names(given: dict[str, str | None], local: bool) -> tuple[dict[str, str | None], dict[str, Path]]:
+    """The model options as the ComfyUI lists them, and the files checked for the one started here (`local`)."""
+    names: dict[str, str | None] = {}
+    local_files: dict[str, Path] = {}
+    for key, value in given.items():
+        names[key] = value
+        if value is None:
+            continue
+        if local:
+            local_files[key] = check_model_file(value, f"--{key}", CHECKPOINT_EXT if key != "clip" else {".safetensors"})
+            names[key] = local_files[key].name
+        elif Path(value).expanduser().is_file():
+            names[key] = Path(value).name  # a local copy of a file the server holds: use the name
+    return names, local_files
+
+
+def _check_vae_approx(args: argparse.Namespace, local: bool) -> None:
+    if args.vae_approx is not None:
+        if not local:
+            raise UsageError("--vae-approx: only for the ComfyUI started here; a --server uses its own models/vae_approx")
+        if not args.vae_approx.is_dir():
+            raise UsageError(f"--vae-approx {args.vae_approx}: no such folder")
+    if args.decoder == "taesd" and local and args.vae_approx is None and not args.test_models:
+        comfy_va = default_comfyui(args) / "models" / "vae_approx"
+        if not any(comfy_va.glob("taesd*_decoder.*")):
+            raise UsageError("--decoder taesd needs the TAESD decoder files: pass --vae-approx DIR (a folder "
+                             "with taesd_decoder.safetensors / taesdxl_decoder.safetensors) or put them in "
+                             f"{comfy_va}")
+
+
+def _local_comfyui(args: argparse.Namespace, api: dict, local_files: dict[str, Path]) -> tuple[Path, str]:
+    """The ComfyUI to start here and its Python, with the model files the workflow needs and no option gives."""
+    comfyui = default_comfyui(args)
+    if not (comfyui / "main.py").is_file():
+        raise UsageError(f"--comfyui {comfyui}: no ComfyUI there (main.py missing); run "
+                         "scripts/setup.sh, or pass --comfyui DIR, or use --server URL")
+    python = args.python or sys.executable
+    if shutil.which(python) is None and not Path(python).is_file():
+        raise UsageError(f"--python {python}: not found")
+    for key, (ct, inp, folder) in G.MODEL_INPUTS.items():
+        if key in local_files or not G.nodes_of(api, ct):
+            continue
+        default = api[G.nodes_of(api, ct)[0]]["inputs"].get(inp)
+        if isinstance(default, str) and not (comfyui / "models" / folder / default).exists() \
+                and not (comfyui / "extra_model_paths.yaml").exists():
+            raise UsageError(f"--{key} is required: the workflow needs {default!r} and "
+                             f"{comfyui / 'models' / folder} has no such file")
+    return comfyui, python
+
+
+def _output_dir(given: Path | None) -> Path:
+    """--output-dir (default ./agg-output/DATE-TIME), made and checked writable; it must not hold a run."""
+    out = given or Path.cwd() / "agg-output" / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out}: exists and is not a folder")
+    if (out / "summary.json").exists():
+        raise UsageError(f"--output-dir {out}: already holds a run (summary.json); choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".agg-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--output-dir {out}: cannot write there ({e})") from None
+    return out.resolve()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -470,7 +534,7 @@ def write_models_tree(local_files: dict[str, Path], vae_approx: Path | None, com
 def probe_graphs(plan: Plan) -> tuple[list[dict], dict]:
     """The graphs every image runs (with a stand-in photo), and where each setting came from."""
     probe = G.customise(plan.api, plan.settings, "x.png", None, "agg")
-    return [probe] + ([] if plan.args.no_unguided else [G.without_agg(probe)]), G.argument_sources(plan.settings)
+    return [probe] + ([] if plan.no_unguided else [G.without_agg(probe)]), G.argument_sources(plan.settings)
 
 
 def check_servers(plan: Plan, urls: list[str]) -> list[str]:
@@ -495,8 +559,8 @@ def check_servers(plan: Plan, urls: list[str]) -> list[str]:
 def run_spec(plan: Plan, run_id: str) -> RunSpec:
     graphs, _ = probe_graphs(plan)
     shipped = {path.name: path.read_bytes() for g in graphs for path in G.shipped_images(g).values()}
-    return RunSpec(api=plan.api, settings=plan.settings, run_id=run_id, no_unguided=bool(plan.args.no_unguided),
-                   timeout=plan.args.timeout,
+    return RunSpec(api=plan.api, settings=plan.settings, run_id=run_id, no_unguided=bool(plan.no_unguided),
+                   timeout=plan.timeout,
                    style=None if plan.style is None else (plan.style.name, plan.style.read_bytes()),
                    mask=None if plan.mask is None else (plan.mask.name, plan.mask.read_bytes()), shipped=shipped)
 
@@ -556,7 +620,7 @@ class Collector:
         if outcome.ok:
             meta = settings_meta(self.plan.workflow_name, task.size, self.plan.settings)
             try:
-                files = write_outputs(self.plan.out, outcome, Path(task.path), meta, bool(self.plan.args.test_models))
+                files = write_outputs(self.plan.out, outcome, Path(task.path), meta, self.plan.test_models)
             except Exception as e:  # noqa: BLE001 - this image's files could not be written: it alone fails
                 outcome.ok, outcome.error = False, f"writing its results: {type(e).__name__}: {e}"
         rec.update(status="done" if outcome.ok else "failed", server=outcome.where or None,
@@ -619,23 +683,22 @@ def run_on_ray(plan: Plan, spec: RunSpec, tasks: list[ImageTask], display: Displ
     """The images on Ray workers (agg_cli.cluster). Returns (per-worker stats, exit code)."""
     from . import cluster as C
 
-    args = plan.args
-    n_workers = len(plan.servers) or args.workers or 1
-    started = C.connect(args.ray or None, num_cpus=n_workers)
+    n_workers = len(plan.servers) or plan.workers or 1
+    started = C.connect(plan.ray or None, num_cpus=n_workers)
     ray = C.import_ray()
     workers: list = []
     try:
         if plan.servers:
             wspecs = [C.WorkerSpec(url=u) for u in plan.servers]
         else:
-            n = args.workers or C.default_workers()
+            n = plan.workers or C.default_workers()
             wspecs = [C.WorkerSpec(comfyui=str(plan.comfyui), python=plan.python,
                                    models={k: str(v.absolute()) for k, v in plan.local_files.items()},
-                                   vae_approx=str(args.vae_approx.resolve()) if args.vae_approx else None,
-                                   cpu=True if args.cpu else None,
-                                   work_dir=str(args.work_dir.resolve()) if args.work_dir else None)
+                                   vae_approx=str(plan.vae_approx.resolve()) if plan.vae_approx else None,
+                                   cpu=True if plan.cpu else None,
+                                   work_dir=str(plan.work_dir.resolve()) if plan.work_dir else None)
                       for _ in range(n)]
-        print(f"Ray: {'a local cluster started here' if started else 'connected to ' + repr(args.ray or 'this process')}"
+        print(f"Ray: {'a local cluster started here' if started else 'connected to ' + repr(plan.ray or 'this process')}"
               f" ({ray.cluster_resources().get('CPU', 0):g} CPUs, {C.cluster_gpus()} GPUs); "
               f"{len(wspecs)} worker(s), each with " + ("one --server" if plan.servers else "its own ComfyUI"), flush=True)
         events = C.make_events()
@@ -683,7 +746,6 @@ def run_on_ray(plan: Plan, spec: RunSpec, tasks: list[ImageTask], display: Displ
 
 
 def run(plan: Plan) -> int:
-    args = plan.args
     run_id = time.strftime("%Y%m%d%H%M%S")
     tasks = image_tasks(plan)
     spec = run_spec(plan, run_id)
@@ -711,10 +773,10 @@ def run(plan: Plan) -> int:
         else:
             if plan.local:
                 work = Path(tempfile.mkdtemp(prefix="agg-cli-"))
-                yaml = write_models_tree(plan.local_files, args.vae_approx, plan.comfyui, work)
+                yaml = write_models_tree(plan.local_files, plan.vae_approx, plan.comfyui, work)
                 log_path = plan.out / "comfyui-server.log"
                 server = LocalServer(plan.comfyui, work / "server", log_path, yaml, python=plan.python,
-                                     cpu=True if args.cpu else None)
+                                     cpu=True if plan.cpu else None)
                 print(f"starting ComfyUI from {plan.comfyui} ({'CPU' if server.cpu else 'GPU'}); its log: {log_path}",
                       flush=True)
                 try:
@@ -745,7 +807,7 @@ def run(plan: Plan) -> int:
         summary = {"workflow": plan.workflow_name, "seconds": round(seconds, 2),
                    "mode": "ray" if plan.cluster else "one machine", "images": images,
                    "servers": servers, "workers": workers, "server_log": str(log_path) if log_path else None,
-                   "test_models": bool(args.test_models)}
+                   "test_models": plan.test_models}
         (plan.out / "summary.json").write_text(json.dumps(summary, indent=1))
         done = sum(i["status"] == "done" for i in images)
         print(f"done: {done} of {len(images)} {'videos' if plan.video else 'images'} in {seconds:.1f} s -> {plan.out}")
@@ -763,7 +825,7 @@ def run(plan: Plan) -> int:
         print(f"summary: {plan.out / 'summary.json'}")
         if log_path:
             print(f"server log: {log_path}")
-        if args.test_models:
+        if plan.test_models:
             print("NOTE: these images come from generated test models, not real weights: a toy model's blurry "
                   "pictures, which show what it can follow (colours, coarse layout), not what a real model does.")
         return 0 if done == len(images) else 1
@@ -778,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        plan = Plan(args)
+        plan = plan_from(args)
     except (UsageError, G.GraphError) as e:
         print(f"agg_cli: error: {e}", file=sys.stderr)
         return 2

@@ -20,12 +20,12 @@ from agg_testing.comfy_env import COMFYUI_DIR
 from PIL import Image
 
 from agg_cli import graph as G
-from agg_cli.main import Plan, build_parser, image_tasks
+from agg_cli.main import Plan, build_parser, image_tasks, plan_from
 from agg_cli.main import main as cli_main
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 TESTS = PACK_ROOT / "tests"
-NOWHERE = "http://127.0.0.1:9"  # a --server that Plan records but never contacts
+NOWHERE = "http://127.0.0.1:9"  # a --server that plan_from records but never contacts
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
 
 
 def plan(*argv: str) -> Plan:
-    return Plan(build_parser().parse_args(list(argv)))
+    return plan_from(build_parser().parse_args(list(argv)))
 
 
 # --- argument checks (nothing starts) ------------------------------------------------------------------
