@@ -15,7 +15,14 @@ from comfy_api.v0_0_2 import io
 
 from .settings import AGGError
 from .types import AGGClipType
-from .weights import gradient_capable, gradient_copy
+from .weights import (
+    cast_text_tower,
+    gradient_capable,
+    gradient_copy,
+    load_ordinary,
+    ordinary_tensors,
+    vision_embedding,
+)
 
 FOLDER = "open_clip"
 LISTED_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}  # listed so a wrong format gets a clear error
@@ -111,7 +118,7 @@ class AGGClip:
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         load_device = load_device or mm.get_torch_device()
         offload_device = offload_device or mm.text_encoder_offload_device()
-        with torch.inference_mode(False):
+        with ordinary_tensors():
             self.model.to(offload_device)
             self.text_dtype = text_dtype or text_dtype_for(load_device)
             cast_text_tower(self.model, self.text_dtype)
@@ -126,15 +133,14 @@ class AGGClip:
 
     def load(self) -> AGGClip:
         """On ComfyUI's torch device, through its model management, beside the models in use."""
-        with torch.inference_mode(False):  # weights moved here stay usable by autograd
-            comfy.model_management.load_models_gpu([*models_in_use(), self.patcher])
+        load_ordinary([*models_in_use(), self.patcher])
         gradient_capable(self.model.visual)
         return self
 
     def unload(self) -> AGGClip:
         """Back to the offload device, through ComfyUI's model management (which forgets it as loaded)."""
         mm = comfy.model_management
-        with torch.inference_mode(False):
+        with ordinary_tensors():  # weights moved back stay usable by autograd on the next load
             for i, loaded in enumerate(mm.current_loaded_models):
                 if loaded.model is self.patcher:
                     mm.current_loaded_models.pop(i).model_unload()
@@ -171,7 +177,7 @@ class AGGClip:
             self._text_cache.move_to_end(key)
             return self._text_cache[key].to(self.device)
         self.on_load_device()
-        with torch.inference_mode(False), torch.no_grad():
+        with ordinary_tensors(), torch.no_grad():  # cached embeddings: constants the losses' autograd may save
             tokens = open_clip.tokenize(list(texts), context_length=self.context_length).to(self.device)
             emb = self.model.encode_text(tokens).float()
         self._text_cache[key] = emb.cpu()
@@ -187,19 +193,6 @@ class AGGClip:
 
     def clear_cache(self) -> None:
         self._text_cache.clear()
-
-
-IMAGE_ONLY = ("logit_scale", "logit_bias")  # root tensors of an open_clip CLIP that the text tower does not use
-
-
-def cast_text_tower(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Everything of an open_clip CLIP but `visual` (and the logit scale) to `dtype`."""
-    for name, child in model.named_children():
-        if name != "visual":
-            child.to(dtype)
-    for name, t in (*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)):
-        if name not in IMAGE_ONLY and t.is_floating_point():
-            t.data = t.data.to(dtype)
 
 
 # OpenAI CLIP's input statistics: what the losses' cut-outs are normalised with (agg_kernels.augment).
@@ -234,8 +227,7 @@ class VisionClip:
         if self._net is None:
             patcher = getattr(self.source, "patcher", None)
             if patcher is not None:
-                with torch.inference_mode(False):
-                    comfy.model_management.load_models_gpu([*models_in_use(), patcher])
+                load_ordinary([*models_in_use(), patcher])
             p = next(self.source.model.parameters())
             # ComfyUI's load device, not where the first weight happens to lie: a partial (lowvram) load, or
             # Dynamic VRAM's streaming, leaves weights on the offload device, which the copy must not run on.
@@ -270,25 +262,6 @@ class VisionClip:
         return vision_embedding(net, x).float()
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None) -> torch.Tensor:
-    """Multi-head attention on [B, T, H*d] inputs (the signature ComfyUI's CLIP attention calls)."""
-    b, t, _ = q.shape
-    q, k, v = (a.reshape(b, t, heads, -1).transpose(1, 2) for a in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2).reshape(b, t, -1)
-
-
-def vision_embedding(net: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The projected image embedding of ComfyUI's CLIPVisionModelProjection (CLIP ViTs), computed with
-    out-of-place residuals: ComfyUI's own forward adds in place, which autograd cannot differentiate."""
-    vm = net.vision_model
-    x = vm.pre_layrnorm(vm.embeddings(pixel_values))
-    for layer in vm.encoder.layers:
-        x = x + layer.self_attn(layer.layer_norm1(x), None, attention)
-        x = x + layer.mlp(layer.layer_norm2(x))
-    return net.visual_projection(vm.post_layernorm(x[:, 0, :]))
-
-
 def is_clip_vit(clip_vision) -> bool:
     """ComfyUI's CLIP_VISION holds a CLIP ViT (clip_vision_model: the ViT-L / H / bigG encoders IPAdapter uses)."""
     vm = getattr(getattr(clip_vision, "model", None), "vision_model", None)
@@ -316,7 +289,7 @@ def load_open_clip(path: str, architecture: str = "auto") -> AGGClip:
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     sd = load_file(path)
-    with torch.inference_mode(False):
+    with ordinary_tensors():
         if architecture == "auto":
             cfg = json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else infer_config(sd)
             model = open_clip.model.CLIP(**cfg)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..agg_kernels.frames import fold_frames
 from .settings import AGGError, RunInfo
-from .weights import gradient_copy
+from .weights import checkpoint_blocks, grad_enabled, gradient_copy, ordinary_tensors
 
 DECODERS = ("taesd", "vae", "linear")
 DEFAULT_DECODER = "taesd"
@@ -69,7 +69,7 @@ def to_signed(vae) -> Callable[[torch.Tensor], torch.Tensor]:
     process = getattr(vae, "process_output", None)
     if process is None:
         return lambda x: x
-    with torch.inference_mode(False), torch.no_grad():
+    with ordinary_tensors(), torch.no_grad():
         lo, hi = (float(process(torch.tensor([v]))[0]) for v in (-0.5, 0.5))
     a, b = hi - lo, (hi + lo) / 2  # pixels = a * raw + b
     if abs(a - 0.5) < 1e-6 and abs(b - 0.5) < 1e-6:
@@ -96,34 +96,8 @@ GRAD_DECODE_MEMORY_FACTOR = 3
 
 def decoder_copy(first_stage_model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The gradient copy of a VAE's first_stage_model without its encoder: what `.decode` uses, its blocks
-    recomputed in the backward pass instead of keeping their activations (see checkpoint_blocks)."""
+    recomputed in the backward pass instead of keeping their activations (weights.checkpoint_blocks)."""
     return checkpoint_blocks(gradient_copy(first_stage_model, device, dtype, ENCODER_PARTS))
-
-
-def checkpointed_block_types() -> tuple[type, ...]:
-    from comfy.ldm.modules.diffusionmodules import model as blocks
-
-    return tuple(getattr(blocks, name) for name in ("ResnetBlock", "AttnBlock", "Upsample") if hasattr(blocks, name))
-
-
-def checkpoint_blocks(net: torch.nn.Module) -> torch.nn.Module:
-    """Activation checkpointing of the VAE decoder's resnet, attention and upsampling blocks when a gradient is
-    taken: the backward pass keeps only each block's input and recomputes its inside (one more decoder forward
-    per guided step), instead of every activation at full resolution (1.5 GB for SD1.5's decoder at 256 px)."""
-    from torch.utils.checkpoint import checkpoint
-
-    kinds = checkpointed_block_types()
-    for m in net.modules():
-        if isinstance(m, kinds):
-            forward = m.forward
-
-            def recomputed(*args, _forward=forward, **kwargs):
-                if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-                return _forward(*args, **kwargs)
-
-            m.forward = recomputed
-    return net
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -156,12 +130,12 @@ def latent_out(run: RunInfo) -> Callable[[torch.Tensor], torch.Tensor]:
         if len(shape) == 5:
             shape = (1, shape[1], 1, *shape[3:])
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with grad_enabled():
                 out(torch.zeros(shape, device=run.device, requires_grad=True))
             return out
         except RuntimeError:  # "Inference tensors cannot be saved for backward"
             pass
-        with torch.inference_mode(False), torch.no_grad():
+        with ordinary_tensors(), torch.no_grad():
             zeros = torch.zeros(shape, device=run.device)
             shift = out(zeros.clone()).float().clone()
             scale = out(zeros + 1).float().clone() - shift
@@ -231,7 +205,7 @@ def taesd_decoder(run: RunInfo, node: str) -> Decoder:
         return tiny_vae_decoder(sd, path, run)
 
     def make() -> torch.nn.Module:
-        with torch.inference_mode(False):  # ordinary tensors from the start: no second copy needed
+        with ordinary_tensors():  # ordinary tensors from the start: no second copy needed
             net = TAESD(latent_channels=latent_channels(run.model))
             net.taesd_decoder.load_state_dict(sd)
             net.taesd_encoder = None  # built (randomly initialised) by TAESD, never used for decoding
@@ -276,7 +250,7 @@ def linear_decoder(run: RunInfo, node: str) -> Decoder:
     factors = getattr(fmt, "latent_rgb_factors", None)
     if factors is None:
         raise AGGError(f"{node}: input 'decoder' is 'linear' but this model's latent format has no RGB factors; choose 'vae'.")
-    with torch.inference_mode(False):
+    with ordinary_tensors():
         w = torch.tensor(factors, dtype=torch.float32, device=run.device)  # [C, 3]
         bias = getattr(fmt, "latent_rgb_factors_bias", None)
         b = torch.tensor(bias if bias is not None else [0.0, 0.0, 0.0], dtype=torch.float32, device=run.device)

@@ -11,6 +11,13 @@ arena, its pinned host buffers and the weights last streamed to the GPU (an infe
 which its forward uses in place of the module's own parameters. That state belongs to the model it was made
 for: a copy never duplicates it (a duplicated handle frees ComfyUI's arena when the copy dies) and the
 autograd passes see the streamed weights through ordinary views too.
+
+This module is the nodes' one home of what makes weights and tensors usable by autograd: the constants a
+loss holds (`grad_constant`), model loads and moves that keep weights ordinary (`load_ordinary`,
+`cast_text_tower`), forwards autograd can go back through (`vision_embedding`, `checkpoint_blocks`) and the
+errors that say it cannot (`AUTOGRAD_LIMITS`). Inference mode is left only through agg_kernels.autograd's
+contexts, re-exported here: `ordinary_tensors` (new tensors are ordinary) and `grad_enabled` (that, with
+autograd on).
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ import inspect
 from collections.abc import Callable, Iterator
 
 import torch
+
+from ..agg_kernels.autograd import grad_enabled as grad_enabled
+from ..agg_kernels.autograd import ordinary_tensors as ordinary_tensors
 
 # A module's own torch state; everything else in its __dict__ is an attribute the model's code or ComfyUI set.
 TORCH_SLOTS = frozenset({"_parameters", "_buffers", "_modules", "training"})
@@ -71,7 +81,7 @@ def loading_state(module: torch.nn.Module) -> list[str]:
 
 def gradient_capable(module: torch.nn.Module) -> None:
     """Replace, in place, each inference-tensor weight of `module` by an ordinary view of the same memory."""
-    with torch.inference_mode(False):
+    with ordinary_tensors():
         for m in module.modules():
             for name, t in list(m._parameters.items()):
                 if t is not None and plain(t) and t.is_inference():  # a new Parameter: an inference one cannot take new data
@@ -89,7 +99,7 @@ def gradient_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dt
     straight to `device` and (if floating point) `dtype`. The children named in `leave_out` are None in the
     copy and cost nothing. ComfyUI's loading state (`loading_state`) is neither copied nor kept: the copy's
     layers compute from their own parameters."""
-    with torch.inference_mode(False):
+    with ordinary_tensors():
         memo: dict[int, object] = {}
         for name in leave_out:
             part = module._modules.get(name)
@@ -135,7 +145,7 @@ class GradientWeights:
 
     def __enter__(self) -> GradientWeights:
         swapped = []
-        with torch.inference_mode(False):
+        with ordinary_tensors():
             for m in self.module.modules():
                 for slot, name, t in self._slots(m):
                     view = ordinary(t.detach())
@@ -162,3 +172,84 @@ class GradientWeights:
                 slot[name] = original
         self.swapped = []
         return False
+
+
+# RuntimeError messages of the model paths autograd cannot go back through: inference weights, in-place
+# updates, and fused kernels without a backward (ComfyUI 0.33's comfy_kitchen rope, used by Flux).
+AUTOGRAD_LIMITS = ("Inference tensors cannot be saved for backward", "modified by an inplace operation",
+                   "no autograd formula was registered")
+
+
+def grad_constant(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float32 copy of `t` on `device` usable inside autograd (inference tensors cannot be saved for backward)."""
+    with ordinary_tensors():
+        return t.detach().to(device=device, dtype=torch.float32).clone()
+
+
+def load_ordinary(patchers: list) -> None:
+    """ComfyUI's load_models_gpu outside inference mode: the weights it moves onto the device are ordinary
+    tensors, which the image losses can differentiate through."""
+    import comfy.model_management
+
+    with ordinary_tensors():
+        comfy.model_management.load_models_gpu(patchers)
+
+
+IMAGE_ONLY = ("logit_scale", "logit_bias")  # root tensors of an open_clip CLIP that the text tower does not use
+
+
+def cast_text_tower(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Everything of an open_clip CLIP but `visual` (and the logit scale) to `dtype`, as ordinary tensors."""
+    with ordinary_tensors():
+        for name, child in model.named_children():
+            if name != "visual":
+                child.to(dtype)
+        for name, t in (*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)):
+            if name not in IMAGE_ONLY and t.is_floating_point():
+                t.data = t.data.to(dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None) -> torch.Tensor:
+    """Multi-head attention on [B, T, H*d] inputs (the signature ComfyUI's CLIP attention calls)."""
+    b, t, _ = q.shape
+    q, k, v = (a.reshape(b, t, heads, -1).transpose(1, 2) for a in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def vision_embedding(net: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projected image embedding of ComfyUI's CLIPVisionModelProjection (CLIP ViTs), computed with
+    out-of-place residuals: ComfyUI's own forward adds in place, which autograd cannot differentiate."""
+    vm = net.vision_model
+    x = vm.pre_layrnorm(vm.embeddings(pixel_values))
+    for layer in vm.encoder.layers:
+        x = x + layer.self_attn(layer.layer_norm1(x), None, attention)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return net.visual_projection(vm.post_layernorm(x[:, 0, :]))
+
+
+def checkpointed_block_types() -> tuple[type, ...]:
+    """The VAE decoder blocks `checkpoint_blocks` recomputes (those ComfyUI's diffusionmodules model has)."""
+    from comfy.ldm.modules.diffusionmodules import model as blocks
+
+    return tuple(getattr(blocks, name) for name in ("ResnetBlock", "AttnBlock", "Upsample") if hasattr(blocks, name))
+
+
+def checkpoint_blocks(net: torch.nn.Module) -> torch.nn.Module:
+    """Activation checkpointing of the VAE decoder's resnet, attention and upsampling blocks when a gradient is
+    taken: the backward pass keeps only each block's input and recomputes its inside (one more decoder forward
+    per guided step), instead of every activation at full resolution (1.5 GB for SD1.5's decoder at 256 px)."""
+    from torch.utils.checkpoint import checkpoint
+
+    kinds = checkpointed_block_types()
+    for m in net.modules():
+        if isinstance(m, kinds):
+            forward = m.forward
+
+            def recomputed(*args, _forward=forward, **kwargs):
+                if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                return _forward(*args, **kwargs)
+
+            m.forward = recomputed
+    return net
