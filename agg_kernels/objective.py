@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .autograd import ordinary_tensors
 from .mask import at_region
 
 
@@ -53,16 +54,14 @@ def as_weight(v: float | torch.Tensor) -> Weight:
 
 def as_region(region: torch.Tensor) -> torch.Tensor:
     """A region as float in [0, 1] with its channel axis: [h, w], [B, h, w] or [B, 1, h, w] as [B, 1, h, w]; a
-    video latent's [B or 1, 1, T or 1, h, w] as it is."""
-    r = region.detach().float().clamp(0, 1)
-    if r.ndim == 2:
-        r = r[None]
-    if r.ndim == 3:
-        r = r[:, None]
-    if r.ndim not in (4, 5) or r.shape[1] != 1:
+    video latent's [B or 1, 1, T or 1, h, w] as it is. An ordinary tensor even inside ComfyUI's inference mode
+    (a term made during a step, e.g. with this step's adaptive weight, keeps a region autograd may save)."""
+    if region.ndim not in (2, 3, 4, 5) or (region.ndim >= 4 and region.shape[1] != 1):
         raise ValueError(f"a region must be [h, w], [B, h, w], [B, 1, h, w] or [B, 1, T, h, w]; got shape "
                          f"{tuple(region.shape)}")
-    return r
+    with ordinary_tensors():
+        r = region.detach().float().clamp(0, 1)
+        return r[None, None] if r.ndim == 2 else r[:, None] if r.ndim == 3 else r
 
 
 @dataclass(frozen=True)

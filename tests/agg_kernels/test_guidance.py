@@ -269,3 +269,21 @@ def test_the_adaptive_multiplier_follows_each_samples_previous_value_through_gui
     assert all(torch.equal(r.multipliers["clip_direction"], torch.tensor(want[4])) for r in again)
     assert torch.equal(guided_delta(loss, x, d, ctx, None, dds_steps=0).multipliers["clip_direction"], torch.ones(3))
     assert loss[0].weight == 0.05  # the term itself never changes
+
+
+def test_a_masked_adaptive_term_steps_under_inference_mode():
+    # ComfyUI runs the whole prompt under inference_mode: the loss is built there (its region an inference
+    # tensor) and each step sets the adaptive weight there; the region must still enter autograd.
+    mix, x, s, d, _ = setup("eps")
+    values = [[-0.2, -0.9, 0.0]] * 2
+    with torch.inference_mode():
+        region = torch.zeros(SHAPE[0], 1, *SHAPE[2:])
+        region[..., :2] = 1
+        loss = (replace(adaptive_pull(mix.means[1], values)[0], region=region),)
+        previous = None
+        for step in range(2):
+            ctx = LossContext(sigma=s.clone(), x=x.clone(), family="eps", step=step)
+            previous = guided_delta(loss, x.clone(), d.clone(), ctx, None, dds_steps=1, previous=previous)
+            assert previous.delta is not None and torch.isfinite(previous.delta).all()
+    assert torch.equal(previous.multipliers["clip_direction"], torch.tensor([2.0, 0.5, 2.0]))
+    assert float(previous.delta[..., 2:].abs().max()) == 0.0  # nothing moves outside the region
