@@ -194,23 +194,29 @@ def asymmetric_closed_form(
 def ancestral_sigmas(sigma: float, sigma_next: float, eta: float, family: str) -> tuple[float, float]:
     """(sigma_down, noise scale) of an ancestral step, derived here rather than taken from the pack.
 
-    eps / v: DDIM at eta (Song et al., eq. 16) in variance-preserving coordinates, abar = 1 / (1 + sigma^2), adds
-    noise of std s_vp = eta sqrt((1 - abar_n) / (1 - abar)) sqrt(1 - abar / abar_n); divided by sqrt(abar_n) that
-    is the noise scale in k-diffusion coordinates, and the deterministic part lands where the remaining variance
-    sigma_next^2 - scale^2 puts it.
-    const (ComfyUI's `_RF` samplers): the step goes to sigma_down = sigma_next (1 + (sigma_next / sigma - 1) eta)
-    and rescales by alpha(sigma_next) / alpha(sigma_down), leaving noise of std sigma_down alpha_n / alpha_down;
-    fresh noise tops it up to sigma_next."""
+    Both families split the step the same way: a deterministic (DDIM) step to sigma_down, a rescale of the signal
+    to alpha(sigma_next), and fresh noise of std sigma_up. The state at sigma_down holds noise of std sigma_down;
+    rescaled it holds alpha_n * r_down, with r = sigma / alpha the noise-to-signal ratio, so the marginal at
+    sigma_next is right exactly when sigma_up^2 = alpha_n^2 (r_next^2 - r_down^2). What differs is which of the
+    two a sampler chooses:
+
+    eps / v (alpha = 1, r = sigma): DDIM at eta (Song et al., eq. 16) in variance-preserving coordinates,
+    abar = 1 / (1 + sigma^2), adds noise of std s_vp = eta sqrt((1 - abar_n) / (1 - abar)) sqrt(1 - abar / abar_n);
+    divided by sqrt(abar_n) that is sigma_up in k-diffusion coordinates, capped at sigma_next (eta > 1), and
+    sigma_down follows from the condition.
+    const (ComfyUI's `_RF` samplers, alpha = 1 - sigma): sigma_down moves from sigma_next (eta 0) toward
+    sigma_next^2 / sigma (eta 1) in proportion to eta, and sigma_up follows from the condition."""
     if not eta or sigma_next == 0:
         return sigma_next, 0.0
     if family == "const":
-        down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
-        kept = down * (1 - sigma_next) / (1 - down)
-        return down, math.sqrt(max(sigma_next**2 - kept**2, 0.0))
+        down = (1 - eta) * sigma_next + eta * sigma_next**2 / sigma
+        alpha_n = 1 - sigma_next
+        r_next, r_down = sigma_next / alpha_n, down / (1 - down)
+        return down, alpha_n * math.sqrt(max(r_next**2 - r_down**2, 0.0))
     abar, abar_n = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
     s_vp = eta * math.sqrt((1 - abar_n) / (1 - abar)) * math.sqrt(1 - abar / abar_n)
-    up = s_vp / math.sqrt(abar_n)
-    return math.sqrt(max(sigma_next**2 - up**2, 0.0)), up
+    up = min(s_vp / math.sqrt(abar_n), sigma_next)
+    return math.sqrt(sigma_next**2 - up**2), up
 
 
 def ancestral_expected(
