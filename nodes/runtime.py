@@ -60,6 +60,7 @@ class Run:
     sampler: SamplerSpec  # what the guided step knows of the run's sampler (its zones resolved for the AGG sampler)
     guide: Callable[..., torch.Tensor]  # (executor, x, timestep, model_options, seed, denoised) -> returned
     capture: Callable[[torch.Tensor], None]  # the guider's conditional prediction at this call's x
+    shown: Callable[[], torch.Tensor | None]  # D + delta of the last guided evaluation, until a preview shows it
     preview: Callable[[Callable | None], Callable | None]  # a sampler callback showing D + delta
     close: Callable[[], None]
 
@@ -118,19 +119,27 @@ def open_run(node_name: str, node_id: str | None, settings: AGGSettings, loss: A
     def capture(cond_denoised: torch.Tensor) -> None:
         state["captured"] = cond_denoised
 
+    def shown() -> torch.Tensor | None:
+        return None if state["pending"] is None else state["pending"][1]
+
+    def displayed(x0: torch.Tensor) -> torch.Tensor:
+        """What previews show for a value the sampler got: D + delta in place of the last guided step's
+        compensated value."""
+        if state["pending"] is None:
+            return x0
+        returned, shown = state["pending"]
+        if x0 is returned:
+            return shown
+        return x0 - (returned - shown) if x0.shape == returned.shape else x0
+
     def preview(callback: Callable | None) -> Callable | None:
         """Previews and denoised_output show D + delta, not the compensated value the sampler steps with."""
         if callback is None:
             return None
 
         def agg_callback(step, x0, x, total_steps):
-            if state["pending"] is not None:
-                returned, shown = state["pending"]
-                if x0 is returned:
-                    x0 = shown
-                elif x0.shape == returned.shape:
-                    x0 = x0 - (returned - shown)
-                state["pending"] = None
+            x0 = displayed(x0)
+            state["pending"] = None
             return callback(step, x0, x, total_steps)
 
         return agg_callback
@@ -211,7 +220,7 @@ def open_run(node_name: str, node_id: str | None, settings: AGGSettings, loss: A
         state.clear()
         info.close()
 
-    return Run(node_name, family, sigmas, window, spec, guide, capture, preview, close)
+    return Run(node_name, family, sigmas, window, spec, guide, capture, shown, preview, close)
 
 
 def install(model: Any, loss: Any, settings: AGGSettings, node_name: str, node_id: str | None = None) -> Any:

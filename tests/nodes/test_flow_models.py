@@ -37,7 +37,7 @@ class AGGTestStepRecorder:
     """MODEL -> MODEL clone with a PREDICT_NOISE wrapper recording every call into RECORDS[tag].
 
     Placed before Apply AGG (position "outer") it sees each sampler step: the state x, sigma, the value the
-    sampler steps with, and the run's pending (returned, shown) pair, i.e. D + delta. Placed after it ("inner")
+    sampler steps with, and what the run's previews will show for it, i.e. D + delta. Placed after it ("inner")
     it sees every model evaluation AGG makes, the first at x being the step's own denoised value D."""
 
     @classmethod
@@ -60,9 +60,9 @@ class AGGTestStepRecorder:
             entry = {"x": x.detach().float().clone(), "sigma": float(timestep.flatten()[0]),
                      "out": out.detach().float().clone()}
             if position == "outer":
-                runs = model_options.get("transformer_options", {}).get(runs_key, {})
-                pending = [r.pending for r in runs.values() if r.pending is not None]
-                entry["shown"] = pending[0][1].detach().float().clone() if pending else None
+                runs = model_options.get("transformer_options", {}).get(runs_key, {}).values()
+                shown = [r.shown() for r in runs if r.shown() is not None]
+                entry["shown"] = shown[0].detach().float().clone() if shown else None
             records.append(entry)
             return out
 
@@ -491,8 +491,8 @@ def check_realised(r, g: Graph, sampler: str, *, seed: int, steps: int) -> tuple
     assert len(taken) == steps
     if sampler == "agg":
         sigmas = r.output(g["sigmas"].id).flatten().float()
-        eta_at = probes.pack_module("agg_kernels.sampler").sampler_eta_at
-        etas = [eta_at(sigmas, st["sigma"], **AGG_ZONES) for st in taken]
+        eta_at, zones = probes.pack_module("agg_kernels.sampler").sampler_eta_at, probes.pack_module("agg_kernels.schedule").Zones
+        etas = [eta_at(sigmas, st["sigma"], zones(**AGG_ZONES)) for st in taken]
         assert {0.0, 1.0} <= set(etas), etas  # the edit and boost zones are both exercised
     else:
         etas = [1.0 if sampler == "euler_ancestral" else 0.0] * steps
