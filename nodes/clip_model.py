@@ -124,9 +124,6 @@ class AGGClip:
             cast_text_tower(self.model, self.text_dtype)
         self.patcher = WholeModelPatcher(self.model, load_device=load_device, offload_device=offload_device)
 
-    def __deepcopy__(self, memo):
-        return self  # shared, read-only weights
-
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -219,9 +216,6 @@ class VisionClip:
         self.mean = tuple(getattr(clip_vision, "image_mean", OPENAI_MEAN))
         self.std = tuple(getattr(clip_vision, "image_std", OPENAI_STD))
         self._net: torch.nn.Module | None = None
-
-    def __deepcopy__(self, memo):
-        return self  # shared, read-only weights
 
     def _network(self) -> torch.nn.Module:
         if self._net is None:
