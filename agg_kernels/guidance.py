@@ -158,7 +158,6 @@ def covariance_step(covariance: Covariance, pull: torch.Tensor, ctx: LossContext
 
 def guided_delta(
     loss: Loss,
-    x: torch.Tensor,
     denoised: torch.Tensor,
     ctx: LossContext,
     covariance: Covariance | None = None,

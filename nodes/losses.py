@@ -60,9 +60,6 @@ class AGGLoss:
 
     specs: tuple[LossSpec, ...] = ()
 
-    def __deepcopy__(self, memo):
-        return self  # immutable; ModelPatcher.clone() deep-copies model_options
-
     def plus(self, spec: LossSpec) -> AGGLoss:
         return AGGLoss((*self.specs, spec))
 

@@ -174,7 +174,7 @@ def open_run(node_name: str, node_id: str | None, settings: AGGSettings, loss: A
 
         def delta():
             cov = covariance(state["manifold"], executor, x, timestep, model_options, seed, captured)
-            return guided_delta(built, x, denoised, ctx, cov, settings.dds_steps, settings.dds_lr,
+            return guided_delta(built, denoised, ctx, cov, settings.dds_steps, settings.dds_lr,
                                 trust=settings.trust_region, rate=rate, previous=state["previous"])
 
         try:

@@ -23,7 +23,7 @@ autograd on).
 from __future__ import annotations
 
 import copy
-import inspect
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -35,7 +35,7 @@ from ..agg_kernels.autograd import ordinary_tensors as ordinary_tensors
 TORCH_SLOTS = frozenset({"_parameters", "_buffers", "_modules", "training"})
 
 
-def plain(t: object) -> bool:
+def is_plain_tensor(t: object) -> bool:
     """A plain tensor (or Parameter) whose memory a view may share; tensor subclasses (ComfyUI's quantized
     weights) are left as they are."""
     return type(t) in (torch.Tensor, torch.nn.Parameter)
@@ -47,12 +47,17 @@ def ordinary(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
+# Functions and methods a layer may hold (hooks, bound forwards): never walked into.
+ROUTINES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.MethodWrapperType,
+            types.MethodDescriptorType, types.WrapperDescriptorType)
+
+
 def _holds(value: object, kind: Callable[[object], bool], depth: int = 0) -> bool:
     """`kind(value)` for `value` or anything inside the tuples, lists, sets and dicts ComfyUI keeps it in, or in
     the attributes of the plain objects it hangs on a layer (a LoRA patch of a streamed layer keeps the pin state)."""
     if kind(value):
         return True
-    if depth >= 4 or isinstance(value, (torch.Tensor, torch.nn.Module, type)) or inspect.isroutine(value):
+    if depth >= 4 or isinstance(value, (torch.Tensor, torch.nn.Module, type)) or isinstance(value, ROUTINES):
         return False
     if isinstance(value, dict):
         return any(_holds(v, kind, depth + 1) for v in value.values())
@@ -84,10 +89,10 @@ def gradient_capable(module: torch.nn.Module) -> None:
     with ordinary_tensors():
         for m in module.modules():
             for name, t in list(m._parameters.items()):
-                if t is not None and plain(t) and t.is_inference():  # a new Parameter: an inference one cannot take new data
+                if t is not None and is_plain_tensor(t) and t.is_inference():  # a new Parameter: an inference one cannot take new data
                     m._parameters[name] = torch.nn.Parameter(ordinary(t.detach()), requires_grad=False)
             for name, t in list(m._buffers.items()):
-                if t is not None and plain(t) and t.is_inference():
+                if t is not None and is_plain_tensor(t) and t.is_inference():
                     m._buffers[name] = ordinary(t.detach())
 
 
@@ -111,7 +116,7 @@ def gradient_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dt
             if id(t) in left_out or id(t) in memo:
                 continue
             want = dtype if t.is_floating_point() else t.dtype
-            if plain(t) and t.device == torch.device(device) and t.dtype == want:
+            if is_plain_tensor(t) and t.device == torch.device(device) and t.dtype == want:
                 data = ordinary(t.detach())
             else:
                 data = t.detach().to(device=device, dtype=want, copy=True)
@@ -160,10 +165,10 @@ class GradientWeights:
     def _slots(m: torch.nn.Module) -> Iterator[tuple[dict, str, torch.Tensor]]:
         for slot in (m._parameters, m._buffers):
             for name, t in slot.items():
-                if t is not None and plain(t):
+                if t is not None and is_plain_tensor(t):
                     yield slot, name, t
         for name, t in vars(m).items():
-            if name not in TORCH_SLOTS and plain(t) and t.is_inference():
+            if name not in TORCH_SLOTS and is_plain_tensor(t) and t.is_inference():
                 yield vars(m), name, t
 
     def __exit__(self, *exc: object) -> bool:

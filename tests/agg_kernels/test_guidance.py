@@ -41,7 +41,7 @@ def pull(goal, weight=0.05, scale=1.0):
 def test_finite_case_gives_finite_delta_that_lowers_the_loss(family, manifold):
     mix, x, s, d, ctx = setup(family)
     loss = pull(mix.means[1], 0.05)
-    res = guided_delta(loss, x, d, ctx, covariance_operator(manifold, x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, family), base=d), dds_steps=2, dds_lr=0.5)
+    res = guided_delta(loss, d, ctx, covariance_operator(manifold, x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, family), base=d), dds_steps=2, dds_lr=0.5)
     assert res.skipped is None and res.delta is not None and res.fallback is None
     assert torch.isfinite(res.delta).all() and res.delta.shape == d.shape
     before, after = evaluate(loss, d, ctx)["pull"], evaluate(loss, d + res.delta, ctx)["pull"]
@@ -56,7 +56,7 @@ def test_delta_is_the_covariance_step_when_no_refinement(family):
     mix, x, s, d, ctx = setup(family)
     goal = torch.zeros(SHAPE[1:])
     w = 0.2
-    res = guided_delta(pull(goal, w), x, d, ctx, covariance_operator("autograd", x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, family), base=d), dds_steps=0, trust=100)
+    res = guided_delta(pull(goal, w), d, ctx, covariance_operator("autograd", x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, family), base=d), dds_steps=0, trust=100)
     p = w * unit(d - goal)
     with torch.enable_grad():
         xg = x.clone().requires_grad_(True)
@@ -75,7 +75,7 @@ def test_invariant_to_the_raw_size_of_the_loss(manifold, family):
     ref = None
     for c in (1e-4, 1e-2, 1.0, 1e2, 1e4):
         loss = chained(pull(mix.means[1], 0.2, c), structure)
-        res = guided_delta(loss, x, d, ctx, covariance_operator(manifold, x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, family), base=d))
+        res = guided_delta(loss, d, ctx, covariance_operator(manifold, x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, family), base=d))
         if ref is None:
             ref = res.delta
         rel = float((rms(res.delta - ref) / rms(ref)).max())
@@ -90,7 +90,7 @@ def test_weight_zero_is_exactly_no_guidance_and_no_model_call():
         calls.append(1)
         return mix.denoise(z, s, "eps")
 
-    res = guided_delta(pull(mix.means[1], 0.0), x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, denoise, base=d), dds_steps=3)
+    res = guided_delta(pull(mix.means[1], 0.0), d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, denoise, base=d), dds_steps=3)
     assert torch.equal(res.delta, torch.zeros_like(d)) and not calls
 
 
@@ -98,7 +98,7 @@ def test_a_larger_weight_moves_further_until_the_trust_region():
     mix, x, s, d, ctx = setup("eps", 4.0)
     sizes = []
     for w in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 30.0):
-        res = guided_delta(pull(mix.means[1], w), x, d, ctx, None, dds_steps=0)
+        res = guided_delta(pull(mix.means[1], w), d, ctx, None, dds_steps=0)
         sizes.append((res.delta_rms, res.trust_region))
     radius = float(trust_radius(s, "eps")[0])
     assert all(b[0] >= a[0] - 1e-6 for a, b in zip(sizes, sizes[1:], strict=False)), sizes
@@ -117,7 +117,7 @@ def test_past_the_cap_a_larger_weight_gives_the_step_the_cap_gives(manifold):
     steps = {}
     for m in (1, 3, 10, 100):
         loss = chained(pull(goals[0], 2.0 * m), (Term("far", lambda x0, c: (x0 - goals[1]).abs().flatten(1).mean(1), 0.8 * m),))
-        res = guided_delta(loss, x, d, ctx, covariance_operator(manifold, x, ctx.sigma, ctx.family, denoise, base=d), dds_steps=2)
+        res = guided_delta(loss, d, ctx, covariance_operator(manifold, x, ctx.sigma, ctx.family, denoise, base=d), dds_steps=2)
         assert res.trust_region
         steps[m] = res.delta
     # every sample at the cap already at x1
@@ -130,11 +130,11 @@ def test_rate_scales_every_weight_and_the_trust_radius():
     """A step of `rate` reference steps pulls as a step of rate x the weights, and may move rate x as far."""
     mix, x, s, d, ctx = setup("eps", 2.0)
     for w, rate in ((0.02, 3.0), (0.1, 0.25)):
-        scaled = guided_delta(pull(mix.means[1], w), x, d, ctx, None, rate=rate)
-        plain = guided_delta(pull(mix.means[1], w * rate), x, d, ctx, None, trust=DEFAULT_TRUST * rate)
+        scaled = guided_delta(pull(mix.means[1], w), d, ctx, None, rate=rate)
+        plain = guided_delta(pull(mix.means[1], w * rate), d, ctx, None, trust=DEFAULT_TRUST * rate)
         assert not scaled.trust_region
         assert torch.allclose(scaled.delta, plain.delta, atol=1e-6)
-    capped = guided_delta(pull(mix.means[1], 30.0), x, d, ctx, None, rate=0.25)
+    capped = guided_delta(pull(mix.means[1], 30.0), d, ctx, None, rate=0.25)
     assert torch.allclose(rms(capped.delta), trust_radius(s, "eps", DEFAULT_TRUST * 0.25), rtol=1e-4)
 
 
@@ -142,9 +142,9 @@ def test_non_descent_jacobian_falls_back_and_says_so():
     # A denoiser whose Jacobian is -I points the covariance step uphill: the prior covariance is used instead.
     mix, x, s, d, ctx = setup("eps")
     loss = pull(mix.means[1], 0.1)
-    res = guided_delta(loss, x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: -z, base=d), dds_steps=0)
+    res = guided_delta(loss, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: -z, base=d), dds_steps=0)
     assert res.fallback and "descent" in res.fallback
-    none = guided_delta(loss, x, d, ctx, None, dds_steps=0)
+    none = guided_delta(loss, d, ctx, None, dds_steps=0)
     assert torch.allclose(res.delta, none.delta)
     assert (evaluate(loss, d + res.delta, ctx)["pull"] < evaluate(loss, d, ctx)["pull"]).all()
 
@@ -152,20 +152,20 @@ def test_non_descent_jacobian_falls_back_and_says_so():
 def test_nan_loss_skips_with_a_reason():
     mix, x, s, d, ctx = setup("eps")
     bad = (Term("bad", lambda x0, ctx: (x0 * float("nan")).flatten(1).mean(1), 1.0),)
-    res = guided_delta(bad, x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, "eps"), base=d))
+    res = guided_delta(bad, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: mix.denoise(z, s, "eps"), base=d))
     assert res.delta is None and res.skipped and "non-finite" in res.skipped
 
 
 def test_nan_denoiser_falls_back_to_the_prior_step():
     mix, x, s, d, ctx = setup("eps")
-    res = guided_delta(pull(mix.means[1]), x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: torch.full_like(z, float("nan")), base=d))
+    res = guided_delta(pull(mix.means[1]), d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: torch.full_like(z, float("nan")), base=d))
     assert res.delta is not None and torch.isfinite(res.delta).all() and res.fallback
 
 
 def test_inf_gradient_skips():
     mix, x, s, d, ctx = setup("const")
     explode = (Term("e", lambda x0, ctx: torch.exp(1e4 * x0).flatten(1).mean(1), 1.0),)
-    res = guided_delta(explode, x, d, ctx, None)
+    res = guided_delta(explode, d, ctx, None)
     assert res.delta is None and res.skipped
 
 
@@ -177,13 +177,13 @@ def test_context_tensors_made_under_inference_mode_can_enter_autograd(family):
     loss = (Term("mix", lambda x0, ctx: ((ctx.sigma[:, None, None, None] * x0 + ctx.x) ** 2).flatten(1).mean(1), 0.1),)
     with torch.inference_mode():
         xi, si, di = x.clone(), s.clone(), d.clone()
-        res = guided_delta(loss, xi, di, LossContext(sigma=si, x=xi, family=family), None)
+        res = guided_delta(loss, di, LossContext(sigma=si, x=xi, family=family), None)
     assert res.delta is not None and torch.isfinite(res.delta).all()
 
 
 def test_dtype_is_kept():
     mix, x, s, d, ctx = setup("eps")
-    res = guided_delta(pull(mix.means[1], 0.05), x, d.half(), ctx, None, dds_steps=1)
+    res = guided_delta(pull(mix.means[1], 0.05), d.half(), ctx, None, dds_steps=1)
     assert res.delta.dtype == torch.float16 and torch.isfinite(res.delta).all()
 
 
@@ -191,7 +191,7 @@ def test_report_is_plain_json():
     import json
 
     mix, x, s, d, ctx = setup("eps")
-    res = guided_delta(pull(mix.means[1], 0.05), x, d, ctx, None)
+    res = guided_delta(pull(mix.means[1], 0.05), d, ctx, None)
     rep = json.loads(json.dumps(res.report()))
     assert set(rep) >= {"terms", "grad_rms", "step_rms", "delta_rms", "trust_region", "fallback", "skipped"}
 
@@ -203,7 +203,7 @@ def test_structure_alone_never_moves_an_element_away_from_or_past_its_reference(
     ref = mix.means[0]
     structure = (Term("structure", lambda x0, ctx: (x0 - ref).abs().flatten(1).mean(1), 1.0,
                       lambda x0, ctx: ref.expand_as(x0)),)
-    res = guided_delta(structure, x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: 3 * z, base=d), dds_steps=1, trust=100)
+    res = guided_delta(structure, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, lambda z: 3 * z, base=d), dds_steps=1, trust=100)
     gap = ref - d
     moved = res.delta
     assert (moved * gap >= -1e-6).all()  # never away
@@ -223,7 +223,7 @@ def test_chaining_names_each_term_once():
     # a name that already carries a suffix keeps its own, and the repeat of it gets one more
     again = chained(loss[:2], (loss[1],), pull(mix.means[0]))
     assert [t.name for t in again] == ["pull", "pull_2", "pull_2_2", "pull_3"]
-    res = guided_delta(loss, x, d, ctx, None)
+    res = guided_delta(loss, d, ctx, None)
     assert list(res.terms) == names and list(res.values) == names and list(res.step_rms) == names
     assert all(v.shape == (SHAPE[0],) for v in res.values.values())
     assert all(a is b for a, b in zip(chained(loss), loss, strict=True))  # already unique: the same terms
@@ -253,21 +253,21 @@ def test_the_adaptive_multiplier_follows_each_samples_previous_value_through_gui
     fixed = (replace(loss[0], adaptive=None),)
     for step in range(4):
         ctx = LossContext(sigma=s, x=x, family="eps", step=step)
-        res = guided_delta(loss, x, d, ctx, None, dds_steps=0, previous=previous)
+        res = guided_delta(loss, d, ctx, None, dds_steps=0, previous=previous)
         # a non-finite value skips the step, and its report still carries what the next step needs
         assert (res.delta is None) == any(v != v for v in values[step])
         assert torch.equal(res.multipliers["clip_direction"], torch.tensor(want[step])), (step, res.multipliers)
         assert torch.allclose(res.values["clip_direction"], torch.tensor(values[step]), equal_nan=True)
         if res.delta is not None:  # the pull is the base weight times the sample's multiplier
-            plain = guided_delta(fixed, x, d, ctx, None, dds_steps=0)
+            plain = guided_delta(fixed, d, ctx, None, dds_steps=0)
             for i, m in enumerate(want[step]):
                 assert float(rms(res.delta[i : i + 1])) == pytest.approx(m * float(rms(plain.delta[i : i + 1])), rel=1e-5)
         previous = res
     # the same `previous` again (a retry of the step) gives the same multipliers; none at all starts afresh
     ctx = LossContext(sigma=s, x=x, family="eps", step=4)
-    again = [guided_delta(loss, x, d, ctx, None, dds_steps=0, previous=previous) for _ in range(2)]
+    again = [guided_delta(loss, d, ctx, None, dds_steps=0, previous=previous) for _ in range(2)]
     assert all(torch.equal(r.multipliers["clip_direction"], torch.tensor(want[4])) for r in again)
-    assert torch.equal(guided_delta(loss, x, d, ctx, None, dds_steps=0).multipliers["clip_direction"], torch.ones(3))
+    assert torch.equal(guided_delta(loss, d, ctx, None, dds_steps=0).multipliers["clip_direction"], torch.ones(3))
     assert loss[0].weight == 0.05  # the term itself never changes
 
 
@@ -283,7 +283,7 @@ def test_a_masked_adaptive_term_steps_under_inference_mode():
         previous = None
         for step in range(2):
             ctx = LossContext(sigma=s.clone(), x=x.clone(), family="eps", step=step)
-            previous = guided_delta(loss, x.clone(), d.clone(), ctx, None, dds_steps=1, previous=previous)
+            previous = guided_delta(loss, d.clone(), ctx, None, dds_steps=1, previous=previous)
             assert previous.delta is not None and torch.isfinite(previous.delta).all()
     assert torch.equal(previous.multipliers["clip_direction"], torch.tensor([2.0, 0.5, 2.0]))
     assert float(previous.delta[..., 2:].abs().max()) == 0.0  # nothing moves outside the region

@@ -378,7 +378,7 @@ def adaptive_steps(loss, x0: torch.Tensor, steps: int) -> list:
 
     results, previous = [], None
     for step in range(steps):
-        previous = guided_delta(loss, x0, x0, ctx_for(x0, step=step), None, dds_steps=0, previous=previous)
+        previous = guided_delta(loss, x0, ctx_for(x0, step=step), None, dds_steps=0, previous=previous)
         results.append(previous)
     return results
 
@@ -413,7 +413,7 @@ def test_clip_direction_adaptive_weight_follows_previous_step():
 def guided_delta_once(loss, x0: torch.Tensor):
     from agg_kernels.guidance import guided_delta
 
-    return guided_delta(loss, x0, x0, ctx_for(x0, step=5), None, dds_steps=0)
+    return guided_delta(loss, x0, ctx_for(x0, step=5), None, dds_steps=0)
 
 
 def test_clip_direction_adaptive_weight_is_per_sample():
@@ -522,7 +522,7 @@ def test_losses_work_inside_guided_delta_when_built_under_inference_mode():
         )
         x = x0 + torch.randn_like(x0)
         ctx = LossContext(sigma=torch.full((2,), 1.0), x=x, family="eps", step=0)
-        result = guided_delta(loss, x, x0, ctx, None, dds_steps=2)
+        result = guided_delta(loss, x0, ctx, None, dds_steps=2)
     assert result.skipped is None, result.skipped
     assert result.delta is not None and bool(torch.isfinite(result.delta).all())
     assert float(result.delta.abs().sum()) > 0

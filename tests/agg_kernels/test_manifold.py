@@ -317,9 +317,9 @@ def test_guided_step_falls_back_to_the_prior_where_the_probe_is_rounding_noise()
         model = rounded(mix, sigma, "eps", dtype)
         d = model(x)
         ctx = LossContext(sigma=s, x=x, family="eps")
-        res = guided_delta(loss, x, d, ctx, covariance_operator("finite_difference", x, s, "eps", model, base=d, dtype=dtype),
+        res = guided_delta(loss, d, ctx, covariance_operator("finite_difference", x, s, "eps", model, base=d, dtype=dtype),
                            dds_steps=0)
-        prior = guided_delta(loss, x, d, ctx, None, dds_steps=0)
+        prior = guided_delta(loss, d, ctx, None, dds_steps=0)
         if falls_back:
             # per sample: the flagged ones take the prior's step, the others keep their own; the report counts them
             assert res.fallback and FD_NOISE_REASON in res.fallback and "prior covariance" in res.fallback

@@ -52,7 +52,7 @@ def test_a_sparse_gradient_moves_no_element_past_the_bound(weight):
     # No floor, so only the bounds act: the pull is weight * 128 on one element (RMS = weight). The RMS trust
     # region alone lets that element move 0.5 * 0.998 * 128 = 63.9 at w 1, and 12.7 at w 0.1.
     x0 = at_limit(0.001)
-    res = guided_delta(one_element_over(0.001, weight, None), x0, x0, ctx(1), None, dds_steps=1)
+    res = guided_delta(one_element_over(0.001, weight, None), x0, ctx(1), None, dds_steps=1)
     bound = ELEMENT_BOUND * float(posterior_variance(SIGMA, "eps")) ** 0.5
     moved = float(res.delta.abs().max())
     # measured: 1.9953 (= the bound, 2 x 0.99766) at both weights; without the bound 12.74 at w 0.1, 63.85 at w 1
@@ -68,7 +68,7 @@ def test_a_term_near_its_floor_asks_only_for_what_reaches_it(weight):
     # reaches 0 after a pull of (value - floor) / gradient = 0.0005 on that element (half the overshoot: the loss
     # is quadratic), whatever the weight; refinement adds half of the remaining one.
     x0 = at_limit(0.001)
-    res = guided_delta(one_element_over(0.001, weight, 0.0), x0, x0, ctx(1), None, dds_steps=1)
+    res = guided_delta(one_element_over(0.001, weight, 0.0), x0, ctx(1), None, dds_steps=1)
     moved = float(res.delta.abs().max())
     # measured: 0.000623 at w 0.1 and at w 1 (1.9953, the bound, without the floor): never past the limit
     assert moved <= 0.001, moved
@@ -83,7 +83,7 @@ def test_the_range_loss_declares_its_floor_and_fades_near_it():
     assert [(t.name, t.floor) for t in loss] == [("range", 0.0)]
     pixels = decode(x0)
     assert float(pixels.abs().max()) < 1  # inside the range: no gradient, no pull, and nothing reported idle
-    res = guided_delta(loss, x0, x0, ctx(1, 2.0), None)
+    res = guided_delta(loss, x0, ctx(1, 2.0), None)
     assert float(res.delta.abs().max()) == 0.0 and not res.idle
 
 
@@ -154,10 +154,10 @@ def test_a_batch_of_two_with_different_masks_and_sources_gives_each_image_what_i
     batch, alone_runs = None, [None, None]
     for step, sigma in enumerate((2.0, 1.5, 1.0)):
         d = data.denoise(x, torch.full((2,), sigma), "eps")
-        batch = guided_delta(batch_loss, x, d, small_ctx(x, sigma, step), covariance_operator(manifold, x, torch.full((2,), sigma), "eps", lambda z, s=sigma: data.denoise(z, torch.full((z.shape[0],), s), "eps"), base=d), rate=rate, previous=batch)
+        batch = guided_delta(batch_loss, d, small_ctx(x, sigma, step), covariance_operator(manifold, x, torch.full((2,), sigma), "eps", lambda z, s=sigma: data.denoise(z, torch.full((z.shape[0],), s), "eps"), base=d), rate=rate, previous=batch)
         for i in range(2):
             xi = x[i : i + 1]
-            alone = guided_delta(alone_loss[i], xi, d[i : i + 1], small_ctx(xi, sigma, step), covariance_operator(manifold, xi, torch.full((1,), sigma), "eps", lambda z, s=sigma: data.denoise(z, torch.full((z.shape[0],), s), "eps"), base=d[i : i + 1]), rate=rate, previous=alone_runs[i])
+            alone = guided_delta(alone_loss[i], d[i : i + 1], small_ctx(xi, sigma, step), covariance_operator(manifold, xi, torch.full((1,), sigma), "eps", lambda z, s=sigma: data.denoise(z, torch.full((z.shape[0],), s), "eps"), base=d[i : i + 1]), rate=rate, previous=alone_runs[i])
             worst = max(worst, float((batch.delta[i] - alone.delta[0]).abs().max()))
             assert torch.equal(batch.multipliers["clip_direction"][i : i + 1], alone.multipliers["clip_direction"])
             alone_runs[i] = alone
@@ -226,7 +226,7 @@ def test_a_loss_times_1e30_or_1e_30_gives_the_same_pulls(manifold):
     )
     results = {}
     for factor in (1.0, 1e-30, 1e30):
-        res = guided_delta(scaled(inner, factor), x, d, small_ctx(x, 2.0, 0), covariance_operator(manifold, x, small_ctx(x, 2.0, 0).sigma, small_ctx(x, 2.0, 0).family, lambda z: data.denoise(z, torch.full((z.shape[0],), 2.0), "eps"), base=d))
+        res = guided_delta(scaled(inner, factor), d, small_ctx(x, 2.0, 0), covariance_operator(manifold, x, small_ctx(x, 2.0, 0).sigma, small_ctx(x, 2.0, 0).family, lambda z: data.denoise(z, torch.full((z.shape[0],), 2.0), "eps"), base=d))
         assert res.skipped is None and not res.idle, (factor, res.skipped, res.idle)
         results[factor] = res
     ref = results[1.0]
@@ -248,12 +248,12 @@ def test_a_gradient_below_float32_is_reported_not_dropped_silently():
     goal = torch.ones(1, 4, 8, 8)
     loss = (Term("tiny", lambda x0, c: (1 + 1e-46 * (x0.double() - goal).square().flatten(1).sum(1)).float(), 0.1),)
     x0 = torch.zeros(1, 4, 8, 8)
-    res = guided_delta(loss, x0, x0, small_ctx(x0, 2.0, 0), None)
+    res = guided_delta(loss, x0, small_ctx(x0, 2.0, 0), None)
     assert float(res.delta.abs().max()) == 0.0
     assert "tiny" in res.idle and "zero gradient" in res.idle["tiny"]
     assert "tiny" in res.report()["idle"]
     subnormal = (Term("tiny", lambda x0, c: (1 + 1e-45 * (x0.double() - goal).square().flatten(1).sum(1)).float(), 0.1),)
-    res = guided_delta(subnormal, x0, x0, small_ctx(x0, 2.0, 0), None, dds_steps=0)
+    res = guided_delta(subnormal, x0, small_ctx(x0, 2.0, 0), None, dds_steps=0)
     assert res.step_rms["tiny"] == pytest.approx(0.1, rel=1e-5) and not res.idle
 
 
@@ -311,7 +311,7 @@ def whole_run(family: str, steps: int, seed: int, loss_for, *, sampler: str = "d
         if loss is None or rate <= 0:
             return None
         c = LossContext(sigma=torch.tensor([sigma]), x=x, family=family)
-        return guided_delta(loss, x, d, c, covariance_operator(manifold, x, c.sigma, c.family, lambda xp: sampling.denoise(xp, torch.full((1,), sigma), family), base=d), rate=rate).delta
+        return guided_delta(loss, d, c, covariance_operator(manifold, x, c.sigma, c.family, lambda xp: sampling.denoise(xp, torch.full((1,), sigma), family), base=d), rate=rate).delta
 
     def run(step_fn):
         return guided_run(sampling, src, sigmas, family, step_fn, seed=seed, sampler=sampler, state=top)
@@ -372,10 +372,10 @@ def test_a_long_step_closes_in_on_a_floor_as_several_steps_would(rate):
     c = LossContext(sigma=torch.tensor([1.5]), x=x0, family="eps")
     loss = toward(target, 0.1)
     assert substeps(rate) == math.ceil(rate / MAX_SUBSTEP_RATE) > 1
-    long = guided_delta(loss, x0, x0, c, None, rate=rate).delta
+    long = guided_delta(loss, x0, c, None, rate=rate).delta
     with pytest.MonkeyPatch.context() as m:  # the same step taken whole
         m.setattr("agg_kernels.guidance.substeps", lambda r: 1)
-        whole = guided_delta(loss, x0, x0, c, None, rate=rate).delta
+        whole = guided_delta(loss, x0, c, None, rate=rate).delta
     gap = lambda d: float((x0 + d - target).pow(2).mean())  # noqa: E731
     print(f"\nrate {rate}: squared distance left {gap(long):.4f} in sub-steps, {gap(whole):.4f} whole (from {gap(0 * x0):.4f})")
     # measured: 0.0078 / 0.0004 / 0.0001 left in sub-steps at rate 2.5 / 6.2 / 9.2, 0.0257 whole (from 0.1068)

@@ -80,7 +80,7 @@ def translate(family: str, update: str, structure: float) -> dict[str, torch.Ten
         if i < GUIDED and update != "none":
             # the window is the first GUIDED steps: each step pulls by its share of schedule time
             rate = step_rate(s, sn, (float(sigmas[0]), float(sigmas[GUIDED])), family)
-            res = guided_delta(loss, x, d, LossContext(sigma=sv, x=x, family=family, step=i), covariance_operator("finite_difference", x, LossContext(sigma=sv, x=x, family=family, step=i).sigma, LossContext(sigma=sv, x=x, family=family, step=i).family, denoise, base=d), dds_steps=1, dds_lr=0.05, rate=rate)
+            res = guided_delta(loss, d, LossContext(sigma=sv, x=x, family=family, step=i), covariance_operator("finite_difference", x, LossContext(sigma=sv, x=x, family=family, step=i).sigma, LossContext(sigma=sv, x=x, family=family, step=i).family, denoise, base=d), dds_steps=1, dds_lr=0.05, rate=rate)
             assert res.delta is not None, res.skipped
             if update == "asymmetric":
                 r = compensated_denoised(d, res.delta, s, sn, family)

@@ -83,7 +83,7 @@ def run_variant(name: str, cfg: dict | None, mix, source, noise, sigmas, window_
         r = d
         if cfg is not None and i < window_steps:
             ctx = LossContext(sigma=sig, x=x, family="eps", step=i)
-            res = guided_delta(loss, x, d, ctx, covariance_operator(cfg["manifold"], x, ctx.sigma, ctx.family, lambda xp, sig=sig: den(xp, sig), base=d),
+            res = guided_delta(loss, d, ctx, covariance_operator(cfg["manifold"], x, ctx.sigma, ctx.family, lambda xp, sig=sig: den(xp, sig), base=d),
                                cfg["dds_steps"], weights["dds_lr"])
             if res.delta is not None:
                 if cfg["asymmetric"]:

@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         d = d_u + args.cfg * (d_c - d_u)
         ctx = LossContext(sigma=s, x=x, family="eps")
         base = loss(d, ctx)["target"]
-        prior = guided_delta(loss, x, d, ctx, None, dds_steps=0, trust=1e9)
+        prior = guided_delta(loss, d, ctx, None, dds_steps=0, trust=1e9)
         drop_prior = base - loss(d + prior.delta, ctx)["target"]
         row = {"sigma": sigma}
         for name, den, probe_base in (("cfg", cfg_out, d), ("cond", lambda z, s=s: cond.denoise(z, s), d_c)):
-            res = guided_delta(loss, x, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, den, base=probe_base), dds_steps=0, trust=1e9)
+            res = guided_delta(loss, d, ctx, covariance_operator("finite_difference", x, ctx.sigma, ctx.family, den, base=probe_base), dds_steps=0, trust=1e9)
             bad = 0 if res.fallback is None else int(res.fallback.split(" on ")[1].split(" of ")[0])
             drop = base - loss(d + res.delta, ctx)["target"]  # with the pack's fallback where it acted
             row[name] = (bad / args.batch, float((drop / drop_prior).median()))

@@ -97,13 +97,15 @@ def per_sigma(parts, loss, image: torch.Tensor, term: str) -> tuple[list[torch.T
     """(the term's gradient, the guided step) at each window noise level of the noised photo latent."""
     patcher, vae, _ = parts
     dds, guidance = pack_module("agg_kernels.dds"), pack_module("agg_kernels.guidance")
+    covariance_operator = pack_module("agg_kernels.manifold").covariance_operator
     model = patcher.model
 
     def visit(built, x, d, ctx):
         sigma = float(ctx.sigma[0])
         grad = dds.term_gradients(built, d, ctx)[1][term]
-        return grad, guidance.guided_delta(built, x, d, ctx, "finite_difference",
-                                           lambda xp: T.denoise(model, xp.float(), sigma).float()).delta
+        cov = covariance_operator("finite_difference", x, ctx.sigma, ctx.family,
+                                  lambda xp: T.denoise(model, xp.float(), sigma).float(), base=d)
+        return grad, guidance.guided_delta(built, d, ctx, cov).delta
 
     pairs = T.at_window_sigmas(patcher, vae, image, loss, visit, STEPS, DENOISE)
     return [g for g, _ in pairs], [s for _, s in pairs]
