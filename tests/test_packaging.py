@@ -5,6 +5,7 @@ tool kept out of what ComfyUI imports."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -95,3 +96,15 @@ def test_the_cli_is_not_part_of_the_nodes_and_does_not_import_tests():
     r = subprocess.run([sys.executable, "-c", code], cwd=PACK_ROOT, capture_output=True, text=True,
                        env={"PYTHONPATH": str(PACK_ROOT), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_scripts_and_their_shared_tools_import_nothing_from_tests():
+    # scripts/ and agg_dev/ ship with the pack: what they share with the tests lives in agg_dev/, never in tests/
+    for path in [*sorted((PACK_ROOT / "scripts").glob("*.py")), *sorted((PACK_ROOT / "agg_dev").glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in imported if m.split(".")[0] in ("agg_testing", "tests")], (path, imported)
+        # nor do they put tests/ on the import path
+        paths = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call) and "sys.path" in ast.unparse(n.func)]
+        assert not [p for p in paths if "tests" in p], (path, paths)
