@@ -167,6 +167,12 @@ class Workflow:
     extra: dict = field(default_factory=dict)
 
 
+def text_workflow(name: str, api: Api, card: str, models: list, taesd, title: str, text: str) -> Workflow:
+    """A text-guided translation workflow: its note (with the shared use text) and its card's subtitle."""
+    return Workflow(name, api, note(title, text, models, taesd, SHARED_TEXT_USE + STRENGTH_USE),
+                    Card("Text-guided translation", card, target_text=TARGET))
+
+
 def text(api: Api, title: str, value: str) -> str:
     """The core multiline String primitive: one text that feeds both a prompt and a loss."""
     return api.add("PrimitiveStringMultiline", title, value=value)
@@ -270,13 +276,12 @@ def text_guided() -> Workflow:
     inverted_and_guided(api, model, vae, latent, pos_src, pos, neg, "agg/text_guided",
                         lambda structure: clip_direction(api, open_clip(api), vae, [src, 0], [tgt, 0], image,
                                                          [structure, 0]))
-    return Workflow("agg_text_guided", api, note(
+    return text_workflow(
+        "agg_text_guided", api, "SD1.5 · AGG Invert + AGG Guider", [SD15, OPEN_CLIP], TAESD["sd15"],
         "AGG: text-guided translation (SD1.5, the paper's method)",
         "DDIM inversion of the source (AGG Invert, denoise 0.6), then AGG Guider + AGG Sampler with noise disabled. "
         "Structure Loss follows the inversion's trajectory; CLIP Direction Loss moves the picture from the source "
-        "text toward the target text. The AGG Sampler's edit zone follows the guider's window (start / end percent).",
-        [SD15, OPEN_CLIP], TAESD["sd15"], SHARED_TEXT_USE + STRENGTH_USE),
-        Card("Text-guided translation", "SD1.5 · AGG Invert + AGG Guider", target_text=TARGET))
+        "text toward the target text. The AGG Sampler's edit zone follows the guider's window (start / end percent).")
 
 
 def img2img(name: str, ckpt: Model, size: int, prefix: str, family: str, title: str) -> Workflow:
@@ -379,14 +384,13 @@ def sd3_text_guided() -> Workflow:
     shifted = api.add("ModelSamplingSD3", model=model, shift=3.0)
     text_guided_img2img(api, [shifted, 0], clip, vae, NEGATIVE, "agg/sd3_text_guided", steps=28, cfg=4.5,
                         scheduler="sgm_uniform")
-    return Workflow("agg_sd3_text_guided", api, note(
+    return text_workflow(
+        "agg_sd3_text_guided", api, "SD3 medium · KSampler + Apply AGG", [SD3, OPEN_CLIP], TAESD["sd3"],
         "AGG: text-guided translation (SD3 medium)",
         "SD3's img2img as ComfyUI's own SD3 examples set it up (ModelSamplingSD3 shift 3, cfg 4.5, 28 steps, "
         "sgm_uniform, 1024 px, denoise 0.6) with Apply AGG on the model: Structure Loss on the source latent, "
         "CLIP Direction Loss toward the target text. The sampler is euler, which realises AGG's step exactly on "
-        "flow models (dpmpp_2m, the examples' choice, only approximately).",
-        [SD3, OPEN_CLIP], TAESD["sd3"], SHARED_TEXT_USE + STRENGTH_USE),
-        Card("Text-guided translation", "SD3 medium · KSampler + Apply AGG", target_text=TARGET))
+        "flow models (dpmpp_2m, the examples' choice, only approximately).")
 
 
 def flux_text_guided() -> Workflow:
@@ -398,15 +402,15 @@ def flux_text_guided() -> Workflow:
     clip, vae = [clips, 0], [vae_node, 0]
     text_guided_img2img(api, [unet, 0], clip, vae, "", "agg/flux_text_guided", steps=20, cfg=1.0, scheduler="simple",
                         positive=lambda pos: [api.add("FluxGuidance", conditioning=[pos, 0], guidance=3.5), 0])
-    return Workflow("agg_flux_text_guided", api, note(
+    return text_workflow(
+        "agg_flux_text_guided", api, "FLUX.1 dev · FluxGuidance, cfg 1",
+        [FLUX, FLUX_CLIP_L, FLUX_T5, FLUX_VAE, OPEN_CLIP], TAESD["flux"],
         "AGG: text-guided translation (FLUX.1 dev)",
         "Flux dev is guidance-distilled: FluxGuidance 3.5 on the prompt and cfg 1 (the negative prompt is then "
         "ignored, as in ComfyUI's own Flux examples). Apply AGG on the model under an ordinary KSampler (euler, "
         "simple, 20 steps, denoise 0.6, 1024 px): at cfg 1 each guided step costs one extra model pass "
         "(finite_difference). Keep manifold = finite_difference on Flux (autograd cannot go back through its "
-        "in-place blocks).",
-        [FLUX, FLUX_CLIP_L, FLUX_T5, FLUX_VAE, OPEN_CLIP], TAESD["flux"], SHARED_TEXT_USE + STRENGTH_USE),
-        Card("Text-guided translation", "FLUX.1 dev · FluxGuidance, cfg 1", target_text=TARGET))
+        "in-place blocks).")
 
 
 def flux2_text_guided() -> Workflow:
@@ -418,16 +422,16 @@ def flux2_text_guided() -> Workflow:
     text_guided_img2img(api, [unet, 0], clip, vae, "", "agg/flux2_text_guided", steps=20, cfg=1.0,
                         scheduler="simple",
                         positive=lambda pos: [api.add("FluxGuidance", conditioning=[pos, 0], guidance=4.0), 0])
-    return Workflow("agg_flux2_text_guided", api, note(
+    return text_workflow(
+        "agg_flux2_text_guided", api, "FLUX.2 dev · FluxGuidance, cfg 1",
+        [FLUX2, FLUX2_TE, FLUX2_VAE, OPEN_CLIP], TAESD["flux2"],
         "AGG: text-guided translation (FLUX.2 dev)",
         "FLUX.2 dev's loaders as in ComfyUI's own FLUX.2 templates (UNETLoader, CLIPLoader type flux2 with the "
         "Mistral text encoder, the FLUX.2 VAE) and its guidance: FluxGuidance 4 on the prompt and cfg 1 (the "
         "negative prompt is then ignored). Apply AGG on the model under an ordinary KSampler (euler, simple, 20 "
         "steps, denoise 0.6, 1024 px): Structure Loss on the source latent, CLIP Direction Loss toward the target "
         "text; at cfg 1 each guided step costs one extra model pass (finite_difference). Keep manifold = "
-        "finite_difference on FLUX.2 (autograd cannot go back through its in-place blocks).",
-        [FLUX2, FLUX2_TE, FLUX2_VAE, OPEN_CLIP], TAESD["flux2"], SHARED_TEXT_USE + STRENGTH_USE),
-        Card("Text-guided translation", "FLUX.2 dev · FluxGuidance, cfg 1", target_text=TARGET))
+        "finite_difference on FLUX.2 (autograd cannot go back through its in-place blocks).")
 
 
 def qwen_image_text_guided() -> Workflow:
@@ -438,14 +442,14 @@ def qwen_image_text_guided() -> Workflow:
     shifted = api.add("ModelSamplingAuraFlow", model=[unet, 0], shift=3.1)
     text_guided_img2img(api, [shifted, 0], [te, 0], [vae_node, 0], NEGATIVE, "agg/qwen_image_text_guided",
                         size=1328, steps=20, cfg=4.0, scheduler="simple")
-    return Workflow("agg_qwen_image_text_guided", api, note(
+    return text_workflow(
+        "agg_qwen_image_text_guided", api, "Qwen-Image · KSampler + Apply AGG, cfg 4",
+        [QWEN, QWEN_TE, QWEN_VAE, OPEN_CLIP], TAESD["qwen_image"],
         "AGG: text-guided translation (Qwen-Image)",
         "Qwen-Image as ComfyUI's own Qwen-Image template sets it up (UNETLoader, CLIPLoader type qwen_image with "
         "Qwen2.5-VL 7B, the Qwen-Image VAE, ModelSamplingAuraFlow shift 3.1, euler, simple, 20 steps, cfg 4, "
         "1328 px), as img2img at denoise 0.6 with Apply AGG on the model: Structure Loss on the source latent, CLIP "
-        "Direction Loss toward the target text.",
-        [QWEN, QWEN_TE, QWEN_VAE, OPEN_CLIP], TAESD["qwen_image"], SHARED_TEXT_USE + STRENGTH_USE),
-        Card("Text-guided translation", "Qwen-Image · KSampler + Apply AGG, cfg 4", target_text=TARGET))
+        "Direction Loss toward the target text.")
 
 
 def wan_video_edit() -> Workflow:
