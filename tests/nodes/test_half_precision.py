@@ -186,7 +186,13 @@ def measure(patcher, reference, old_probe: bool = False) -> dict[float, dict]:
     import comfy.model_management
 
     from agg_kernels.coordinates import expand_sigma
-    from agg_kernels.manifold import covariance_operator, jvp_finite_difference
+    from agg_kernels.manifold import (
+        covariance_operator,
+        fd_rel_step_for,
+        jvp_central_difference,
+        jvp_finite_difference,
+        reduced_precision,
+    )
     from agg_kernels.strength import covariance_scale
 
     runtime = pack_module("nodes.runtime")
@@ -217,8 +223,11 @@ def measure(patcher, reference, old_probe: bool = False) -> dict[float, dict]:
         product = covariance_operator("finite_difference", x, s, "eps", half, base=d, dtype=dtype)(v)
         step = product.value
         noise = product.noise if product.noise is not None else torch.zeros(SAMPLES, dtype=torch.bool)
+        # the error estimate the operator flagged by (printed): its two-sided difference's, probed again
+        error = jvp_central_difference(half, x, d, v, s, fd_rel_step_for(dtype))[1] if reduced_precision(dtype) \
+            else torch.zeros(SAMPLES)
         out[sigma] = {"cos": cosine(step, exact), "fd32": cosine(step, fd32), "floor": cosine(fd32, exact),
-                      "noise": noise}
+                      "noise": noise, "error": error}
         if old_probe:
             one_sided = covariance_scale(expand_sigma(s, v), "eps") * jvp_finite_difference(half, x, d, v, s, 0.02)
             out[sigma]["old"] = cosine(one_sided, exact)
