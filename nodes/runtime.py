@@ -127,10 +127,10 @@ def open_run(node_name: str, node_id: str | None, settings: AGGSettings, loss: A
         compensated value."""
         if state["pending"] is None:
             return x0
-        returned, shown = state["pending"]
+        returned, guided = state["pending"]
         if x0 is returned:
-            return shown
-        return x0 - (returned - shown) if x0.shape == returned.shape else x0
+            return guided
+        return x0 - (returned - guided) if x0.shape == returned.shape else x0
 
     def preview(callback: Callable | None) -> Callable | None:
         """Previews and denoised_output show D + delta, not the compensated value the sampler steps with."""
