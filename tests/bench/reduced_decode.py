@@ -12,7 +12,10 @@ VAE (the trained decoder) on a photo:
     between the guided steps (finite-difference manifold) they give; beside it the cosine between two full
     decodes' gradients with different cut-out seeds (the loss's own augmentation noise);
   - whole KSampler runs: the CLIP judge's move of the result along the text direction (probes.ClipJudge:
-    the whole image at the CLIP's input size), shrunk against full decode.
+    the whole image at the CLIP's input size), shrunk against full decode;
+  - where the disagreement comes from: the same cosine for image gradients that need no CLIP at all, random
+    fields at the CLIP's input size, white or band-limited to a quarter of it (as smooth as a trained CLIP's
+    could be), pulled back through the trained decoder whole and through a shrunk latent.
 The pack does not shrink: see docs/PERFORMANCE.md ("Decoding at reduced resolution") for what this printed.
 """
 
@@ -151,3 +154,51 @@ def test_color(parts, monkeypatch):
         small = per_sigma(parts, losses.AGGColorLoss.execute(**inputs).args[0], photo(512), "color")
     print(f"\nColor, 512 px decoded at {COLOR_SIDE} px, per window noise level: gradient cos "
           f"{cosines(small[0], full[0])}, step cos {cosines(small[1], full[1])}")
+
+
+def decoder_gradients(decode, z: torch.Tensor, g: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent gradient of <downscale(decode(z)), g> through the whole decode, and through the decode of z
+    shrunk by k (its adjoint carrying the gradient back to z): g is an image gradient at the size CLIP sees."""
+    size = tuple(g.shape[-2:])
+
+    def seen(image: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        z = z.detach().clone().requires_grad_(True)
+        (full,) = torch.autograd.grad((seen(decode(z)) * g).sum(), z)
+        small = tuple(max(1, round(n * k)) for n in z.shape[-2:])
+        (shrunk_grad,) = torch.autograd.grad((seen(decode(F.interpolate(z, size=small, mode="bilinear",
+                                                                        align_corners=False, antialias=True))) * g).sum(), z)
+    return full, shrunk_grad
+
+
+def test_the_decoders_jacobian_limits_a_shrunk_decode(parts):
+    """A shrunk decode loses what the decoder's Jacobian does at full resolution, whatever the loss: even for
+    image gradients far smoother than CLIP's, the latent gradient through a latent shrunk to half its side
+    agrees with the whole decode's at cosine below 0.9 on the trained decoder (docs/PERFORMANCE.md)."""
+    _, vae, clip = parts
+    decoders = pack_module("nodes.decoders")
+    net = decoders.decoder_copy(vae.first_stage_model, torch.device("cpu"), torch.float32)
+    side = clip.image_size
+    generator = torch.Generator().manual_seed(0)
+    found: dict[tuple[int, str, float], float] = {}
+    for size in (256, 512):
+        with torch.inference_mode(False), torch.no_grad():
+            z = vae.encode(photo(size)).float().clone()
+        for band in ("white", "smooth"):
+            n = side if band == "white" else side // 4
+            g = F.interpolate(torch.randn(1, 3, n, n, generator=generator), size=(side, side), mode="bicubic",
+                              align_corners=False)
+            for k in (0.75, 0.5):
+                full, small = decoder_gradients(net.decode, z, g, k)
+                found[size, band, k] = float(F.cosine_similarity(full.flatten(), small.flatten(), dim=0))
+    print("\nlatent-gradient cosine, shrunk decode vs whole decode (trained decoder, random image gradients at "
+          f"the {side}-px CLIP input):")
+    for (size, band, k), c in found.items():
+        print(f"  {size} px, {band:<6} image gradient, latent side x{k}: {c:.3f}")
+    for size in (256, 512):
+        # smoother image gradients agree better, but not at half the side
+        assert found[size, "smooth", 0.5] > found[size, "white", 0.5], found
+        assert found[size, "smooth", 0.5] < 0.9, found
+        assert found[size, "smooth", 0.75] > found[size, "smooth", 0.5], found
