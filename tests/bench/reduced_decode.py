@@ -14,8 +14,11 @@ VAE (the trained decoder) on a photo:
   - whole KSampler runs: the CLIP judge's move of the result along the text direction (probes.ClipJudge:
     the whole image at the CLIP's input size), shrunk against full decode;
   - where the disagreement comes from: the same cosine for image gradients that need no CLIP at all, random
-    fields at the CLIP's input size, white or band-limited to a quarter of it (as smooth as a trained CLIP's
-    could be), pulled back through the trained decoder whole and through a shrunk latent.
+    fields at the CLIP's input size, white or band-limited to a quarter of it (far smoother than the random
+    CLIP's), pulled back through the trained decoder whole and through a shrunk latent;
+  - the decoder's own lower-resolution path instead: the full latent through the decoder with its last
+    upsampling layers left out (its last stages run at a half or a quarter of the image's side), the same
+    image gradients pulled back, and the convolutions' multiply-adds it saves.
 The pack does not shrink: see docs/PERFORMANCE.md ("Decoding at reduced resolution") for what this printed.
 """
 
@@ -202,3 +205,73 @@ def test_the_decoders_jacobian_limits_a_shrunk_decode(parts):
         assert found[size, "smooth", 0.5] > found[size, "white", 0.5], found
         assert found[size, "smooth", 0.5] < 0.9, found
         assert found[size, "smooth", 0.75] > found[size, "smooth", 0.5], found
+
+
+def without_last_upsamples(net: torch.nn.Module, n: int) -> torch.nn.Module:
+    """A copy of a TAESD-shaped decoder whose last n nn.Upsample layers pass their input on unchanged."""
+    import copy
+
+    net = copy.deepcopy(net)
+    ups = [(parent, name) for parent in net.modules() for name, child in parent.named_children()
+           if isinstance(child, torch.nn.Upsample)]
+    for parent, name in ups[len(ups) - n:] if n else []:
+        setattr(parent, name, torch.nn.Identity())
+    return net
+
+
+def conv_macs(net: torch.nn.Module, z: torch.Tensor) -> int:
+    """Multiply-adds of the convolutions of one decode of z."""
+    total = [0]
+
+    def count(mod, _inp, out):
+        total[0] += out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] // mod.groups
+
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            net.decode(z)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+def test_the_decoders_last_stages_at_lower_resolution_keep_its_jacobian(parts):
+    """The full latent through the trained decoder with its last upsampling left out: the early stages, where the
+    decoder's content-dependent Jacobian is, run at full resolution, only the last ones at a half (or a quarter)
+    of the side. Where the decoded image's side stays at least 2 x the CLIP input, the latent gradient agrees with
+    the whole decode's at cosine >= 0.98, white image gradients included (a shrunk latent: 0.44-0.85 above)."""
+    _, vae, clip = parts
+    weights, decoders = pack_module("nodes.weights"), pack_module("nodes.decoders")
+    whole = weights.gradient_copy(vae.first_stage_model, torch.device("cpu"), torch.float32, decoders.ENCODER_PARTS)
+    side = clip.image_size
+    generator = torch.Generator().manual_seed(0)
+    print(f"\ndecoder with its last upsampling left out vs whole decode (trained decoder, {side}-px CLIP input):")
+    for size in (128, 256, 512):
+        with torch.inference_mode(False), torch.no_grad():
+            z = vae.encode(photo(size)).float().clone()
+        macs = conv_macs(whole, z)
+        for band in ("white", "smooth"):
+            n = side if band == "white" else side // 4
+            g = F.interpolate(torch.randn(1, 3, n, n, generator=generator), size=(side, side), mode="bicubic",
+                              align_corners=False)
+            with torch.inference_mode(False), torch.enable_grad():
+                zf = z.detach().clone().requires_grad_(True)
+                seen = F.interpolate(whole.decode(zf), size=(side, side), mode="bilinear", align_corners=False,
+                                     antialias=True)
+                (full,) = torch.autograd.grad((seen * g).sum(), zf)
+            for skip in (1, 2):
+                net = without_last_upsamples(whole, skip)
+                out_side = size >> skip
+                with torch.inference_mode(False), torch.enable_grad():
+                    zr = z.detach().clone().requires_grad_(True)
+                    small = F.interpolate(net.decode(zr), size=(side, side), mode="bilinear", align_corners=False,
+                                          antialias=True)
+                    (grad,) = torch.autograd.grad((small * g).sum(), zr)
+                cos = float(F.cosine_similarity(full.flatten(), grad.flatten(), dim=0))
+                err = float((small - seen).detach().norm() / seen.detach().norm())
+                print(f"  {size} px, {band:<6}, last {skip} upsampling(s) left out ({out_side} px decoded, "
+                      f"{macs / conv_macs(net, z):.2f}x fewer conv multiply-adds): gradient cos {cos:.3f}, "
+                      f"image at the CLIP's size off by {err:.3f}")
+                if out_side >= 2 * side:
+                    assert cos >= 0.98, (size, band, skip, cos)
