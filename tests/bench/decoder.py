@@ -16,12 +16,15 @@ the TAESD decoder (the `taesd` choice; its real architecture, random weights).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import BENCH_HOME, setup_paths, spawn  # noqa: E402
@@ -54,6 +57,61 @@ def decoder_of(variant: str):
     if variant == "checkpointed":
         return decoders.decoder_copy(source, torch.device("cpu"), torch.float32)
     return weights.gradient_copy(source, torch.device("cpu"), torch.float32, decoders.ENCODER_PARTS)
+
+
+class ConvOnly(torch.nn.Module):
+    """An upsampling layer of ComfyUI's KL decoder without its interpolation: only its convolution."""
+
+    def __init__(self, up: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = getattr(up, "conv", None)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x if self.conv is None else self.conv(x)
+
+
+def upsamplings_in_order(net: torch.nn.Module, latent_channels: int = 4) -> list[tuple[torch.nn.Module, str]]:
+    """(parent, name) of each upsampling layer of a VAE decoder (TAESD's nn.Upsample, the KL decoder's Upsample),
+    in the order a decode runs them (found by decoding a small latent)."""
+    found = {id(child): (parent, name) for parent in net.modules() for name, child in parent.named_children()
+             if isinstance(child, torch.nn.Upsample) or type(child).__name__ == "Upsample"}
+    order: list[tuple[torch.nn.Module, str]] = []
+    hooks = [m.register_forward_hook(lambda mod, *_: order.append(found[id(mod)])) for m in net.modules()
+             if id(m) in found]
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            net.decode(torch.zeros(1, latent_channels, 4, 4))
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def without_last_upsamplings(net: torch.nn.Module, n: int) -> torch.nn.Module:
+    """A copy of a VAE's decoding model whose last n upsampling layers keep the resolution: its last stages run
+    at 1 / 2^n of the image's side, everything before them as in the whole decode."""
+    net = copy.deepcopy(net)
+    for parent, name in upsamplings_in_order(net)[-n:] if n else []:
+        up = getattr(parent, name)
+        setattr(parent, name, torch.nn.Identity() if isinstance(up, torch.nn.Upsample) else ConvOnly(up))
+    return net
+
+
+def conv_macs(net: torch.nn.Module, z: torch.Tensor) -> int:
+    """Multiply-adds of the convolutions of one decode of z."""
+    total = [0]
+
+    def count(mod, _inp, out):
+        total[0] += out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] // mod.groups
+
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            net.decode(z)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
 
 
 def one_step(net, size: int, variant: str, seed: int) -> None:
@@ -98,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="plain,checkpointed",
                     help="decoders to time and measure, of plain, checkpointed, taesd (default plain,checkpointed;"
                          " a forward-only decode is always measured as the memory baseline)")
+    ap.add_argument("--macs", action="store_true",
+                    help="print the convolutions' multiply-adds of one decode with its last 0, 1, 2 upsamplings left out"
+                         " (the KL VAE decoder and TAESD), and exit")
     ap.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -108,6 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         print("AGG_BENCH_RESULT " + json.dumps(out), flush=True)
         return 0
 
+    if args.macs:
+        setup_paths("cpu")
+        z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+        for variant, label in (("plain", "KL VAE decoder"), ("taesd", "TAESD")):
+            net = decoder_of(variant)
+            whole = conv_macs(net, z)
+            for n in (0, 1, 2):
+                macs = conv_macs(without_last_upsamplings(net, n), z)
+                print(f"{label}, {args.size} px, last {n} upsampling(s) left out ({args.size >> n} px decoded): "
+                      f"{macs / 1e9:.1f} G conv multiply-adds, {whole / macs:.2f}x fewer")
+        return 0
     variants = [v for v in args.variants.split(",") if v]
     if not variants or set(variants) - set(VARIANTS[1:]):
         ap.error(f"--variants: choose from {', '.join(VARIANTS[1:])}")

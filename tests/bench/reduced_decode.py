@@ -25,6 +25,8 @@ The pack does not shrink: see docs/PERFORMANCE.md ("Decoding at reduced resoluti
 from __future__ import annotations
 
 import contextlib
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +35,9 @@ import torch.nn.functional as F
 from agg_testing import trained as T
 from agg_testing.graphs import Graph
 from agg_testing.probes import ClipJudge, judged_clip_move, pack_module
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decoder import conv_macs, without_last_upsamplings  # noqa: E402  (tests/bench/decoder.py)
 
 STEPS = 20
 DENOISE = 0.6
@@ -207,35 +212,6 @@ def test_the_decoders_jacobian_limits_a_shrunk_decode(parts):
         assert found[size, "smooth", 0.75] > found[size, "smooth", 0.5], found
 
 
-def without_last_upsamples(net: torch.nn.Module, n: int) -> torch.nn.Module:
-    """A copy of a TAESD-shaped decoder whose last n nn.Upsample layers pass their input on unchanged."""
-    import copy
-
-    net = copy.deepcopy(net)
-    ups = [(parent, name) for parent in net.modules() for name, child in parent.named_children()
-           if isinstance(child, torch.nn.Upsample)]
-    for parent, name in ups[len(ups) - n:] if n else []:
-        setattr(parent, name, torch.nn.Identity())
-    return net
-
-
-def conv_macs(net: torch.nn.Module, z: torch.Tensor) -> int:
-    """Multiply-adds of the convolutions of one decode of z."""
-    total = [0]
-
-    def count(mod, _inp, out):
-        total[0] += out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] // mod.groups
-
-    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            net.decode(z)
-    finally:
-        for h in hooks:
-            h.remove()
-    return total[0]
-
-
 def test_the_decoders_last_stages_at_lower_resolution_keep_its_jacobian(parts):
     """The full latent through the trained decoder with its last upsampling left out: the early stages, where the
     decoder's content-dependent Jacobian is, run at full resolution, only the last ones at a half (or a quarter)
@@ -261,7 +237,7 @@ def test_the_decoders_last_stages_at_lower_resolution_keep_its_jacobian(parts):
                                      antialias=True)
                 (full,) = torch.autograd.grad((seen * g).sum(), zf)
             for skip in (1, 2):
-                net = without_last_upsamples(whole, skip)
+                net = without_last_upsamplings(whole, skip)
                 out_side = size >> skip
                 with torch.inference_mode(False), torch.enable_grad():
                     zr = z.detach().clone().requires_grad_(True)
