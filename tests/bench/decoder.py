@@ -35,7 +35,6 @@ VARIANTS = ("forward", "plain", "checkpointed", "taesd")
 def decoder_of(variant: str):
     """The first_stage_model copy a guided step decodes through: as the pack makes it, or without checkpointing."""
     import comfy.sd
-    import torch
     from agg_testing.fixtures import models_dir
     from agg_testing.probes import pack_module
 
@@ -115,8 +114,6 @@ def conv_macs(net: torch.nn.Module, z: torch.Tensor) -> int:
 
 
 def one_step(net, size: int, variant: str, seed: int) -> None:
-    import torch
-
     with torch.inference_mode(False):
         z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(seed))
         if variant == "forward":
@@ -135,8 +132,6 @@ def worker_memory(variant: str, size: int) -> dict:
 
 
 def worker_timing(size: int, repeats: int, variants: list[str]) -> dict:
-    import torch
-
     nets = {v: decoder_of(v) for v in variants}
     seconds: dict[str, list[float]] = {v: [] for v in nets}
     for v, net in nets.items():  # warm-up

@@ -164,21 +164,36 @@ def test_color(parts, monkeypatch):
           f"{cosines(small[0], full[0])}, step cos {cosines(small[1], full[1])}")
 
 
-def decoder_gradients(decode, z: torch.Tensor, g: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The latent gradient of <downscale(decode(z)), g> through the whole decode, and through the decode of z
-    shrunk by k (its adjoint carrying the gradient back to z): g is an image gradient at the size CLIP sees."""
-    size = tuple(g.shape[-2:])
+def image_gradient(band: str, side: int, generator: torch.Generator) -> torch.Tensor:
+    """A random image gradient at the CLIP's input size: white, or band-limited to a quarter of that size."""
+    n = side if band == "white" else side // 4
+    return F.interpolate(torch.randn(1, 3, n, n, generator=generator), size=(side, side), mode="bicubic",
+                         align_corners=False)
 
-    def seen(image: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
 
+def pulled_back(decode, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the latent gradient of <downscale(decode(z)), g>, that downscaled image): g is an image gradient at the
+    size CLIP sees."""
     with torch.inference_mode(False), torch.enable_grad():
         z = z.detach().clone().requires_grad_(True)
-        (full,) = torch.autograd.grad((seen(decode(z)) * g).sum(), z)
-        small = tuple(max(1, round(n * k)) for n in z.shape[-2:])
-        (shrunk_grad,) = torch.autograd.grad((seen(decode(F.interpolate(z, size=small, mode="bilinear",
-                                                                        align_corners=False, antialias=True))) * g).sum(), z)
-    return full, shrunk_grad
+        seen = F.interpolate(decode(z), size=tuple(g.shape[-2:]), mode="bilinear", align_corners=False, antialias=True)
+        (grad,) = torch.autograd.grad((seen * g).sum(), z)
+    return grad, seen.detach()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def decoder_gradients(decode, z: torch.Tensor, g: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent gradient (pulled_back) through the whole decode, and through the decode of z shrunk by k (its
+    adjoint carrying the gradient back to z)."""
+    small = tuple(max(1, round(n * k)) for n in z.shape[-2:])
+
+    def shrunk(x: torch.Tensor) -> torch.Tensor:
+        return decode(F.interpolate(x, size=small, mode="bilinear", align_corners=False, antialias=True))
+
+    return pulled_back(decode, z, g)[0], pulled_back(shrunk, z, g)[0]
 
 
 def test_the_decoders_jacobian_limits_a_shrunk_decode(parts):
@@ -195,12 +210,9 @@ def test_the_decoders_jacobian_limits_a_shrunk_decode(parts):
         with torch.inference_mode(False), torch.no_grad():
             z = vae.encode(photo(size)).float().clone()
         for band in ("white", "smooth"):
-            n = side if band == "white" else side // 4
-            g = F.interpolate(torch.randn(1, 3, n, n, generator=generator), size=(side, side), mode="bicubic",
-                              align_corners=False)
+            g = image_gradient(band, side, generator)
             for k in (0.75, 0.5):
-                full, small = decoder_gradients(net.decode, z, g, k)
-                found[size, band, k] = float(F.cosine_similarity(full.flatten(), small.flatten(), dim=0))
+                found[size, band, k] = cosine(*decoder_gradients(net.decode, z, g, k))
     print("\nlatent-gradient cosine, shrunk decode vs whole decode (trained decoder, random image gradients at "
           f"the {side}-px CLIP input):")
     for (size, band, k), c in found.items():
@@ -228,24 +240,14 @@ def test_the_decoders_last_stages_at_lower_resolution_keep_its_jacobian(parts):
             z = vae.encode(photo(size)).float().clone()
         macs = conv_macs(whole, z)
         for band in ("white", "smooth"):
-            n = side if band == "white" else side // 4
-            g = F.interpolate(torch.randn(1, 3, n, n, generator=generator), size=(side, side), mode="bicubic",
-                              align_corners=False)
-            with torch.inference_mode(False), torch.enable_grad():
-                zf = z.detach().clone().requires_grad_(True)
-                seen = F.interpolate(whole.decode(zf), size=(side, side), mode="bilinear", align_corners=False,
-                                     antialias=True)
-                (full,) = torch.autograd.grad((seen * g).sum(), zf)
+            g = image_gradient(band, side, generator)
+            full, seen = pulled_back(whole.decode, z, g)
             for skip in (1, 2):
                 net = without_last_upsamplings(whole, skip)
                 out_side = size >> skip
-                with torch.inference_mode(False), torch.enable_grad():
-                    zr = z.detach().clone().requires_grad_(True)
-                    small = F.interpolate(net.decode(zr), size=(side, side), mode="bilinear", align_corners=False,
-                                          antialias=True)
-                    (grad,) = torch.autograd.grad((small * g).sum(), zr)
-                cos = float(F.cosine_similarity(full.flatten(), grad.flatten(), dim=0))
-                err = float((small - seen).detach().norm() / seen.detach().norm())
+                grad, small = pulled_back(net.decode, z, g)
+                cos = cosine(full, grad)
+                err = float((small - seen).norm() / seen.norm())
                 print(f"  {size} px, {band:<6}, last {skip} upsampling(s) left out ({out_side} px decoded, "
                       f"{macs / conv_macs(net, z):.2f}x fewer conv multiply-adds): gradient cos {cos:.3f}, "
                       f"image at the CLIP's size off by {err:.3f}")

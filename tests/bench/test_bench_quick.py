@@ -76,9 +76,9 @@ def test_the_finite_difference_probe_costs_half_a_cfg_pass_at_tiny256(tmp_path):
     assert 0.30 <= fd["probe_pass_x_cfg_pass"] <= 0.60, fd
     # the probe passes are the whole of the mode's extra cost: the guidance arithmetic stays within 5 % of the run
     assert abs(fd["other_share"]) < 0.05, fd
-    # the ratio from the median passes (docs/PERFORMANCE.md: 1 + f x probe/CFG): a pass slowed by something else
-    # on the machine moves a sum of passes, not their median
-    assert 1 + f * fd["probe_pass_x_cfg_pass"] + fd["other_share"] <= 1 + 0.6 * f, (fd, f)
+    # the ratio from the median passes (docs/PERFORMANCE.md: 1 + f x probe/CFG + other): a pass slowed by something
+    # else on the machine moves a sum of passes, not their median
+    assert fd["ratio_from_medians"] <= 1 + 0.6 * f, (fd, f)
 
 
 def test_vram_script_runs_its_cpu_smoke_mode(tmp_path):
